@@ -1,0 +1,441 @@
+# -*- test-case-name: tests.unit.test_cli -*-
+"""The ``mailplugins`` command: parses arguments, calls the core, prints.
+
+Exit status: 0 success, 1 the operation failed (e.g. the user exists), 2 usage or configuration
+error. Every error is one line on stderr; passwords are read from stdin or a prompt, never argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import secrets
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any, NoReturn, TextIO
+
+from mailplugins import __version__
+from mailplugins.config import Config, ConfigError, config_path, load_config
+from mailplugins.config.fields import parse_size
+from mailplugins.hashing import hash_password
+from mailplugins.store import SERVICES, Store, StoreError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+#: App passwords: 4 groups of 4 lowercase letters, easy to type on a phone, ~75 bits.
+APP_PASSWORD_ALPHABET = "abcdefghijkmnopqrstuvwxyz"
+
+
+class CommandError(Exception):
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}\n")
+
+
+def _quota(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad quota {text!r}: {exc}") from None
+
+
+def _services(text: str) -> list[str]:
+    items = [s.strip().lower() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in SERVICES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown service {bad[0]!r} (use {','.join(SERVICES)})")
+    return items
+
+
+def read_password(args: argparse.Namespace, stdin: TextIO) -> str:
+    if args.password_stdin:
+        line = stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+        password = password.removesuffix("\r")
+    elif stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("passwords do not match")
+    else:
+        raise CommandError("no password given: use --password-stdin or run on a terminal", EXIT_USAGE)
+    if not password:
+        raise CommandError("empty password refused")
+    if "\0" in password or "\n" in password:
+        raise CommandError("password contains a NUL or newline")
+    return password
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds") + "Z"
+    if isinstance(value, frozenset):
+        return sorted(value)
+    raise TypeError(type(value).__name__)
+
+
+def _print_json(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
+    out.write(json.dumps(list(rows), default=_json_default, indent=2, ensure_ascii=False) + "\n")
+
+
+def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    if not rows:
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+class App:
+    """State for one invocation; each ``cmd_*`` method implements one command."""
+
+    def __init__(self, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
+        self.args = args
+        self.stdin = stdin
+        self.out = stdout
+        self._config: Config | None = None
+        self._store: Store | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(config_path(self.args.config))
+        return self._config
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            from mailplugins.db.engine import make_engine
+
+            self._store = Store(make_engine(self.config.database))
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.engine.dispose()
+
+    def hash(self, password: str) -> str:
+        return hash_password(password, self.config.passwords)
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def cmd_check_config(self) -> None:
+        config = self.config
+        daemons = ", ".join(config.configured_daemons()) or "no daemons"
+        self.out.write(f"{config.source}: OK ({daemons})\n")
+
+    def cmd_db_upgrade(self) -> None:
+        from mailplugins.db import schema
+
+        before = schema.current_revision(self.store.engine)
+        schema.upgrade(self.store.engine)
+        after = schema.current_revision(self.store.engine)
+        if before == after:
+            self.out.write(f"database schema is up to date (revision {after})\n")
+        else:
+            self.out.write(f"database schema upgraded from {before or 'empty'} to {after}\n")
+
+    def cmd_domain_add(self) -> None:
+        self.out.write(f"added domain {self.store.add_domain(self.args.domain)}\n")
+
+    def cmd_domain_remove(self) -> None:
+        self.store.remove_domain(self.args.domain, force=self.args.force)
+        self.out.write(f"removed domain {self.args.domain}\n")
+
+    def cmd_domain_list(self) -> None:
+        domains = self.store.list_domains()
+        if self.args.json:
+            _print_json([asdict(d) for d in domains], self.out)
+        else:
+            _table([(d.name, f"{d.mailboxes} mailboxes", f"{d.aliases} aliases") for d in domains], self.out)
+
+    def cmd_user_add(self) -> None:
+        password = read_password(self.args, self.stdin)
+        record = self.store.add_mailbox(
+            self.args.address,
+            self.hash(password),
+            quota_bytes=self.args.quota or 0,
+            services=self.args.services or SERVICES,
+        )
+        self.out.write(f"added user {record.address}\n")
+
+    def cmd_user_passwd(self) -> None:
+        if self.store.get_mailbox(self.args.address) is None:
+            raise StoreError(f"mailbox {self.args.address} does not exist")
+        password = read_password(self.args, self.stdin)
+        self.store.set_password(self.args.address, self.hash(password))
+        self.out.write(f"password changed for {self.args.address}\n")
+
+    def cmd_user_disable(self) -> None:
+        self.store.set_enabled(self.args.address, False)
+        self.out.write(f"disabled {self.args.address}\n")
+
+    def cmd_user_enable(self) -> None:
+        self.store.set_enabled(self.args.address, True)
+        self.out.write(f"enabled {self.args.address}\n")
+
+    def cmd_user_remove(self) -> None:
+        self.store.remove_mailbox(self.args.address)
+        self.out.write(f"removed user {self.args.address} (its Maildir is left on disk)\n")
+
+    def cmd_user_quota(self) -> None:
+        self.store.set_quota(self.args.address, self.args.bytes)
+        self.out.write(f"quota of {self.args.address} set to {self.args.bytes} bytes\n")
+
+    def cmd_user_services(self) -> None:
+        self.store.set_services(self.args.address, self.args.services)
+        self.out.write(f"{self.args.address} may use: {','.join(self.args.services) or 'nothing'}\n")
+
+    def cmd_user_list(self) -> None:
+        users = self.store.list_mailboxes(self.args.domain)
+        if self.args.json:
+            _print_json(
+                [
+                    {
+                        "address": u.address,
+                        "enabled": u.enabled,
+                        "quota_bytes": u.quota_bytes,
+                        "services": sorted(u.services),
+                        "scheme": u.password.split("}", 1)[0].lstrip("{"),
+                        "created_at": u.created_at,
+                        "last_login_at": u.last_login_at,
+                    }
+                    for u in users
+                ],
+                self.out,
+            )
+            return
+        _table(
+            [
+                (
+                    u.address,
+                    "enabled" if u.enabled else "disabled",
+                    f"quota={u.quota_bytes or 'none'}",
+                    ",".join(s for s in SERVICES if s in u.services) or "-",
+                )
+                for u in users
+            ],
+            self.out,
+        )
+
+    def cmd_alias_add(self) -> None:
+        record = self.store.add_alias(self.args.address, self.args.targets)
+        self.out.write(f"{record.address} -> {', '.join(record.targets)}\n")
+
+    def cmd_alias_remove(self) -> None:
+        self.store.remove_alias(self.args.address, self.args.targets)
+        self.out.write(f"removed alias {self.args.address}\n")
+
+    def cmd_alias_list(self) -> None:
+        aliases = self.store.list_aliases()
+        if self.args.json:
+            _print_json([{"address": a.address, "targets": list(a.targets)} for a in aliases], self.out)
+        else:
+            _table([(a.address, "->", ", ".join(a.targets)) for a in aliases], self.out)
+
+    def cmd_sender_grant(self) -> None:
+        grant = self.store.grant_sender(self.args.login, self.args.address)
+        self.out.write(f"{grant.login} may send as {grant.address}\n")
+
+    def cmd_sender_revoke(self) -> None:
+        self.store.revoke_sender(self.args.login, self.args.address)
+        self.out.write(f"{self.args.login} may no longer send as {self.args.address}\n")
+
+    def cmd_sender_list(self) -> None:
+        grants = self.store.list_grants(self.args.login)
+        if self.args.json:
+            _print_json([asdict(g) for g in grants], self.out)
+        else:
+            _table([(g.login, "may send as", g.address) for g in grants], self.out)
+
+    def cmd_app_password_add(self) -> None:
+        password = "-".join(
+            "".join(secrets.choice(APP_PASSWORD_ALPHABET) for _ in range(4)) for _ in range(4)
+        )
+        self.store.add_app_password(
+            self.args.login, self.args.name, self.hash(password), self.args.services or ()
+        )
+        self.out.write(f"app password {self.args.name!r} for {self.args.login} (shown once):\n")
+        self.out.write(password + "\n")
+
+    def cmd_app_password_list(self) -> None:
+        rows = self.store.list_app_passwords(self.args.login)
+        if self.args.json:
+            _print_json(
+                [
+                    {
+                        "name": r.name,
+                        "services": sorted(r.services),
+                        "created_at": r.created_at,
+                        "last_used_at": r.last_used_at,
+                    }
+                    for r in rows
+                ],
+                self.out,
+            )
+        else:
+            _table(
+                [
+                    (r.name, ",".join(sorted(r.services)) or "all services",
+                     f"last used {r.last_used_at:%Y-%m-%d %H:%M}" if r.last_used_at else "never used")
+                    for r in rows
+                ],
+                self.out,
+            )
+
+    def cmd_app_password_revoke(self) -> None:
+        self.store.revoke_app_password(self.args.login, self.args.name)
+        self.out.write(f"revoked app password {self.args.name!r} of {self.args.login}\n")
+
+    def cmd_serve(self) -> int:
+        from mailplugins.logs import start_logging
+        from mailplugins.runner import StartupError, serve
+
+        config = self.config
+        start_logging(self.args.log_level)
+        try:
+            return serve(config_path(self.args.config), config, self.args.daemons)
+        except StartupError as exc:
+            raise CommandError(str(exc), exc.status) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mailplugins", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--config", metavar="FILE",
+                        help="config file (default: $MAILPLUGINS_CONFIG, then /etc/mailplugins/mailplugins.yaml)")
+    parser.add_argument("--version", action="version", version=f"mailplugins {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def command(
+        group: Any, name: str, handler: Callable[[App], Any], help_text: str
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def nested(name: str, help_text: str) -> Any:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        return sub.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+
+    command(commands, "check-config", App.cmd_check_config, "validate the configuration only")
+
+    db = nested("db", "database schema")
+    command(db, "upgrade", App.cmd_db_upgrade, "create or migrate the schema (idempotent)")
+
+    domain = nested("domain", "mail domains served here")
+    command(domain, "add", App.cmd_domain_add, "add a domain").add_argument("domain")
+    sub = command(domain, "remove", App.cmd_domain_remove, "remove a domain")
+    sub.add_argument("domain")
+    sub.add_argument("--force", action="store_true", help="also remove its mailboxes and aliases")
+    command(domain, "list", App.cmd_domain_list, "list domains").add_argument("--json", action="store_true")
+
+    user = nested("user", "mailboxes")
+    sub = command(user, "add", App.cmd_user_add, "add a mailbox")
+    sub.add_argument("address")
+    sub.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    sub.add_argument("--quota", type=_quota, metavar="BYTES", help="quota (e.g. 1073741824 or 1G)")
+    sub.add_argument("--services", type=_services, metavar="LIST",
+                     help="comma-separated services allowed (default: smtp,imap,pop3,lmtp)")
+    sub = command(user, "passwd", App.cmd_user_passwd, "change a mailbox password")
+    sub.add_argument("address")
+    sub.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    for name, handler, text in (
+        ("disable", App.cmd_user_disable, "refuse logins and mail for a mailbox"),
+        ("enable", App.cmd_user_enable, "re-enable a mailbox"),
+        ("remove", App.cmd_user_remove, "remove a mailbox (its Maildir stays on disk)"),
+    ):
+        command(user, name, handler, text).add_argument("address")
+    sub = command(user, "quota", App.cmd_user_quota, "set a mailbox quota (0 = none)")
+    sub.add_argument("address")
+    sub.add_argument("bytes", type=_quota)
+    sub = command(user, "services", App.cmd_user_services, "set the services a mailbox may use")
+    sub.add_argument("address")
+    sub.add_argument("services", type=_services, help="comma-separated: smtp,imap,pop3,lmtp")
+    sub = command(user, "list", App.cmd_user_list, "list mailboxes")
+    sub.add_argument("--domain")
+    sub.add_argument("--json", action="store_true")
+
+    alias = nested("alias", "aliases and catch-alls (@domain)")
+    sub = command(alias, "add", App.cmd_alias_add, "add an alias, or targets to one")
+    sub.add_argument("address")
+    sub.add_argument("targets", nargs="+", metavar="TARGET")
+    sub = command(alias, "remove", App.cmd_alias_remove, "remove an alias, or some of its targets")
+    sub.add_argument("address")
+    sub.add_argument("targets", nargs="*", metavar="TARGET")
+    command(alias, "list", App.cmd_alias_list, "list aliases").add_argument("--json", action="store_true")
+
+    sender = nested("sender", "which login may send as which address")
+    for name, handler, text in (
+        ("grant", App.cmd_sender_grant, "let LOGIN send as ADDRESS (or @domain)"),
+        ("revoke", App.cmd_sender_revoke, "take a grant back"),
+    ):
+        sub = command(sender, name, handler, text)
+        sub.add_argument("login")
+        sub.add_argument("address")
+    sub = command(sender, "list", App.cmd_sender_list, "list grants")
+    sub.add_argument("login", nargs="?")
+    sub.add_argument("--json", action="store_true")
+
+    app = nested("app-password", "per-device passwords")
+    sub = command(app, "add", App.cmd_app_password_add, "generate an app password (printed once)")
+    sub.add_argument("login")
+    sub.add_argument("name")
+    sub.add_argument("--services", type=_services, metavar="LIST", help="limit to these services")
+    sub = command(app, "list", App.cmd_app_password_list, "list a login's app passwords")
+    sub.add_argument("login")
+    sub.add_argument("--json", action="store_true")
+    sub = command(app, "revoke", App.cmd_app_password_revoke, "revoke an app password")
+    sub.add_argument("login")
+    sub.add_argument("name")
+
+    sub = command(commands, "serve", App.cmd_serve, "run daemons (default: every configured one)")
+    sub.add_argument("daemons", nargs="*", metavar="DAEMON", help="policyd, authd, deliver")
+    sub.add_argument("--log-level", default="info", choices=("debug", "info", "warn", "error"))
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    err = stderr or sys.stderr
+    args = build_parser().parse_args(argv)
+    app = App(args, stdin or sys.stdin, stdout or sys.stdout)
+    try:
+        result = args.handler(app)
+        return result if isinstance(result, int) else 0
+    except ConfigError as exc:
+        err.write(f"mailplugins: {exc}\n")
+        return EXIT_USAGE
+    except (StoreError, CommandError) as exc:
+        err.write(f"mailplugins: {exc}\n")
+        return getattr(exc, "status", EXIT_FAILED)
+    except DBAPIError as exc:
+        text = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        if "no such table" in text or "does not exist" in text or "doesn't exist" in text:
+            text = "the schema is missing: run 'mailplugins db upgrade'"
+        err.write(f"mailplugins: database error: {text}\n")
+        return EXIT_FAILED
+    except SQLAlchemyError as exc:
+        err.write(f"mailplugins: database error: {str(exc).splitlines()[0]}\n")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        err.write("mailplugins: interrupted\n")
+        return 130
+    finally:
+        app.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+# -*- test-case-name: tests.unit.test_connections -*-
+"""Counting and capping connections per listener, the same way in every daemon.
+
+Over the cap a new connection is closed at once (after an optional protocol-specific refusal,
+e.g. LMTP's ``421``), so thousands of idle clients cannot exhaust descriptors or memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IProtocolFactory
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+
+from mailplugins.metrics import DaemonMetrics
+
+log = Logger()
+
+
+class _Counted(ProtocolWrapper):
+    factory: LimitedFactory
+
+    def connectionMade(self) -> None:
+        self.factory.opened(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.factory.closed(self)
+        super().connectionLost(reason)
+
+
+class _Refuse(Protocol):
+    def __init__(self, message: bytes) -> None:
+        self._message = message
+
+    def connectionMade(self) -> None:
+        if self._message:
+            self.transport.write(self._message)  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class LimitedFactory(WrappingFactory):
+    protocol = _Counted
+
+    def __init__(
+        self,
+        wrapped: IProtocolFactory,
+        *,
+        listener: str,
+        maximum: int,
+        metrics: DaemonMetrics,
+        refusal: bytes = b"",
+    ) -> None:
+        super().__init__(wrapped)
+        self.listener = listener
+        self.maximum = maximum
+        self.refusal = refusal
+        self._open = 0
+        self._metrics = metrics
+        self._gauge = metrics.open_connections.labels(listener)
+        self._gauge.set(0)
+        self.noisy = False
+
+    @property
+    def open_count(self) -> int:
+        return self._open
+
+    def buildProtocol(self, addr: IAddress) -> Any:
+        if self._open >= self.maximum:
+            self._metrics.refused_connections.labels(self.listener).inc()
+            log.warn(
+                "{listener}: refusing connection, {open} open (max_connections)",
+                listener=self.listener, open=self._open,
+            )
+            refuse = _Refuse(self.refusal)
+            return refuse
+        return super().buildProtocol(addr)
+
+    def opened(self, _protocol: ProtocolWrapper) -> None:
+        self._open += 1
+        self._metrics.connections.labels(self.listener).inc()
+        self._gauge.set(self._open)
+
+    def closed(self, _protocol: ProtocolWrapper) -> None:
+        self._open -= 1
+        self._gauge.set(self._open)

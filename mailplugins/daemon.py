@@ -1,0 +1,80 @@
+# -*- test-case-name: tests.unit.test_runner -*-
+"""What a daemon package provides to the runner, and what the runner gives it.
+
+Daemons are found through the ``mailplugins.daemons`` entry point group, so the core never
+imports a daemon. Each entry point names an object with a ``name`` and a ``build(runtime)``
+method returning a :class:`RunningDaemon`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocolFactory
+
+from mailplugins.config import Config
+from mailplugins.database import Database
+from mailplugins.metrics import DaemonMetrics
+from mailplugins.threads import WorkerPool
+
+ENTRY_POINT_GROUP = "mailplugins.daemons"
+
+
+@dataclass
+class Listener:
+    #: Config key path of the endpoint, named in errors (``policyd.listen[0]``).
+    key: str
+    endpoint: str
+    factory: IProtocolFactory
+
+
+@dataclass
+class Runtime:
+    """Shared services for one daemon; ``config`` is replaced whole on every reload."""
+
+    reactor: Any
+    config: Config
+    db: Database
+    metrics: DaemonMetrics
+    #: CPU-bound work (password hashing) off the reactor.
+    cpu: WorkerPool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RunningDaemon(Protocol):
+    listeners: list[Listener]
+
+    def reload(self, config: Config) -> None:
+        """Take a new, already validated config; listeners stay as they are."""
+
+    def stop(self) -> Deferred[None] | None:
+        """Finish or abandon in-flight work before the reactor stops."""
+
+
+class DaemonPlugin(Protocol):
+    name: str
+
+    def build(self, runtime: Runtime) -> RunningDaemon: ...
+
+
+def daemon_names() -> list[str]:
+    """Installed daemons, in the order the runner starts them."""
+    order = {"policyd": 0, "authd": 1, "deliver": 2}
+    names = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return sorted(names, key=lambda n: (order.get(n, 9), n))
+
+
+def load_daemon(name: str) -> DaemonPlugin:
+    (entry,) = entry_points(group=ENTRY_POINT_GROUP, name=name)
+    plugin: DaemonPlugin = entry.load()
+    return plugin
+
+
+def listeners_for(key_prefix: str, endpoints: tuple[str, ...], factory: IProtocolFactory) -> list[Listener]:
+    """One Listener per endpoint string of a ``listen`` key (a string or a list)."""
+    if len(endpoints) == 1:
+        return [Listener(key_prefix, endpoints[0], factory)]
+    return [Listener(f"{key_prefix}[{i}]", e, factory) for i, e in enumerate(endpoints)]

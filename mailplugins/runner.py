@@ -1,0 +1,238 @@
+# -*- test-case-name: tests.unit.test_runner -*-
+"""``mailplugins serve``: run daemons in one reactor, with reload, readiness and clean exit.
+
+Startup either brings every listener up and then tells systemd ``READY=1``, or exits non-zero
+naming the listener that failed: a daemon that silently runs without its socket is worse than
+one that does not start.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailplugins import sdnotify
+from mailplugins.config import Config, ConfigError, load_config
+from mailplugins.daemon import Listener, RunningDaemon, Runtime, daemon_names, load_daemon
+from mailplugins.database import Database
+from mailplugins.db import schema
+from mailplugins.metrics import DaemonMetrics, metrics_site
+from mailplugins.threads import WorkerPool
+
+log = Logger(namespace="mailplugins.runner")
+
+
+class StartupError(Exception):
+    """Startup cannot go on; the message is one line for the operator."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Running:
+    name: str
+    daemon: RunningDaemon
+    runtime: Runtime
+
+
+def select_daemons(config: Config, requested: Sequence[str], known: Sequence[str]) -> list[str]:
+    unknown = [name for name in requested if name not in known]
+    if unknown:
+        raise StartupError(f"unknown daemon {unknown[0]!r} (known: {', '.join(known)})", 2)
+    names = list(dict.fromkeys(requested)) or list(config.configured_daemons())
+    missing = [name for name in names if getattr(config, name, None) is None]
+    if missing:
+        raise StartupError(f"{missing[0]}: not configured in {config.source}", 2)
+    if not names:
+        raise StartupError(
+            f"no daemon is configured in {config.source}: add a policyd, authd or deliver section", 2
+        )
+    return names
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a crashed process makes bind() fail; remove it if nobody listens."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)
+    else:
+        raise StartupError(f"{path}: another process is already listening there")
+    finally:
+        probe.close()
+
+
+def _endpoint(reactor: Any, listener: Listener) -> Any:
+    try:
+        endpoint = serverFromString(reactor, listener.endpoint)
+    except (KeyError, IndexError):
+        raise StartupError(
+            f"{listener.key}: systemd passed no socket for {listener.endpoint!r} "
+            "(check the .socket unit's FileDescriptorName)",
+            2,
+        ) from None
+    if isinstance(endpoint, UNIXServerEndpoint):
+        _remove_stale_socket(endpoint._address)
+    return endpoint
+
+
+def _describe_failure(listener: Listener, failure: Any) -> str:
+    exc = failure.value
+    reason = getattr(exc, "socketError", None) or exc
+    text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+    return f"{listener.key}: cannot listen on {listener.endpoint}: {text}"
+
+
+class Runner:
+    def __init__(self, reactor: Any, config_path: str, config: Config, names: list[str]) -> None:
+        self.reactor = reactor
+        self.config_path = config_path
+        self.config = config
+        self.names = names
+        self.running: list[_Running] = []
+        self.ports: list[IListeningPort] = []
+        self.db: Database | None = None
+        self.cpu: WorkerPool | None = None
+        self.exit_status = 0
+
+    def check_schema(self, db: Database) -> None:
+        try:
+            current = schema.current_revision(db.engine)
+        except Exception as exc:
+            log.warn("database not reachable at startup ({error}); answering fallbacks until it is",
+                     error=type(exc).__name__)
+            return
+        if current != schema.head_revision():
+            raise StartupError(
+                "database schema is not up to date: run 'mailplugins db upgrade'", 2
+            )
+
+    def build(self) -> list[Listener]:
+        self.db = Database(self.reactor, self.config.database)
+        self.check_schema(self.db)
+        self.cpu = WorkerPool(self.reactor, "cpu", max(2, os.cpu_count() or 2))
+        listeners: list[Listener] = []
+        for name in self.names:
+            metrics = DaemonMetrics(name)
+            runtime = Runtime(self.reactor, self.config, self.db, metrics, self.cpu)
+            daemon = load_daemon(name).build(runtime)
+            self.running.append(_Running(name, daemon, runtime))
+            listeners.extend(daemon.listeners)
+            section = getattr(self.config, name)
+            if section.metrics:
+                listeners.append(Listener(f"{name}.metrics", section.metrics, metrics_site(metrics)))
+            metrics.reload_successful.set(1)
+            metrics.reload_timestamp.set(time.time())
+        return listeners
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        listeners = self.build()
+        endpoints = [(listener, _endpoint(self.reactor, listener)) for listener in listeners]
+        for listener, endpoint in endpoints:
+            try:
+                port = yield endpoint.listen(listener.factory)
+            except Exception:
+                raise StartupError(_describe_failure(listener, Failure())) from None
+            self.ports.append(port)
+            log.info("{key}: listening on {endpoint}", key=listener.key, endpoint=listener.endpoint)
+        sdnotify.ready(f"serving {', '.join(self.names)}")
+        log.info("mailplugins {names} ready", names=" ".join(self.names))
+
+    def reload(self) -> None:
+        """SIGHUP: validate the new file whole, then swap it in; a bad file changes nothing."""
+        sdnotify.reloading()
+        try:
+            new = load_config(self.config_path)
+            missing = [n for n in self.names if getattr(new, n) is None]
+            if missing:
+                raise ConfigError(missing[0], "section removed; a running daemon needs a restart")
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running config: {error}", error=str(exc))
+            for item in self.running:
+                item.runtime.metrics.reload_successful.set(0)
+            sdnotify.ready("reload rejected")
+            return
+        if new.database != self.config.database:
+            log.warn("database settings changed: they take effect at the next restart")
+        for item in self.running:
+            old_section = getattr(self.config, item.name)
+            new_section = getattr(new, item.name)
+            for key in ("listen", "sasl_listen", "dict_listen", "http_listen", "metrics"):
+                if getattr(old_section, key, None) != getattr(new_section, key, None):
+                    log.warn("{daemon}.{key} changed: listeners change at the next restart",
+                             daemon=item.name, key=key)
+            item.runtime.config = new
+            item.daemon.reload(new)
+            item.runtime.metrics.reload_successful.set(1)
+            item.runtime.metrics.reload_timestamp.set(time.time())
+        self.config = new
+        log.info("configuration reloaded from {path}", path=self.config_path)
+        sdnotify.ready("reloaded")
+
+    @defer.inlineCallbacks
+    def shutdown(self) -> Any:
+        sdnotify.stopping()
+        for port in self.ports:
+            yield port.stopListening()
+        for item in self.running:
+            result = item.daemon.stop()
+            if result is not None:
+                yield result
+        if self.db is not None:
+            self.db.close()
+        if self.cpu is not None:
+            self.cpu.stop()
+
+
+def serve(config_path: str, config: Config, requested: Sequence[str], reactor: Any = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit status."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    names = select_daemons(config, requested, daemon_names())
+    runner = Runner(reactor, config_path, config, names)
+
+    def started_failed(failure: Any) -> None:
+        if failure.check(StartupError):
+            sys.stderr.write(f"mailplugins: {failure.value}\n")
+            runner.exit_status = failure.value.status
+        else:
+            log.failure("startup failed", failure)
+            runner.exit_status = 1
+        if reactor.running:
+            reactor.stop()
+
+    def on_hup(_signum: int, _frame: Any) -> None:
+        reactor.callFromThread(runner.reload)
+
+    reactor.addSystemEventTrigger("before", "shutdown", runner.shutdown)
+    reactor.callWhenRunning(lambda: runner.start().addErrback(started_failed))
+    reactor.callWhenRunning(signal.signal, signal.SIGHUP, on_hup)
+    reactor.run()
+    return runner.exit_status
