@@ -1,0 +1,117 @@
+# -*- test-case-name: tests.unit.test_authd_maildir_path -*-
+"""Expand ``mail.location`` for one mailbox exactly as Dovecot expands ``mail_location``.
+
+authd tells Dovecot where a mailbox lives (the userdb ``mail`` and ``home`` fields) and deliver
+writes into it; both call :func:`expand_location` so the two can never disagree.
+
+Supported syntax (the subset of Dovecot 2.3 ``var_expand`` that makes sense for a path):
+
+- ``%u`` / ``%{user}``: ``local@domain``; ``%n`` / ``%{username}``: the local part;
+  ``%d`` / ``%{domain}``: the domain; ``%%``: a literal ``%``.
+- Modifiers before the variable: ``%L`` lower-cases and ``%U`` upper-cases it (``%Ln``, ``%Ud``).
+- Truncation as Dovecot does it: ``%[offset.]width<var>``: ``%1n`` or ``%0.1n`` is the first
+  character, ``%1.1n`` the second, ``%2.0n`` all but the first two (a width of 0 means "to the
+  end"). Dovecot's negative offsets and widths are refused rather than guessed at.
+
+Safety: a local part or domain containing ``/`` or NUL, or equal to ``.``/``..``, and any
+expansion whose path contains a ``.`` or ``..`` component, raise :class:`ValueError`, so no
+mailbox name can ever climb out of (or collapse onto) the Maildir root.
+"""
+
+from __future__ import annotations
+
+__all__ = ["check_template", "expand_location"]
+
+_LONG_NAMES = {"user": "u", "username": "n", "domain": "d"}
+_MODIFIERS = "LU"
+
+
+def _check_part(kind: str, value: str) -> None:
+    if not value:
+        raise ValueError(f"empty {kind}")
+    if "/" in value or "\0" in value:
+        raise ValueError(f"{kind} contains '/' or NUL")
+    if value in (".", ".."):
+        raise ValueError(f"{kind} is '.' or '..'")
+
+
+def _truncate(value: str, offset: int, width: int) -> str:
+    """Dovecot's ``[offset.]width``: skip ``offset`` characters, then keep ``width`` (0 = all)."""
+    value = value[offset:]
+    return value[:width] if width else value
+
+
+def _expand(template: str, variables: dict[str, str]) -> str:
+    out: list[str] = []
+    i = 0
+    n = len(template)
+    while i < n:
+        c = template[i]
+        if c != "%":
+            out.append(c)
+            i += 1
+            continue
+        i += 1
+        if i >= n:
+            raise ValueError("template ends with a lone '%'")
+        if template[i] == "%":
+            out.append("%")
+            i += 1
+            continue
+        if template[i] == "-":
+            raise ValueError("negative offsets and widths in '%' variables are not supported")
+        width = 0
+        while i < n and template[i] in "0123456789":
+            width = width * 10 + int(template[i])
+            i += 1
+        offset = 0
+        if i < n and template[i] == ".":
+            offset = width
+            width = 0
+            i += 1
+            while i < n and template[i] in "0123456789":
+                width = width * 10 + int(template[i])
+                i += 1
+        modifiers = ""
+        while i < n and template[i] in _MODIFIERS:
+            modifiers += template[i]
+            i += 1
+        if i >= n:
+            raise ValueError("template ends inside a '%' variable")
+        if template[i] == "{":
+            end = template.find("}", i)
+            if end < 0:
+                raise ValueError("unterminated %{...} variable")
+            name = _LONG_NAMES.get(template[i + 1 : end])
+            if name is None:
+                raise ValueError(f"unsupported variable %{{{template[i + 1:end]}}}")
+            i = end + 1
+        else:
+            name = template[i]
+            if name not in variables:
+                raise ValueError(f"unsupported variable %{name}")
+            i += 1
+        value = _truncate(variables[name], offset, width)
+        for modifier in modifiers:
+            value = value.lower() if modifier == "L" else value.upper()
+        out.append(value)
+    return "".join(out)
+
+
+def expand_location(template: str, local: str, domain: str) -> str:
+    """The Maildir path of ``local@domain`` under ``template`` (``mail.location``).
+
+    Raises ValueError for an unsafe local part/domain or an unsupported template.
+    """
+    _check_part("local part", local)
+    _check_part("domain", domain)
+    path = _expand(template, {"u": f"{local}@{domain}", "n": local, "d": domain})
+    for component in path.split("/"):
+        if component in (".", ".."):
+            raise ValueError("expanded location contains a '.' or '..' component")
+    return path
+
+
+def check_template(template: str) -> None:
+    """Raise ValueError if ``template`` uses syntax :func:`expand_location` does not support."""
+    expand_location(template, "user", "example.org")
