@@ -1,11 +1,54 @@
-# -*- test-case-name: tests.unit.test_config -*-
-"""The ``policyd:`` section."""
+# -*- test-case-name: tests.unit.test_policyd_config -*-
+"""The ``policyd:`` section.
+
+The decisions policyd makes at ``protocol_state=RCPT`` are four checks, always run in this
+order: ``recipient_validation``, ``relay_control``, ``sender_login_match``, ``spoof_protection``.
+Each is switched on or off globally by a boolean key of the same name; ``contexts`` maps a
+Postfix ``policy_context`` (``check_policy_service { ..., policy_context=submission }``) to the
+exact list of checks run for requests carrying that context. Requests with an empty or an
+unlisted context use the global switches.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
-from mailplugins.config.fields import Fields, IPNetwork
+from mailplugins.config.fields import ConfigError, Fields, IPNetwork, describe
+
+#: Every check, in the order the rule chain runs them.
+CHECKS = ("recipient_validation", "relay_control", "sender_login_match", "spoof_protection")
+
+#: access(5) verbs Postfix understands in a policy reply (plus ``4NN``/``5NN text``).
+ACTION_VERBS = frozenset({
+    "OK", "DUNNO", "REJECT", "DEFER", "DEFER_IF_REJECT", "DEFER_IF_PERMIT", "DISCARD", "HOLD",
+    "FILTER", "REDIRECT", "BCC", "PREPEND", "WARN", "INFO",
+})
+_NUMERIC = re.compile(r"^[45]\d\d(?: |$)")
+
+
+def check_action(value: object) -> str:
+    """An action Postfix will accept; an unknown verb would make Postfix answer 451 4.3.5."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected an access(5) action such as DUNNO, got {describe(value)}")
+    text = value.strip()
+    if any(c in text for c in "\r\n\0"):
+        raise ValueError("an action must be one line")
+    verb = text.split(None, 1)[0].upper()
+    if verb not in ACTION_VERBS and not _NUMERIC.match(text):
+        raise ValueError(
+            f"unknown action {describe(verb)} (use DUNNO, DEFER_IF_PERMIT text, 4NN text, ...)"
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """The rule set for one ``policy_context``."""
+
+    checks: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -22,21 +65,61 @@ class PolicydConfig:
     max_line_length: int
     max_attributes: int
     max_connections: int
+    #: Seconds a domain, recipient, login or grant lookup is reused without the database.
     cache_ttl: float
+    #: Entries held by the lookup cache at most (a flood of random recipients stays bounded).
+    cache_size: int = 100_000
+    #: Checks run for requests with no (or an unlisted) ``policy_context``, in CHECKS order.
+    checks: tuple[str, ...] = CHECKS
+    #: Per ``policy_context`` rule sets.
+    contexts: Mapping[str, ContextConfig] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    #: A recipient that only resolves to disabled mailboxes is answered "User unknown".
+    reject_disabled_as_unknown: bool = True
+
+    def checks_for(self, context: str) -> tuple[str, ...]:
+        rules = self.contexts.get(context) if context else None
+        return rules.checks if rules is not None else self.checks
+
+
+def _check_names(f: Fields, key: str) -> tuple[str, ...]:
+    names = f.strings(key)
+    for index, name in enumerate(names):
+        if name not in CHECKS:
+            raise ConfigError(
+                f.key_path(f"{key}[{index}]"),
+                f"unknown check {describe(name)} (known: {', '.join(CHECKS)})",
+            )
+    # Always CHECKS order: the order of decisions is part of the behaviour, not of the config.
+    return tuple(name for name in CHECKS if name in names)
 
 
 def parse_policyd(f: Fields) -> PolicydConfig:
+    switches = {name: f.boolean(name, True) for name in CHECKS}
+    contexts: dict[str, ContextConfig] = {}
+    for name, sub in f.sections("contexts").items():
+        if not name or any(c.isspace() or c == "=" for c in name):
+            raise ConfigError(sub.path, "a policy_context name must be a non-empty word")
+        contexts[name] = ContextConfig(checks=_check_names(sub, "checks"))
+        sub.done()
     config = PolicydConfig(
         listen=f.endpoints("listen"),
         metrics=f.endpoint("metrics", None),
         mynetworks=f.networks("mynetworks", ()),
-        fallback_action=f.string("fallback_action", "DEFER_IF_PERMIT Service temporarily unavailable"),
+        fallback_action=f.convert(
+            "fallback_action", "DEFER_IF_PERMIT Service temporarily unavailable", check_action
+        ),
         budget=f.duration("budget", 2.0, minimum=0.05, maximum=90),
         idle_timeout=f.duration("idle_timeout", 1100.0, minimum=1),
-        max_line_length=f.integer("max_line_length", 8192, minimum=256),
-        max_attributes=f.integer("max_attributes", 128, minimum=8),
+        max_line_length=f.integer("max_line_length", 8192, minimum=256, maximum=1024 * 1024),
+        max_attributes=f.integer("max_attributes", 128, minimum=8, maximum=10_000),
         max_connections=f.integer("max_connections", 2000, minimum=1),
-        cache_ttl=f.duration("cache_ttl", 30.0),
+        cache_ttl=f.duration("cache_ttl", 30.0, maximum=86400),
+        cache_size=f.integer("cache_size", 100_000, minimum=0, maximum=10_000_000),
+        checks=tuple(name for name in CHECKS if switches[name]),
+        contexts=MappingProxyType(contexts),
+        reject_disabled_as_unknown=f.boolean("reject_disabled_as_unknown", True),
     )
     f.done()
     return config
