@@ -100,7 +100,9 @@ def parse_policyd(f: Fields) -> PolicydConfig:
     contexts: dict[str, ContextConfig] = {}
     for name, sub in f.sections("contexts").items():
         if not name or any(c.isspace() or c == "=" for c in name):
-            raise ConfigError(sub.path, "a policy_context name must be a non-empty word")
+            raise ConfigError(
+                f.key_path(f"contexts.{name}"), "a policy_context name must be a non-empty word"
+            )
         contexts[name] = ContextConfig(checks=_check_names(sub, "checks"))
         sub.done()
     config = PolicydConfig(

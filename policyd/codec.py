@@ -1,0 +1,164 @@
+# -*- test-case-name: tests.unit.test_policyd_codec -*-
+"""Postfix SMTPD access policy delegation framing: bytes in, requests out; replies out.
+
+A request is ``name=value\\n`` lines ended by an empty line; a reply is ``action=...\\n\\n``.
+No Twisted here, so the framing is tested at every split point without a transport.
+
+Choices (see the reference page on Postfix 3.7):
+
+- Lines are split on the **first** ``=`` only: values may contain ``=`` (BATV senders).
+- Unknown attribute names are kept, so a newer Postfix never breaks us.
+- A duplicated attribute keeps its **first** value; Postfix never repeats a name, so a repeat
+  is either a bug or someone trying to override a value after the fact.
+- Bytes that are not UTF-8 are replaced (U+FFFD): such a value never names a mailbox, and the
+  connection is not dropped for something Postfix let through.
+- A trailing CR is dropped, so a person can talk to the server with a CRLF client.
+- Every line is bounded by ``max_line_length`` and every request by ``max_attributes``, so a
+  peer can never make us hold more than ``max_line_length * max_attributes`` bytes. A line
+  without ``=``, an empty name, a NUL byte, an empty request, or a request whose ``request``
+  attribute is not ``smtpd_access_policy`` is malformed. After an error the decoder refuses
+  further input: the connection is to be closed without a reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+REQUEST_TYPE = "smtpd_access_policy"
+
+
+class CodecError(ValueError):
+    """The peer sent something that is not a policy request; close without replying."""
+
+
+class LineTooLongError(CodecError):
+    pass
+
+
+class TooManyAttributesError(CodecError):
+    pass
+
+
+class MalformedRequestError(CodecError):
+    pass
+
+
+class PolicyRequest:
+    """One request: attribute names to values (first value wins), in a read-only view."""
+
+    __slots__ = ("attributes",)
+
+    def __init__(self, attributes: Mapping[str, str]) -> None:
+        self.attributes = attributes
+
+    def get(self, name: str, default: str = "") -> str:
+        return self.attributes.get(name, default)
+
+    def __repr__(self) -> str:
+        state = self.attributes.get("protocol_state", "?")
+        return f"<PolicyRequest {state} with {len(self.attributes)} attributes>"
+
+
+class RequestDecoder:
+    """Incremental decoder: :meth:`feed` bytes as they arrive, get complete requests back."""
+
+    def __init__(self, max_line_length: int = 8192, max_attributes: int = 128) -> None:
+        self.max_line_length = max_line_length
+        self.max_attributes = max_attributes
+        self._buffer = b""
+        self._attributes: dict[str, str] = {}
+        self._count = 0
+        self._error: CodecError | None = None
+
+    @property
+    def pending(self) -> bool:
+        """True while a request has started but is not complete."""
+        return bool(self._buffer or self._count)
+
+    def feed(self, data: bytes) -> list[PolicyRequest]:
+        """Decode ``data``; raise :class:`CodecError` on bad input (and on every later call)."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._feed(data)
+        except CodecError as exc:
+            self._error = exc
+            self._buffer = b""
+            self._attributes = {}
+            raise
+
+    def _feed(self, data: bytes) -> list[PolicyRequest]:
+        buffer = self._buffer + data if self._buffer else data
+        requests: list[PolicyRequest] = []
+        limit = self.max_line_length
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            if end - start > limit:
+                raise LineTooLongError(f"line longer than {limit} bytes")
+            line = buffer[start:end]
+            start = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line:
+                self._add(line)
+            else:
+                requests.append(self._finish())
+        rest = buffer[start:]
+        if len(rest) > limit:
+            raise LineTooLongError(f"line longer than {limit} bytes")
+        self._buffer = rest
+        return requests
+
+    def _add(self, line: bytes) -> None:
+        self._count += 1
+        if self._count > self.max_attributes:
+            raise TooManyAttributesError(
+                f"more than {self.max_attributes} attributes in one request"
+            )
+        name, sep, value = line.partition(b"=")
+        if not sep or not name:
+            raise MalformedRequestError("attribute line without name=value")
+        if b"\0" in line:
+            raise MalformedRequestError("NUL byte in attribute line")
+        key = name.decode("utf-8", "replace")
+        if key not in self._attributes:
+            self._attributes[key] = value.decode("utf-8", "replace")
+
+    def _finish(self) -> PolicyRequest:
+        attributes, self._attributes, self._count = self._attributes, {}, 0
+        if not attributes:
+            raise MalformedRequestError("empty request")
+        kind = attributes.get("request")
+        if kind != REQUEST_TYPE:
+            raise MalformedRequestError(
+                "missing request attribute" if kind is None else "unknown request type"
+            )
+        return PolicyRequest(attributes)
+
+
+def encode_request(attributes: Mapping[str, str] | list[tuple[str, str]]) -> bytes:
+    """The wire form of a request (for tests and the benchmark client)."""
+    pairs = attributes.items() if isinstance(attributes, Mapping) else attributes
+    return b"".join(f"{k}={v}\n".encode() for k, v in pairs) + b"\n"
+
+
+def encode_reply(action: str) -> bytes:
+    """``action=<action>\\n\\n``; an action holding a line break would desynchronise Postfix."""
+    if not action or any(c in action for c in "\r\n\0"):
+        raise ValueError("a policy action must be one non-empty line")
+    return b"action=" + action.encode("utf-8") + b"\n\n"
+
+
+def decode_reply(data: bytes) -> str:
+    """The action of one complete reply (for tests and the benchmark client)."""
+    text = data.decode("utf-8")
+    if not text.endswith("\n\n"):
+        raise ValueError("incomplete reply")
+    for line in text[:-2].split("\n"):
+        name, _, value = line.partition("=")
+        if name == "action":
+            return value
+    raise ValueError("reply without action")

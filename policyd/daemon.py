@@ -1,0 +1,75 @@
+# -*- test-case-name: tests.unit.test_policyd_daemon -*-
+"""policyd as a mailplugins daemon: wiring of config, lookups, service and listeners."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocolFactory
+
+from mailplugins.config import Config
+from mailplugins.connections import LimitedFactory
+from mailplugins.daemon import Listener, Runtime, listeners_for
+from policyd.lookups import Lookups
+from policyd.protocol import PolicyFactory
+from policyd.service import PolicyMetrics, PolicyService
+
+
+@dataclass
+class RunningPolicyd:
+    service: PolicyService
+    lookups: Lookups
+    factory: PolicyFactory
+    limited: list[LimitedFactory]
+    listeners: list[Listener] = field(default_factory=list)
+
+    def reload(self, config: Config) -> None:
+        section = config.policyd
+        assert section is not None
+        self.lookups.reconfigure(
+            ttl=section.cache_ttl, size=section.cache_size,
+            delimiters=config.mail.recipient_delimiter,
+        )
+        self.service.reconfigure(section)
+        # New connections get the new limits; open ones keep theirs until they close.
+        self.factory.config = section
+        for limited in self.limited:
+            limited.maximum = section.max_connections
+
+    def stop(self) -> Deferred[None] | None:
+        return None
+
+
+class PolicydPlugin:
+    name = "policyd"
+
+    def build(self, runtime: Runtime) -> RunningPolicyd:
+        config = runtime.config.policyd
+        assert config is not None
+        reactor = runtime.reactor
+        lookups = Lookups(
+            runtime.db.store, runtime.db.run, reactor.seconds,
+            ttl=config.cache_ttl, size=config.cache_size,
+            delimiters=runtime.config.mail.recipient_delimiter,
+        )
+        service = PolicyService(config, lookups, reactor, PolicyMetrics(runtime.metrics))
+        factory = PolicyFactory(service, config, reactor)
+        running = RunningPolicyd(service, lookups, factory, [])
+        single = len(config.listen) == 1
+        for index, endpoint in enumerate(config.listen):
+            key = "policyd.listen" if single else f"policyd.listen[{index}]"
+            limited = LimitedFactory(
+                cast(IProtocolFactory, factory),
+                listener=key,
+                maximum=config.max_connections,
+                metrics=runtime.metrics,
+            )
+            running.limited.append(limited)
+            listening = cast(IProtocolFactory, limited)
+            running.listeners.extend(listeners_for(key, (endpoint,), listening))
+        return running
+
+
+DAEMON = PolicydPlugin()

@@ -1,0 +1,140 @@
+# -*- test-case-name: tests.unit.test_policyd_lookups -*-
+"""Database lookups for the rules, cached in memory with a short TTL.
+
+Every lookup runs the synchronous :class:`~mailplugins.store.Store` method through ``run``
+(the daemon passes ``Database.run``, a dedicated thread pool; tests pass a synchronous runner).
+A cache hit returns an already-fired Deferred and never touches the database, so a decision on
+cached facts completes without leaving the reactor thread. Concurrent misses for the same key
+share one query. Negative answers (unknown recipient, foreign domain) are cached as well: they
+are what a dictionary attack asks for. The cache is bounded (oldest entries go first) and is
+dropped whole on reload.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+
+from mailplugins.addresses import Address
+from mailplugins.store import MailboxRecord, Resolution, Store
+
+T = TypeVar("T")
+
+Runner = Callable[..., "Deferred[Any]"]
+
+
+class TTLCache:
+    """A bounded mapping whose entries expire ``ttl`` seconds after they were stored."""
+
+    def __init__(self, clock: Callable[[], float], ttl: float, size: int) -> None:
+        self._clock = clock
+        self.ttl = ttl
+        self.size = size
+        self._entries: OrderedDict[Hashable, tuple[float, object]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> tuple[bool, object]:
+        entry = self._entries.get(key)
+        if entry is None:
+            return False, None
+        if entry[0] <= self._clock():
+            del self._entries[key]
+            return False, None
+        return True, entry[1]
+
+    def put(self, key: Hashable, value: object) -> None:
+        if self.ttl <= 0 or self.size <= 0:
+            return
+        entries = self._entries
+        if key in entries:
+            del entries[key]
+        elif len(entries) >= self.size:
+            entries.popitem(last=False)
+        entries[key] = (self._clock() + self.ttl, value)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class Lookups:
+    """The facts the rules need, each an async (Deferred) lookup through the cache."""
+
+    def __init__(
+        self,
+        store: Store,
+        run: Runner,
+        clock: Callable[[], float],
+        *,
+        ttl: float,
+        size: int = 100_000,
+        delimiters: str = "+",
+    ) -> None:
+        self._store = store
+        self._run = run
+        self.delimiters = delimiters
+        self.cache = TTLCache(clock, ttl, size)
+        self._inflight: dict[Hashable, list[Deferred[Any]]] = {}
+        #: Database queries made (cache misses that reached the store); for tests and metrics.
+        self.queries = 0
+        self._generation = 0
+
+    def reconfigure(self, *, ttl: float, size: int, delimiters: str) -> None:
+        """Take new settings and forget everything cached (SIGHUP)."""
+        self.cache.ttl = ttl
+        self.cache.size = size
+        self.delimiters = delimiters
+        self.clear()
+
+    def clear(self) -> None:
+        self._generation += 1
+        self.cache.clear()
+
+    def _cached(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        hit, value = self.cache.get(key)
+        if hit:
+            return succeed(value)
+        waiter: Deferred[Any] = Deferred()
+        waiters = self._inflight.get(key)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        waiters = self._inflight[key] = [waiter]
+        generation = self._generation
+
+        def done(result: object) -> None:
+            del self._inflight[key]
+            if not isinstance(result, Failure) and generation == self._generation:
+                self.cache.put(key, result)
+            for each in waiters:
+                # A waiter whose caller gave up (budget exceeded) is already cancelled.
+                if not each.called:
+                    if isinstance(result, Failure):
+                        each.errback(result)
+                    else:
+                        each.callback(result)
+
+        self.queries += 1
+        self._run(fn, *args).addBoth(done)
+        return waiter
+
+    def resolve(self, address: Address) -> Deferred[Resolution | None]:
+        """What a recipient resolves to; None when its domain is not ours."""
+        delimiters = self.delimiters
+        key = ("resolve", address.local_key, address.domain, delimiters)
+        return self._cached(key, self._store.resolve, address, delimiters)
+
+    def is_local_domain(self, domain: str) -> Deferred[bool]:
+        return self._cached(("domain", domain), self._store.is_local_domain, domain)
+
+    def mailbox(self, address: Address) -> Deferred[MailboxRecord | None]:
+        key = ("mailbox", address.local_key, address.domain)
+        return self._cached(key, self._store.get_mailbox, address)
+
+    def granted_senders(self, mailbox_id: int) -> Deferred[frozenset[str]]:
+        return self._cached(("grants", mailbox_id), self._store.granted_senders, mailbox_id)

@@ -1,0 +1,131 @@
+# -*- test-case-name: tests.unit.test_policyd_service -*-
+"""Runs the rule chain for one request within a time budget; failures become the fallback.
+
+Postfix waits for exactly one answer per request, so :meth:`PolicyService.handle` always fires
+with an action: the first rule that has an opinion, ``DUNNO`` when none does (and for every
+protocol state other than RCPT), or the configured fallback action when a lookup fails or the
+budget runs out. Timing is read from injected callables; nothing here knows about sockets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailplugins.config.policyd import PolicydConfig
+from mailplugins.metrics import DaemonMetrics
+from mailplugins.store import StoreError
+from policyd.actions import DUNNO, state_label, verb
+from policyd.codec import PolicyRequest
+from policyd.lookups import Lookups
+from policyd.rules import RULES, Facts
+
+log = Logger(namespace="policyd.service")
+
+
+class PolicyMetrics:
+    """The service's own metrics; label children are cached (this is the hot path)."""
+
+    def __init__(self, metrics: DaemonMetrics) -> None:
+        self.requests = metrics.counter(
+            "requests_total", "Policy requests answered.", ["protocol_state", "action"]
+        )
+        self.duration = metrics.histogram(
+            "request_duration_seconds", "Time from a complete request to its answer."
+        )
+        self.fallbacks = metrics.counter(
+            "fallback_total", "Requests answered with the fallback action.", ["reason"]
+        )
+        self._children: dict[tuple[str, str], Any] = {}
+
+    def answered(self, state: str, action: str, seconds: float) -> None:
+        key = (state_label(state), verb(action))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(*key)
+        child.inc()
+        self.duration.observe(seconds)
+
+    def fallback(self, reason: str) -> None:
+        self.fallbacks.labels(reason).inc()
+
+
+class PolicyService:
+    def __init__(
+        self,
+        config: PolicydConfig,
+        lookups: Lookups,
+        clock: IReactorTime,
+        metrics: PolicyMetrics | None = None,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.config = config
+        self.lookups = lookups
+        self._clock = clock
+        self._metrics = metrics
+        self._timer = timer
+
+    def reconfigure(self, config: PolicydConfig) -> None:
+        self.config = config
+
+    def handle(self, request: PolicyRequest) -> Deferred[str]:
+        """The action for ``request``; never fails, fires within the budget."""
+        started = self._timer()
+        state = request.get("protocol_state")
+        config = self.config
+        if state != "RCPT":
+            # Nothing to check before RCPT yet; DUNNO lets Postfix's own restrictions decide.
+            result: Deferred[str] = succeed(DUNNO)
+        else:
+            result = Deferred.fromCoroutine(self._decide(request, config))
+            if not result.called:
+                result.addTimeout(config.budget, self._clock)
+        result.addErrback(self._fallback, request, config)
+        if self._metrics is not None:
+            metrics = self._metrics
+
+            def count(action: str) -> str:
+                metrics.answered(state, action, self._timer() - started)
+                return action
+
+            result.addCallback(count)
+        return result
+
+    async def _decide(self, request: PolicyRequest, config: PolicydConfig) -> str:
+        facts = Facts(request, self.lookups, config.mynetworks)
+        for name in config.checks_for(facts.context):
+            action = await RULES[name](facts, config)
+            if action is not None:
+                log.info(
+                    "{check}: {action} (client {client}, context {context})",
+                    check=name, action=action, client=facts.client_address,
+                    context=facts.context or "-",
+                )
+                return action
+        return DUNNO
+
+    def _fallback(self, failure: Failure, request: PolicyRequest, config: PolicydConfig) -> str:
+        if isinstance(failure.value, TimeoutError | CancelledError):
+            reason = "timeout"
+            log.warn(
+                "no decision within {budget}s (client {client}); answering {action}",
+                budget=config.budget, client=request.get("client_address"),
+                action=config.fallback_action,
+            )
+        else:
+            database = isinstance(failure.value, SQLAlchemyError | StoreError)
+            reason = "database" if database else "error"
+            log.failure(
+                "check failed (client {client}); answering {action}", failure,
+                client=request.get("client_address"), action=config.fallback_action,
+            )
+        if self._metrics is not None:
+            self._metrics.fallback(reason)
+        return config.fallback_action
