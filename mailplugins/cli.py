@@ -410,7 +410,10 @@ def main(
     from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
     err = stderr or sys.stderr
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error (or --help)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     app = App(args, stdin or sys.stdin, stdout or sys.stdout)
     try:
         result = args.handler(app)

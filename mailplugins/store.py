@@ -222,10 +222,10 @@ class Store:
     def list_domains(self) -> list[DomainRecord]:
         with self.session() as session:
             mailbox_counts = dict(
-                session.execute(select(Mailbox.domain_id, func.count()).group_by(Mailbox.domain_id)).tuples().all()
+                session.execute(select(Mailbox.domain_id, func.count()).group_by(Mailbox.domain_id)).all()
             )
             alias_counts = dict(
-                session.execute(select(Alias.domain_id, func.count()).group_by(Alias.domain_id)).tuples().all()
+                session.execute(select(Alias.domain_id, func.count()).group_by(Alias.domain_id)).all()
             )
             return [
                 DomainRecord(d.name, mailbox_counts.get(d.id, 0), alias_counts.get(d.id, 0), d.created_at)
@@ -349,7 +349,7 @@ class Store:
             query = select(Mailbox, Domain).join(Domain).order_by(Domain.name, Mailbox.local_key)
             if domain is not None:
                 query = query.where(Domain.name == _address(f"x@{domain}").domain)
-            return [_mailbox_record(m, d.name) for m, d in session.execute(query).tuples()]
+            return [_mailbox_record(m, d.name) for m, d in session.execute(query).all()]
 
     def iter_mailboxes(self, batch: int = 500) -> Iterator[MailboxRecord]:
         """Every mailbox in address order, fetched in batches (dict iteration over many users)."""
@@ -362,7 +362,7 @@ class Store:
                     .where((Domain.name > last[0]) | ((Domain.name == last[0]) & (Mailbox.local_key > last[1])))
                     .order_by(Domain.name, Mailbox.local_key)
                     .limit(batch)
-                ).tuples().all()
+                ).all()
                 records = [_mailbox_record(m, d.name) for m, d in rows]
             yield from records
             if len(records) < batch:
@@ -432,7 +432,7 @@ class Store:
         with self.session() as session:
             rows = session.execute(
                 select(Alias, Domain).join(Domain).order_by(Domain.name, Alias.local_key)
-            ).tuples()
+            ).all()
             return [
                 AliasRecord(
                     f"{a.local_part}@{d.name}" if a.local_part else f"@{d.name}",
@@ -563,7 +563,7 @@ class Store:
                 query = query.where(Domain.name == parsed.domain, Mailbox.local_key == parsed.local_key)
             return [
                 GrantRecord(_mailbox_record(m, d.name).address, g.address)
-                for m, d, g in session.execute(query).tuples()
+                for m, d, g in session.execute(query).all()
             ]
 
     def granted_senders(self, mailbox_id: int) -> frozenset[str]:

@@ -140,11 +140,11 @@ class Fields:
             if not isinstance(key, str):
                 raise ConfigError(path or "<top level>", f"key {describe(key)} is not a string")
         self._raw: dict[str, object] = raw
-        self.path = path
+        self.where = path
         self._used: set[str] = set()
 
     def key_path(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
+        return f"{self.where}.{key}" if self.where else key
 
     def has(self, key: str) -> bool:
         return key in self._raw and self._raw[key] is not None
