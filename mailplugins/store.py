@@ -291,7 +291,7 @@ class Store:
         parsed = _address(address)
         with self.session() as session:
             found = self._mailbox_row(session, parsed)
-            return _mailbox_record(*found) if found else None
+            return _mailbox_record(found[0], found[1].name) if found else None
 
     def get_mailbox_by_id(self, mailbox_id: int) -> MailboxRecord | None:
         with self.session() as session:
