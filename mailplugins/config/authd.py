@@ -1,11 +1,21 @@
-# -*- test-case-name: tests.unit.test_config -*-
-"""The ``authd:`` section."""
+# -*- test-case-name: tests.unit.test_authd_config -*-
+"""The ``authd:`` section.
+
+Every delay here is bounded so that a reply always reaches Postfix within its hard-coded 10 s
+auth timeout (``AUTH_TIMEOUT`` in xsasl_dovecot_server.c): past that Postfix answers 454 and the
+deliberate failure delay would turn into a temporary failure.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailplugins.config.fields import Fields
+from mailplugins.config.fields import Fields, IPNetwork
+
+#: Postfix gives up on the auth server after 10 s; every reply must leave well before that.
+POSTFIX_AUTH_TIMEOUT = 10.0
+#: Longest deliberate delay (failure delay plus penalty) we allow, leaving room for the work.
+MAX_DELIBERATE_DELAY = 8.0
 
 
 @dataclass(frozen=True)
@@ -18,6 +28,36 @@ class AuthdConfig:
     http_listen: tuple[str, ...]
     metrics: str | None
     max_connections: int
+    #: Delay before a failed SASL answer (Dovecot's auth_failure_delay).
+    failure_delay: float
+    #: Delay before a failed HTTP answer; 0 by default because Dovecot adds its own.
+    http_failure_delay: float
+    #: How long a successful verification is remembered (0 disables the cache).
+    cache_ttl: float
+    cache_size: int
+    #: Failures (per client network, per login) before penalties start.
+    penalty_threshold: int
+    #: First penalty; each further failure doubles it, up to ``penalty_max``.
+    penalty_initial: float
+    penalty_max: float
+    #: Failure counters are forgotten after this long without a new failure.
+    penalty_window: float
+    #: Failures are counted per /32 IPv4 and per this prefix for IPv6 (Dovecot uses /48).
+    penalty_ipv6_prefix: int
+    #: Counters kept at most (oldest forgotten first), so a flood of names cannot exhaust memory.
+    penalty_table_size: int
+    #: Clients never delayed nor counted (e.g. webmail, Dovecot's login_trusted_networks).
+    trusted_networks: tuple[IPNetwork, ...]
+    #: A verification not finished by then is answered as a temporary failure.
+    request_timeout: float
+    #: SASL requests waiting for the client's CONT are forgotten after this (Dovecot: 150 s).
+    continue_timeout: float
+    #: Longest auth-client / dict line accepted; longer drops the connection (Dovecot: 16384).
+    max_line_length: int
+    #: In-flight SASL requests per connection (Postfix has at most one).
+    max_requests_per_connection: int
+    #: Largest HTTP request body accepted by the verify endpoint.
+    http_max_body: int
 
 
 def parse_authd(f: Fields) -> AuthdConfig:
@@ -27,8 +67,34 @@ def parse_authd(f: Fields) -> AuthdConfig:
         http_listen=f.endpoints("http_listen", ()),
         metrics=f.endpoint("metrics", None),
         max_connections=f.integer("max_connections", 2000, minimum=1),
+        failure_delay=f.duration("failure_delay", 2.0, maximum=5.0),
+        http_failure_delay=f.duration("http_failure_delay", 0.0, maximum=5.0),
+        cache_ttl=f.duration("cache_ttl", 600.0, maximum=86400.0),
+        cache_size=f.integer("cache_size", 100_000, minimum=1, maximum=10_000_000),
+        penalty_threshold=f.integer("penalty_threshold", 3, minimum=1, maximum=1000),
+        penalty_initial=f.duration("penalty_initial", 1.0, maximum=MAX_DELIBERATE_DELAY),
+        penalty_max=f.duration("penalty_max", 5.0, maximum=MAX_DELIBERATE_DELAY),
+        penalty_window=f.duration("penalty_window", 900.0, minimum=1.0),
+        penalty_ipv6_prefix=f.integer("penalty_ipv6_prefix", 48, minimum=16, maximum=128),
+        penalty_table_size=f.integer("penalty_table_size", 100_000, minimum=100),
+        trusted_networks=f.networks("trusted_networks", ()),
+        request_timeout=f.duration("request_timeout", 9.0, minimum=0.5, maximum=9.5),
+        continue_timeout=f.duration("continue_timeout", 150.0, minimum=1.0),
+        max_line_length=f.integer("max_line_length", 16384, minimum=1024, maximum=1024 * 1024),
+        max_requests_per_connection=f.integer("max_requests_per_connection", 32, minimum=1),
+        http_max_body=f.size("http_max_body", 16384, minimum=1024),
     )
     if not (config.sasl_listen or config.dict_listen or config.http_listen):
         raise f.error("sasl_listen", "authd needs at least one of sasl_listen, dict_listen, http_listen")
+    if config.penalty_initial > config.penalty_max:
+        raise f.error("penalty_initial", "must not exceed penalty_max")
+    if config.failure_delay + config.penalty_max > MAX_DELIBERATE_DELAY:
+        raise f.error(
+            "penalty_max",
+            f"failure_delay + penalty_max must stay under {MAX_DELIBERATE_DELAY:g}s "
+            f"(Postfix gives up after {POSTFIX_AUTH_TIMEOUT:g}s and answers 454)",
+        )
+    if config.failure_delay >= config.request_timeout:
+        raise f.error("failure_delay", "must be shorter than request_timeout")
     f.done()
     return config

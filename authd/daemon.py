@@ -1,0 +1,88 @@
+# -*- test-case-name: tests.unit.test_authd_daemon -*-
+"""authd as a mailplugins daemon: one verifier shared by the SASL, dict and HTTP listeners."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import Deferred
+
+from authd.dict import DictBackend, DictFactory
+from authd.http import VerifyResource, VerifySite
+from authd.metrics import AuthdMetrics
+from authd.sasl import AuthClientFactory
+from authd.verify import Verifier
+from mailplugins.config import Config
+from mailplugins.connections import LimitedFactory
+from mailplugins.daemon import Listener, Runtime, listeners_for
+
+
+@dataclass
+class RunningAuthd:
+    runtime: Runtime
+    verifier: Verifier
+    sasl: AuthClientFactory
+    dict_backend: DictBackend
+    dict_factory: DictFactory
+    http: VerifySite
+    listeners: list[Listener] = field(default_factory=list)
+
+    def reload(self, config: Config) -> None:
+        section = config.authd
+        assert section is not None
+        self.verifier.reload(section, config.passwords)
+        self.sasl.config = section
+        self.dict_factory.config = section
+        self.dict_backend.config = config
+        self.http.max_body = section.http_max_body
+        resource = self.http.resource.children[b"verify"]
+        assert isinstance(resource, VerifyResource)
+        resource.failure_delay = section.http_failure_delay
+
+    def stop(self) -> Deferred[None] | None:
+        return None
+
+
+class AuthdPlugin:
+    name = "authd"
+
+    def build(self, runtime: Runtime) -> RunningAuthd:
+        config = runtime.config
+        section = config.authd
+        assert section is not None
+        metrics = AuthdMetrics(runtime.metrics)
+        db = runtime.db
+        verifier = Verifier(
+            clock=runtime.reactor,
+            store=db.store,
+            db_run=db.run,
+            cpu_run=runtime.cpu.run,
+            config=section,
+            passwords=config.passwords,
+            metrics=metrics,
+        )
+        sasl = AuthClientFactory(verifier=verifier, config=section, metrics=metrics, clock=runtime.reactor)
+        backend = DictBackend(db.store, config)
+        dict_factory = DictFactory(
+            backend=backend, db_run=db.run, timeout=db.timeout, clock=runtime.reactor,
+            config=section, metrics=metrics,
+        )
+        http = VerifySite(verifier, section.http_failure_delay, section.http_max_body)
+
+        def limited(factory: object, listener: str) -> LimitedFactory:
+            return LimitedFactory(
+                factory,  # type: ignore[arg-type]
+                listener=listener, maximum=section.max_connections, metrics=runtime.metrics,
+            )
+
+        listeners: list[Listener] = []
+        if section.sasl_listen:
+            listeners += listeners_for("authd.sasl_listen", section.sasl_listen, limited(sasl, "sasl"))
+        if section.dict_listen:
+            listeners += listeners_for("authd.dict_listen", section.dict_listen, limited(dict_factory, "dict"))
+        if section.http_listen:
+            listeners += listeners_for("authd.http_listen", section.http_listen, limited(http, "http"))
+        return RunningAuthd(runtime, verifier, sasl, backend, dict_factory, http, listeners)
+
+
+DAEMON = AuthdPlugin()

@@ -1,0 +1,265 @@
+# -*- test-case-name: tests.unit.test_authd_dict -*-
+"""Dovecot 2.3's dict passdb/userdb, answered from the mailplugins database.
+
+Keys (with Dovecot's ``shared/`` prefix) are ``passdb/<user>`` and ``userdb/<user>``, optionally
+``passdb/<service>/<user>`` when the dict-auth config passes ``%s`` so per-service flags apply.
+Disabled mailboxes, and mailboxes whose flags deny the named service, are answered not-found.
+The userdb answer is computed with :func:`mailplugins.maildir_path.expand_location`, the same
+function deliver writes with, so Dovecot reads exactly where deliver wrote.
+
+Replies leave in the order the commands came (the protocol has no request ids), whatever order
+the database answers in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from authd import dict_codec as codec
+from authd.metrics import AuthdMetrics
+from authd.sasl_codec import ProtocolError
+from mailplugins.addresses import AddressError, parse_address
+from mailplugins.config import AuthdConfig, Config, MailConfig
+from mailplugins.maildir_path import expand_location
+from mailplugins.store import MailboxRecord, Store
+
+log = Logger(namespace="authd.dict")
+
+#: Commands waiting for their reply on one connection; more is a client gone mad.
+MAX_PIPELINE = 256
+#: Services a ``passdb/<service>/<user>`` key may name.
+_SERVICE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def userdb_fields(mailbox: MailboxRecord, mail: MailConfig) -> dict[str, Any]:
+    """The userdb answer: where the mail lives, as deliver writes it, and who owns it."""
+    location = expand_location(mail.location, mailbox.local_part, mailbox.domain)
+    stripped = location.rstrip("/")
+    home = stripped.rsplit("/", 1)[0] if stripped.endswith("/Maildir") else stripped
+    fields: dict[str, Any] = {
+        "home": home,
+        "mail": "maildir:" + location,
+        "uid": mail.uid,
+        "gid": mail.gid,
+    }
+    if mailbox.quota_bytes > 0:
+        fields["quota_rule"] = f"*:bytes={mailbox.quota_bytes}"
+    return fields
+
+
+def passdb_fields(mailbox: MailboxRecord) -> dict[str, Any]:
+    """The passdb answer: Dovecot verifies the ``{SCHEME}`` hash itself; ``user`` canonicalises."""
+    return {"password": mailbox.password, "user": mailbox.address}
+
+
+def split_key(key: str) -> tuple[str, str | None, str] | None:
+    """``shared/passdb/[svc/]user`` -> (``passdb``, service, user); None for other keys."""
+    if not key.startswith("shared/"):
+        return None
+    kind, _, rest = key[len("shared/"):].partition("/")
+    if kind not in ("passdb", "userdb") or not rest:
+        return None
+    service: str | None = None
+    head, slash, tail = rest.partition("/")
+    if slash and tail and head and set(head) <= _SERVICE_CHARS and "@" not in head:
+        service, rest = head, tail
+    return kind, service, rest
+
+
+class DictBackend:
+    """Lookups and iteration as blocking functions (run in the DB pool): store + config in."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
+        self.config = config
+
+    def lookup(self, key: str) -> str | None:
+        """The JSON value of ``key``, or None (not found, disabled, service denied)."""
+        parts = split_key(key)
+        if parts is None:
+            return None
+        kind, service, user = parts
+        try:
+            address = parse_address(user)
+        except AddressError:
+            return None
+        if address.routing:
+            return None
+        mailbox = self.store.get_mailbox(address)
+        if mailbox is None or not mailbox.enabled:
+            return None
+        if service is not None and not mailbox.allows(service):
+            return None
+        return self._value(kind, mailbox)
+
+    def _value(self, kind: str, mailbox: MailboxRecord) -> str | None:
+        if kind == "passdb":
+            return json.dumps(passdb_fields(mailbox))
+        try:
+            return json.dumps(userdb_fields(mailbox, self.config.mail))
+        except ValueError as exc:
+            log.warn("mailbox {id} has no safe mail location: {error}", id=mailbox.id, error=str(exc))
+            return None
+
+    def iterate(self, path: str, flags: int, max_rows: int) -> list[tuple[str, str]]:
+        """Rows under ``shared/userdb/`` (or ``passdb/``): every enabled mailbox, in order."""
+        if flags & codec.ITERATE_EXACT_KEY:
+            value = self.lookup(path)
+            return [(path, value)] if value is not None else []
+        if path not in ("shared/userdb/", "shared/passdb/", "shared/userdb", "shared/passdb"):
+            return []
+        kind = "userdb" if "userdb" in path else "passdb"
+        prefix = f"shared/{kind}/"
+        rows: list[tuple[str, str]] = []
+        for mailbox in self.store.iter_mailboxes():
+            if not mailbox.enabled:
+                continue
+            value = "" if flags & codec.ITERATE_NO_VALUE else self._value(kind, mailbox)
+            if value is None:
+                continue
+            rows.append((prefix + mailbox.address, value))
+            if max_rows and len(rows) >= max_rows:
+                break
+        return rows
+
+
+class _Slot:
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+
+
+class DictProtocol(Protocol):
+    factory: DictFactory
+
+    def __init__(self, decoder: codec.DictDecoder) -> None:
+        self.decoder = decoder
+        self._queue: deque[_Slot] = deque()
+        self._transactions: dict[int, list[codec.Change]] = {}
+        self._closed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            commands = self.decoder.feed(data)
+        except ProtocolError as exc:
+            self._drop(str(exc))
+            return
+        for command in commands:
+            if self._closed:
+                return
+            try:
+                self._handle(command)
+            except ProtocolError as exc:
+                self._drop(str(exc))
+
+    def _handle(self, command: codec.Command) -> None:
+        if isinstance(command, codec.Hello):
+            return
+        if isinstance(command, codec.Lookup):
+            self._answer("lookup", self.factory.backend.lookup, command.key)
+        elif isinstance(command, codec.Iterate):
+            self._answer("iterate", self.factory.backend.iterate, command.path, command.flags,
+                         command.max_rows)
+        elif isinstance(command, codec.Begin):
+            if command.tid in self._transactions or len(self._transactions) >= 64:
+                raise ProtocolError("duplicate or too many transactions")
+            self._transactions[command.tid] = []
+        elif isinstance(command, codec.Change):
+            changes = self._transactions.get(command.tid)
+            if changes is None:
+                raise ProtocolError(f"change in unknown transaction {command.tid}")
+            if len(changes) < 64:
+                changes.append(command)
+        elif isinstance(command, codec.Rollback):
+            self._transactions.pop(command.tid, None)
+        elif isinstance(command, codec.Commit):
+            slot = self._slot()
+            # Nothing we serve is writable: changes (last-login...) are accepted and dropped.
+            ok = self._transactions.pop(command.tid, None) is not None
+            self.factory.metrics.dict_requests.labels("commit", "ok" if ok else "error").inc()
+            slot.data = codec.commit_reply(command.tid, ok, "" if ok else "unknown transaction")
+            self._flush()
+
+    def _slot(self) -> _Slot:
+        if len(self._queue) >= MAX_PIPELINE:
+            raise ProtocolError("too many commands waiting for replies")
+        slot = _Slot()
+        self._queue.append(slot)
+        return slot
+
+    def _answer(self, command: str, fn: Callable[..., Any], *args: Any) -> None:
+        slot = self._slot()
+
+        def done(value: Any) -> None:
+            if command == "lookup":
+                slot.data = codec.NOT_FOUND if value is None else codec.found(value)
+                result = "not_found" if value is None else "found"
+            else:
+                slot.data = codec.iterate_rows(value)
+                result = "ok"
+            self.factory.metrics.dict_requests.labels(command, result).inc()
+            self._flush()
+
+        def failed(failure: Failure) -> None:
+            log.error("dict {command} failed: {error}", command=command,
+                      error=failure.getErrorMessage())
+            self.factory.metrics.dict_requests.labels(command, "error").inc()
+            slot.data = codec.failed("mailplugins database unavailable")
+            self._flush()
+
+        d: Deferred[Any] = self.factory.db_run(fn, *args)
+        d.addTimeout(self.factory.timeout, self.factory.clock)
+        d.addCallbacks(done, failed)
+
+    def _flush(self) -> None:
+        while self._queue and self._queue[0].data is not None:
+            data = self._queue.popleft().data
+            if not self._closed and data is not None:
+                self.transport.write(data)  # type: ignore[union-attr]
+
+    def _drop(self, reason: str) -> None:
+        self.factory.metrics.protocol_errors.labels("dict").inc()
+        log.warn("dropping dict connection: {reason}", reason=reason)
+        self._closed = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self._closed = True
+
+
+class DictFactory(Factory):
+    noisy = False
+
+    def __init__(
+        self,
+        *,
+        backend: DictBackend,
+        db_run: Callable[..., Deferred[Any]],
+        timeout: float,
+        clock: Any,
+        config: AuthdConfig,
+        metrics: AuthdMetrics,
+    ) -> None:
+        self.backend = backend
+        self.db_run = db_run
+        self.timeout = timeout
+        self.clock = clock
+        self.config = config
+        self.metrics = metrics
+
+    def buildProtocol(self, addr: IAddress) -> DictProtocol:
+        protocol = DictProtocol(codec.DictDecoder(max(self.config.max_line_length, 4096)))
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,127 @@
+# -*- test-case-name: tests.unit.test_authd_sasl -*-
+"""The thin Twisted side of the auth-client protocol: bytes to the session, actions to the world."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from authd.metrics import AuthdMetrics
+from authd.sasl_codec import AuthServerSession, Drop, Send, Verify, handshake
+from authd.verify import Verdict, Verifier, VerifyRequest
+from mailplugins.config import AuthdConfig
+
+log = Logger(namespace="authd.sasl")
+
+
+class AuthClientProtocol(Protocol):
+    """One Postfix smtpd process (or doveadm) talking to us."""
+
+    factory: AuthClientFactory
+
+    def __init__(self, session: AuthServerSession, cuid: int) -> None:
+        self.session = session
+        self.cuid = cuid
+        self._sweeper: IDelayedCall | None = None
+        self._closed = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(  # type: ignore[union-attr]
+            handshake(self.factory.spid, self.cuid, self.factory.cookie())
+        )
+        self._schedule_sweep()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._carry_out(self.session.receive(data, self.factory.clock.seconds()))
+
+    def _carry_out(self, actions: list[Any]) -> None:
+        for action in actions:
+            if self._closed:
+                return
+            if isinstance(action, Send):
+                self.transport.write(action.data)  # type: ignore[union-attr]
+            elif isinstance(action, Verify):
+                self._verify(action)
+            elif isinstance(action, Drop):
+                self._drop(action.reason)
+
+    def _verify(self, action: Verify) -> None:
+        request = VerifyRequest(
+            user=action.credentials.authcid,
+            password=action.credentials.password,
+            service=action.service,
+            remote_ip=action.remote_ip,
+            mechanism=action.mechanism.lower(),
+            secured=action.secured,
+        )
+
+        def done(verdict: Verdict) -> None:
+            if not self._closed:
+                self._carry_out(self.session.verified(action.request_id, verdict.outcome, verdict.user))
+
+        self.factory.verifier.verify(request).addCallback(done)
+
+    def _drop(self, reason: str) -> None:
+        peer = self.transport.getPeer() if self.transport else None  # type: ignore[union-attr]
+        if reason.startswith("temporary failure"):
+            log.warn("closing auth-client connection from {peer}: {reason}", peer=peer, reason=reason)
+        else:
+            self.factory.metrics.protocol_errors.labels("sasl").inc()
+            log.warn("dropping auth-client connection from {peer}: {reason}", peer=peer, reason=reason)
+        self._closed = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _schedule_sweep(self) -> None:
+        interval = max(1.0, min(self.session.continue_timeout / 2, 30.0))
+        self._sweeper = self.factory.clock.callLater(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        if self._closed:
+            return
+        self.session.expire(self.factory.clock.seconds())
+        self._schedule_sweep()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self._closed = True
+        self.session.closed = True
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
+
+
+class AuthClientFactory(Factory):
+    """Shared by every auth-client connection: settings, the verifier, the connection counter."""
+
+    noisy = False
+
+    def __init__(
+        self, *, verifier: Verifier, config: AuthdConfig, metrics: AuthdMetrics, clock: IReactorTime
+    ) -> None:
+        self.verifier = verifier
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.spid = os.getpid()
+        self._next_cuid = 0
+
+    def cookie(self) -> str:
+        """Dovecot's per-connection cookie; only auth-master clients use it, so any random hex."""
+        return secrets.token_hex(16)
+
+    def buildProtocol(self, addr: IAddress) -> AuthClientProtocol:
+        self._next_cuid += 1
+        session = AuthServerSession(
+            max_line=self.config.max_line_length,
+            max_requests=self.config.max_requests_per_connection,
+            continue_timeout=self.config.continue_timeout,
+        )
+        protocol = AuthClientProtocol(session, self._next_cuid)
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,475 @@
+# -*- test-case-name: tests.unit.test_authd_verify -*-
+"""Deciding whether a login and password are good, for every authd front end.
+
+Postfix (auth-client protocol) and Dovecot's Lua passdb (HTTP) both end up here. The rules:
+
+- The mailbox and its app passwords come from the database (through the DB pool); hashes are
+  checked in the CPU pool, never on the reactor. The main password is tried first, then each
+  app password that allows the service.
+- A mailbox whose flags deny the service fails without hashing; a disabled mailbox is reported
+  as disabled only to a client that knew the password (nobody learns an account's state by
+  guessing).
+- Successes are cached for ``cache_ttl`` under an HMAC of (mailbox, password version, password)
+  with a per-process random key, so a mail client's reconnect burst costs one hash and a
+  password change (which bumps the version) invalidates every entry at once.
+- Brute force: each failure is delayed by ``failure_delay``; failures are counted per client
+  network and per login, and past ``penalty_threshold`` every later request is delayed by a
+  penalty doubling up to ``penalty_max`` (Dovecot's anvil does the same). Retrying the same
+  wrong password (a client with a stale password) does not grow the penalty. Trusted networks are
+  neither counted nor delayed. Every delay is clamped so the answer leaves before
+  ``request_timeout``, itself under Postfix's 10 s.
+- Last login and rehashing happen after the answer, never delaying it.
+
+Counters live in memory, per process (see docs/authd.md for several hosts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from authd.metrics import AuthdMetrics
+from authd.sasl_codec import Outcome
+from mailplugins.addresses import AddressError, parse_address
+from mailplugins.config import AuthdConfig, PasswordConfig
+from mailplugins.hashing import HashError, check_password, split_scheme, verify_password
+from mailplugins.store import AppPasswordRecord, MailboxRecord, Store, utcnow
+
+log = Logger(namespace="authd.verify")
+
+T = TypeVar("T")
+
+#: Do not write last_login_at more often than this per mailbox (a reconnect storm is one login).
+LAST_LOGIN_GRANULARITY = timedelta(seconds=60)
+#: Room left between the last deliberate delay and the request deadline.
+DEADLINE_MARGIN = 0.25
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    user: str
+    password: str = field(repr=False)
+    service: str
+    remote_ip: str | None
+    #: Label for metrics only: ``plain``, ``login`` or ``http``.
+    mechanism: str
+    secured: bool = False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Outcome
+    #: The canonical login (stored address) when the outcome is OK.
+    user: str | None = None
+
+
+# -- brute-force counters ----------------------------------------------------------------------
+
+
+@dataclass
+class _Counter:
+    failures: int
+    last: float
+    fingerprint: bytes
+
+
+class Throttle:
+    """Failure counters per key (client network or login), with bounded memory.
+
+    Pure: ``now`` is passed in. The oldest keys are forgotten first when the table is full.
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold: int,
+        initial: float,
+        maximum: float,
+        window: float,
+        size: int,
+    ) -> None:
+        self.threshold = threshold
+        self.initial = initial
+        self.maximum = maximum
+        self.window = window
+        self.size = size
+        self._table: OrderedDict[str, _Counter] = OrderedDict()
+
+    def _get(self, key: str, now: float) -> _Counter | None:
+        counter = self._table.get(key)
+        if counter is not None and now - counter.last > self.window:
+            del self._table[key]
+            return None
+        return counter
+
+    def penalty(self, keys: list[str], now: float) -> float:
+        """Seconds to hold the next request for any of ``keys``."""
+        worst = 0.0
+        for key in keys:
+            counter = self._get(key, now)
+            if counter is None or counter.failures < self.threshold:
+                continue
+            steps = min(counter.failures - self.threshold, 32)
+            worst = max(worst, min(self.maximum, self.initial * 2**steps))
+        return worst
+
+    def failure(self, keys: list[str], fingerprint: bytes, now: float) -> None:
+        for key in keys:
+            counter = self._get(key, now)
+            if counter is None:
+                self._table[key] = _Counter(1, now, fingerprint)
+                while len(self._table) > self.size:
+                    self._table.popitem(last=False)
+                continue
+            if not hmac.compare_digest(counter.fingerprint, fingerprint):
+                counter.failures += 1
+            counter.fingerprint = fingerprint
+            counter.last = now
+            self._table.move_to_end(key)
+
+    def success(self, key: str) -> None:
+        self._table.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+def network_key(remote_ip: str | None, ipv6_prefix: int) -> str | None:
+    """The counter key of a client: its IPv4 address, or its IPv6 network."""
+    if not remote_ip:
+        return None
+    try:
+        address = ipaddress.ip_address(remote_ip)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"ip:{address.ipv4_mapped}"
+        return f"ip:{ipaddress.IPv6Network((address, ipv6_prefix), strict=False)}"
+    return f"ip:{address}"
+
+
+# -- success cache ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _CacheEntry:
+    expires: float
+    #: None when the main password matched, else the app password's id.
+    app_password_id: int | None
+
+
+class SuccessCache:
+    """Remembers good (mailbox, password version, password) triples as HMACs, never passwords."""
+
+    def __init__(self, ttl: float, size: int, secret: bytes | None = None) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._secret = secret or os.urandom(32)
+        self._entries: OrderedDict[bytes, _CacheEntry] = OrderedDict()
+
+    def key(self, mailbox: MailboxRecord, password: str) -> bytes:
+        message = f"{mailbox.id}|{mailbox.password_version}|".encode() + password.encode("utf-8")
+        return hmac.new(self._secret, message, hashlib.sha256).digest()
+
+    def get(self, key: bytes, now: float) -> _CacheEntry | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires <= now:
+            del self._entries[key]
+            return None
+        return entry
+
+    def put(self, key: bytes, app_password_id: int | None, now: float) -> None:
+        if self.ttl <= 0:
+            return
+        self._entries[key] = _CacheEntry(now + self.ttl, app_password_id)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def discard(self, key: bytes) -> None:
+        self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# -- the verifier -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Match:
+    """What the hash worker found: the main password (with an optional rehash) or an app one."""
+
+    app_password_id: int | None
+    new_hash: str | None = None
+    scheme: str = ""
+
+
+Runner = Callable[..., Deferred[Any]]
+
+
+class Verifier:
+    """Turns a :class:`VerifyRequest` into a :class:`Verdict`; the Deferred never fails."""
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        store: Store,
+        db_run: Runner,
+        cpu_run: Runner,
+        config: AuthdConfig,
+        passwords: PasswordConfig,
+        metrics: AuthdMetrics,
+        wallclock: Callable[[], datetime] = utcnow,
+        secret: bytes | None = None,
+    ) -> None:
+        self.clock = clock
+        self.store = store
+        self._db_run = db_run
+        self._cpu_run = cpu_run
+        self.metrics = metrics
+        self.wallclock = wallclock
+        self.config = config
+        self.passwords = passwords
+        self.cache = SuccessCache(config.cache_ttl, config.cache_size, secret)
+        self.throttle = self._new_throttle(config)
+        self._fingerprint_key = secret or os.urandom(32)
+
+    @staticmethod
+    def _new_throttle(config: AuthdConfig) -> Throttle:
+        return Throttle(
+            threshold=config.penalty_threshold,
+            initial=config.penalty_initial,
+            maximum=config.penalty_max,
+            window=config.penalty_window,
+            size=config.penalty_table_size,
+        )
+
+    def reload(self, config: AuthdConfig, passwords: PasswordConfig) -> None:
+        """New settings; counters and cached successes stay unless their sizing changed."""
+        if (config.cache_ttl, config.cache_size) != (self.config.cache_ttl, self.config.cache_size):
+            self.cache = SuccessCache(config.cache_ttl, config.cache_size)
+        if (
+            config.penalty_threshold, config.penalty_initial, config.penalty_max,
+            config.penalty_window, config.penalty_table_size,
+        ) != (
+            self.config.penalty_threshold, self.config.penalty_initial, self.config.penalty_max,
+            self.config.penalty_window, self.config.penalty_table_size,
+        ):
+            self.throttle = self._new_throttle(config)
+        self.config = config
+        self.passwords = passwords
+
+    def trusted(self, remote_ip: str | None) -> bool:
+        if not remote_ip or not self.config.trusted_networks:
+            return False
+        try:
+            address = ipaddress.ip_address(remote_ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.config.trusted_networks)
+
+    def verify(self, request: VerifyRequest, failure_delay: float | None = None) -> Deferred[Verdict]:
+        """Answer within ``request_timeout``: a verdict, or TEMPFAIL when the backend is too slow."""
+        start = self.clock.seconds()
+        deadline = start + self.config.request_timeout
+        delay = self.config.failure_delay if failure_delay is None else failure_delay
+        result: Deferred[Verdict] = Deferred()
+        delayed = [0.0]
+
+        def answer(verdict: Verdict) -> None:
+            if result.called:
+                return
+            if timer.active():
+                timer.cancel()
+            label = {Outcome.OK: "success", Outcome.TEMPFAIL: "tempfail"}.get(
+                verdict.outcome, "failure"
+            )
+            self.metrics.auth_requests.labels(request.mechanism, label).inc()
+            elapsed = self.clock.seconds() - start - delayed[0]
+            self.metrics.auth_duration.labels(request.mechanism, label).observe(max(elapsed, 0.0))
+            result.callback(verdict)
+
+        def too_slow() -> None:
+            log.warn("verification for service {service} not finished in time: temporary failure",
+                     service=request.service)
+            answer(Verdict(Outcome.TEMPFAIL))
+
+        def failed(failure: Failure) -> None:
+            log.failure("verification failed unexpectedly", failure)
+            answer(Verdict(Outcome.TEMPFAIL))
+
+        timer = self.clock.callLater(self.config.request_timeout, too_slow)
+        work = self._verify(request, deadline, delay, delayed)
+        work.addCallbacks(answer, failed)
+        return result
+
+    def _sleep(self, seconds: float, deadline: float, delayed: list[float]) -> Deferred[None]:
+        seconds = min(seconds, deadline - DEADLINE_MARGIN - self.clock.seconds())
+        if seconds <= 0:
+            return succeed(None)
+        delayed[0] += seconds
+        return deferLater(self.clock, seconds, lambda: None)
+
+    def _fingerprint(self, request: VerifyRequest) -> bytes:
+        message = request.user.casefold().encode("utf-8") + b"\0" + request.password.encode("utf-8")
+        return hmac.new(self._fingerprint_key, message, hashlib.sha256).digest()[:16]
+
+    @inlineCallbacks
+    def _verify(
+        self, request: VerifyRequest, deadline: float, failure_delay: float, delayed: list[float]
+    ) -> Generator[Deferred[Any], Any, Verdict]:
+        trusted = self.trusted(request.remote_ip)
+        keys: list[str] = []
+        if not trusted:
+            ip_key = network_key(request.remote_ip, self.config.penalty_ipv6_prefix)
+            if ip_key:
+                keys.append(ip_key)
+            keys.append("user:" + request.user.casefold())
+            penalty = self.throttle.penalty(keys, self.clock.seconds())
+            if penalty > 0:
+                self.metrics.penalties.inc()
+                self.metrics.penalty_seconds.inc(penalty)
+                yield self._sleep(penalty, deadline, delayed)
+        verdict: Verdict = yield self._decide(request)
+        if verdict.outcome in (Outcome.FAIL, Outcome.UNKNOWN, Outcome.DISABLED):
+            if keys:
+                self.throttle.failure(keys, self._fingerprint(request), self.clock.seconds())
+                # Wait with the answer; trusted clients (webmail...) get it at once.
+                yield self._sleep(failure_delay, deadline, delayed)
+        elif verdict.outcome is Outcome.OK and keys:
+            self.throttle.success(keys[-1])
+        return verdict
+
+    def _load(self, user: str) -> tuple[MailboxRecord | None, list[AppPasswordRecord]]:
+        """In the DB pool: the mailbox and its app passwords."""
+        mailbox = self.store.get_mailbox(user)
+        if mailbox is None:
+            return None, []
+        return mailbox, self.store.app_passwords_for(mailbox.id)
+
+    @inlineCallbacks
+    def _decide(self, request: VerifyRequest) -> Generator[Deferred[Any], Any, Verdict]:
+        try:
+            address = parse_address(request.user)
+        except AddressError:
+            return Verdict(Outcome.UNKNOWN)
+        if address.routing or not request.password:
+            return Verdict(Outcome.UNKNOWN if address.routing else Outcome.FAIL)
+        try:
+            mailbox, apps = yield self._db_run(self._load, str(address))
+        except Exception as exc:
+            log.error("database lookup failed: {error}", error=type(exc).__name__)
+            return Verdict(Outcome.TEMPFAIL)
+        if mailbox is None:
+            return Verdict(Outcome.UNKNOWN)
+        if not mailbox.allows(request.service):
+            return Verdict(Outcome.FAIL)
+        now = self.clock.seconds()
+        cache_key = self.cache.key(mailbox, request.password)
+        entry = self.cache.get(cache_key, now)
+        if entry is not None and self._still_valid(entry.app_password_id, apps, request.service):
+            self.metrics.cache.labels("hit").inc()
+            match: _Match | None = _Match(entry.app_password_id)
+        else:
+            self.metrics.cache.labels("miss").inc()
+            try:
+                match = yield self._cpu_run(self._hash_work, request, mailbox, apps)
+            except Exception as exc:
+                log.error("password check failed: {error}", error=type(exc).__name__)
+                return Verdict(Outcome.TEMPFAIL)
+        if match is None:
+            self.cache.discard(cache_key)
+            return Verdict(Outcome.FAIL)
+        if not mailbox.enabled:
+            return Verdict(Outcome.DISABLED)
+        if entry is None:
+            self.cache.put(cache_key, match.app_password_id, now)
+        self._after_success(mailbox, match)
+        return Verdict(Outcome.OK, mailbox.address)
+
+    @staticmethod
+    def _still_valid(app_id: int | None, apps: list[AppPasswordRecord], service: str) -> bool:
+        if app_id is None:
+            return True
+        return any(app.id == app_id and app.allows(service) for app in apps)
+
+    def _timed_check(self, password: str, stored: str) -> tuple[bool, str | None]:
+        """Check one hash, observing its cost by scheme; unreadable hashes never match."""
+        try:
+            scheme = split_scheme(stored)[0]
+        except HashError:
+            return False, None
+        started = time.perf_counter()
+        try:
+            ok = check_password(password, stored)
+        except HashError as exc:
+            log.warn("unusable stored hash ({error})", error=str(exc))
+            ok = False
+        self.metrics.verify_duration.labels(scheme).observe(time.perf_counter() - started)
+        return ok, scheme
+
+    def _hash_work(
+        self, request: VerifyRequest, mailbox: MailboxRecord, apps: list[AppPasswordRecord]
+    ) -> _Match | None:
+        """In the CPU pool: the main password first, then each app password for this service."""
+        try:
+            scheme = split_scheme(mailbox.password)[0]
+            started = time.perf_counter()
+            verification = verify_password(request.password, mailbox.password, self.passwords)
+            self.metrics.verify_duration.labels(scheme).observe(time.perf_counter() - started)
+            if verification.ok:
+                return _Match(None, verification.new_hash, verification.scheme)
+        except HashError as exc:
+            log.warn("unusable stored hash for a mailbox ({error})", error=str(exc))
+        for app in apps:
+            if app.allows(request.service) and self._timed_check(request.password, app.password)[0]:
+                return _Match(app.id)
+        return None
+
+    def _after_success(self, mailbox: MailboxRecord, match: _Match) -> None:
+        """Bookkeeping after the answer: last login, app password use, rehash. Errors only logged."""
+        now = self.wallclock()
+        store = self.store
+        new_hash = match.new_hash
+        record_login = mailbox.last_login_at is None or now - mailbox.last_login_at >= LAST_LOGIN_GRANULARITY
+        if not (record_login or new_hash or match.app_password_id is not None):
+            return
+
+        def work() -> bool:
+            if record_login:
+                store.record_login(mailbox.id, now)
+            if match.app_password_id is not None:
+                store.record_app_password_use(match.app_password_id, now)
+            if new_hash:
+                return store.replace_password_hash(mailbox.id, mailbox.password, new_hash)
+            return False
+
+        def done(replaced: bool) -> None:
+            if replaced:
+                self.metrics.rehashes.labels(match.scheme).inc()
+
+        def failed(failure: Failure) -> None:
+            log.warn("recording the login failed: {error}", error=failure.getErrorMessage())
+
+        self._db_run(work).addCallbacks(done, failed)
