@@ -1,11 +1,26 @@
-# -*- test-case-name: tests.unit.test_config -*-
-"""The ``deliver:`` section."""
+# -*- test-case-name: tests.unit.test_deliver_config -*-
+"""The ``deliver:`` section: the LMTP listener and how it writes Maildir.
+
+Defaults follow what an operator of Postfix and Dovecot expects: a 50 MiB size limit (above
+Postfix's 10 MB ``message_size_limit``, so Postfix is the one that refuses big mail), the
+classic default folders, ``+detail`` saved into an existing folder, permanent quota failures
+(Dovecot's default, ``quota_full_tempfail = no``) and stale ``tmp/`` files removed after 36 h
+as the Maildir spec says.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
-from mailplugins.config.fields import Fields
+from mailplugins.config.fields import Fields, describe
+
+#: What to answer for a recipient whose mailbox is disabled.
+DISABLED_ACTIONS = ("reject", "defer")
+#: When to write ``Delivered-To``: always, only when the transaction has one recipient
+#: (Dovecot's behaviour, so one file can be hardlinked to every recipient), or never.
+DELIVERED_TO_MODES = ("always", "single", "never")
 
 
 @dataclass(frozen=True)
@@ -13,6 +28,54 @@ class DeliverConfig:
     listen: tuple[str, ...]
     metrics: str | None
     max_connections: int
+    #: Largest message accepted (octets, LF line ends); advertised as ``SIZE``.
+    max_message_size: int
+    #: Host part of Maildir file names and of the greeting.
+    hostname: str
+    #: Where DATA is spooled while it streams; None = ``.mailplugins-spool`` in the mail root,
+    #: so the spool is on the Maildir filesystem.
+    spool_directory: str | None
+    #: Folders created with a new Maildir (Maildir++ ``.Name``).
+    default_folders: tuple[str, ...]
+    #: ``user+detail`` goes to folder ``detail`` when it exists (else INBOX).
+    detail_folders: bool
+    #: Create the ``+detail`` folder when it does not exist yet.
+    autocreate_detail_folders: bool
+    #: Over quota: ``452 4.2.2`` (Postfix retries) instead of ``552 5.2.2`` (bounce).
+    quota_tempfail: bool
+    #: Close a connection idle this long (Postfix caches idle connections for 2 s).
+    idle_timeout: float
+    #: Longest command line (without CRLF); DATA lines are not limited (they stream).
+    max_line_length: int
+    #: Answer for a disabled mailbox: ``reject`` (550 5.2.1) or ``defer`` (450 4.2.1).
+    disabled: str
+    delivered_to: str
+    #: Files in a Maildir's ``tmp/`` older than this are removed (spec: 36 h).
+    stale_tmp_age: float
+    #: Check a Maildir's ``tmp/`` for stale files at most this often (on delivery).
+    stale_tmp_interval: float
+    #: Threads writing and fsyncing Maildir files.
+    disk_threads: int
+    #: DATA held in memory before it goes to the spool file (per connection).
+    memory_spool_limit: int
+
+
+def _hostname(value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > 255:
+        raise ValueError(f"expected a host name, got {describe(value)}")
+    if any(ord(c) < 33 or ord(c) == 127 for c in value):
+        raise ValueError(f"host name must not contain spaces or control characters: {describe(value)}")
+    return value
+
+
+def _folder(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a folder name, got {describe(value)}")
+    if value.upper() == "INBOX" or value.startswith(".") or "/" in value or ".." in value:
+        raise ValueError(f"not a valid folder name: {describe(value)}")
+    if value.endswith(".") or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"not a valid folder name: {describe(value)}")
+    return value
 
 
 def parse_deliver(f: Fields) -> DeliverConfig:
@@ -20,6 +83,24 @@ def parse_deliver(f: Fields) -> DeliverConfig:
         listen=f.endpoints("listen"),
         metrics=f.endpoint("metrics", None),
         max_connections=f.integer("max_connections", 1000, minimum=1),
+        max_message_size=f.size("max_message_size", 50 * 1024 * 1024, minimum=1024),
+        hostname=f.convert("hostname", socket.gethostname(), _hostname),
+        spool_directory=f.path("spool_directory", None) or None,
+        default_folders=f.items(
+            "default_folders", ("Drafts", "Sent", "Trash", "Templates"), _folder
+        ),
+        detail_folders=f.boolean("detail_folders", True),
+        autocreate_detail_folders=f.boolean("autocreate_detail_folders", False),
+        quota_tempfail=f.boolean("quota_tempfail", False),
+        idle_timeout=f.duration("idle_timeout", 600.0, minimum=1, maximum=86400),
+        max_line_length=f.integer("max_line_length", 4096, minimum=512, maximum=65536),
+        disabled=f.string("disabled", "reject", choices=DISABLED_ACTIONS),
+        delivered_to=f.string("delivered_to", "always", choices=DELIVERED_TO_MODES),
+        stale_tmp_age=f.duration("stale_tmp_age", 36 * 3600.0, minimum=60),
+        stale_tmp_interval=f.duration("stale_tmp_interval", 3600.0, minimum=1),
+        disk_threads=f.integer("disk_threads", min(16, 4 * (os.cpu_count() or 2)), minimum=1,
+                               maximum=256),
+        memory_spool_limit=f.size("memory_spool_limit", 256 * 1024, minimum=4096),
     )
     f.done()
     return config

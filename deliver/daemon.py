@@ -1,0 +1,75 @@
+# -*- test-case-name: tests.unit.test_deliver_lmtp -*-
+"""deliver as a mailplugins daemon: the LMTP listener(s), the disk pool, reload and stop."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+
+from deliver.lmtp import LMTPFactory
+from deliver.maildir import clean_stale
+from deliver.service import DeliverMetrics, DeliveryService
+from mailplugins.config import Config
+from mailplugins.connections import LimitedFactory
+from mailplugins.daemon import Listener, Runtime, listeners_for
+from mailplugins.threads import WorkerPool
+
+log = Logger(namespace="deliver")
+
+#: How long stop() waits for deliveries in progress (Postfix retries anything unanswered).
+STOP_GRACE = 30.0
+
+
+class RunningDeliver:
+    def __init__(self, runtime: Runtime) -> None:
+        config = runtime.config
+        assert config.deliver is not None
+        self.runtime = runtime
+        self.disk = WorkerPool(runtime.reactor, "disk", config.deliver.disk_threads)
+        self.service = DeliveryService(
+            runtime.reactor, config, runtime.db, self.disk, DeliverMetrics(runtime.metrics)
+        )
+        lmtp: Any = LMTPFactory(self.service, runtime.reactor)
+        factory: Any = LimitedFactory(
+            lmtp,
+            listener="lmtp",
+            maximum=config.deliver.max_connections,
+            metrics=runtime.metrics,
+            refusal=b"421 4.3.2 Too many connections, try again later\r\n",
+        )
+        self.factory = factory
+        self.listeners: list[Listener] = listeners_for("deliver.listen", config.deliver.listen, factory)
+        # Named spool files only exist where O_TMPFILE is unsupported; old ones are garbage.
+        self.disk.run(clean_stale, self.service.spool_directory, time.time() - 3600).addErrback(
+            lambda f: log.warn("cannot clean spool directory: {error}", error=f.getErrorMessage())
+        )
+
+    def reload(self, config: Config) -> None:
+        assert config.deliver is not None
+        self.service.reload(config)
+        self.factory.maximum = config.deliver.max_connections
+
+    def stop(self) -> Deferred[Any] | None:
+        pending = list(self.service.in_flight)
+        if not pending:
+            self.disk.stop()
+            return None
+        log.info("waiting for {count} deliveries in progress", count=len(pending))
+        waiting: Deferred[Any] = DeferredList(pending, consumeErrors=True)
+        waiting.addTimeout(STOP_GRACE, self.runtime.reactor)
+        waiting.addErrback(lambda _: None)
+        waiting.addBoth(lambda _: self.disk.stop())
+        return waiting
+
+
+class DeliverPlugin:
+    name = "deliver"
+
+    def build(self, runtime: Runtime) -> RunningDeliver:
+        return RunningDeliver(runtime)
+
+
+DAEMON = DeliverPlugin()

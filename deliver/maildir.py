@@ -1,0 +1,407 @@
+# -*- test-case-name: tests.unit.test_deliver_maildir -*-
+"""Durable Maildir writes as Dovecot expects them: names, folders, ownership, fsync.
+
+All of it blocks and runs in the disk thread pool, never on the reactor. A message is written
+to ``tmp/`` (``O_EXCL``, 0600), fsynced, hard-linked into ``new/`` of every target folder under
+a Dovecot-compatible name ``<sec>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<vsize>``, the tmp name is
+unlinked and every ``new/`` directory fsynced; only then may the caller answer 250. A crash at
+any moment leaves either nothing in ``new/`` or the whole message (and maybe a stale tmp file,
+removed after :attr:`MaildirWriter.stale_tmp_age`).
+
+Dovecot's own files (``dovecot-uidlist``, ``dovecot.index*``, ``dovecot-keywords``, ...) are
+never opened.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO
+
+__all__ = [
+    "Body",
+    "MaildirWriter",
+    "NameGenerator",
+    "encode_mutf7",
+    "folder_for_detail",
+    "maildir_name",
+]
+
+SUBDIRS = ("tmp", "new", "cur")
+#: errno values that mean "the disk or the user's disk quota is full" (-> 452 4.2.2).
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+COPY_CHUNK = 1024 * 1024
+
+
+def encode_mutf7(name: str) -> str:
+    """IMAP modified UTF-7 (RFC 3501 5.1.3), the on-disk folder name encoding Dovecot uses."""
+    out: list[str] = []
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            raw = "".join(pending).encode("utf-16-be")
+            out.append("&" + base64.b64encode(raw).decode("ascii").rstrip("=").replace("/", ",") + "-")
+            pending.clear()
+
+    for char in name:
+        if 0x20 <= ord(char) <= 0x7E:
+            flush()
+            out.append("&-" if char == "&" else char)
+        else:
+            pending.append(char)
+    flush()
+    return "".join(out)
+
+
+def folder_for_detail(detail: str) -> str | None:
+    """The folder a ``+detail`` names, or None (INBOX) when it is not a safe folder name.
+
+    Maildir++ uses ``.`` as the hierarchy separator, so ``lists.python`` is ``lists`` ->
+    ``python``. Refused: empty names or components, ``/``, control characters, anything starting
+    with ``.`` or ``~``, ``INBOX`` in any case (that is the Maildir itself), over 200 characters.
+    """
+    if not detail or len(detail) > 200:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 or c in "/\\*%" for c in detail):
+        return None
+    if detail[0] in ".~" or detail.endswith(".") or ".." in detail:
+        return None
+    if detail.split(".", 1)[0].upper() == "INBOX":
+        return None
+    return detail
+
+
+def folder_path(maildir: str, folder: str | None) -> str:
+    """Directory of ``folder`` (None = INBOX) in the Maildir++ layout rooted at ``maildir``."""
+    if folder is None:
+        return maildir
+    return os.path.join(maildir, "." + encode_mutf7(folder))
+
+
+def _host_part(hostname: str) -> str:
+    return hostname.replace("/", "\\057").replace(":", "\\072")
+
+
+def maildir_name(base: str, size: int, vsize: int) -> str:
+    return f"{base},S={size},W={vsize}"
+
+
+class NameGenerator:
+    """Unique names ``<sec>.M<usec>P<pid>Q<n>.<host>`` (Dovecot's form plus a sequence number).
+
+    ``clock`` returns seconds since the epoch (injected for tests); the pid is read at every
+    call, not once at import, so a forked child never reuses its parent's names.
+    """
+
+    def __init__(self, hostname: str, clock: Callable[[], float] = time.time) -> None:
+        self.host = _host_part(hostname)
+        self._clock = clock
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def next(self) -> str:
+        now = self._clock()
+        seconds = int(now)
+        micros = int((now - seconds) * 1_000_000)
+        with self._lock:
+            sequence = next(self._counter)
+        return f"{seconds}.M{micros}P{os.getpid()}Q{sequence}.{self.host}"
+
+
+@dataclass
+class Body:
+    """A decoded message: in memory, or in a spool file (read from offset 0), plus its counts."""
+
+    size: int
+    #: LFs not preceded by CR (each adds one octet to the CRLF size, W=).
+    bare_newlines: int
+    data: bytes = b""
+    spool: IO[bytes] | None = None
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+
+class DeliveryError(Exception):
+    """A write that failed for one folder; ``temporary`` decides 4xx vs 5xx, ``full`` 4.2.2."""
+
+    def __init__(self, message: str, *, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _copy_spool(source: IO[bytes], fd: int, size: int) -> None:
+    """Copy the spool file into ``fd`` in the kernel when it can (copy_file_range)."""
+    src = source.fileno()
+    offset = 0
+    try:
+        while offset < size:
+            copied = os.copy_file_range(src, fd, size - offset, offset)
+            if copied == 0:
+                break
+            offset += copied
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    while offset < size:
+        chunk = os.pread(src, min(COPY_CHUNK, size - offset), offset)
+        if not chunk:
+            raise DeliveryError("spool file shorter than expected")
+        _write_all(fd, chunk)
+        offset += len(chunk)
+
+
+def error_text(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+@dataclass(frozen=True)
+class Written:
+    """Where one message landed: ``new/`` file names by folder directory."""
+
+    names: dict[str, str]
+    size: int
+    vsize: int
+
+
+class MaildirWriter:
+    """Creates Maildirs and folders and writes messages durably (blocking; run in a pool)."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        uid: int,
+        gid: int,
+        default_folders: Sequence[str] = (),
+        clock: Callable[[], float] = time.time,
+        stale_tmp_age: float = 36 * 3600,
+        stale_tmp_interval: float = 3600,
+    ) -> None:
+        self.names = NameGenerator(hostname, clock)
+        self.uid = uid
+        self.gid = gid
+        self.default_folders = tuple(default_folders)
+        self._clock = clock
+        self.stale_tmp_age = stale_tmp_age
+        self.stale_tmp_interval = stale_tmp_interval
+        self._chown = os.geteuid() == 0
+        self._last_clean: dict[str, float] = {}
+        self._clean_lock = threading.Lock()
+
+    # -- ownership and directories -------------------------------------------------------
+
+    def _own_fd(self, fd: int) -> None:
+        if self._chown:
+            os.fchown(fd, self.uid, self.gid)
+
+    def _own(self, path: str) -> None:
+        if self._chown:
+            os.chown(path, self.uid, self.gid)
+
+    def _mkdir(self, path: str) -> bool:
+        """Create one directory 0700 owned by the mail user; False if it existed."""
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return False
+        self._own(path)
+        return True
+
+    def _makedirs(self, path: str) -> bool:
+        """Create ``path`` and missing parents (each 0700, mail user); fsync what changed."""
+        if os.path.isdir(path):
+            return False
+        parent = os.path.dirname(path)
+        if parent and parent != path:
+            self._makedirs(parent)
+        created = self._mkdir(path)
+        if created and parent:
+            _fsync_dir(parent)
+        return created
+
+    def _make_folder_dirs(self, path: str, *, subfolder: bool) -> None:
+        self._makedirs(path)
+        for sub in SUBDIRS:
+            self._mkdir(os.path.join(path, sub))
+        if subfolder:
+            marker = os.path.join(path, "maildirfolder")
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._own_fd(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(path)
+
+    @staticmethod
+    def is_folder(path: str) -> bool:
+        return all(os.path.isdir(os.path.join(path, sub)) for sub in SUBDIRS)
+
+    def ensure_maildir(self, maildir: str) -> bool:
+        """Create the Maildir and its default folders on first delivery; True if created."""
+        if self.is_folder(maildir):
+            return False
+        self._make_folder_dirs(maildir, subfolder=False)
+        for folder in self.default_folders:
+            path = folder_path(maildir, folder)
+            if not self.is_folder(path):
+                self._make_folder_dirs(path, subfolder=True)
+        return True
+
+    def folder_dir(self, maildir: str, folder: str | None, *, create: bool) -> str:
+        """The directory to deliver into: the folder if it exists (or may be created), else INBOX."""
+        path = folder_path(maildir, folder)
+        if folder is None or self.is_folder(path):
+            return path
+        if not create:
+            return maildir
+        # Maildir++ parents need not exist ("a.b" is just ".a.b"), as in Dovecot.
+        self._make_folder_dirs(path, subfolder=True)
+        return path
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _create_tmp(self, directory: str) -> tuple[str, str, int]:
+        for _attempt in range(100):
+            base = self.names.next()
+            path = os.path.join(directory, "tmp", base)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            return base, path, fd
+        raise DeliveryError("cannot create a unique file name in tmp/")
+
+    def _write_file(self, directory: str, header: bytes, body: Body) -> tuple[str, str]:
+        """Write header + body into ``directory/tmp``, fsynced; returns (base, tmp path)."""
+        base, path, fd = self._create_tmp(directory)
+        try:
+            try:
+                self._own_fd(fd)
+                _write_all(fd, header)
+                if body.spool is not None:
+                    _copy_spool(body.spool, fd, body.size)
+                else:
+                    _write_all(fd, body.data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _unlink_quietly(path)
+            raise
+        return base, path
+
+    def _link_new(self, tmp_path: str, directory: str, base: str, size: int, vsize: int) -> str:
+        """Link into ``directory/new`` (a fresh name on EEXIST); returns the new/ name."""
+        for _attempt in range(100):
+            name = maildir_name(base, size, vsize)
+            try:
+                os.link(tmp_path, os.path.join(directory, "new", name))
+            except FileExistsError:
+                base = self.names.next()
+                continue
+            return name
+        raise DeliveryError("cannot create a unique file name in new/")
+
+    def write(
+        self, header: bytes, body: Body, directories: Sequence[str]
+    ) -> tuple[Written, dict[str, OSError | DeliveryError]]:
+        """One file (header + body) into ``new/`` of every directory, hard-linked.
+
+        Returns the names written and, per directory that failed, the error. Raises only if the
+        file could not be written at all (then every directory failed the same way).
+        """
+        size = len(header) + body.size
+        vsize = size + header.count(b"\n") - header.count(b"\r\n") + body.bare_newlines
+        failures: dict[str, OSError | DeliveryError] = {}
+        names: dict[str, str] = {}
+        base, tmp_path = self._write_file(directories[0], header, body)
+        tmp_dir = directories[0]
+        try:
+            for directory in directories:
+                try:
+                    try:
+                        names[directory] = self._link_new(tmp_path, directory, base, size, vsize)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                            raise
+                        # Another filesystem (or no hard links): a copy of its own.
+                        own_base, own_tmp = self._write_file(directory, header, body)
+                        try:
+                            names[directory] = self._link_new(own_tmp, directory, own_base, size, vsize)
+                        finally:
+                            _unlink_quietly(own_tmp)
+                except (OSError, DeliveryError) as exc:
+                    failures[directory] = exc
+        finally:
+            _unlink_quietly(tmp_path)
+        for directory in list(names):
+            try:
+                _fsync_dir(os.path.join(directory, "new"))
+            except OSError as exc:
+                failures[directory] = exc
+                del names[directory]
+        self.maybe_clean_tmp(tmp_dir)
+        return Written(names, size, vsize), failures
+
+    # -- stale tmp files ---------------------------------------------------------------
+
+    def maybe_clean_tmp(self, directory: str) -> int:
+        """Remove stale files from ``directory/tmp`` if not done within the interval."""
+        now = self._clock()
+        with self._clean_lock:
+            last = self._last_clean.get(directory)
+            if last is not None and now - last < self.stale_tmp_interval:
+                return 0
+            self._last_clean[directory] = now
+            if len(self._last_clean) > 100_000:
+                self._last_clean.clear()
+        return clean_stale(os.path.join(directory, "tmp"), now - self.stale_tmp_age)
+
+
+def clean_stale(directory: str, before: float) -> int:
+    """Unlink regular files in ``directory`` last changed before ``before``; returns the count."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if entry.is_file(follow_symlinks=False) and max(info.st_mtime, info.st_ctime) < before:
+            _unlink_quietly(entry.path)
+            removed += 1
+    return removed
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

@@ -1,0 +1,441 @@
+# -*- test-case-name: tests.unit.test_deliver_service -*-
+"""The delivery logic behind the LMTP protocol: recipients, spooling, Maildir writes, replies.
+
+The protocol only parses and sequences; everything it asks goes through
+:class:`DeliveryService`, which returns Deferreds firing with :class:`Reply` objects. Database
+calls go to the database pool, disk work to the disk pool; nothing here blocks the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from deliver.lmtp_codec import Reply
+from deliver.maildir import FULL_ERRNOS, Body, DeliveryError, MaildirWriter, folder_for_detail
+from deliver.quota import QuotaTracker
+from deliver.recipients import Rejection, Target, resolve_recipient
+from mailplugins.config import Config, DeliverConfig
+from mailplugins.database import Database
+from mailplugins.metrics import DaemonMetrics
+from mailplugins.threads import WorkerPool
+
+log = Logger(namespace="deliver")
+
+SIZE_BUCKETS = (1024.0, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120,
+)
+
+
+class DeliverMetrics:
+    """deliver's own metrics (names get the ``mailplugins_deliver_`` prefix)."""
+
+    def __init__(self, metrics: DaemonMetrics) -> None:
+        self.recipients = metrics.counter(
+            "recipients_total",
+            "Recipients by outcome (at RCPT: accepted, unknown, ...; after DATA: delivered, ...).",
+            ["result"],
+        )
+        self.message_size = metrics.histogram(
+            "message_size_bytes", "Size of messages received (LF line ends).", buckets=SIZE_BUCKETS
+        )
+        self.duration = metrics.histogram(
+            "delivery_duration_seconds", "Time spent per stage (resolve, data, write).", ["stage"],
+            buckets=DURATION_BUCKETS,
+        )
+        self.bytes_written = metrics.counter(
+            "bytes_written_total", "Bytes written to Maildir files (hard links not counted)."
+        )
+        self.quota_rejections = metrics.counter(
+            "quota_rejections_total", "Recipients refused for quota, by stage (rcpt, data).",
+            ["stage"],
+        )
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """An accepted RCPT."""
+
+    path: str
+    #: Original recipient from ORCPT (decoded), when the client sent one.
+    original: str | None
+    targets: tuple[Target, ...]
+
+
+@dataclass
+class Envelope:
+    helo: str
+    sender: str
+    declared_size: int | None = None
+    recipients: list[Recipient] = field(default_factory=list)
+
+
+def _clean_header_value(text: str) -> str:
+    return "".join(c for c in text if ord(c) >= 32 and ord(c) != 127)
+
+
+def build_header(sender: str, recipient: Recipient, delivered_to: bool) -> bytes:
+    """Trace headers prepended to the message (LF line ends, like the rest of the file)."""
+    lines = [f"Return-Path: <{_clean_header_value(sender)}>\n"]
+    if delivered_to:
+        lines.append(f"Delivered-To: {_clean_header_value(recipient.path)}\n")
+    if recipient.original:
+        lines.append(f"X-Original-To: {_clean_header_value(recipient.original)}\n")
+    return "".join(lines).encode("utf-8")
+
+
+def _reply_for_error(exc: BaseException, path: str) -> tuple[Reply, str]:
+    full = (isinstance(exc, OSError) and exc.errno in FULL_ERRNOS) or (
+        isinstance(exc, DeliveryError) and exc.full
+    )
+    if full:
+        return Reply(452, "4.2.2", f"<{path}> Insufficient disk space, try later"), "disk_full"
+    return Reply(451, "4.3.0", f"<{path}> Local error in processing, try again later"), "io_error"
+
+
+@dataclass
+class _Member:
+    index: int
+    target: Target
+    directory: str
+    size: int
+
+
+class Spool:
+    """DATA while it streams: in memory up to a limit, then in an unnamed file on the mail disk.
+
+    The spool file is created with ``O_TMPFILE`` where available (``tempfile.TemporaryFile``),
+    so a crash leaves nothing behind. Every disk operation runs in the disk pool, one after the
+    other; :meth:`add` returns a Deferred when it started a write, and the protocol stops reading
+    until it fires (backpressure instead of buffering).
+    """
+
+    def __init__(self, directory: str, memory_limit: int, disk: WorkerPool) -> None:
+        self._directory = directory
+        self._memory_limit = memory_limit
+        self._disk = disk
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._file: IO[bytes] | None = None
+        self._tail: Deferred[None] = succeed(None)
+        self.error: BaseException | None = None
+        self._discarded = False
+        self._spooled = False
+
+    def _write(self, data: bytes) -> None:
+        if self._file is None:
+            os.makedirs(self._directory, mode=0o700, exist_ok=True)
+            self._file = tempfile.TemporaryFile(dir=self._directory, buffering=0)  # noqa: SIM115
+        self._file.write(data)
+
+    def _chain(self, fn: Callable[..., Any], *args: Any) -> Deferred[None]:
+        def run(_: object) -> Deferred[None] | None:
+            if self.error is not None or self._discarded:
+                return None
+            return self._disk.run(fn, *args)
+
+        def failed(failure: Failure) -> None:
+            self.error = failure.value
+
+        self._tail.addCallback(run).addErrback(failed)
+        done: Deferred[None] = Deferred()
+
+        def fire(result: object) -> object:
+            done.callback(None)
+            return result
+
+        self._tail.addBoth(fire)
+        return done
+
+    def add(self, data: bytes) -> Deferred[None] | None:
+        if self._discarded or self.error is not None:
+            return None
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered < self._memory_limit:
+            return None
+        pending = b"".join(self._chunks)
+        self._chunks = []
+        self._buffered = 0
+        self._spooled = True
+        return self._chain(self._write, pending)
+
+    def discard(self) -> None:
+        self._discarded = True
+        self._chunks = []
+        self._tail.addBoth(lambda _: self._close())
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def finish(self, size: int, bare_newlines: int) -> Deferred[Body]:
+        """The whole message as a Body; errbacks with the spool's write error, if any."""
+        rest = b"".join(self._chunks)
+        self._chunks = []
+        if not self._spooled:
+            return succeed(Body(size, bare_newlines, data=rest))
+        if rest:
+            self._chain(self._write, rest)
+        result: Deferred[Body] = Deferred()
+
+        def deliver(_: object) -> None:
+            if self.error is not None or self._file is None:
+                result.errback(self.error or DeliveryError("spool file missing"))
+                return
+            body = Body(size, bare_newlines, spool=self._file)
+            self._file = None
+            result.callback(body)
+
+        self._tail.addCallback(deliver)
+        return result
+
+
+class DeliveryService:
+    """Recipient checks and deliveries for every connection of one deliver daemon."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        db: Database,
+        disk: WorkerPool,
+        metrics: DeliverMetrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.reactor = reactor
+        self.db = db
+        self.disk = disk
+        self.metrics = metrics
+        self._clock = clock
+        self.in_flight: set[Deferred[Any]] = set()
+        self.reload(config)
+
+    def reload(self, config: Config) -> None:
+        assert config.deliver is not None
+        self.config = config
+        self.settings: DeliverConfig = config.deliver
+        owner = (config.mail.uid, config.mail.gid)
+        self.writer = MaildirWriter(
+            hostname=self.settings.hostname,
+            uid=config.mail.uid,
+            gid=config.mail.gid,
+            default_folders=self.settings.default_folders,
+            clock=self._clock,
+            stale_tmp_age=self.settings.stale_tmp_age,
+            stale_tmp_interval=self.settings.stale_tmp_interval,
+        )
+        self.quota = QuotaTracker(owner if os.geteuid() == 0 else None)
+
+    @property
+    def spool_directory(self) -> str:
+        if self.settings.spool_directory:
+            return self.settings.spool_directory
+        return os.path.join(mail_root(self.config.mail.location), ".mailplugins-spool")
+
+    def new_spool(self) -> Spool:
+        return Spool(self.spool_directory, self.settings.memory_spool_limit, self.disk)
+
+    def _track(self, d: Deferred[Any]) -> None:
+        self.in_flight.add(d)
+
+        def forget(result: object) -> object:
+            self.in_flight.discard(d)
+            return result
+
+        d.addBoth(forget)
+
+    # -- RCPT ---------------------------------------------------------------------------
+
+    def check_recipient(
+        self, path: str, original: str | None, declared_size: int | None
+    ) -> Deferred[Recipient | Reply]:
+        started = time.monotonic()
+        d = self.db.run(
+            resolve_recipient,
+            self.db.store,
+            path,
+            location=self.config.mail.location,
+            delimiters=self.config.mail.recipient_delimiter,
+            disabled_action=self.settings.disabled,
+        )
+        d.addTimeout(self.db.timeout, self.reactor)
+
+        def resolved(result: tuple[Target, ...] | Rejection) -> Any:
+            self.metrics.duration.labels("resolve").observe(time.monotonic() - started)
+            if isinstance(result, Rejection):
+                self.metrics.recipients.labels(result.result).inc()
+                return result.reply
+            recipient = Recipient(path, original, result)
+            limited = [t for t in result if t.quota_bytes > 0]
+            if declared_size is None or not limited:
+                self.metrics.recipients.labels("accepted").inc()
+                return recipient
+            return self.disk.run(self._rcpt_quota, recipient, limited, declared_size)
+
+        def failed(failure: Failure) -> Reply:
+            if failure.check(TimeoutError):
+                log.warn("recipient lookup timed out after {timeout}s", timeout=self.db.timeout)
+            else:
+                log.failure("recipient lookup failed", failure)
+            self.metrics.recipients.labels("temp_error").inc()
+            return Reply(451, "4.3.0", f"<{path}> Temporary lookup failure, try again later")
+
+        d.addCallback(resolved)
+        d.addErrback(failed)
+        return d  # type: ignore[return-value]
+
+    def _rcpt_quota(self, recipient: Recipient, limited: Sequence[Target], size: int) -> Recipient | Reply:
+        """Blocking: refuse at RCPT when the declared SIZE is already over the room left."""
+        for target in limited:
+            try:
+                check = self.quota.check(target.maildir, target.quota_bytes, size)
+            except OSError:
+                continue  # decide after DATA
+            if not check.fits(size):
+                self.metrics.quota_rejections.labels("rcpt").inc()
+                self.metrics.recipients.labels("over_quota").inc()
+                return self._quota_reply(recipient.path)
+        self.metrics.recipients.labels("accepted").inc()
+        return recipient
+
+    def _quota_reply(self, path: str) -> Reply:
+        if self.settings.quota_tempfail:
+            return Reply(452, "4.2.2", f"<{path}> Mailbox is full, try again later")
+        return Reply(552, "5.2.2", f"<{path}> Mailbox is full")
+
+    # -- DATA ---------------------------------------------------------------------------
+
+    def deliver(self, envelope: Envelope, body: Body) -> Deferred[list[Reply]]:
+        """Write the message for every accepted recipient; one reply each, in RCPT order."""
+        self.metrics.message_size.observe(body.size)
+        started = time.monotonic()
+        d = self.disk.run(self._deliver_blocking, envelope, body)
+
+        def done(replies: list[Reply]) -> list[Reply]:
+            self.metrics.duration.labels("write").observe(time.monotonic() - started)
+            return replies
+
+        def failed(failure: Failure) -> list[Reply]:
+            log.failure("delivery failed", failure)
+            self.metrics.recipients.labels("io_error").inc(len(envelope.recipients))
+            error: BaseException = failure.value or Exception()
+            return [_reply_for_error(error, r.path)[0] for r in envelope.recipients]
+
+        d.addCallbacks(done, failed)
+
+        def close(result: object) -> object:
+            body.close()
+            return result
+
+        d.addBoth(close)
+        self._track(d)
+        return d
+
+    def _deliver_blocking(self, envelope: Envelope, body: Body) -> list[Reply]:
+        settings = self.settings
+        single = len(envelope.recipients) == 1
+        mode = settings.delivered_to
+        delivered_to = mode == "always" or (mode == "single" and single)
+        # Per recipient, per target: None (fine so far) or a (reply, metric result) failure.
+        failures: list[list[tuple[Reply, str] | None]] = []
+        groups: dict[bytes, list[_Member]] = {}
+        for index, recipient in enumerate(envelope.recipients):
+            header = build_header(envelope.sender, recipient, delivered_to)
+            size = len(header) + body.size
+            outcome: list[tuple[Reply, str] | None] = []
+            failures.append(outcome)
+            for target in recipient.targets:
+                try:
+                    self.writer.ensure_maildir(target.maildir)
+                    folder = None
+                    if settings.detail_folders and target.detail:
+                        folder = folder_for_detail(target.detail)
+                    directory = self.writer.folder_dir(
+                        target.maildir, folder, create=settings.autocreate_detail_folders
+                    )
+                    if target.quota_bytes > 0:
+                        check = self.quota.check(target.maildir, target.quota_bytes, size)
+                        if not check.fits(size):
+                            self.metrics.quota_rejections.labels("data").inc()
+                            outcome.append((self._quota_reply(recipient.path), "over_quota"))
+                            continue
+                except OSError as exc:
+                    log.error("cannot prepare Maildir {maildir}: {error}", maildir=target.maildir,
+                              error=exc.strerror or str(exc))
+                    outcome.append(_reply_for_error(exc, recipient.path))
+                    continue
+                outcome.append(None)
+                groups.setdefault(header, []).append(_Member(index, target, directory, size))
+        for header, members in groups.items():
+            directories = list(dict.fromkeys(m.directory for m in members))
+            try:
+                written, errors = self.writer.write(header, body, directories)
+            except (OSError, DeliveryError) as exc:
+                log.error("cannot write message: {error}", error=str(exc))
+                errors = dict.fromkeys(directories, exc)
+                written = None
+            if written is not None:
+                self.metrics.bytes_written.inc(written.size)
+            recorded: set[str] = set()
+            for member in members:
+                error = errors.get(member.directory)
+                recipient = envelope.recipients[member.index]
+                position = recipient.targets.index(member.target)
+                if error is not None:
+                    failures[member.index][position] = _reply_for_error(error, recipient.path)
+                elif written is not None and member.directory not in recorded:
+                    recorded.add(member.directory)
+                    target = member.target
+                    try:
+                        self.quota.record(target.maildir, target.quota_bytes, written.size)
+                    except OSError as exc:
+                        log.warn("cannot update maildirsize: {error}", error=str(exc))
+        replies = []
+        for recipient, outcome in zip(envelope.recipients, failures, strict=True):
+            bad = [item for item in outcome if item is not None]
+            temporary = [item for item in bad if item[0].is_temporary]
+            # An alias to several mailboxes: a temporary failure anywhere makes Postfix retry
+            # (a duplicate beats a loss); permanent failures of some targets do not bounce the
+            # copies already saved for the others.
+            if not temporary and len(bad) < len(outcome):
+                if bad:
+                    log.warn("{path}: saved for {ok} of {total} mailboxes: {reason}",
+                             path=recipient.path, ok=len(outcome) - len(bad), total=len(outcome),
+                             reason=bad[0][0].text)
+                self.metrics.recipients.labels("delivered").inc()
+                replies.append(Reply(250, "2.0.0", f"<{recipient.path}> Saved"))
+                continue
+            reply, result = (temporary or bad)[0]
+            self.metrics.recipients.labels(result).inc()
+            replies.append(reply)
+        return replies
+
+    def too_big(self, envelope: Envelope) -> list[Reply]:
+        self.metrics.recipients.labels("too_big").inc(len(envelope.recipients))
+        return [Reply(552, "5.3.4", f"<{r.path}> Message too big") for r in envelope.recipients]
+
+    def spool_failed(self, envelope: Envelope, error: BaseException) -> list[Reply]:
+        log.error("cannot spool message: {error}", error=str(error))
+        results = [_reply_for_error(error, r.path) for r in envelope.recipients]
+        for _reply, result in results:
+            self.metrics.recipients.labels(result).inc()
+        return [reply for reply, _ in results]
+
+
+def mail_root(location: str) -> str:
+    """The directory above the first ``%`` component of a location template."""
+    path = location.removeprefix("maildir:")
+    head = path.split("%", 1)[0]
+    return head if head.endswith("/") and len(head) > 1 else os.path.dirname(head) or "/"
