@@ -4,8 +4,10 @@
 Requests on one connection are answered strictly in order, one at a time; while one is being
 decided the transport is paused, so a peer that pipelines cannot make us queue unboundedly.
 Bad input is logged and the connection closed without a reply (Postfix then retries and applies
-its ``default_action``). The connection stays open otherwise: Postfix pays a 1 s reconnect
-for every close, so only the idle timeout (longer than Postfix's own) ends a quiet connection.
+its ``default_action``); requests that arrived in the same read as the bad bytes are dropped with
+them (Postfix never sends a second request before the first reply). The connection stays open
+otherwise: Postfix pays a 1 s reconnect for every close, so only the idle timeout (longer than
+Postfix's own) ends a quiet connection.
 """
 
 from __future__ import annotations

@@ -1,0 +1,59 @@
+"""The daemon wiring: listeners per endpoint, reload swaps config and drops the cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock
+
+from mailplugins.config import Config, parse_config
+from mailplugins.daemon import Runtime, load_daemon
+from mailplugins.database import Database
+from mailplugins.metrics import DaemonMetrics
+from mailplugins.threads import WorkerPool
+from policyd.daemon import DAEMON, RunningPolicyd
+
+
+def config(**policyd: Any) -> Config:
+    section: dict[str, Any] = {"listen": ["tcp:0:interface=127.0.0.1", "unix:/tmp/mp-p.sock"]}
+    section.update(policyd)
+    return parse_config({"database": {"url": "sqlite://"}, "policyd": section})
+
+
+def build(cfg: Config) -> tuple[RunningPolicyd, Database]:
+    reactor = MemoryReactorClock()
+    db = Database(reactor, cfg.database)
+    runtime = Runtime(reactor, cfg, db, DaemonMetrics("policyd"), WorkerPool(reactor, "cpu", 1))
+    return DAEMON.build(runtime), db
+
+
+def test_entry_point() -> None:
+    assert load_daemon("policyd") is DAEMON
+    assert DAEMON.name == "policyd"
+
+
+def test_one_listener_per_endpoint() -> None:
+    running, db = build(config())
+    try:
+        assert [(each.key, each.endpoint) for each in running.listeners] == [
+            ("policyd.listen[0]", "tcp:0:interface=127.0.0.1"),
+            ("policyd.listen[1]", "unix:/tmp/mp-p.sock"),
+        ]
+        assert running.stop() is None
+    finally:
+        db.close()
+
+
+def test_reload() -> None:
+    running, db = build(config(cache_ttl="30s", max_connections=10))
+    try:
+        running.lookups.cache.put(("domain", "example.org"), True)
+        new = config(cache_ttl="5s", max_connections=20, spoof_protection=False)
+        running.reload(new)
+        assert len(running.lookups.cache) == 0
+        assert running.lookups.cache.ttl == 5
+        assert running.service.config is new.policyd
+        assert running.factory.config is new.policyd
+        assert [limited.maximum for limited in running.limited] == [20, 20]
+    finally:
+        db.close()
