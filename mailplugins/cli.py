@@ -26,7 +26,7 @@ from mailplugins.store import SERVICES, Store, StoreError
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 #: App passwords: 4 groups of 4 lowercase letters, easy to type on a phone, ~75 bits.
-APP_PASSWORD_ALPHABET = "abcdefghijkmnopqrstuvwxyz"
+APP_PASSWORD_ALPHABET = "abcdefghijkmnopqrstuvwxyz"  # noqa: S105 - an alphabet, not a secret
 
 
 class CommandError(Exception):
@@ -309,7 +309,8 @@ class App:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mailplugins", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--config", metavar="FILE",
-                        help="config file (default: $MAILPLUGINS_CONFIG, then /etc/mailplugins/mailplugins.yaml)")
+                        help="config file (default: $MAILPLUGINS_CONFIG, then "
+                        "/etc/mailplugins/mailplugins.yaml)")
     parser.add_argument("--version", action="version", version=f"mailplugins {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 

@@ -37,9 +37,10 @@ class _Refuse(Protocol):
         self._message = message
 
     def connectionMade(self) -> None:
+        transport: Any = self.transport
         if self._message:
-            self.transport.write(self._message)  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
+            transport.write(self._message)
+        transport.loseConnection()
 
 
 class LimitedFactory(WrappingFactory):
@@ -68,7 +69,7 @@ class LimitedFactory(WrappingFactory):
     def open_count(self) -> int:
         return self._open
 
-    def buildProtocol(self, addr: IAddress) -> Any:
+    def buildProtocol(self, addr: IAddress | None) -> Any:
         if self._open >= self.maximum:
             self._metrics.refused_connections.labels(self.listener).inc()
             log.warn(

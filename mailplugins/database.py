@@ -24,7 +24,9 @@ class Database:
         self.config = config
         self.store = store or Store(make_engine(config))
         self.engine = self.store.engine
-        size = 1 if config.is_sqlite and ":memory:" in config.url or config.url == "sqlite://" else config.pool_size
+        in_memory = config.is_sqlite and (":memory:" in config.url or config.url == "sqlite://")
+        # An in-memory SQLite database is one shared connection: one thread at a time.
+        size = 1 if in_memory else config.pool_size
         self.pool = WorkerPool(reactor, "db", size)
 
     @property

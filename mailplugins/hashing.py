@@ -71,12 +71,12 @@ def hash_password(password: str, config: PasswordConfig) -> str:
             rounds=config.argon2_time_cost,
             parallelism=config.argon2_parallelism,
         )
-        return "{ARGON2ID}" + handler.hash(password)
+        return "{ARGON2ID}" + str(handler.hash(password))
     if config.scheme == "BLF-CRYPT":
         value = bcrypt.using(ident="2y", rounds=config.bcrypt_cost).hash(_bcrypt_secret(password))
-        return "{BLF-CRYPT}" + value
+        return "{BLF-CRYPT}" + str(value)
     if config.scheme == "SHA512-CRYPT":
-        return "{SHA512-CRYPT}" + sha512_crypt.using(rounds=config.sha_crypt_rounds).hash(password)
+        return "{SHA512-CRYPT}" + str(sha512_crypt.using(rounds=config.sha_crypt_rounds).hash(password))
     raise HashError(f"cannot make hashes of scheme {config.scheme}")
 
 

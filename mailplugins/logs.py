@@ -55,6 +55,7 @@ class LineObserver:
 
 
 def start_logging(level: str = "info", stream: IO[str] | None = None) -> None:
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS.get(level, LogLevel.info))
-    observer = FilteringLogObserver(LineObserver(stream or sys.stdout), [predicate])
+    predicate: Any = LogLevelFilterPredicate(defaultLogLevel=LEVELS.get(level, LogLevel.info))
+    line_observer: Any = LineObserver(stream or sys.stdout)
+    observer: Any = FilteringLogObserver(line_observer, [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

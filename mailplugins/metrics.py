@@ -68,7 +68,7 @@ class DaemonMetrics:
         return Histogram(self.name(name), doc, list(labels), buckets=buckets, registry=self.registry)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)  # type: ignore[no-any-return]
+        return generate_latest(self.registry)
 
 
 class MetricsResource(Resource):
@@ -85,7 +85,7 @@ class MetricsResource(Resource):
 
 def metrics_site(metrics: DaemonMetrics) -> Site:
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(b"metrics", MetricsResource(metrics))  # type: ignore[arg-type]
     site = Site(root)
     site.displayTracebacks = False
     site.noisy = False

@@ -17,11 +17,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -114,7 +114,7 @@ class Runner:
         self.config = config
         self.names = names
         self.running: list[_Running] = []
-        self.ports: list[IListeningPort] = []
+        self.ports: list[Any] = []
         self.db: Database | None = None
         self.cpu: WorkerPool | None = None
         self.exit_status = 0
@@ -144,7 +144,8 @@ class Runner:
             listeners.extend(daemon.listeners)
             section = getattr(self.config, name)
             if section.metrics:
-                listeners.append(Listener(f"{name}.metrics", section.metrics, metrics_site(metrics)))
+                site = cast(IProtocolFactory, metrics_site(metrics))
+                listeners.append(Listener(f"{name}.metrics", section.metrics, site))
             metrics.reload_successful.set(1)
             metrics.reload_timestamp.set(time.time())
         return listeners

@@ -359,7 +359,10 @@ class Store:
                 rows = session.execute(
                     select(Mailbox, Domain)
                     .join(Domain)
-                    .where((Domain.name > last[0]) | ((Domain.name == last[0]) & (Mailbox.local_key > last[1])))
+                    .where(
+                        (Domain.name > last[0])
+                        | ((Domain.name == last[0]) & (Mailbox.local_key > last[1]))
+                    )
                     .order_by(Domain.name, Mailbox.local_key)
                     .limit(batch)
                 ).all()
@@ -532,11 +535,15 @@ class Store:
             mailbox = self._require_mailbox(session, login)
             key = address.key if address.local else f"@{address.domain}"
             exists = session.scalar(
-                select(SenderGrant.id).where(SenderGrant.mailbox_id == mailbox.id, SenderGrant.address_key == key)
+                select(SenderGrant.id).where(
+                    SenderGrant.mailbox_id == mailbox.id, SenderGrant.address_key == key
+                )
             )
             if exists is not None:
                 raise AlreadyExists(f"{login} may already send as {shown}")
-            session.add(SenderGrant(mailbox_id=mailbox.id, address=shown, address_key=key, created_at=self._clock()))
+            session.add(SenderGrant(
+                mailbox_id=mailbox.id, address=shown, address_key=key, created_at=self._clock()
+            ))
         return GrantRecord(login, shown)
 
     def revoke_sender(self, login: str, address_text: str) -> None:
@@ -545,7 +552,9 @@ class Store:
         with self.session() as session, session.begin():
             mailbox = self._require_mailbox(session, login)
             result = session.execute(
-                delete(SenderGrant).where(SenderGrant.mailbox_id == mailbox.id, SenderGrant.address_key == key)
+                delete(SenderGrant).where(
+                    SenderGrant.mailbox_id == mailbox.id, SenderGrant.address_key == key
+                )
             )
             if not result.rowcount:  # type: ignore[attr-defined]
                 raise NotFound(f"{login} has no grant for {address_text}")

@@ -13,7 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.threadpool import ThreadPool
 
 P = ParamSpec("P")
@@ -34,8 +34,7 @@ class WorkerPool:
         if not self._started:
             self._pool.start()
             self._started = True
-            core: IReactorCore = self._reactor
-            core.addSystemEventTrigger("during", "shutdown", self.stop)
+            self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
     def stop(self) -> None:
         if self._started:
@@ -51,4 +50,4 @@ class WorkerPool:
         """Run ``fn`` in the pool; the Deferred fires on the reactor thread."""
         self.start()
         reactor: IReactorFromThreads = self._reactor
-        return threads.deferToThreadPool(reactor, self._pool, fn, *args, **kwargs)  # type: ignore[arg-type]
+        return threads.deferToThreadPool(reactor, self._pool, fn, *args, **kwargs)

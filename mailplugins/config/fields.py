@@ -184,13 +184,6 @@ class Fields:
 
         return self.convert(key, default, conv)
 
-    def optional_string(self, key: str) -> str | None:
-        return self.string(key, None) if self.has(key) else self._none(key)  # type: ignore[arg-type]
-
-    def _none(self, key: str) -> None:
-        self._used.add(key)
-        return None
-
     def integer(
         self,
         key: str,
@@ -239,7 +232,7 @@ class Fields:
     ) -> int:
         return self.convert(key, default, lambda v: _bounded(parse_size(v), minimum, None))
 
-    def endpoint(self, key: str, default: str | None | _Missing = MISSING) -> str | None:
+    def endpoint(self, key: str, default: str | _Missing | None = MISSING) -> str | None:
         def conv(value: object) -> str:
             if not isinstance(value, str):
                 raise ValueError(f"expected an endpoint string, got {describe(value)}")
@@ -303,7 +296,7 @@ class Fields:
     def path(
         self,
         key: str,
-        default: str | None | _Missing = MISSING,
+        default: str | _Missing | None = MISSING,
         *,
         readable: bool = False,
         directory: bool = False,

@@ -31,7 +31,9 @@ class EchoDaemon:
         self.factory = Factory.forProtocol(Echo)
         self.factory.tag = "v1"  # type: ignore[attr-defined]
         assert runtime.config.deliver is not None
-        self.listeners: list[Listener] = listeners_for("deliver.listen", runtime.config.deliver.listen, self.factory)
+        self.listeners: list[Listener] = listeners_for(
+            "deliver.listen", runtime.config.deliver.listen, self.factory
+        )
 
     def reload(self, config: Config) -> None:
         self.factory.tag = "v2"  # type: ignore[attr-defined]

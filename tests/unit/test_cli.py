@@ -169,7 +169,8 @@ def test_missing_schema_is_explained(tmp_path: Path) -> None:
     config.write_text(f"database:\n  url: sqlite:///{tmp_path}/m.db\n")
     result = run_cli("--config", str(config), "domain", "list")
     assert result.returncode == 1
-    assert result.stderr == "mailplugins: database error: the schema is missing: run 'mailplugins db upgrade'\n"
+    assert result.stderr == (
+        "mailplugins: database error: the schema is missing: run 'mailplugins db upgrade'\n")
 
 
 def test_password_never_on_argv() -> None:

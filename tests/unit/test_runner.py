@@ -70,7 +70,8 @@ def test_serve_with_no_daemon_configured_exits_2(workdir: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "mailplugins.cli", "--config", str(config), "serve"],
                             capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
     assert result.returncode == 2
-    assert result.stderr == f"mailplugins: no daemon is configured in {config}: add a policyd, authd or deliver section\n"
+    assert result.stderr == (
+        f"mailplugins: no daemon is configured in {config}: add a policyd, authd or deliver section\n")
 
 
 @pytest.mark.parametrize("path", ["/nonexistent-mp-dir/deliver.sock", "/proc/mp-deliver.sock"])
@@ -146,9 +147,10 @@ def test_ready_reload_metrics_and_stop(workdir: Path) -> None:
         out, err = process.communicate(timeout=30)
         assert process.returncode == 0, err
         lines = out.splitlines()
-        assert any("reload rejected, keeping the running config: deliver.metrcis: unknown key" in l for l in lines)
-        assert any("configuration reloaded" in l for l in lines)
-        assert all(l.split(" ", 1)[0] in ("debug", "info", "warn", "error", "critical") for l in lines)
+        rejected = "reload rejected, keeping the running config: deliver.metrcis: unknown key"
+        assert any(rejected in line for line in lines)
+        assert any("configuration reloaded" in line for line in lines)
+        assert all(line.split(" ", 1)[0] in ("debug", "info", "warn", "error", "critical") for line in lines)
     finally:
         if process.poll() is None:
             process.kill()

@@ -1,0 +1,121 @@
+"""sd_notify, log lines, connection limits and worker pools: the runtime pieces every daemon uses."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+from pathlib import Path
+
+from twisted.internet import reactor as global_reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from mailplugins import sdnotify
+from mailplugins.connections import LimitedFactory
+from mailplugins.logs import format_line
+from mailplugins.metrics import DaemonMetrics
+from mailplugins.threads import WorkerPool
+
+
+def test_notify_path_and_abstract_sockets(tmp_path: Path) -> None:
+    path = tmp_path / "notify"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    assert sdnotify.notify("READY=1", {"NOTIFY_SOCKET": str(path)})
+    assert server.recv(100) == b"READY=1"
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"mp-test-{os.getpid()}"
+    abstract.bind("\0" + name)
+    assert sdnotify.notify("STOPPING=1", {"NOTIFY_SOCKET": "@" + name})
+    assert abstract.recv(100) == b"STOPPING=1"
+    server.close()
+    abstract.close()
+
+
+def test_notify_without_systemd_is_a_no_op(tmp_path: Path) -> None:
+    assert not sdnotify.notify("READY=1", {})
+    assert not sdnotify.notify("READY=1", {"NOTIFY_SOCKET": "vsock:1:2"})
+    assert not sdnotify.notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "absent")})
+
+
+def test_log_lines_are_one_line_even_with_failures() -> None:
+    event = {"log_format": "hello {who}\nworld", "who": "there", "log_level": LogLevel.warn,
+             "log_namespace": "policyd.protocol"}
+    assert format_line(event) == "warn policyd.protocol: hello there | world\n"
+    try:
+        {}["missing"]
+    except KeyError:
+        failure = Failure()
+    event = {"log_format": "lookup failed", "log_level": LogLevel.error, "log_namespace": "x",
+             "log_failure": failure}
+    line = format_line(event)
+    assert line.count("\n") == 1
+    assert line.startswith("error x: lookup failed: KeyError: 'missing' (at ")
+    assert "test_runtime_bits.py" in line
+
+
+class Hold(Protocol):
+    pass
+
+
+def test_limited_factory_caps_and_counts() -> None:
+    metrics = DaemonMetrics("testd")
+    factory = LimitedFactory(Factory.forProtocol(Hold), listener="test", maximum=2, metrics=metrics,
+                             refusal=b"421 busy\r\n")
+    address = IPv4Address("TCP", "127.0.0.1", 1)
+    transports = []
+    for _ in range(2):
+        protocol = factory.buildProtocol(address)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        transports.append((protocol, transport))
+    assert factory.open_count == 2
+    refused = factory.buildProtocol(address)
+    refused_transport = StringTransport()
+    refused.makeConnection(refused_transport)
+    assert refused_transport.value() == b"421 busy\r\n"
+    assert refused_transport.disconnecting
+    body = metrics.render().decode()
+    assert 'mailplugins_testd_open_connections{listener="test"} 2.0' in body
+    assert 'mailplugins_testd_refused_connections_total{listener="test"} 1.0' in body
+    assert 'mailplugins_testd_connections_total{listener="test"} 2.0' in body
+    protocol, transport = transports[0]
+    protocol.connectionLost(Failure(ConnectionError()))
+    assert factory.open_count == 1
+    again = factory.buildProtocol(address)
+    again.makeConnection(StringTransport())
+    assert factory.open_count == 2
+
+
+class WorkerPoolTests(TestCase):
+    def test_runs_off_the_reactor_thread(self) -> object:
+        pool = WorkerPool(global_reactor, "test", 2)
+        self.addCleanup(pool.stop)
+        main = threading.get_ident()
+        d = pool.run(lambda x: (x * 2, threading.get_ident()), 21)
+
+        def check(result: tuple[int, int]) -> None:
+            self.assertEqual(result[0], 42)
+            self.assertNotEqual(result[1], main)
+
+        return d.addCallback(check)
+
+    def test_errors_arrive_as_failures(self) -> object:
+        pool = WorkerPool(global_reactor, "test", 1)
+        self.addCleanup(pool.stop)
+        d = pool.run(lambda: 1 / 0)
+        return self.assertFailure(d, ZeroDivisionError)
+
+
+def test_stdout_is_default_stream() -> None:
+    stream = io.StringIO()
+    from mailplugins.logs import LineObserver
+
+    LineObserver(stream)({"log_format": "x", "log_namespace": "n", "log_level": LogLevel.info})
+    assert stream.getvalue() == "info n: x\n"
