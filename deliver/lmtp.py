@@ -28,6 +28,7 @@ from deliver.lmtp_codec import (
     Command,
     CommandError,
     DataDecoder,
+    LineTooLong,
     Reply,
     decode_xtext,
     parse_command,
@@ -146,10 +147,8 @@ class LMTPServer(Protocol):
                     continue
                 try:
                     line = split_line(self._buffer, self.settings.max_line_length)
-                except OverflowError:
-                    self._discarding = b"\n" not in self._buffer and bool(self._buffer)
-                    if self._discarding:
-                        self._buffer.clear()
+                except LineTooLong as exc:
+                    self._discarding = not exc.complete
                     self._reject(Reply(500, "5.5.2", "Line too long"))
                     continue
                 if line is None:

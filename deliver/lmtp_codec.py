@@ -171,21 +171,35 @@ def parse_command(line: bytes) -> Command:
     return Command(verb, rest)
 
 
+class LineTooLong(OverflowError):
+    """A command line over the limit; ``complete`` is False when its end has not arrived yet
+    (the buffer was emptied and the caller must discard input up to the next LF)."""
+
+    def __init__(self, complete: bool) -> None:
+        super().__init__("line too long")
+        self.complete = complete
+
+
 def split_line(buffer: bytearray, limit: int) -> bytes | None:
     """Take one command line (LF or CRLF terminated) from ``buffer``; None if incomplete.
 
-    Raises OverflowError when no line end is within ``limit`` octets (the caller answers 500
-    and discards until the next line end).
+    Raises :class:`LineTooLong` when the line exceeds ``limit`` octets; what arrived of it is
+    removed from ``buffer`` either way.
     """
     index = buffer.find(b"\n", 0, limit + 2)
     if index < 0:
         if len(buffer) > limit + 1:
-            raise OverflowError("line too long")
+            index = buffer.find(b"\n")
+            if index < 0:
+                buffer.clear()
+                raise LineTooLong(complete=False)
+            del buffer[: index + 1]
+            raise LineTooLong(complete=True)
         return None
     end = index - 1 if index > 0 and buffer[index - 1] == 0x0D else index
     if end > limit:
         del buffer[: index + 1]
-        raise OverflowError("line too long")
+        raise LineTooLong(complete=True)
     line = bytes(buffer[:end])
     del buffer[: index + 1]
     return line

@@ -1,0 +1,253 @@
+"""deliver's LMTP protocol: sequencing, pipelining with slow lookups, limits, timeouts.
+
+The service is a fake whose lookups and deliveries are Deferreds the test fires by hand, so
+reply order under pipelining can be checked exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from deliver.lmtp import LMTPServer
+from deliver.lmtp_codec import Reply
+from deliver.maildir import Body
+from deliver.service import DeliverMetrics, Envelope, Recipient, Spool
+from mailplugins.config import parse_config
+from mailplugins.metrics import DaemonMetrics
+
+
+class SyncPool:
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        return succeed(fn(*args, **kwargs))
+
+
+@dataclass
+class FakeService:
+    settings: Any
+    lookups: list[tuple[str, Deferred[Any]]] = field(default_factory=list)
+    deliveries: list[tuple[Envelope, Body, Deferred[list[Reply]]]] = field(default_factory=list)
+    metrics: DeliverMetrics = field(default_factory=lambda: DeliverMetrics(DaemonMetrics("deliver")))
+    spool_dir: str = "/tmp"
+
+    def check_recipient(self, path: str, original: str | None, size: int | None) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.lookups.append((path, d))
+        return d
+
+    def new_spool(self) -> Spool:
+        return Spool(self.spool_dir, self.settings.memory_spool_limit, SyncPool())  # type: ignore[arg-type]
+
+    def deliver(self, envelope: Envelope, body: Body) -> Deferred[list[Reply]]:
+        d: Deferred[list[Reply]] = Deferred()
+        self.deliveries.append((envelope, body, d))
+        return d
+
+    def too_big(self, envelope: Envelope) -> list[Reply]:
+        return [Reply(552, "5.3.4", f"<{r.path}> Message too big") for r in envelope.recipients]
+
+    def spool_failed(self, envelope: Envelope, error: BaseException) -> list[Reply]:
+        return [Reply(451, "4.3.0", "spool") for _ in envelope.recipients]
+
+
+def make(**deliver: Any) -> tuple[LMTPServer, StringTransport, FakeService, Clock]:
+    section = {"listen": "tcp:0", "hostname": "mx.test", "max_message_size": 2048,
+               "idle_timeout": 60, "max_line_length": 512, **deliver}
+    config = parse_config({"database": {"url": "sqlite://"},
+                           "mail": {"location": "/tmp/x/%d/%n", "uid": 0, "gid": 0}, "deliver": section})
+    service = FakeService(config.deliver)
+    clock = Clock()
+    protocol = LMTPServer(service, clock)  # type: ignore[arg-type]
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport, service, clock
+
+
+def take(transport: StringTransport) -> list[str]:
+    lines = transport.value().decode().split("\r\n")[:-1]
+    transport.clear()
+    return lines
+
+
+def accept(service: FakeService, index: int, path: str) -> None:
+    service.lookups[index][1].callback(Recipient(path, None, ()))
+
+
+def test_greeting_and_lhlo_capabilities() -> None:
+    protocol, transport, _service, _clock = make()
+    assert take(transport) == ["220 mx.test LMTP mailplugins deliver ready"]
+    protocol.dataReceived(b"LHLO client.example\r\n")
+    assert take(transport) == [
+        "250-mx.test", "250-ENHANCEDSTATUSCODES", "250-8BITMIME", "250-SMTPUTF8", "250-SIZE 2048",
+        "250 PIPELINING",
+    ]
+
+
+def test_helo_and_ehlo_are_refused_and_order_is_enforced() -> None:
+    protocol, transport, _service, _clock = make()
+    take(transport)
+    protocol.dataReceived(b"HELO x\r\nEHLO x\r\nMAIL FROM:<a@b>\r\nLHLO x\r\nRCPT TO:<a@b>\r\nDATA\r\n"
+                          b"MAIL FROM:<a@b>\r\nDATA\r\nMAIL FROM:<c@d>\r\n")
+    codes = [line[:9] for line in take(transport) if not line.startswith("250-")]
+    assert codes == ["500 5.5.1", "500 5.5.1", "503 5.5.1", "250 PIPEL", "503 5.5.1", "503 5.5.1",
+                     "250 2.1.0", "503 5.5.1", "503 5.5.1"]
+
+
+def test_pipelined_envelope_with_slow_lookups_replies_in_order() -> None:
+    protocol, transport, service, _clock = make()
+    protocol.dataReceived(b"LHLO x\r\n")
+    take(transport)
+    protocol.dataReceived(
+        b"MAIL FROM:<s@o.example> SIZE=100\r\nRCPT TO:<a@x>\r\nRCPT TO:<nouser@x>\r\n"
+        b"RCPT TO:<b@x>\r\nDATA\r\n"
+    )
+    assert take(transport) == ["250 2.1.0 <s@o.example> Sender OK"]
+    assert [p for p, _ in service.lookups] == ["a@x"]
+    assert transport.producerState == "paused"
+    accept(service, 0, "a@x")
+    assert take(transport) == ["250 2.1.5 <a@x> OK"]
+    assert [p for p, _ in service.lookups] == ["a@x", "nouser@x"]
+    service.lookups[1][1].callback(Reply(550, "5.1.1", "<nouser@x> User doesn't exist"))
+    assert take(transport) == ["550 5.1.1 <nouser@x> User doesn't exist"]
+    accept(service, 2, "b@x")
+    assert take(transport) == ["250 2.1.5 <b@x> OK", "354 Start mail input; end with <CRLF>.<CRLF>"]
+    assert transport.producerState == "producing"
+    protocol.dataReceived(b"Subject: hi\r\n\r\n..dotted\r\n.\r\nNOOP\r\n")
+    assert take(transport) == []
+    (envelope, body, done) = service.deliveries[0]
+    assert [r.path for r in envelope.recipients] == ["a@x", "b@x"]
+    assert body.data == b"Subject: hi\n\n.dotted\n"
+    assert (body.size, body.bare_newlines) == (21, 3)
+    done.callback([Reply(250, "2.0.0", "<a@x> Saved"), Reply(452, "4.2.2", "<b@x> full")])
+    assert take(transport) == ["250 2.0.0 <a@x> Saved", "452 4.2.2 <b@x> full", "250 2.0.0 OK"]
+
+
+def test_duplicate_recipients_each_get_a_reply() -> None:
+    protocol, transport, service, _clock = make()
+    protocol.dataReceived(b"LHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<a@x>\r\nRCPT TO:<a@x>\r\nDATA\r\n")
+    accept(service, 0, "a@x")
+    accept(service, 1, "a@x")
+    protocol.dataReceived(b".\r\n")
+    envelope, body, done = service.deliveries[0]
+    assert len(envelope.recipients) == 2
+    assert body.size == 0
+    take(transport)
+    done.callback([Reply(250, "2.0.0", "ok1"), Reply(250, "2.0.0", "ok2")])
+    assert take(transport) == ["250 2.0.0 ok1", "250 2.0.0 ok2"]
+
+
+def test_declared_size_over_limit_is_refused_at_mail() -> None:
+    protocol, transport, _service, _clock = make()
+    protocol.dataReceived(b"LHLO x\r\n")
+    take(transport)
+    protocol.dataReceived(b"MAIL FROM:<a@b> SIZE=4096\r\nMAIL FROM:<a@b> BODY=BINARYMIME\r\n"
+                          b"MAIL FROM:<a@b> AUTH=<>\r\n")
+    assert take(transport) == [
+        "552 5.3.4 Message size exceeds fixed maximum message size",
+        "555 5.5.4 Unsupported BODY type BINARYMIME",
+        "555 5.5.4 Unsupported parameter AUTH",
+    ]
+
+
+def test_oversized_data_is_drained_and_refused_per_recipient(tmp_path: Any) -> None:
+    protocol, transport, service, _clock = make()
+    service.spool_dir = str(tmp_path)
+    protocol.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n")
+    accept(service, 0, "a@x")
+    accept(service, 1, "b@x")
+    take(transport)
+    for _ in range(100):
+        protocol.dataReceived(b"y" * 98 + b"\r\n")
+    protocol.dataReceived(b".\r\nNOOP\r\n")
+    assert take(transport) == [
+        "552 5.3.4 <a@x> Message too big", "552 5.3.4 <b@x> Message too big", "250 2.0.0 OK",
+    ]
+    assert service.deliveries == []
+
+
+def test_large_message_goes_to_a_spool_file(tmp_path: Any) -> None:
+    protocol, _transport, service, _clock = make(max_message_size="1M", memory_spool_limit=4096)
+    service.spool_dir = str(tmp_path)
+    protocol.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@x>\r\nDATA\r\n")
+    accept(service, 0, "a@x")
+    line = b"z" * 76 + b"\r\n"
+    for _ in range(1000):
+        protocol.dataReceived(line)
+    protocol.dataReceived(b".\r\n")
+    _envelope, body, _done = service.deliveries[0]
+    assert body.spool is not None
+    assert body.size == 77 * 1000
+    body.spool.seek(0)
+    assert body.spool.read() == (b"z" * 76 + b"\n") * 1000
+    body.close()
+
+
+def test_idle_timeout_closes_with_421() -> None:
+    protocol, transport, _service, clock = make()
+    take(transport)
+    clock.advance(59)
+    protocol.dataReceived(b"NOOP\r\n")
+    clock.advance(59)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert take(transport) == ["250 2.0.0 OK", "421 4.4.2 mx.test Idle timeout, closing connection"]
+    assert transport.disconnecting
+
+
+def test_no_timeout_while_waiting_for_a_lookup() -> None:
+    protocol, transport, service, clock = make()
+    protocol.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@x>\r\n")
+    clock.advance(600)
+    assert not transport.disconnecting
+    accept(service, 0, "a@x")
+    clock.advance(61)
+    assert transport.disconnecting
+
+
+def test_long_line_is_refused_and_session_continues() -> None:
+    protocol, transport, _service, _clock = make()
+    take(transport)
+    protocol.dataReceived(b"NOOP " + b"x" * 1000)
+    protocol.dataReceived(b"x" * 1000 + b"\r\nNOOP\r\n")
+    assert take(transport) == ["500 5.5.2 Line too long", "250 2.0.0 OK"]
+
+
+def test_quit_and_eof_without_quit() -> None:
+    protocol, transport, _service, _clock = make()
+    take(transport)
+    protocol.dataReceived(b"QUIT\r\nNOOP\r\n")
+    assert take(transport) == ["221 2.0.0 mx.test Bye"]
+    assert transport.disconnecting
+    other, _transport2, service2, _ = make()
+    other.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@x>\r\nDATA\r\npartial")
+    accept(service2, 0, "a@x")
+    other.connectionLost(None)
+    assert service2.deliveries == []
+
+
+def test_vrfy_rset_and_many_transactions() -> None:
+    protocol, transport, service, _clock = make()
+    protocol.dataReceived(b"LHLO x\r\nVRFY a\r\n")
+    assert take(transport)[-1] == "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery"
+    for index in range(3):
+        protocol.dataReceived(b"RSET\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@x>\r\nDATA\r\n")
+        accept(service, index, "a@x")
+        protocol.dataReceived(b"m\r\n.\r\n")
+        service.deliveries[index][2].callback([Reply(250, "2.0.0", "saved")])
+    assert take(transport).count("250 2.0.0 saved") == 3
+    assert len(service.deliveries) == 3
+
+
+def test_internal_error_in_delivery_gives_451_per_recipient() -> None:
+    protocol, transport, service, _clock = make()
+    protocol.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n")
+    accept(service, 0, "a@x")
+    accept(service, 1, "b@x")
+    protocol.dataReceived(b"m\r\n.\r\n")
+    take(transport)
+    service.deliveries[0][2].errback(RuntimeError("boom"))
+    assert take(transport) == ["451 4.3.0 Local error in processing"] * 2
