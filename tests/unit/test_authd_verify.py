@@ -49,11 +49,12 @@ class Rig:
         self.clock = Clock()
         self.clock.advance(1000)
         self.metrics = DaemonMetrics("authd")
+        self.authd_metrics = AuthdMetrics(self.metrics)
         self.cpu_calls = 0
         self.db_down = False
         self.verifier = Verifier(
             clock=self.clock, store=self.store, db_run=self.db_run, cpu_run=self.cpu_run,
-            config=self.authd, passwords=self.passwords, metrics=AuthdMetrics(self.metrics),
+            config=self.authd, passwords=self.passwords, metrics=self.authd_metrics,
             wallclock=lambda: self.now,
         )
 

@@ -1,0 +1,78 @@
+"""authd.http: the verify endpoint over a real HTTPChannel, including Expect: 100-continue."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from twisted.internet.testing import StringTransport
+
+from authd.http import VerifySite
+from tests.unit.test_authd_verify import Rig
+
+
+def connect(rig: Rig, max_body: int = 16384) -> tuple[object, StringTransport]:
+    site = VerifySite(rig.verifier, 0.0, max_body)
+    channel = site.buildProtocol(None)  # type: ignore[arg-type]
+    transport = StringTransport()
+    channel.makeConnection(transport)  # type: ignore[union-attr]
+    return channel, transport
+
+
+def post(fields: dict[str, str], expect: bool = False) -> tuple[bytes, bytes]:
+    body = urlencode(fields).encode()
+    head = (
+        b"POST /verify HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        + f"Content-Length: {len(body)}\r\n".encode()
+        + (b"Expect: 100-continue\r\n" if expect else b"")
+        + b"\r\n"
+    )
+    return head, body
+
+
+def status(rig: Rig, fields: dict[str, str]) -> int:
+    channel, transport = connect(rig)
+    head, body = post(fields)
+    channel.dataReceived(head + body)  # type: ignore[attr-defined]
+    rig.clock.advance(0.1)
+    return int(transport.value().split(b" ", 2)[1])
+
+
+def test_statuses() -> None:
+    rig = Rig()
+    rig.store.add_mailbox("carol@example.org", rig.hash("pw"))
+    rig.store.set_enabled("carol@example.org", False)
+    base = {"service": "imap", "rip": "", "secured": ""}
+    assert status(rig, {**base, "user": "alice@example.org", "password": "s3cret"}) == 200
+    assert status(rig, {**base, "user": "alice@example.org", "password": "bad"}) == 403
+    assert status(rig, {**base, "user": "nobody@example.org", "password": "x"}) == 404
+    assert status(rig, {**base, "user": "carol@example.org", "password": "pw"}) == 423
+    assert status(rig, {**base, "user": "alice@example.org"}) == 400
+    rig.db_down = True
+    assert status(rig, {**base, "user": "alice@example.org", "password": "s3cret"}) == 503
+
+
+def test_expect_100_continue_is_answered_before_the_body() -> None:
+    rig = Rig()
+    channel, transport = connect(rig)
+    head, body = post({"user": "alice@example.org", "password": "s3cret", "service": "imap"}, True)
+    channel.dataReceived(head)  # type: ignore[attr-defined]
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    channel.dataReceived(body)  # type: ignore[attr-defined]
+    assert b"HTTP/1.1 200 OK" in transport.value()
+
+
+def test_oversized_body_is_refused() -> None:
+    rig = Rig()
+    channel, transport = connect(rig, max_body=1024)
+    head, body = post({"user": "alice@example.org", "password": "x" * 5000})
+    channel.dataReceived(head + body)  # type: ignore[attr-defined]
+    assert transport.disconnecting or transport.disconnected  # type: ignore[attr-defined]
+    assert b"200" not in transport.value()
+
+
+def test_get_is_refused() -> None:
+    rig = Rig()
+    channel, transport = connect(rig)
+    channel.dataReceived(b"GET /verify HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[attr-defined]
+    assert transport.value().startswith(b"HTTP/1.1 405")
