@@ -1,9 +1,13 @@
 # -*- test-case-name: tests.unit.test_policyd_rules -*-
 """The replies policyd gives, and their metric labels.
 
-At RCPT, Postfix passes a ``4NN``/``5NN text`` action through verbatim (it adds the
-``<addr>: Recipient address rejected:`` prefix only to ``REJECT``/``DEFER``-style verbs), so the
-texts below are written out in full and reach the SMTP client exactly as shown.
+Postfix formats every policy rejection itself, numeric ones included (observed with 3.7.11):
+the action ``550 5.1.1 User unknown`` reaches the SMTP client as
+``550 5.1.1 <rcpt>: Recipient address rejected: User unknown`` when the policy service sits in
+``smtpd_recipient_restrictions`` (or the relay list), and ``553 5.7.1 not logged in`` as
+``553 5.7.1 <sender>: Sender address rejected: not logged in`` when it sits in
+``smtpd_sender_restrictions``. So the actions carry only the code and the reason, worded as
+Postfix's own restrictions word them; sending the prefix as well would make Postfix repeat it.
 """
 
 from __future__ import annotations
@@ -23,24 +27,25 @@ STATES = frozenset({
 })
 
 
-def _angle(address: str) -> str:
-    return f"<{address}>"
-
-
 def unknown_user(recipient: str) -> str:
-    return f"550 5.1.1 {_angle(recipient)}: Recipient address rejected: User unknown"
+    """Client sees ``550 5.1.1 <rcpt>: Recipient address rejected: User unknown``."""
+    return "550 5.1.1 User unknown"
 
 
 def relay_denied(recipient: str) -> str:
-    return f"554 5.7.1 {_angle(recipient)}: Relay access denied"
+    """Client sees ``554 5.7.1 <rcpt>: Recipient address rejected: Relay access denied``."""
+    return "554 5.7.1 Relay access denied"
 
 
 def sender_not_owned(sender: str, login: str) -> str:
-    return f"553 5.7.1 {_angle(sender)}: Sender address rejected: not owned by user {login}"
+    """From the sender list the client sees Postfix's own reject_sender_login_mismatch text,
+    ``553 5.7.1 <sender>: Sender address rejected: not owned by user <login>``."""
+    return f"553 5.7.1 not owned by user {login}"
 
 
 def sender_not_logged_in(sender: str) -> str:
-    return f"553 5.7.1 {_angle(sender)}: Sender address rejected: not logged in"
+    """``553 5.7.1 <sender>: Sender address rejected: not logged in`` from the sender list."""
+    return "553 5.7.1 not logged in"
 
 
 def verb(action: str) -> str:

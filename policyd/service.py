@@ -71,6 +71,7 @@ class PolicyService:
         self._clock = clock
         self._metrics = metrics
         self._timer = timer
+        self._seen_states: set[str] = set()
 
     def reconfigure(self, config: PolicydConfig) -> None:
         self.config = config
@@ -81,7 +82,8 @@ class PolicyService:
         state = request.get("protocol_state")
         config = self.config
         if state != "RCPT":
-            # Nothing to check before RCPT yet; DUNNO lets Postfix's own restrictions decide.
+            # Nothing to check outside RCPT yet; DUNNO lets Postfix's own restrictions decide.
+            self._note_state(state)
             result: Deferred[str] = succeed(DUNNO)
         else:
             result = Deferred.fromCoroutine(self._decide(request, config))
@@ -97,6 +99,18 @@ class PolicyService:
 
             result.addCallback(count)
         return result
+
+    def _note_state(self, state: str) -> None:
+        """Say once per state that it is not checked: a sender list run at MAIL (with
+        ``smtpd_delay_reject = no``) would otherwise skip the sender checks silently."""
+        label = state_label(state)
+        if label not in self._seen_states:
+            self._seen_states.add(label)
+            log.info(
+                "requests at protocol_state {state} are answered DUNNO: policyd decides at RCPT "
+                "(keep smtpd_delay_reject = yes for checks in the client, helo and sender lists)",
+                state=label,
+            )
 
     async def _decide(self, request: PolicyRequest, config: PolicydConfig) -> str:
         facts = Facts(request, self.lookups, config.mynetworks)

@@ -16,8 +16,8 @@ from policyd.protocol import PolicyFactory, PolicyProtocol
 from tests.unit.test_policyd_fixtures import Harness, captured, rcpt
 from tests.unit.test_policyd_service import ManualRun
 
-UNKNOWN = b"action=550 5.1.1 <nobody@example.org>: Recipient address rejected: User unknown\n\n"
-RELAY = b"action=554 5.7.1 <x@other.example>: Relay access denied\n\n"
+UNKNOWN = b"action=550 5.1.1 User unknown\n\n"
+RELAY = b"action=554 5.7.1 Relay access denied\n\n"
 
 
 def wire(**attrs: str) -> bytes:

@@ -1,0 +1,236 @@
+"""policyd behind a private stock Postfix 3.7: the SMTP replies a real client sees.
+
+One rig for the module: Postfix with ``check_policy_service`` pointing at ``mailplugins serve
+policyd``, and Dovecot as Postfix's SASL server with a static password (any user name, one
+password) so that the login names come from our database only.
+
+Port 25 is wired as recommended: the sender checks from ``smtpd_sender_restrictions``
+(``policy_context=sender``) and the recipient checks from ``smtpd_recipient_restrictions``
+(``policy_context=recipient``), so Postfix words each rejection with the right address. A second
+smtpd (``-o`` overrides) stands in for submission with one ``policy_context=submission`` call
+in the recipient list and its own rule set.
+
+Postfix's own mynetworks (127.0.0.0/8) is wider than policyd's (127.0.0.2/32), so a relay
+refusal for 127.0.0.1 can only come from policyd.
+"""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.rig import Daemons, Dovecot, Postfix, free_port, port_open, short_tempdir, wait_until
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "static-secret"
+
+
+@dataclass
+class Rig:
+    root: Path
+    postfix: Postfix
+    dovecot: Dovecot
+    daemons: Daemons
+    submission_port: int
+
+    def logs(self) -> str:
+        return (f"--- maillog\n{self.postfix.log_text()[-4000:]}\n"
+                f"--- policyd\n{self.daemons.output()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    root = short_tempdir("mp-pol-")
+    policy_port = free_port()
+    submission_port = free_port()
+    daemons = Daemons(
+        root / "mp",
+        {
+            "mail": {"location": str(root / "vmail/%d/%n/Maildir"), "uid": 0, "gid": 0},
+            "policyd": {
+                "listen": f"tcp:{policy_port}:interface=127.0.0.1",
+                "mynetworks": ["127.0.0.2/32"],
+                "budget": "2s",
+                "contexts": {
+                    "sender": {"checks": ["sender_login_match", "spoof_protection"]},
+                    "recipient": {"checks": ["recipient_validation", "relay_control"]},
+                    "submission": {"checks": ["relay_control", "sender_login_match"]},
+                },
+            },
+        },
+        ["policyd"],
+    )
+    store = daemons.store
+    store.add_domain("example.org")
+    store.add_domain("example.net")
+    store.add_mailbox("alice@example.org", "{PLAIN}unused")
+    store.add_mailbox("carol@example.net", "{PLAIN}unused")
+    store.add_alias("sales@example.org", ["alice@example.org"])
+    store.grant_sender("alice@example.org", "boss@example.org")
+    def policy(context: str) -> str:
+        return (f"check_policy_service {{ inet:127.0.0.1:{policy_port}, timeout=10s, "
+                f"default_action=DUNNO, policy_context={context} }}")
+
+    postfix = Postfix(
+        root,
+        main={
+            "virtual_mailbox_domains": "example.org, example.net",
+            "virtual_transport": "error:no delivery in this test",
+            "smtpd_reject_unlisted_recipient": "no",
+            "smtpd_relay_restrictions":
+                "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination",
+            "smtpd_sender_restrictions": policy("sender"),
+            "smtpd_recipient_restrictions": policy("recipient"),
+            "submission_recipient_restrictions": policy("submission"),
+            "smtpd_sasl_auth_enable": "yes",
+            "smtpd_sasl_type": "dovecot",
+            "smtpd_sasl_path": "private/auth",
+        },
+        services=[
+            f"127.0.0.1:{submission_port} inet n - n - - smtpd",
+            "  -o smtpd_sender_restrictions=",
+            "  -o smtpd_recipient_restrictions=$submission_recipient_restrictions",
+        ],
+    )
+    dovecot = Dovecot(
+        root,
+        conf=f"""passdb {{
+  driver = static
+  args = password={PASSWORD}
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home={root}/home/%u
+}}
+service auth {{
+  unix_listener {postfix.private_dir}/auth {{
+    mode = 0660
+    user = postfix
+    group = postfix
+  }}
+}}
+""",
+        protocols=("imap",),
+    )
+    started: list[object] = []
+    try:
+        daemons.start()
+        started.append(daemons)
+        postfix.start()  # creates queue/private, owned by postfix, where Dovecot listens
+        started.append(postfix)
+        dovecot.start()
+        started.append(dovecot)
+        wait_until(lambda: (postfix.private_dir / "auth").exists(), what="dovecot auth socket")
+        wait_until(lambda: port_open(submission_port), what="submission smtpd")
+        yield Rig(root, postfix, dovecot, daemons, submission_port)
+    finally:
+        for each in reversed(started):
+            each.stop()  # type: ignore[attr-defined]
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def rcpt(
+    rig: Rig,
+    recipient: str,
+    *,
+    sender: str = "someone@elsewhere.example",
+    source: str = "127.0.0.1",
+    login: str | None = None,
+    port: int | None = None,
+) -> tuple[int, str]:
+    """One SMTP session up to RCPT; the reply the client got for RCPT."""
+    client = smtplib.SMTP("127.0.0.1", port or rig.postfix.smtp_port, timeout=30,
+                          source_address=(source, 0))
+    try:
+        client.ehlo("client.example")
+        if login is not None:
+            client.login(login, PASSWORD)
+        code, message = client.mail(sender)
+        assert code == 250, (code, message, rig.logs())
+        code, message = client.rcpt(recipient)
+        client.rset()
+        return code, message.decode()
+    finally:
+        client.quit()
+
+
+def test_unknown_local_user_is_550(rig: Rig) -> None:
+    assert rcpt(rig, "nobody@example.org") == (
+        550, "5.1.1 <nobody@example.org>: Recipient address rejected: User unknown"
+    )
+
+
+def test_known_local_users_are_accepted(rig: Rig) -> None:
+    for recipient in ("alice@example.org", "Alice+tag@EXAMPLE.org", "sales@example.org",
+                      "carol@example.net"):
+        assert rcpt(rig, recipient)[0] == 250, (recipient, rig.logs())
+
+
+def test_relay_denied_outside_policyd_mynetworks(rig: Rig) -> None:
+    # Postfix itself would relay for 127.0.0.1 (its mynetworks is 127.0.0.0/8): policyd decides.
+    # Postfix puts "Recipient address rejected:" before every policy reply text at RCPT.
+    assert rcpt(rig, "x@other.example") == (
+        554, "5.7.1 <x@other.example>: Recipient address rejected: Relay access denied"
+    )
+
+
+def test_relay_allowed_from_policyd_mynetworks(rig: Rig) -> None:
+    assert rcpt(rig, "x@other.example", source="127.0.0.2")[0] == 250
+
+
+def test_open_relay_tricks_are_rejected(rig: Rig) -> None:
+    for recipient in ("x%other.example@example.org", "other.example!x@example.org"):
+        code, message = rcpt(rig, recipient, source="127.0.0.2")
+        assert code == 550, (recipient, code, message)
+        assert message.endswith("Recipient address rejected: User unknown")
+
+
+def test_authenticated_relay_allowed(rig: Rig) -> None:
+    for sender in ("alice@example.org", "alice+x@example.org", "sales@example.org",
+                   "boss@example.org", ""):
+        code, message = rcpt(rig, "x@other.example", sender=sender, login="alice@example.org")
+        assert code == 250, (sender, code, message, rig.logs())
+
+
+def test_authenticated_sender_mismatch_rejected(rig: Rig) -> None:
+    assert rcpt(rig, "x@other.example", sender="carol@example.net", login="alice@example.org") == (
+        553,
+        "5.7.1 <carol@example.net>: Sender address rejected: not owned by user alice@example.org",
+    )
+
+
+def test_spoofing_our_domain_unauthenticated(rig: Rig) -> None:
+    assert rcpt(rig, "alice@example.org", sender="carol@example.net") == (
+        553, "5.7.1 <carol@example.net>: Sender address rejected: not logged in"
+    )
+
+
+def test_submission_context_has_its_own_rule_set(rig: Rig) -> None:
+    port = rig.submission_port
+    # Spoof protection and recipient validation are not in the submission rule set...
+    assert rcpt(rig, "alice@example.org", sender="carol@example.net", port=port)[0] == 250
+    assert rcpt(rig, "nobody@example.org", port=port)[0] == 250
+    # ...relay control and the sender/login match are.
+    assert rcpt(rig, "x@other.example", port=port) == (
+        554, "5.7.1 <x@other.example>: Recipient address rejected: Relay access denied"
+    )
+    # From the recipient list Postfix names the recipient, not the sender.
+    assert rcpt(rig, "x@other.example", sender="carol@example.net", login="alice@example.org",
+                port=port) == (
+        553, "5.7.1 <x@other.example>: Recipient address rejected: not owned by user alice@example.org"
+    )
+
+
+def test_connections_are_reused(rig: Rig) -> None:
+    # Postfix keeps its policy connections open; a server that closed them would cost 1 s each.
+    for _ in range(3):
+        rcpt(rig, "alice@example.org")
+    log = rig.postfix.log_text()
+    assert "problem talking to server" not in log, rig.logs()
+    assert "Traceback" not in rig.daemons.output()
