@@ -76,7 +76,7 @@ def unix_socket_open(path: str | Path) -> bool:
 
 
 def run(cmd: Sequence[str], check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)  # noqa: S603
+    result = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise RuntimeError(
             f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
@@ -282,7 +282,7 @@ service pop3-login {{
         run(["doveconf", "-c", str(self.config_path), "-n"])
         # Dovecot daemonises with our stdout/stderr: give it a file, never a pipe we would wait on.
         with open(self.root / "dovecot.stderr", "ab") as out:
-            result = subprocess.run(  # noqa: S603
+            result = subprocess.run(
                 ["dovecot", "-c", str(self.config_path)], stdout=out, stderr=out, check=False
             )
         if result.returncode != 0:
@@ -341,12 +341,12 @@ class Daemons:
         return [sys.executable, "-m", "mailplugins.cli", "--config", str(self.config_path), *args]
 
     def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(*args), capture_output=True, text=True, input=input,  # noqa: S603
+        return subprocess.run(self.command(*args), capture_output=True, text=True, input=input,
                               cwd=REPO)
 
     def start(self, timeout: float = 30.0) -> Daemons:
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        self.process = subprocess.Popen(  # noqa: S603
+        self.process = subprocess.Popen(
             self.command("serve", *self.daemons), stdout=log, stderr=subprocess.STDOUT, cwd=REPO
         )
         log.close()
