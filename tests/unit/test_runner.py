@@ -18,7 +18,7 @@ from mailplugins.config import parse_config
 from mailplugins.db import schema
 from mailplugins.db.engine import make_engine
 from mailplugins.runner import StartupError, select_daemons
-from tests.rig import REPO, free_port, short_tempdir
+from tests.rig import REPO, free_port, short_tempdir, wait_until
 
 
 def test_select_daemons(tmp_path: Path) -> None:
@@ -96,9 +96,9 @@ def test_outdated_schema_refuses_to_start(workdir: Path) -> None:
     assert "run 'mailplugins db upgrade'" in err
 
 
-def talk(path: Path, line: bytes) -> bytes:
+def talk(path: Path, line: bytes, timeout: float = 5) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
+        sock.settimeout(timeout)
         sock.connect(str(path))
         sock.sendall(line + b"\n")
         return sock.recv(100)
@@ -156,3 +156,44 @@ def test_ready_reload_metrics_and_stop(workdir: Path) -> None:
             process.kill()
             process.communicate()
         notify.close()
+
+
+def test_systemd_socket_activation(workdir: Path) -> None:
+    """A socket passed by systemd (LISTEN_FDS/LISTEN_FDNAMES) is adopted by name."""
+    sock_path = workdir / "activated.sock"
+    config = write(workdir, "systemd:domain=UNIX:name=deliver")
+    activate = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(sock_path), "--fdname=deliver",
+         sys.executable, "-m", "tests.support.echo_daemon", "--config", str(config), "serve"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until(sock_path.exists, timeout=10, what="systemd-socket-activate to listen")
+        # The first connection starts the daemon, which takes over the listening socket.
+        assert talk(sock_path, b"activated", timeout=30) == b"echo activated v1\n"
+        assert talk(sock_path, b"twice") == b"echo twice v1\n"
+    finally:
+        activate.send_signal(signal.SIGTERM)
+        activate.communicate(timeout=30)
+
+
+def test_systemd_socket_with_wrong_name_is_a_clear_error(workdir: Path) -> None:
+    sock_path = workdir / "misnamed.sock"
+    config = write(workdir, "systemd:domain=UNIX:name=deliver")
+    activate = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(sock_path), "--fdname=policy",
+         sys.executable, "-m", "tests.support.echo_daemon", "--config", str(config), "serve"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until(sock_path.exists, timeout=10, what="systemd-socket-activate to listen")
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(sock_path))
+        _out, err = activate.communicate(timeout=60)
+        client.close()
+        assert activate.returncode == 2
+        assert "deliver.listen: systemd passed no socket for 'systemd:domain=UNIX:name=deliver'" in err
+    finally:
+        if activate.poll() is None:
+            activate.kill()
+            activate.communicate()
