@@ -1,0 +1,251 @@
+"""deliver end to end: stock Postfix -> deliver (LMTP, unix socket) -> Maildir -> stock Dovecot IMAP.
+
+One rig per module: a private Postfix whose ``virtual_transport`` is deliver's socket, deliver
+itself (``mailplugins serve deliver``), and a private Dovecot reading the same Maildirs with a
+static passdb/userdb whose ``mail_location`` is deliver's ``mail.location``.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import re
+import shutil
+import smtplib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.rig import Daemons, Dovecot, Postfix, short_tempdir, unix_socket_open, wait_until
+
+pytestmark = pytest.mark.e2e
+
+NOBODY = 65534
+PASSWORD = "imap-secret"
+
+
+@dataclass
+class Rig:
+    root: Path
+    mail_root: Path
+    socket: Path
+    postfix: Postfix
+    dovecot: Dovecot
+    daemons: Daemons
+
+    def maildir(self, user: str) -> Path:
+        local, domain = user.split("@")
+        return self.mail_root / domain / local / "Maildir"
+
+    def send(self, sender: str, recipients: list[str], message: bytes) -> None:
+        with smtplib.SMTP("127.0.0.1", self.postfix.smtp_port, timeout=30) as smtp:
+            smtp.sendmail(sender, recipients, message)
+
+    def new_files(self, user: str, folder: str = "") -> list[Path]:
+        directory = self.maildir(user) / folder / "new" if folder else self.maildir(user) / "new"
+        return sorted(directory.iterdir()) if directory.is_dir() else []
+
+    def status(self, recipient: str) -> str | None:
+        found = re.findall(rf"to=<{re.escape(recipient)}>.*status=(\w+)", self.postfix.log_text())
+        return found[-1] if found else None
+
+    def wait_status(self, recipient: str, status: str, timeout: float = 30) -> None:
+        wait_until(lambda: self.status(recipient) == status, timeout=timeout,
+                   what=f"{recipient} status={status}\n{self.postfix.log_text()[-3000:]}")
+
+    def restart_deliver(self) -> None:
+        self.daemons.stop()
+        self.daemons.start()
+        wait_until(lambda: unix_socket_open(self.socket), what="deliver socket")
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    root = short_tempdir("mpd-")
+    mail_root = root / "vmail"
+    mail_root.mkdir()
+    os.chown(mail_root, NOBODY, NOBODY)
+    socket = root / "lmtp.sock"
+    daemons = Daemons(root / "mp", {
+        "mail": {"location": f"{mail_root}/%d/%n/Maildir", "uid": NOBODY, "gid": NOBODY},
+        "deliver": {
+            "listen": f"unix:{socket}:mode=666",
+            "hostname": "deliver.test",
+            "quota_tempfail": True,
+            "autocreate_detail_folders": True,
+            "memory_spool_limit": 4096,
+        },
+    }, ["deliver"])
+    store = daemons.store
+    store.add_domain("example.org")
+    for user, quota in (("alice", 0), ("bob", 0), ("sender", 0), ("full", 100), ("carol", 0)):
+        store.add_mailbox(f"{user}@example.org", "{PLAIN}unused", quota_bytes=quota)
+    store.add_alias("team@example.org", ["alice@example.org", "bob@example.org"])
+    postfix = Postfix(root, main={
+        "virtual_mailbox_domains": "example.org",
+        "virtual_transport": f"lmtp:unix:{socket}",
+        "smtpd_reject_unlisted_recipient": "no",
+        "message_size_limit": "52428800",
+    })
+    dovecot = Dovecot(root, conf=f"""
+mail_location = maildir:{mail_root}/%d/%n/Maildir
+mail_uid = {NOBODY}
+mail_gid = {NOBODY}
+first_valid_uid = 1
+passdb {{
+  driver = static
+  args = password={PASSWORD}
+}}
+userdb {{
+  driver = static
+  args = uid={NOBODY} gid={NOBODY} home={mail_root}/%d/%n
+}}
+""")
+    rig = Rig(root, mail_root, socket, postfix, dovecot, daemons)
+    try:
+        daemons.start()
+        dovecot.start()
+        postfix.start()
+        yield rig
+    finally:
+        postfix.stop()
+        dovecot.stop()
+        daemons.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def imap_fetch_all(rig: Rig, user: str, mailbox: str = "INBOX") -> list[tuple[bytes, int]]:
+    """(RFC822 bytes, RFC822.SIZE) of every message in ``mailbox``."""
+    imap = imaplib.IMAP4("127.0.0.1", rig.dovecot.imap_port)
+    try:
+        imap.login(user, PASSWORD)
+        status, data = imap.select(mailbox, readonly=True)
+        assert status == "OK", data
+        count = int(data[0] or 0)
+        messages = []
+        for number in range(1, count + 1):
+            status, parts = imap.fetch(str(number), "(RFC822.SIZE RFC822)")
+            assert status == "OK"
+            header, content = parts[0]  # type: ignore[misc]
+            size = int(re.search(rb"RFC822\.SIZE (\d+)", header).group(1))  # type: ignore[union-attr]
+            messages.append((content, size))
+        return messages
+    finally:
+        imap.logout()
+
+
+MESSAGE = (
+    "From: Sender <sender@example.org>\r\n"
+    "To: alice@example.org\r\n"
+    "Subject: =?utf-8?q?gr=C3=BC=C3=9Fe?=\r\n"
+    "Message-ID: <e2e-1@example.org>\r\n"
+    "Date: Sun, 22 Nov 2026 04:00:00 +0000\r\n"
+    "MIME-Version: 1.0\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n"
+    "Content-Transfer-Encoding: 8bit\r\n"
+    "\r\n"
+    "Grüße aus dem Test.\r\n"
+    ".a line starting with a dot\r\n"
+    "..two dots\r\n"
+    "\r\n"
+    + "x" * 990 + "\r\n"
+    "last line\r\n"
+).encode()
+
+
+def test_message_is_fetched_byte_correct_over_imap_and_results_are_mixed(rig: Rig) -> None:
+    rig.send("sender@example.org",
+             ["alice@example.org", "nouser@example.org", "full@example.org"], MESSAGE)
+    rig.wait_status("alice@example.org", "sent")
+    rig.wait_status("nouser@example.org", "bounced")
+    rig.wait_status("full@example.org", "deferred")
+    log = rig.postfix.log_text()
+    assert re.search(r"to=<nouser@example.org>.*dsn=5\.1\.1.*550 5\.1\.1", log)
+    assert re.search(r"to=<full@example.org>.*dsn=4\.2\.2.*452 4\.2\.2", log)
+    assert re.search(r"to=<alice@example.org>.*dsn=2\.0\.0.*250 2\.0\.0", log)
+
+    (path,) = rig.new_files("alice@example.org")
+    stored = path.read_bytes()
+    assert b"\r" not in stored
+    match = re.search(r",S=(\d+),W=(\d+)$", path.name)
+    assert match is not None
+    assert int(match.group(1)) == len(stored) == path.stat().st_size
+    assert int(match.group(2)) == len(stored) + stored.count(b"\n")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (path.stat().st_uid, path.stat().st_gid) == (NOBODY, NOBODY)
+    assert stored.startswith(b"Return-Path: <sender@example.org>\nDelivered-To: alice@example.org\n")
+
+    ((content, size),) = imap_fetch_all(rig, "alice@example.org")
+    assert content == stored.replace(b"\n", b"\r\n")
+    assert size == int(match.group(2)) == len(content)
+    # The original message arrives unchanged after the trace headers Postfix and deliver added.
+    original = MESSAGE[MESSAGE.index(b"From: Sender"):]
+    assert content[-len(original):] == original
+    assert b"\r\n.a line starting with a dot\r\n..two dots\r\n" in content
+
+    # The bounce for nouser reached the sender's mailbox through deliver too.
+    rig.wait_status("sender@example.org", "sent")
+    assert len(rig.new_files("sender@example.org")) == 1
+
+
+def test_maildir_layout_folders_and_detail(rig: Rig) -> None:
+    rig.send("sender@example.org", ["bob+Lists@example.org", "bob+.hidden@example.org"],
+             b"Subject: detail\r\n\r\nhello\r\n")
+    rig.wait_status("bob+Lists@example.org", "sent")
+    rig.wait_status("bob+.hidden@example.org", "sent")
+    maildir = rig.maildir("bob@example.org")
+    for folder in (".Drafts", ".Sent", ".Trash", ".Templates", ".Lists"):
+        assert (maildir / folder / "maildirfolder").is_file(), folder
+        assert (maildir / folder).stat().st_mode & 0o777 == 0o700
+        assert (maildir / folder).stat().st_uid == NOBODY
+    assert len(rig.new_files("bob@example.org", ".Lists")) == 1
+    assert len(rig.new_files("bob@example.org")) == 1  # the unsafe detail fell back to INBOX
+    assert not (maildir / ".hidden").exists()
+    messages = imap_fetch_all(rig, "bob@example.org", "Lists")
+    assert len(messages) == 1
+    assert messages[0][0].endswith(b"\r\n\r\nhello\r\n")
+
+
+def test_alias_expansion_hardlinks_one_file(rig: Rig) -> None:
+    before_alice = set(rig.new_files("alice@example.org"))
+    before_bob = set(rig.new_files("bob@example.org"))
+    rig.send("sender@example.org", ["team@example.org"], b"Subject: team\r\n\r\nfor all\r\n")
+    rig.wait_status("team@example.org", "sent")
+    (alice,) = set(rig.new_files("alice@example.org")) - before_alice
+    (bob,) = set(rig.new_files("bob@example.org")) - before_bob
+    assert alice.stat().st_ino == bob.stat().st_ino
+    assert alice.stat().st_nlink == 2
+    assert alice.name == bob.name
+
+
+def test_kill_during_data_then_retry_leaves_exactly_one_copy(rig: Rig) -> None:
+    pid = rig.daemons.process.pid  # type: ignore[union-attr]
+    body = (b"y" * 76 + b"\r\n") * 200_000  # ~15 MB: DATA takes a while
+    message = b"Subject: crash\r\n\r\n" + body
+
+    def spooling() -> bool:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            return False
+        return any(".mailplugins-spool" in link for link in links)
+
+    rig.send("sender@example.org", ["carol@example.org"], message)
+    wait_until(spooling, timeout=30, interval=0.002, what="deliver to spool DATA")
+    rig.daemons.kill()
+    wait_until(lambda: "lost connection" in rig.postfix.log_text()
+               or rig.status("carol@example.org") == "deferred", timeout=30, what="postfix to notice")
+    assert rig.new_files("carol@example.org") == []
+    rig.restart_deliver()
+    rig.postfix.flush()
+    rig.wait_status("carol@example.org", "sent", timeout=60)
+    time.sleep(1)
+    files = rig.new_files("carol@example.org")
+    assert len(files) == 1
+    stored = files[0].read_bytes()
+    assert stored.count(b"Subject: crash") == 1
+    assert stored.endswith(b"\n\n" + (b"y" * 76 + b"\n") * 200_000)
+    assert list((rig.maildir("carol@example.org") / "tmp").iterdir()) == []
