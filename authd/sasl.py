@@ -75,7 +75,12 @@ class AuthClientProtocol(Protocol):
             self.factory.metrics.protocol_errors.labels("sasl").inc()
             log.warn("dropping auth-client connection from {peer}: {reason}", peer=peer, reason=reason)
         self._closed = True
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        if reason.startswith("temporary failure"):
+            # A reset rather than a FIN: Postfix reconnects only when a write fails, so after a
+            # FIN one more of its sessions would hit the dead socket and answer 454 for nothing.
+            self.transport.abortConnection()  # type: ignore[union-attr]
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _schedule_sweep(self) -> None:
         interval = max(1.0, min(self.session.continue_timeout / 2, 30.0))

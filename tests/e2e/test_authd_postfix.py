@@ -1,0 +1,147 @@
+"""authd as the SASL server of a private stock Postfix 3.7 (``smtpd_sasl_type = dovecot``).
+
+swaks is the SMTP client, so what is checked is exactly what a mail client sees: 235 for a good
+login (PLAIN with an initial response, LOGIN with prompts), 535 for a bad password, a disabled
+account or a wrong service, and 454 (not 535) when authd's database breaks, which authd signals by
+closing the auth connection. Postfix's log must name the canonical login as ``sasl_username``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mailplugins.config import PasswordConfig
+from mailplugins.hashing import hash_password
+from tests.rig import Daemons, Postfix, free_port, short_tempdir
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class Rig:
+    root: Path
+    postfix: Postfix
+    daemons: Daemons
+
+    def swaks(self, user: str, password: str, mech: str = "PLAIN", quit_after: str = "AUTH") -> str:
+        result = subprocess.run(
+            ["swaks", "--server", f"127.0.0.1:{self.postfix.smtp_port}", "--auth", mech,
+             "--auth-user", user, "--auth-password", password, "--quit-after", quit_after, "--from", "alice@example.org",
+             "--to", "bob@example.org",
+             "--timeout", "30"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        return result.stdout + result.stderr
+
+    def logs(self) -> str:
+        return (f"--- maillog\n{self.postfix.log_text()[-3000:]}\n"
+                f"--- authd\n{self.daemons.output()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    root = short_tempdir("mp-authpf-")
+    sasl_port = free_port()
+    daemons = Daemons(
+        root / "mp",
+        {
+            "mail": {"location": str(root / "vmail/%d/%n/Maildir"), "uid": 0, "gid": 0},
+            "authd": {
+                "sasl_listen": f"tcp:{sasl_port}:interface=127.0.0.1",
+                "failure_delay": "0.3s",
+                "penalty_threshold": 100,
+            },
+        },
+        ["authd"],
+    )
+    store = daemons.store
+    passwords = daemons.config.passwords
+    assert isinstance(passwords, PasswordConfig)
+    store.add_domain("example.org")
+    store.add_mailbox("Alice@example.org", hash_password("s3cret pass", passwords))
+    store.add_mailbox("carol@example.org", hash_password("carol-pw", passwords))
+    store.set_enabled("carol@example.org", False)
+    store.add_mailbox("dave@example.org", hash_password("dave-pw", passwords), services=["imap"])
+    store.add_app_password("Alice@example.org", "phone", hash_password("app-secret", passwords), ["smtp"])
+    postfix = Postfix(
+        root,
+        main={
+            "smtpd_sasl_auth_enable": "yes",
+            "smtpd_sasl_type": "dovecot",
+            "smtpd_sasl_path": f"inet:127.0.0.1:{sasl_port}",
+            "smtpd_relay_restrictions": "permit_sasl_authenticated, reject_unauth_destination",
+            "virtual_mailbox_domains": "example.org",
+            "virtual_transport": "error:no delivery in this test",
+            "smtpd_reject_unlisted_recipient": "no",
+        },
+    )
+    daemons.start()
+    try:
+        postfix.start()
+        yield Rig(root, postfix, daemons)
+    finally:
+        postfix.stop()
+        daemons.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_plain_good_password(rig: Rig) -> None:
+    out = rig.swaks("alice@example.org", "s3cret pass", "PLAIN", "RCPT")
+    assert "235 2.7.0 Authentication successful" in out, out + rig.logs()
+    rig.postfix.wait_for_log(r"sasl_method=PLAIN, sasl_username=Alice@example\.org")
+
+
+def test_login_good_password(rig: Rig) -> None:
+    out = rig.swaks("alice@example.org", "s3cret pass", "LOGIN", "RCPT")
+    assert "235 2.7.0 Authentication successful" in out, out + rig.logs()
+    rig.postfix.wait_for_log(r"sasl_method=LOGIN, sasl_username=Alice@example\.org")
+
+
+@pytest.mark.parametrize("mech", ["PLAIN", "LOGIN"])
+def test_bad_password(rig: Rig, mech: str) -> None:
+    out = rig.swaks("alice@example.org", "wrong", mech)
+    assert "535 5.7.8 Error: authentication failed" in out, out + rig.logs()
+
+
+def test_unknown_user_looks_like_a_bad_password(rig: Rig) -> None:
+    out = rig.swaks("nobody@example.org", "whatever")
+    assert "535 5.7.8 Error: authentication failed" in out, out
+    assert "unknown" not in out.lower()
+
+
+def test_disabled_user(rig: Rig) -> None:
+    out = rig.swaks("carol@example.org", "carol-pw")
+    assert "535 5.7.8" in out, out + rig.logs()
+
+
+def test_service_denied(rig: Rig) -> None:
+    out = rig.swaks("dave@example.org", "dave-pw")
+    assert "535 5.7.8" in out, out + rig.logs()
+
+
+def test_app_password(rig: Rig) -> None:
+    out = rig.swaks("alice@example.org", "app-secret", "LOGIN")
+    assert "235 2.7.0 Authentication successful" in out, out + rig.logs()
+
+
+def test_database_failure_gives_454(rig: Rig) -> None:
+    """Last in the module: it breaks the database."""
+    assert "235" in rig.swaks("alice@example.org", "s3cret pass")
+    db_path = rig.daemons.config.database.url.removeprefix("sqlite:///")
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("ALTER TABLE mailboxes RENAME TO mailboxes_gone")
+    try:
+        out = rig.swaks("alice@example.org", "s3cret pass")
+        assert "454 4.7.0 Temporary authentication failure" in out, out + rig.logs()
+    finally:
+        with sqlite3.connect(db_path) as conn:
+            conn.execute("ALTER TABLE mailboxes_gone RENAME TO mailboxes")
+    # authd resets the connection, so Postfix's next write fails and it reconnects at once.
+    assert "235 2.7.0" in rig.swaks("alice@example.org", "s3cret pass"), rig.logs()
