@@ -110,7 +110,7 @@ class NameGenerator:
     def next(self) -> str:
         now = self._clock()
         seconds = int(now)
-        micros = int((now - seconds) * 1_000_000)
+        micros = min(999_999, round((now - seconds) * 1_000_000))
         with self._lock:
             sequence = next(self._counter)
         return f"{seconds}.M{micros}P{os.getpid()}Q{sequence}.{self.host}"

@@ -1,0 +1,215 @@
+"""deliver's Maildir writer: names, S=/W=, permissions, hard links, folders, stale tmp, quota."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deliver import maildir as maildir_module
+from deliver.maildir import (
+    Body,
+    MaildirWriter,
+    NameGenerator,
+    clean_stale,
+    encode_mutf7,
+    folder_for_detail,
+    folder_path,
+)
+from deliver.quota import QuotaTracker, add_usage, count_usage, read_usage
+
+UID, GID = os.getuid(), os.getgid()
+
+
+def writer(**kwargs: Any) -> MaildirWriter:
+    options: dict[str, Any] = {"hostname": "vm", "uid": UID, "gid": GID,
+                               "default_folders": ("Drafts", "Sent", "Trash", "Templates")}
+    options.update(kwargs)
+    return MaildirWriter(**options)
+
+
+def test_names_follow_dovecot_form_with_unpadded_microseconds() -> None:
+    names = NameGenerator("host/with:colon", clock=lambda: 1795313566.016384)
+    first, second = names.next(), names.next()
+    assert re.fullmatch(rf"1795313566\.M16384P{os.getpid()}Q1\.host\\057with\\072colon", first)
+    assert second.endswith("Q2.host\\057with\\072colon")
+
+
+@pytest.mark.parametrize(
+    ("name", "encoded"),
+    [("Lists", "Lists"), ("a&b", "a&-b"), ("Grüße", "Gr&APwA3w-e"), ("日本語", "&ZeVnLIqe-"),
+     ("~peter/mail/台北/日本語", "~peter/mail/&U,BTFw-/&ZeVnLIqe-")],
+)
+def test_modified_utf7(name: str, encoded: str) -> None:
+    assert encode_mutf7(name) == encoded
+
+
+@pytest.mark.parametrize(
+    ("detail", "folder"),
+    [("Lists", "Lists"), ("lists.python", "lists.python"), ("Grüße", "Grüße"), ("", None),
+     (".hidden", None), ("a..b", None), ("a/b", None), ("inbox", None), ("INBOX.x", None),
+     ("tab\there", None), ("end.", None), ("~home", None), ("x" * 201, None)],
+)
+def test_detail_sanitising(detail: str, folder: str | None) -> None:
+    assert folder_for_detail(detail) == folder
+
+
+def test_first_delivery_creates_maildir_and_default_folders(tmp_path: Path) -> None:
+    w = writer()
+    root = tmp_path / "example.org" / "alice" / "Maildir"
+    assert w.ensure_maildir(str(root))
+    assert not w.ensure_maildir(str(root))
+    for folder in ("", ".Drafts", ".Sent", ".Trash", ".Templates"):
+        directory = root / folder if folder else root
+        for sub in ("tmp", "new", "cur"):
+            assert (directory / sub).stat().st_mode & 0o777 == 0o700
+        assert (directory / "maildirfolder").is_file() == bool(folder)
+    assert (tmp_path / "example.org").stat().st_mode & 0o777 == 0o700
+
+
+def test_write_is_exact_private_and_leaves_no_tmp(tmp_path: Path) -> None:
+    w = writer()
+    root = str(tmp_path / "m")
+    w.ensure_maildir(root)
+    header = b"Return-Path: <a@b>\n"
+    body = Body(size=12, bare_newlines=2, data=b"Subject: x\n\n")
+    written, failures = w.write(header, body, [root])
+    assert failures == {}
+    name = written.names[root]
+    path = Path(root) / "new" / name
+    content = path.read_bytes()
+    assert content == header + body.data
+    lines = content.count(b"\n")
+    assert name.endswith(f",S={len(content)},W={len(content) + lines}")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert list((Path(root) / "tmp").iterdir()) == []
+
+
+def test_vsize_counts_only_bare_newlines(tmp_path: Path) -> None:
+    w = writer()
+    root = str(tmp_path / "m")
+    w.ensure_maildir(root)
+    data = b"a\r\nb\n"
+    written, _ = w.write(b"", Body(size=len(data), bare_newlines=1, data=data), [root])
+    assert (written.size, written.vsize) == (5, 6)
+
+
+def test_one_file_hardlinked_into_every_folder(tmp_path: Path) -> None:
+    w = writer()
+    roots = [str(tmp_path / name) for name in ("a", "b", "c")]
+    for root in roots:
+        w.ensure_maildir(root)
+    written, failures = w.write(b"H: 1\n", Body(size=3, bare_newlines=1, data=b"hi\n"), roots)
+    assert failures == {}
+    inodes = {(Path(r) / "new" / written.names[r]).stat().st_ino for r in roots}
+    assert len(inodes) == 1
+    assert (Path(roots[0]) / "new" / written.names[roots[0]]).stat().st_nlink == 3
+
+
+def test_cross_device_link_falls_back_to_a_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = writer()
+    roots = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for root in roots:
+        w.ensure_maildir(root)
+    real_link = os.link
+
+    def link(src: str, dst: str) -> None:
+        if dst.startswith(roots[1]) and "/a/" in src:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(src, dst)
+
+    monkeypatch.setattr(maildir_module.os, "link", link)
+    written, failures = w.write(b"", Body(size=3, bare_newlines=1, data=b"hi\n"), roots)
+    assert failures == {}
+    a, b = ((Path(r) / "new" / written.names[r]) for r in roots)
+    assert a.read_bytes() == b.read_bytes() == b"hi\n"
+    assert a.stat().st_ino != b.stat().st_ino
+    assert list((Path(roots[1]) / "tmp").iterdir()) == []
+
+
+def test_disk_full_while_writing_raises_and_cleans_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = writer()
+    root = str(tmp_path / "m")
+    w.ensure_maildir(root)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(maildir_module.os, "fsync", full)
+    with pytest.raises(OSError, match="No space") as info:
+        w.write(b"", Body(size=1, bare_newlines=1, data=b"\n"), [root])
+    assert info.value.errno == errno.ENOSPC
+    assert list((Path(root) / "tmp").iterdir()) == []
+    assert list((Path(root) / "new").iterdir()) == []
+
+
+def test_spooled_body_is_copied(tmp_path: Path) -> None:
+    w = writer()
+    root = str(tmp_path / "m")
+    w.ensure_maildir(root)
+    data = b"line\n" * 100_000
+    with open(tmp_path / "spool", "w+b") as spool:
+        spool.write(data)
+        written, _ = w.write(b"X: y\n", Body(size=len(data), bare_newlines=100_000, spool=spool), [root])
+    assert (Path(root) / "new" / written.names[root]).read_bytes() == b"X: y\n" + data
+
+
+def test_folder_dir_falls_back_to_inbox_or_creates(tmp_path: Path) -> None:
+    w = writer()
+    root = str(tmp_path / "m")
+    w.ensure_maildir(root)
+    assert w.folder_dir(root, "Sent", create=False) == folder_path(root, "Sent")
+    assert w.folder_dir(root, "Lists", create=False) == root
+    created = w.folder_dir(root, "Grüße", create=True)
+    assert created == os.path.join(root, ".Gr&APwA3w-e")
+    assert os.path.isfile(os.path.join(created, "maildirfolder"))
+
+
+def test_stale_tmp_files_are_removed(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    old, fresh = tmp / "old", tmp / "fresh"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(old, (1000, 1000))
+    # ctime cannot be set back; clean everything changed before "now + 1 s" except fresh files.
+    assert clean_stale(str(tmp), before=fresh.stat().st_ctime - 0.5) == 0
+    assert clean_stale(str(tmp), before=fresh.stat().st_ctime + 10) == 2
+
+
+# -- quota ---------------------------------------------------------------------------------
+
+
+def test_quota_usage_is_counted_written_and_appended(tmp_path: Path) -> None:
+    w = writer()
+    root = str(tmp_path / "m")
+    w.ensure_maildir(root)
+    w.write(b"", Body(size=100, bare_newlines=0, data=b"x" * 100), [root])
+    w.write(b"", Body(size=50, bare_newlines=0, data=b"x" * 50), [folder_path(root, "Sent")])
+    assert count_usage(root) == (150, 2)
+    assert read_usage(root, 1000) == 150
+    assert (Path(root) / "maildirsize").read_text() == "1000S\n150 2\n"
+    add_usage(root, 25)
+    assert read_usage(root, 1000) == 175
+    # A different limit means a recount.
+    assert read_usage(root, 2000) == 150
+
+
+def test_quota_refusal_is_confirmed_by_a_recount(tmp_path: Path) -> None:
+    w = writer()
+    root = str(tmp_path / "m")
+    w.ensure_maildir(root)
+    (Path(root) / "maildirsize").write_text("1000S\n990 9\n")  # stale: nothing is stored
+    clock = [0.0]
+    tracker = QuotaTracker(None, clock=lambda: clock[0])
+    check = tracker.check(root, 1000, 100)
+    assert check.fits(100)
+    assert check.used == 0
+    (Path(root) / "maildirsize").write_text("1000S\n990 9\n")
+    clock[0] = 10
+    # Recounted less than a minute ago: the file is believed.
+    assert not tracker.check(root, 1000, 100).fits(100)

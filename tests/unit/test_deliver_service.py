@@ -1,0 +1,223 @@
+"""deliver's service: recipient resolution through a real Store, Maildir deliveries, replies."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from deliver.lmtp_codec import Reply
+from deliver.maildir import Body
+from deliver.service import DeliverMetrics, DeliveryService, Envelope, Recipient, mail_root
+from mailplugins.config import parse_config
+from mailplugins.database import Database
+from mailplugins.db import schema
+from mailplugins.db.engine import make_engine
+from mailplugins.metrics import DaemonMetrics
+from mailplugins.store import Store
+
+
+class SyncPool:
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        try:
+            return succeed(fn(*args, **kwargs))
+        except Exception as exc:
+            d: Deferred[Any] = Deferred()
+            d.errback(exc)
+            return d
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "Deferred did not fire"
+    return results[0]
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Any:
+    def build(**deliver: Any) -> tuple[DeliveryService, Store]:
+        data = {
+            "database": {"url": f"sqlite:///{tmp_path}/mail.db"},
+            "mail": {"location": f"{tmp_path}/vmail/%d/%n/Maildir", "uid": os.getuid(), "gid": os.getgid()},
+            "deliver": {"listen": "tcp:0", "hostname": "vm", **deliver},
+        }
+        config = parse_config(data)
+        engine = make_engine(config.database)
+        schema.upgrade(engine)
+        store = Store(engine)
+        if not store.is_local_domain("example.org"):
+            store.add_domain("example.org")
+            for user, quota in (("alice", 0), ("bob", 0), ("small", 50)):
+                store.add_mailbox(f"{user}@example.org", "{PLAIN}x", quota_bytes=quota)
+            store.add_mailbox("off@example.org", "{PLAIN}x")
+            store.set_enabled("off@example.org", False)
+            store.add_alias("team@example.org", ["alice@example.org", "bob@example.org"])
+        clock = Clock()
+        db = Database(clock, config.database, store=store)
+        db.pool = SyncPool()  # type: ignore[assignment]
+        service = DeliveryService(clock, config, db, SyncPool(), DeliverMetrics(DaemonMetrics("deliver")),  # type: ignore[arg-type]
+                                  clock=lambda: 1795313444.590986)
+        return service, store
+
+    return build
+
+
+def maildir(tmp_path: Path, user: str) -> Path:
+    return tmp_path / "vmail" / "example.org" / user / "Maildir"
+
+
+def rcpt(service: DeliveryService, path: str, size: int | None = None, original: str | None = None) -> Any:
+    return result_of(service.check_recipient(path, original, size))
+
+
+def test_mail_root_of_location_templates() -> None:
+    assert mail_root("/var/vmail/%d/%n/Maildir") == "/var/vmail/"
+    assert mail_root("/srv/mail-%u") == "/srv"
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "enhanced"),
+    [("nobody@example.org", 550, "5.1.1"), ("off@example.org", 550, "5.2.1"),
+     ("x@elsewhere.example", 550, "5.1.2"), ("not an address", 501, "5.1.3"),
+     ("a%b@example.org", 550, "5.1.1")],
+)
+def test_rejections_at_rcpt(make: Any, path: str, code: int, enhanced: str) -> None:
+    service, _store = make()
+    reply = rcpt(service, path)
+    assert isinstance(reply, Reply)
+    assert (reply.code, reply.enhanced) == (code, enhanced)
+
+
+def test_disabled_can_be_deferred(make: Any) -> None:
+    service, _ = make(disabled="defer")
+    reply = rcpt(service, "off@example.org")
+    assert (reply.code, reply.enhanced) == (450, "4.2.1")
+
+
+def test_database_down_is_451(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    service, store = make()
+
+    def down(*args: Any) -> None:
+        raise ConnectionError("database unreachable")
+
+    monkeypatch.setattr(store, "resolve", down)
+    reply = rcpt(service, "alice@example.org")
+    assert (reply.code, reply.enhanced) == (451, "4.3.0")
+
+
+def test_alias_and_detail_resolution(make: Any, tmp_path: Path) -> None:
+    service, _ = make()
+    team = rcpt(service, "team@example.org")
+    assert isinstance(team, Recipient)
+    assert [t.maildir for t in team.targets] == [str(maildir(tmp_path, "alice")), str(maildir(tmp_path, "bob"))]
+    detail = rcpt(service, "alice+Lists@example.org")
+    assert [t.detail for t in detail.targets] == ["Lists"]
+
+
+def test_declared_size_over_quota_is_refused_at_rcpt(make: Any) -> None:
+    service, _ = make()
+    assert isinstance(rcpt(service, "small@example.org", size=10), Recipient)
+    reply = rcpt(service, "small@example.org", size=100)
+    assert (reply.code, reply.enhanced) == (552, "5.2.2")
+    service, _ = make(quota_tempfail=True)
+    reply = rcpt(service, "small@example.org", size=100)
+    assert (reply.code, reply.enhanced) == (452, "4.2.2")
+
+
+def deliver(service: DeliveryService, paths: list[str], data: bytes, sender: str = "s@o.example") -> list[Reply]:
+    envelope = Envelope("client", sender)
+    for path in paths:
+        recipient = rcpt(service, path)
+        assert isinstance(recipient, Recipient), recipient
+        envelope.recipients.append(recipient)
+    body = Body(len(data), data.count(b"\n"), data=data)
+    replies: list[Reply] = result_of(service.deliver(envelope, body))
+    return replies
+
+
+def test_delivery_replies_per_recipient_in_order(make: Any, tmp_path: Path) -> None:
+    service, _ = make()
+    data = b"Subject: hi\n\n" + b"z" * 60 + b"\n"
+    replies = deliver(service, ["alice@example.org", "small@example.org", "alice+Lists@example.org"], data)
+    assert [(r.code, r.enhanced) for r in replies] == [(250, "2.0.0"), (552, "5.2.2"), (250, "2.0.0")]
+    files = sorted((maildir(tmp_path, "alice") / "new").iterdir())
+    assert len(files) == 2  # no Lists folder and no autocreate: INBOX
+    contents = {f.read_bytes() for f in files}
+    assert contents == {
+        b"Return-Path: <s@o.example>\nDelivered-To: alice@example.org\n" + data,
+        b"Return-Path: <s@o.example>\nDelivered-To: alice+Lists@example.org\n" + data,
+    }
+    assert all(f.name.startswith("1795313444.M590986P") for f in files)
+    assert not (maildir(tmp_path, "small") / "new").exists() or not list((maildir(tmp_path, "small") / "new").iterdir())
+
+
+def test_detail_folder_autocreated_and_orcpt_header(make: Any, tmp_path: Path) -> None:
+    service, _ = make(autocreate_detail_folders=True)
+    envelope = Envelope("client", "")
+    recipient = result_of(service.check_recipient("bob+Grüße@example.org", "Bob+Gruss@example.org", None))
+    envelope.recipients.append(recipient)
+    replies = result_of(service.deliver(envelope, Body(3, 1, data=b"x:\n")))
+    assert replies[0].code == 250
+    (path,) = (maildir(tmp_path, "bob") / ".Gr&APwA3w-e" / "new").iterdir()
+    assert path.read_bytes() == (
+        "Return-Path: <>\nDelivered-To: bob+Grüße@example.org\nX-Original-To: Bob+Gruss@example.org\nx:\n"
+    ).encode()
+
+
+def test_identical_content_is_hardlinked(make: Any, tmp_path: Path) -> None:
+    service, _ = make(delivered_to="single")
+    deliver(service, ["alice@example.org", "bob@example.org", "bob@example.org"], b"m\n")
+    (a,) = (maildir(tmp_path, "alice") / "new").iterdir()
+    (b,) = (maildir(tmp_path, "bob") / "new").iterdir()  # the duplicate RCPT is stored once
+    assert a.stat().st_ino == b.stat().st_ino
+    assert a.read_bytes() == b"Return-Path: <s@o.example>\nm\n"
+
+
+def test_alias_recipient_hardlinks_with_delivered_to(make: Any, tmp_path: Path) -> None:
+    service, _ = make()
+    replies = deliver(service, ["team@example.org"], b"m\n")
+    assert [r.code for r in replies] == [250]
+    (a,) = (maildir(tmp_path, "alice") / "new").iterdir()
+    (b,) = (maildir(tmp_path, "bob") / "new").iterdir()
+    assert a.stat().st_ino == b.stat().st_ino
+    assert b"Delivered-To: team@example.org\n" in a.read_bytes()
+
+
+@pytest.mark.parametrize(("code", "reply"), [(errno.ENOSPC, (452, "4.2.2")), (errno.EDQUOT, (452, "4.2.2")),
+                                             (errno.EIO, (451, "4.3.0"))])
+def test_io_errors_map_to_replies(make: Any, monkeypatch: pytest.MonkeyPatch, code: int,
+                                  reply: tuple[int, str]) -> None:
+    service, _ = make()
+
+    def broken(*args: Any) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(service.writer, "write", broken)
+    replies = deliver(service, ["alice@example.org", "bob@example.org"], b"m\n")
+    assert [(r.code, r.enhanced) for r in replies] == [reply, reply]
+
+
+def test_quota_usage_is_tracked_after_delivery(make: Any, tmp_path: Path) -> None:
+    service, _ = make()
+    replies = deliver(service, ["small@example.org"], b"", sender="")
+    assert replies[0].code == 250
+    size = len(b"Return-Path: <>\nDelivered-To: small@example.org\n")
+    text = (maildir(tmp_path, "small") / "maildirsize").read_text()
+    assert text == f"50S\n0 0\n{size} 1\n"
+    replies = deliver(service, ["small@example.org"], b"", sender="")
+    assert (replies[0].code, replies[0].enhanced) == (552, "5.2.2")
+
+
+def test_metrics_count_results(make: Any) -> None:
+    service, _ = make()
+    deliver(service, ["alice@example.org"], b"m\n")
+    rcpt(service, "nobody@example.org")
+    assert service.metrics.recipients.labels("delivered")._value.get() == 1
+    assert service.metrics.recipients.labels("unknown")._value.get() == 1
+    assert service.metrics.bytes_written._value.get() > 0
