@@ -131,7 +131,9 @@ def test_cross_device_link_falls_back_to_a_copy(tmp_path: Path, monkeypatch: pyt
     assert list((Path(roots[1]) / "tmp").iterdir()) == []
 
 
-def test_disk_full_while_writing_raises_and_cleans_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_while_writing_raises_and_cleans_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     w = writer()
     root = str(tmp_path / "m")
     w.ensure_maildir(root)

@@ -115,7 +115,8 @@ def test_alias_and_detail_resolution(make: Any, tmp_path: Path) -> None:
     service, _ = make()
     team = rcpt(service, "team@example.org")
     assert isinstance(team, Recipient)
-    assert [t.maildir for t in team.targets] == [str(maildir(tmp_path, "alice")), str(maildir(tmp_path, "bob"))]
+    expected = [str(maildir(tmp_path, "alice")), str(maildir(tmp_path, "bob"))]
+    assert [t.maildir for t in team.targets] == expected
     detail = rcpt(service, "alice+Lists@example.org")
     assert [t.detail for t in detail.targets] == ["Lists"]
 
@@ -130,7 +131,9 @@ def test_declared_size_over_quota_is_refused_at_rcpt(make: Any) -> None:
     assert (reply.code, reply.enhanced) == (452, "4.2.2")
 
 
-def deliver(service: DeliveryService, paths: list[str], data: bytes, sender: str = "s@o.example") -> list[Reply]:
+def deliver(
+    service: DeliveryService, paths: list[str], data: bytes, sender: str = "s@o.example"
+) -> list[Reply]:
     envelope = Envelope("client", sender)
     for path in paths:
         recipient = rcpt(service, path)
@@ -154,7 +157,8 @@ def test_delivery_replies_per_recipient_in_order(make: Any, tmp_path: Path) -> N
         b"Return-Path: <s@o.example>\nDelivered-To: alice+Lists@example.org\n" + data,
     }
     assert all(f.name.startswith("1795313444.M590986P") for f in files)
-    assert not (maildir(tmp_path, "small") / "new").exists() or not list((maildir(tmp_path, "small") / "new").iterdir())
+    small_new = maildir(tmp_path, "small") / "new"
+    assert not small_new.exists() or not list(small_new.iterdir())
 
 
 def test_detail_folder_autocreated_and_orcpt_header(make: Any, tmp_path: Path) -> None:
