@@ -7,14 +7,13 @@ import os
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
-from twisted.internet import reactor as global_reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
 
 from mailplugins import sdnotify
 from mailplugins.connections import LimitedFactory
@@ -93,24 +92,47 @@ def test_limited_factory_caps_and_counts() -> None:
     assert factory.open_count == 2
 
 
-class WorkerPoolTests(TestCase):
-    def test_runs_off_the_reactor_thread(self) -> object:
-        pool = WorkerPool(global_reactor, "test", 2)
-        self.addCleanup(pool.stop)
-        main = threading.get_ident()
-        d = pool.run(lambda x: (x * 2, threading.get_ident()), 21)
+class DirectReactor:
+    """Delivers results straight from the worker thread: enough to test the pool alone."""
 
-        def check(result: tuple[int, int]) -> None:
-            self.assertEqual(result[0], 42)
-            self.assertNotEqual(result[1], main)
+    def __init__(self) -> None:
+        self.triggers: list[tuple[str, str]] = []
 
-        return d.addCallback(check)
+    def callFromThread(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        fn(*args, **kwargs)
 
-    def test_errors_arrive_as_failures(self) -> object:
-        pool = WorkerPool(global_reactor, "test", 1)
-        self.addCleanup(pool.stop)
-        d = pool.run(lambda: 1 / 0)
-        return self.assertFailure(d, ZeroDivisionError)
+    def addSystemEventTrigger(self, phase: str, event: str, fn: Any) -> None:
+        self.triggers.append((phase, event))
+
+
+def wait_for(d: Any) -> Any:
+    done = threading.Event()
+    box: list[Any] = []
+    d.addBoth(lambda r: (box.append(r), done.set()))
+    assert done.wait(10)
+    return box[0]
+
+
+def test_worker_pool_runs_off_the_calling_thread() -> None:
+    reactor = DirectReactor()
+    pool = WorkerPool(reactor, "test", 2)
+    try:
+        value, thread = wait_for(pool.run(lambda x: (x * 2, threading.get_ident()), 21))
+        assert value == 42
+        assert thread != threading.get_ident()
+        assert reactor.triggers == [("during", "shutdown")]
+    finally:
+        pool.stop()
+
+
+def test_worker_pool_errors_arrive_as_failures() -> None:
+    pool = WorkerPool(DirectReactor(), "test", 1)
+    try:
+        result = wait_for(pool.run(lambda: 1 / 0))
+        assert isinstance(result, Failure)
+        assert result.check(ZeroDivisionError)
+    finally:
+        pool.stop()
 
 
 def test_stdout_is_default_stream() -> None:
