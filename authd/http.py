@@ -90,7 +90,7 @@ class VerifyResource(Resource):
             service=service,
             remote_ip=_field(request, "rip") or None,
             mechanism="http",
-            secured=bool(_field(request, "secured")),
+            secured=(_field(request, "secured") or "").lower() in ("1", "yes", "true", "tls", "secured"),
         )
         finished = [False]
 

@@ -1,0 +1,183 @@
+"""authd behind a private stock Dovecot 2.3: the dict passdb/userdb and the Lua (HTTP) passdb.
+
+Two Dovecot instances share one authd: one with ``driver = dict`` for passdb and userdb (Dovecot
+verifies the hash itself), one with ``driver = lua`` running authd/lua/mailplugins-auth.lua
+(authd verifies: app passwords and per-service flags work there). imaplib is the client; Dovecot
+creating the Maildir where mailplugins.maildir_path says it is proves deliver and Dovecot agree.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import pwd
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mailplugins.hashing import hash_password
+from mailplugins.maildir_path import expand_location
+from tests.rig import REPO, Daemons, Dovecot, free_port, short_tempdir
+
+pytestmark = pytest.mark.e2e
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+@dataclass
+class Rig:
+    root: Path
+    daemons: Daemons
+    dict_dovecot: Dovecot
+    lua_dovecot: Dovecot
+    sasl_socket: Path
+
+    def logs(self) -> str:
+        return (f"--- dict dovecot\n{self.dict_dovecot.log_text()[-3000:]}\n"
+                f"--- lua dovecot\n{self.lua_dovecot.log_text()[-3000:]}\n"
+                f"--- authd\n{self.daemons.output()[-3000:]}")
+
+
+def imap_login(dovecot: Dovecot, user: str, password: str) -> str:
+    """``OK`` and the number of messages in INBOX, or the server's refusal."""
+    with imaplib.IMAP4("127.0.0.1", dovecot.imap_port, timeout=30) as imap:
+        try:
+            imap.login(user, password)
+        except imaplib.IMAP4.error as exc:
+            return f"NO {exc}"
+        typ, data = imap.select("INBOX")
+        imap.logout()
+        return f"{typ} {data[0]!r}"
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    root = short_tempdir("mp-authdc-")
+    vmail = root / "vmail"
+    vmail.mkdir()
+    os.chown(vmail, NOBODY.pw_uid, NOBODY.pw_gid)
+    http_port = free_port()
+    sasl_socket = root / "auth.sock"
+    dict_socket = root / "dict.sock"
+    daemons = Daemons(
+        root / "mp",
+        {
+            "mail": {"location": f"{vmail}/%d/%n/Maildir", "uid": NOBODY.pw_uid, "gid": NOBODY.pw_gid},
+            "authd": {
+                "sasl_listen": f"unix:{sasl_socket}:mode=666",
+                "dict_listen": f"unix:{dict_socket}:mode=666",
+                "http_listen": f"tcp:{http_port}:interface=127.0.0.1",
+                "failure_delay": "0.2s",
+                "penalty_threshold": 100,
+            },
+        },
+        ["authd"],
+    )
+    store = daemons.store
+    passwords = daemons.config.passwords
+    store.add_domain("example.org")
+    store.add_mailbox("alice@example.org", hash_password("alice-pw", passwords), quota_bytes=10**6)
+    store.add_mailbox("bob@example.org", hash_password("bob-pw", passwords), services=["smtp"])
+    store.add_mailbox("carol@example.org", hash_password("carol-pw", passwords))
+    store.set_enabled("carol@example.org", False)
+    store.add_app_password("alice@example.org", "laptop", hash_password("app-pw", passwords), ["imap"])
+    dict_conf = root / "dict-auth.conf.ext"
+    dict_conf.write_text(
+        f"uri = proxy:{dict_socket}:auth\n"
+        "iterate_prefix = userdb/\n"
+        "key passdb {\n  key = passdb/%s/%u\n  format = json\n}\n"
+        "key userdb {\n  key = userdb/%u\n  format = json\n}\n"
+        "passdb_objects = passdb\nuserdb_objects = userdb\n"
+    )
+    userdb = f"userdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n"
+    dict_dovecot = Dovecot(
+        root / "dc-dict",
+        conf=f"passdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n{userdb}",
+    )
+    lua_script = root / "mailplugins-auth.lua"
+    shipped = (REPO / "authd" / "lua" / "mailplugins-auth.lua").read_text()
+    default_url = 'local url = "http://127.0.0.1:9643/verify"'
+    assert default_url in shipped
+    lua_script.write_text(shipped.replace(default_url, f'local url = "http://127.0.0.1:{http_port}/verify"'))
+    lua_dovecot = Dovecot(
+        root / "dc-lua",
+        conf=(
+            "auth_debug = yes\n"
+            "passdb {\n  driver = lua\n"
+            f"  args = file={lua_script} blocking=yes\n}}\n"
+            f"{userdb}"
+        ),
+    )
+    daemons.start()
+    started: list[Dovecot] = []
+    try:
+        for dovecot in (dict_dovecot, lua_dovecot):
+            dovecot.start()
+            started.append(dovecot)
+        yield Rig(root, daemons, dict_dovecot, lua_dovecot, sasl_socket)
+    finally:
+        for dovecot in started:
+            dovecot.stop()
+        daemons.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_imap_login_through_dict_creates_the_maildir_deliver_uses(rig: Rig) -> None:
+    assert imap_login(rig.dict_dovecot, "alice@example.org", "alice-pw") == "OK b'0'", rig.logs()
+    expected = expand_location(rig.daemons.config.mail.location, "alice", "example.org")
+    assert Path(expected, "cur").is_dir(), rig.logs()
+
+
+def test_imap_bad_password_through_dict(rig: Rig) -> None:
+    assert imap_login(rig.dict_dovecot, "alice@example.org", "wrong").startswith("NO")
+
+
+def test_dict_disabled_and_service_denied(rig: Rig) -> None:
+    assert imap_login(rig.dict_dovecot, "carol@example.org", "carol-pw").startswith("NO")
+    assert imap_login(rig.dict_dovecot, "bob@example.org", "bob-pw").startswith("NO")
+
+
+def test_doveadm_user_iterates(rig: Rig) -> None:
+    result = rig.dict_dovecot.doveadm("user", "*")
+    assert result.returncode == 0, result.stderr + rig.logs()
+    assert result.stdout.split() == ["alice@example.org", "bob@example.org"]
+
+
+def test_doveadm_user_shows_the_userdb_fields(rig: Rig) -> None:
+    result = rig.dict_dovecot.doveadm("user", "alice@example.org")
+    assert result.returncode == 0, result.stderr + rig.logs()
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.strip())
+    location = expand_location(rig.daemons.config.mail.location, "alice", "example.org")
+    assert fields["mail"] == f"maildir:{location}"
+    assert fields["home"] == str(Path(location).parent)
+    assert fields["uid"] == str(NOBODY.pw_uid)
+    assert fields["quota_rule"] == "*:bytes=1000000"
+
+
+def test_doveadm_auth_test_against_authd_socket(rig: Rig) -> None:
+    ok = rig.dict_dovecot.doveadm("auth", "test", "-a", str(rig.sasl_socket), "-x", "service=smtp",
+                                  "alice@example.org", "alice-pw")
+    assert ok.returncode == 0, ok.stdout + ok.stderr + rig.logs()
+    assert "user=alice@example.org" in ok.stdout
+    bad = rig.dict_dovecot.doveadm("auth", "test", "-a", str(rig.sasl_socket), "alice@example.org", "nope")
+    assert bad.returncode == 77, bad.stdout + bad.stderr
+
+
+def test_lua_route_good_bad_app_password(rig: Rig) -> None:
+    assert imap_login(rig.lua_dovecot, "alice@example.org", "alice-pw") == "OK b'0'", rig.logs()
+    assert imap_login(rig.lua_dovecot, "alice@example.org", "app-pw") == "OK b'0'", rig.logs()
+    assert imap_login(rig.lua_dovecot, "alice@example.org", "wrong").startswith("NO")
+    assert imap_login(rig.lua_dovecot, "nobody@example.org", "x").startswith("NO")
+    assert imap_login(rig.lua_dovecot, "carol@example.org", "carol-pw").startswith("NO")
+    assert imap_login(rig.lua_dovecot, "bob@example.org", "bob-pw").startswith("NO")
+
+
+def test_lua_http_client_gets_100_continue(rig: Rig) -> None:
+    """Dovecot's HTTP client sends Expect: 100-continue; authd must answer it, not make it wait."""
+    imap_login(rig.lua_dovecot, "alice@example.org", "alice-pw")
+    log = rig.lua_dovecot.log_text()
+    assert "Got expected 100-continue response" in log, log[-3000:]
+    assert "Expected 100-continue response timed out" not in log, log[-3000:]
