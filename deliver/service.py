@@ -30,6 +30,8 @@ from mailplugins.threads import WorkerPool
 
 log = Logger(namespace="deliver")
 
+#: Entries in the recipient cache before it is emptied (bounded memory).
+CACHE_LIMIT = 10_000
 SIZE_BUCKETS = (1024.0, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 DURATION_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120,
@@ -237,6 +239,7 @@ class DeliveryService:
             stale_tmp_interval=self.settings.stale_tmp_interval,
         )
         self.quota = QuotaTracker(owner if os.geteuid() == 0 else None)
+        self._cache: dict[str, tuple[float, tuple[Target, ...]]] = {}
 
     @property
     def spool_directory(self) -> str:
@@ -262,15 +265,22 @@ class DeliveryService:
         self, path: str, original: str | None, declared_size: int | None
     ) -> Deferred[Recipient | Reply]:
         started = time.monotonic()
-        d = self.db.run(
-            resolve_recipient,
-            self.db.store,
-            path,
-            location=self.config.mail.location,
-            delimiters=self.config.mail.recipient_delimiter,
-            disabled_action=self.settings.disabled,
-        )
-        d.addTimeout(self.db.timeout, self.reactor)
+        now = self.reactor.seconds()
+        cached = self._cache.get(path)
+        d: Deferred[Any]
+        if cached is not None and cached[0] > now:
+            d = succeed(cached[1])
+        else:
+            d = self.db.run(
+                resolve_recipient,
+                self.db.store,
+                path,
+                location=self.config.mail.location,
+                delimiters=self.config.mail.recipient_delimiter,
+                disabled_action=self.settings.disabled,
+            )
+            d.addTimeout(self.db.timeout, self.reactor)
+            d.addCallback(self._remember, path)
 
         def resolved(result: tuple[Target, ...] | Rejection) -> Any:
             self.metrics.duration.labels("resolve").observe(time.monotonic() - started)
@@ -294,7 +304,19 @@ class DeliveryService:
 
         d.addCallback(resolved)
         d.addErrback(failed)
-        return d  # type: ignore[return-value]
+        return d
+
+    def _remember(self, result: tuple[Target, ...] | Rejection, path: str) -> Any:
+        """Cache found mailboxes briefly: a busy MX sees the same recipients again and again.
+
+        Rejections are not cached, so a mailbox added a moment ago gets mail at once.
+        """
+        ttl = self.settings.lookup_cache_ttl
+        if ttl > 0 and not isinstance(result, Rejection):
+            if len(self._cache) >= CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[path] = (self.reactor.seconds() + ttl, result)
+        return result
 
     def _rcpt_quota(self, recipient: Recipient, limited: Sequence[Target], size: int) -> Recipient | Reply:
         """Blocking: refuse at RCPT when the declared SIZE is already over the room left."""

@@ -58,6 +58,8 @@ class DeliverConfig:
     disk_threads: int
     #: DATA held in memory before it goes to the spool file (per connection).
     memory_spool_limit: int
+    #: Seconds a found recipient (mailboxes, folders, quota) is remembered; 0 disables.
+    lookup_cache_ttl: float
 
 
 def _hostname(value: object) -> str:
@@ -101,6 +103,7 @@ def parse_deliver(f: Fields) -> DeliverConfig:
         disk_threads=f.integer("disk_threads", min(16, 4 * (os.cpu_count() or 2)), minimum=1,
                                maximum=256),
         memory_spool_limit=f.size("memory_spool_limit", 256 * 1024, minimum=4096),
+        lookup_cache_ttl=f.duration("lookup_cache_ttl", 10.0, minimum=0, maximum=3600),
     )
     f.done()
     return config

@@ -225,3 +225,15 @@ def test_metrics_count_results(make: Any) -> None:
     assert service.metrics.recipients.labels("delivered")._value.get() == 1
     assert service.metrics.recipients.labels("unknown")._value.get() == 1
     assert service.metrics.bytes_written._value.get() > 0
+
+
+def test_found_recipients_are_cached_briefly_rejections_not(make: Any) -> None:
+    service, store = make(lookup_cache_ttl=10)
+    assert isinstance(rcpt(service, "alice@example.org"), Recipient)
+    store.set_enabled("alice@example.org", False)
+    assert isinstance(rcpt(service, "alice@example.org"), Recipient)
+    service.reactor.advance(11)
+    assert rcpt(service, "alice@example.org").code == 550
+    assert rcpt(service, "carol@example.org").code == 550
+    store.add_mailbox("carol@example.org", "{PLAIN}x")
+    assert isinstance(rcpt(service, "carol@example.org"), Recipient)
