@@ -8,10 +8,14 @@ error. Every error is one line on stderr; passwords are read from stdin or a pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
+import importlib.util
 import json
+import os
 import secrets
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
@@ -20,6 +24,19 @@ from typing import Any, NoReturn, TextIO
 from mailplugins import __version__
 from mailplugins.config import Config, ConfigError, config_path, load_config
 from mailplugins.config.fields import parse_size
+from mailplugins.generators import (
+    DEBIAN_CERT,
+    DEBIAN_KEY,
+    DovecotOptions,
+    GeneratedFile,
+    PostfixOptions,
+    PostfixSnippet,
+    dovecot_conf_text,
+    dovecot_config,
+    postfix_config,
+    render_dovecot,
+    render_postfix,
+)
 from mailplugins.hashing import hash_password
 from mailplugins.store import SERVICES, Store, StoreError
 
@@ -294,6 +311,90 @@ class App:
         self.store.revoke_app_password(self.args.login, self.args.name)
         self.out.write(f"revoked app password {self.args.name!r} of {self.args.login}\n")
 
+    # -- wiring stock Postfix and Dovecot ----------------------------------------------------
+
+    def _postfix_options(self) -> PostfixOptions:
+        a = self.args
+        mode = a.domains
+        if mode == "auto":
+            mode = "list" if self.config.database.is_sqlite else "sql"
+        names: tuple[str, ...] = ()
+        if mode == "list":
+            names = tuple(d.name for d in self.store.list_domains())
+        return PostfixOptions(
+            queue_directory=a.queue_directory, config_directory=a.postfix_directory,
+            submission=a.submission, chroot=not a.no_chroot, tls_cert=a.tls_cert,
+            tls_key=a.tls_key, domains=mode, domain_names=names,
+        )
+
+    def _dovecot_options(self) -> DovecotOptions:
+        a = self.args
+        script = a.lua_script or _packaged_lua_script()
+        text = None
+        if script:
+            try:
+                with open(script, encoding="utf-8") as handle:
+                    text = handle.read()
+            except OSError:
+                text = None
+        return DovecotOptions(
+            config_directory=a.dovecot_directory, lua=a.lua, lua_script=script, lua_script_text=text,
+            tls_cert=a.tls_cert, tls_key=a.tls_key, postfix_queue_directory=a.queue_directory,
+        )
+
+    def _write_files(self, files: Sequence[GeneratedFile]) -> None:
+        for generated in files:
+            _write_atomically(generated.path, generated.text, generated.mode)
+            self.out.write(f"wrote {generated.path}\n")
+
+    def cmd_postfix_config(self) -> None:
+        try:
+            snippet = postfix_config(self.config, self._postfix_options())
+        except ValueError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
+        if self.args.write:
+            self._write_files(snippet.files)
+            return
+        self.out.write(render_postfix(snippet))
+
+    def cmd_dovecot_config(self) -> None:
+        try:
+            snippet = dovecot_config(self.config, self._dovecot_options())
+        except ValueError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
+        if self.args.write:
+            conf = os.path.join(self.args.dovecot_directory, "conf.d", "99-mailplugins.conf")
+            self._write_files([GeneratedFile(conf, dovecot_conf_text(snippet), 0o644), *snippet.files])
+            return
+        self.out.write(render_dovecot(snippet))
+
+    def cmd_doctor(self) -> int:
+        from mailplugins import doctor
+
+        findings: list[doctor.Finding] = []
+        checked: list[str] = []
+        try:
+            if not self.args.no_postfix:
+                snippet = postfix_config(self.config, self._postfix_options())
+                live = doctor.run_postconf(self.args.postfix_config_dir)
+                findings += doctor.check_postfix(snippet, live)
+                if snippet.domains_mode == "list":
+                    findings += doctor.check_domains(snippet, live, snippet_domains(snippet))
+                checked.append("postfix")
+            if not self.args.no_dovecot:
+                dsnippet = dovecot_config(self.config, self._dovecot_options())
+                findings += doctor.check_dovecot(dsnippet, doctor.run_doveconf(self.args.dovecot_config))
+                checked.append("dovecot")
+        except (ValueError, RuntimeError) as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
+        for finding in findings:
+            self.out.write(finding.render() + "\n")
+        if findings:
+            self.out.write(f"{len(findings)} problem(s) found\n")
+            return EXIT_FAILED
+        self.out.write(f"OK: {' and '.join(checked) or 'nothing'} wired as {self.config.source} says\n")
+        return 0
+
     def cmd_serve(self) -> int:
         from mailplugins.logs import start_logging
         from mailplugins.runner import StartupError, serve
@@ -304,6 +405,59 @@ class App:
             return serve(config_path(self.args.config), config, self.args.daemons)
         except StartupError as exc:
             raise CommandError(str(exc), exc.status) from None
+
+
+def _packaged_lua_script() -> str:
+    """authd's Lua script as installed, found without importing authd (the core imports no daemon)."""
+    spec = importlib.util.find_spec("authd")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(location, "lua", "mailplugins-auth.lua")
+        if os.path.exists(path):
+            return path
+    return ""
+
+
+def _write_atomically(path: str, text: str, mode: int) -> None:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".mailplugins-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def snippet_domains(snippet: PostfixSnippet) -> list[str]:
+    """The domains the generator listed (it lists the database's when domains_mode is list)."""
+    value = snippet.main_dict().get("virtual_mailbox_domains", "")
+    return [d.strip() for d in value.split(",") if d.strip()]
+
+
+def _wiring_options(sub: argparse.ArgumentParser, postfix: bool, dovecot: bool) -> None:
+    sub.add_argument("--tls-cert", default=DEBIAN_CERT, metavar="FILE", help=f"default {DEBIAN_CERT}")
+    sub.add_argument("--tls-key", default=DEBIAN_KEY, metavar="FILE", help=f"default {DEBIAN_KEY}")
+    sub.add_argument("--queue-directory", default="/var/spool/postfix", metavar="DIR",
+                     help="Postfix's queue_directory (default /var/spool/postfix)")
+    if postfix:
+        sub.add_argument("--postfix-directory", default="/etc/postfix", metavar="DIR",
+                         help="where companion map files go (default /etc/postfix)")
+        sub.add_argument("--submission", default="submission", metavar="SERVICE",
+                         help="master.cf name of the submission listener (default submission = 587)")
+        sub.add_argument("--no-chroot", action="store_true", help="submission smtpd not chrooted")
+        sub.add_argument("--domains", default="auto", choices=("auto", "list", "sql"),
+                         help="virtual_mailbox_domains as a list from the database or a live SQL "
+                         "map (default: list with SQLite, sql with PostgreSQL/MySQL)")
+    if dovecot:
+        sub.add_argument("--dovecot-directory", default="/etc/dovecot", metavar="DIR",
+                         help="where the companion files go (default /etc/dovecot)")
+        sub.add_argument("--lua", action="store_true",
+                         help="Lua passdb over authd's HTTP verify endpoint instead of the dict passdb")
+        sub.add_argument("--lua-script", metavar="FILE",
+                         help="authd's Lua script (default: the one installed with authd)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,6 +553,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(commands, "serve", App.cmd_serve, "run daemons (default: every configured one)")
     sub.add_argument("daemons", nargs="*", metavar="DAEMON", help="policyd, authd, deliver")
     sub.add_argument("--log-level", default="info", choices=("debug", "info", "warn", "error"))
+    sub = command(commands, "postfix-config", App.cmd_postfix_config,
+                  "print the main.cf and master.cf settings wiring Postfix to the daemons")
+    _wiring_options(sub, postfix=True, dovecot=False)
+    sub.add_argument("--write", action="store_true", help="write the companion map files only")
+    sub = command(commands, "dovecot-config", App.cmd_dovecot_config,
+                  "print the dovecot.conf snippet wiring Dovecot to authd")
+    _wiring_options(sub, postfix=False, dovecot=True)
+    sub.add_argument("--write", action="store_true",
+                     help="write conf.d/99-mailplugins.conf and its companion files")
+    sub = command(commands, "doctor", App.cmd_doctor,
+                  "compare the live Postfix and Dovecot configuration with the generated one")
+    _wiring_options(sub, postfix=True, dovecot=True)
+    sub.add_argument("--postfix-config-dir", metavar="DIR", help="postconf -c DIR (private instance)")
+    sub.add_argument("--dovecot-config", metavar="FILE", help="doveconf -c FILE (private instance)")
+    sub.add_argument("--no-postfix", action="store_true", help="skip the Postfix checks")
+    sub.add_argument("--no-dovecot", action="store_true", help="skip the Dovecot checks")
     return parser
 
 

@@ -1,0 +1,394 @@
+# -*- test-case-name: tests.unit.test_doctor -*-
+"""``mailplugins doctor``: compare the live Postfix and Dovecot settings with the generated ones.
+
+The expectations come from :mod:`mailplugins.generators` (one source of truth); the live values
+from ``postconf -n`` (over ``postconf -d`` for what is left at its default), ``postconf -M``/``-P``
+for master.cf, and ``doveconf -n``/``doveconf -a``. Parsing and comparing are pure functions of
+that text so they are tested on canned output; :func:`run_postconf` and :func:`run_doveconf` are
+the only parts that start processes.
+
+Every finding names the file, what is wrong, and the line that fixes it.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import re
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from mailplugins.generators import DovecotSnippet, PostfixSnippet, Setting
+
+__all__ = [
+    "DovecotLive",
+    "Finding",
+    "PostfixLive",
+    "check_domains",
+    "check_dovecot",
+    "check_postfix",
+    "parse_doveconf",
+    "parse_postconf",
+    "parse_postconf_master",
+    "parse_postconf_params",
+    "run_doveconf",
+    "run_postconf",
+]
+
+
+@dataclass(frozen=True)
+class Finding:
+    where: str
+    problem: str
+    fix: str
+
+    def render(self) -> str:
+        return f"{self.where}: {self.problem}\n    fix: {self.fix}"
+
+
+# -- parsing -----------------------------------------------------------------------------------------
+
+
+def parse_postconf(text: str) -> dict[str, str]:
+    """``name = value`` lines of ``postconf -n``/``-d`` (values may be empty)."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#") or "=" not in line:
+            continue
+        name, _, value = line.partition("=")
+        values[name.strip()] = value.strip()
+    return values
+
+
+def _logical_lines(text: str) -> list[str]:
+    """Join postconf/master.cf continuation lines (those starting with whitespace)."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace() and lines:
+            lines[-1] += " " + line.strip()
+        else:
+            lines.append(line.strip())
+    return lines
+
+
+def parse_postconf_master(text: str) -> dict[tuple[str, str], list[str]]:
+    """``postconf -M`` (or master.cf): (service, type) -> the eight fields and arguments."""
+    services: dict[tuple[str, str], list[str]] = {}
+    for line in _logical_lines(text):
+        fields = line.split()
+        if len(fields) >= 8:
+            services[(fields[0], fields[1])] = fields
+    return services
+
+
+def parse_postconf_params(text: str) -> dict[tuple[str, str], dict[str, str]]:
+    """``postconf -P``: ``service/type/name = value`` -> {(service, type): {name: value}}."""
+    params: dict[tuple[str, str], dict[str, str]] = {}
+    for line in text.splitlines():
+        if "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        parts = key.strip().split("/")
+        if len(parts) != 3:
+            continue
+        params.setdefault((parts[0], parts[1]), {})[parts[2]] = value.strip()
+    return params
+
+
+@dataclass(frozen=True)
+class DovecotLive:
+    settings: Mapping[str, str]
+    passdbs: tuple[Mapping[str, str], ...]
+    userdbs: tuple[Mapping[str, str], ...]
+
+
+def parse_doveconf(text: str) -> DovecotLive:
+    """Top-level settings and the top-level passdb/userdb blocks of ``doveconf -n`` or ``-a``."""
+    settings: dict[str, str] = {}
+    passdbs: list[dict[str, str]] = []
+    userdbs: list[dict[str, str]] = []
+    depth = 0
+    current: dict[str, str] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("{"):
+            if depth == 0:
+                kind = line.split()[0]
+                current = {} if kind in ("passdb", "userdb") else None
+                if current is not None:
+                    (passdbs if kind == "passdb" else userdbs).append(current)
+            depth += 1
+            continue
+        if line == "}":
+            depth = max(0, depth - 1)
+            if depth == 0:
+                current = None
+            continue
+        name, sep, value = line.partition("=")
+        if not sep:
+            continue
+        if depth == 0:
+            settings[name.strip()] = value.strip()
+        elif depth == 1 and current is not None:
+            current[name.strip()] = value.strip()
+    return DovecotLive(settings, tuple(passdbs), tuple(userdbs))
+
+
+# -- Postfix -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PostfixLive:
+    #: Effective main.cf values: ``postconf -d`` overlaid with ``postconf -n``.
+    main: Mapping[str, str]
+    services: Mapping[tuple[str, str], Sequence[str]]
+    params: Mapping[tuple[str, str], Mapping[str, str]]
+
+    @classmethod
+    def from_text(cls, n: str, d: str = "", m: str = "", p: str = "") -> PostfixLive:
+        main = parse_postconf(d)
+        main.update(parse_postconf(n))
+        return cls(main, parse_postconf_master(m), parse_postconf_params(p))
+
+
+def _normal(value: str) -> str:
+    value = re.sub(r"\s+", " ", value.strip())
+    return re.sub(r"\s*([{},=])\s*", r"\1", value)
+
+
+def split_restrictions(value: str) -> list[str]:
+    """A Postfix list split on commas/spaces, keeping ``{ ... }`` groups whole."""
+    items: list[str] = []
+    depth = 0
+    current = ""
+    for char in value:
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth = max(0, depth - 1)
+        if depth == 0 and (char in ", \t\n"):
+            if current.strip():
+                items.append(current.strip())
+            current = ""
+            continue
+        current += char
+    if current.strip():
+        items.append(current.strip())
+    merged: list[str] = []
+    for item in items:  # "check_policy_service" followed by its "{...}" group
+        if item.startswith("{") and merged and merged[-1] in ("check_policy_service",):
+            merged[-1] += " " + item
+        else:
+            merged.append(item)
+    return merged
+
+
+def _policy_key(item: str) -> tuple[str, str] | None:
+    """(endpoint, policy_context) of a ``check_policy_service`` item, else None."""
+    if not item.startswith("check_policy_service"):
+        return None
+    rest = item[len("check_policy_service"):].strip()
+    if rest.startswith("{"):
+        parts = [p.strip() for p in rest.strip("{} ").split(",") if p.strip()]
+        endpoint = parts[0] if parts else ""
+        options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        return endpoint, options.get("policy_context", "").strip()
+    return rest, ""
+
+
+def _expand(value: str, main: Mapping[str, str], depth: int = 3) -> str:
+    for _ in range(depth):
+        expanded = re.sub(
+            r"\$\{?([a-z0-9_]+)\}?", lambda m: main.get(m.group(1), m.group(0)), value
+        )
+        if expanded == value:
+            break
+        value = expanded
+    return value
+
+
+def _contains(expected: str, live: str, main: Mapping[str, str]) -> list[str]:
+    """Expected list items absent from the live list (policy services by endpoint and context)."""
+    live_items = split_restrictions(_expand(live, main))
+    live_plain = {_normal(item) for item in live_items}
+    live_policies = {key for key in map(_policy_key, live_items) if key is not None}
+    missing = []
+    for item in split_restrictions(expected):
+        key = _policy_key(item)
+        if key is not None:
+            if key not in live_policies:
+                missing.append(item)
+        elif _normal(item) not in live_plain:
+            missing.append(item)
+    return missing
+
+
+def _compare(setting: Setting, live: str | None, main: Mapping[str, str]) -> str | None:
+    """Why ``live`` does not satisfy ``setting``, or None."""
+    shown = "unset" if live is None else repr(live)
+    if setting.check == "none":
+        return None
+    if setting.check == "nonempty":
+        return None if live else f"{setting.name} is {shown}"
+    if live is None:
+        return None if setting.value == "" else f"{setting.name} is unset"
+    if setting.check == "contains":
+        missing = _contains(setting.value, live, main)
+        return f"{setting.name} lacks {', '.join(missing)} (now {live!r})" if missing else None
+    if _normal(live) == _normal(setting.value):
+        return None
+    if _normal(_expand(live, main)) == _normal(_expand(setting.value, main)):
+        return None
+    return f"{setting.name} is {shown}"
+
+
+def check_postfix(expected: PostfixSnippet, live: PostfixLive) -> list[Finding]:
+    findings: list[Finding] = []
+    main = dict(live.main)
+    for setting in expected.main:
+        if expected.domains_mode == "list" and setting.name == "virtual_mailbox_domains":
+            continue  # compared with the database by check_domains
+        problem = _compare(setting, main.get(setting.name), main)
+        if problem:
+            findings.append(Finding("main.cf", problem,
+                                    f"postconf -e '{setting.name} = {setting.value}'"))
+    for service in expected.services:
+        key = (service.name, service.type)
+        fields = live.services.get(key)
+        if fields is None:
+            findings.append(Finding(
+                "master.cf", f"no {service.name}/{service.type} service",
+                "append to master.cf:\n" + "\n".join("      " + line for line in service.lines()),
+            ))
+            continue
+        if fields[7] != service.command:
+            findings.append(Finding("master.cf", f"{service.name}/{service.type} runs {fields[7]}",
+                                    f"postconf -M -e '{service.lines()[0]}'"))
+        params = live.params.get(key, {})
+        for name, value in service.overrides:
+            actual = params.get(name)
+            effective = actual if actual is not None else main.get(name)
+            if name == "smtpd_recipient_restrictions":
+                missing = _contains(_expand(value, main), effective or "", main)
+                problem = f"lacks {', '.join(missing)}" if missing else None
+            elif name in ("syslog_name", "milter_macro_daemon_name"):
+                problem = None
+            elif effective is None or _normal(_expand(effective, main)) != _normal(_expand(value, main)):
+                problem = f"is {'unset' if effective is None else repr(effective)}"
+            else:
+                problem = None
+            if problem:
+                findings.append(Finding(
+                    "master.cf", f"{service.name}/{service.type}: {name} {problem}",
+                    f"postconf -P -e '{service.name}/{service.type}/{name}={value}'",
+                ))
+    return findings
+
+
+def check_domains(snippet: PostfixSnippet, live: PostfixLive, db_domains: Iterable[str]) -> list[Finding]:
+    """With a static virtual_mailbox_domains list: every database domain must be in it."""
+    if snippet.domains_mode != "list":
+        return []
+    value = _expand(live.main.get("virtual_mailbox_domains", ""), live.main)
+    listed = {item.lower() for item in split_restrictions(value)}
+    wanted = sorted(set(db_domains))
+    missing = [d for d in wanted if d not in listed]
+    if not missing:
+        return []
+    return [Finding(
+        "main.cf",
+        f"virtual_mailbox_domains lacks {', '.join(missing)} (in the database; mail for it is refused)",
+        f"postconf -e 'virtual_mailbox_domains = {', '.join(wanted)}' && postfix reload",
+    )]
+
+
+# -- Dovecot -----------------------------------------------------------------------------------------
+
+
+def _same_owner(expected: str, live: str, lookup: str) -> bool:
+    def number(value: str) -> int | None:
+        if value.isdigit():
+            return int(value)
+        try:
+            return pwd.getpwnam(value).pw_uid if lookup == "user" else grp.getgrnam(value).gr_gid
+        except KeyError:
+            return None
+
+    return number(expected) is not None and number(expected) == number(live)
+
+
+def _db_text(values: Mapping[str, str]) -> str:
+    return "{ " + "  ".join(f"{k} = {v}" for k, v in values.items()) + " }"
+
+
+def check_dovecot(expected: DovecotSnippet, live: DovecotLive) -> list[Finding]:
+    findings: list[Finding] = []
+    for setting in expected.settings:
+        actual = live.settings.get(setting.name)
+        kind = "user" if setting.name == "mail_uid" else "group"
+        if (setting.name in ("mail_uid", "mail_gid") and actual is not None
+                and _same_owner(setting.value, actual, kind)):
+            continue
+        if (setting.name == "auth_mechanisms" and actual is not None
+                and set(actual.lower().split()) == set(setting.value.split())):
+            continue
+        problem = _compare(setting, actual, {})
+        if problem:
+            findings.append(Finding("dovecot", problem, f"{setting.name} = {setting.value}"))
+    for kind, wanted, have in (("passdb", expected.passdbs, live.passdbs),
+                               ("userdb", expected.userdbs, live.userdbs)):
+        for block in wanted:
+            if not any(_same_db(block, other) for other in have):
+                findings.append(Finding("dovecot", f"no {kind} {_db_text(block)}",
+                                        f"add: {kind} {_db_text(block)}"))
+        for other in have:
+            if not any(_same_db(block, other) for block in wanted):
+                findings.append(Finding(
+                    "dovecot",
+                    f"extra {kind} {_db_text(other)} is consulted too",
+                    "remove it (Debian: comment out '!include auth-system.conf.ext' in "
+                    "conf.d/10-auth.conf)",
+                ))
+    return findings
+
+
+def _same_db(expected: Mapping[str, str], live: Mapping[str, str]) -> bool:
+    return (expected.get("driver") == live.get("driver")
+            and _normal(expected.get("args", "")) == _normal(live.get("args", "")))
+
+
+# -- running the tools -----------------------------------------------------------------------------
+
+
+def _run(cmd: Sequence[str]) -> str:
+    try:
+        result = subprocess.run(  # noqa: S603 - fixed tool names, arguments from our own options
+            list(cmd), capture_output=True, text=True, timeout=60, check=False
+        )
+    except FileNotFoundError:
+        raise RuntimeError(f"{cmd[0]} not found (is it installed?)") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{' '.join(cmd)} timed out") from None
+    if result.returncode != 0:
+        message = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        raise RuntimeError(f"{' '.join(cmd)}: {message}")
+    return result.stdout
+
+
+def run_postconf(config_dir: str | None = None) -> PostfixLive:
+    base = ["postconf"] + (["-c", config_dir] if config_dir else [])
+    return PostfixLive.from_text(
+        n=_run([*base, "-n"]), d=_run([*base, "-d"]), m=_run([*base, "-M"]), p=_run([*base, "-P"])
+    )
+
+
+def run_doveconf(config_file: str | None = None) -> DovecotLive:
+    base = ["doveconf"] + (["-c", config_file] if config_file else [])
+    effective = parse_doveconf(_run([*base, "-a"]))
+    configured = parse_doveconf(_run([*base, "-n"]))
+    return DovecotLive(effective.settings, configured.passdbs, configured.userdbs)

@@ -1,0 +1,647 @@
+# -*- test-case-name: tests.unit.test_generators -*-
+"""The Postfix and Dovecot settings that wire the stock servers to the daemons as configured.
+
+Pure functions of a :class:`~mailplugins.config.Config` plus a few operator choices (TLS files,
+where Postfix's queue lives, which domains exist): ``mailplugins postfix-config`` and
+``mailplugins dovecot-config`` render them, ``mailplugins doctor`` compares them with the live
+``postconf``/``doveconf`` output, and the end-to-end tests feed them to private stock servers.
+Keeping one source for all three is the point: the doctor can never expect something the
+generator would not write.
+
+Choices made here, and why (docs/wiring.md says the same for operators):
+
+- **Sockets live under Postfix's queue directory.** Debian runs smtpd chrooted in
+  ``/var/spool/postfix``, so ``unix:/var/spool/postfix/private/NAME`` is given to Postfix as
+  ``private/NAME`` (relative to the queue directory, valid inside and outside the chroot). A
+  socket elsewhere is passed as an absolute path with a warning: it only works unchrooted.
+- **``virtual_mailbox_domains``.** Postfix must know which domains it is the final destination
+  for, to route them to ``virtual_transport`` and to let ``reject_unauth_destination`` pass them.
+  ``static:all`` would turn every domain into a local one (an open relay for policyd to catch,
+  and outgoing mail delivered locally), so it is out. With PostgreSQL or MySQL the default is a
+  live ``proxy:pgsql:``/``proxy:mysql:`` lookup on the ``domains`` table (the classic
+  ISPmail shape: a domain added on any host works everywhere at once; needs the
+  ``postfix-pgsql``/``postfix-mysql`` package and a read-only role). With SQLite the default
+  is the list of domains at generation time: Postfix's SQLite reader cannot share a WAL
+  database without write access to its directory, and a stale list fails safe (mail for a new
+  domain is refused, never relayed); ``mailplugins doctor`` reports domains missing from it.
+- **SASL only on submission.** If authd is down, smtpd processes that need SASL die; port 25
+  never needs it. Submission requires TLS (``smtpd_tls_security_level = encrypt``) and SASL.
+- **Postfix keeps its own relay check** (``reject_unauth_destination``) before the policy
+  service, so a policyd misconfiguration can never open a relay; policyd then validates
+  recipients and sender logins with ``default_action=DEFER_IF_PERMIT`` (fail closed, but
+  temporarily: mail is retried rather than lost while policyd is down).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.engine import make_url
+
+from mailplugins.config import Config
+
+__all__ = [
+    "SHIPPED_SOCKETS",
+    "DovecotOptions",
+    "DovecotSnippet",
+    "Endpoint",
+    "GeneratedFile",
+    "PostfixOptions",
+    "PostfixSnippet",
+    "Service",
+    "Setting",
+    "dovecot_config",
+    "parse_endpoint",
+    "postfix_config",
+    "render_dovecot",
+    "render_postfix",
+]
+
+#: ``FileDescriptorName`` -> where the shipped socket unit (systemd/) listens, so a
+#: ``systemd:domain=UNIX:name=NAME`` listener can still be named in Postfix and Dovecot.
+SHIPPED_SOCKETS: Mapping[str, str] = {
+    "policy": "unix:/var/spool/postfix/private/mailplugins-policy",
+    "sasl": "unix:/var/spool/postfix/private/mailplugins-auth",
+    "dict": "unix:/run/mailplugins/dict.sock",
+    "http": "tcp:9643:interface=127.0.0.1",
+    "lmtp": "unix:/var/spool/postfix/private/mailplugins-deliver",
+}
+
+DEBIAN_CERT = "/etc/ssl/certs/ssl-cert-snakeoil.pem"
+DEBIAN_KEY = "/etc/ssl/private/ssl-cert-snakeoil.key"
+#: How long Postfix waits for policyd per request (its default, 100 s, stalls mail for 201 s).
+POLICY_TIMEOUT = "10s"
+POSTFIX_DEFAULT_MESSAGE_SIZE_LIMIT = 10240000
+
+
+# -- endpoints ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a client reaches a listener: a unix socket path, or a loopback TCP address."""
+
+    kind: str  # "unix" or "inet"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+    #: Why the address is a guess (systemd sockets, wildcard listeners), for a comment.
+    note: str = ""
+
+    def inet(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _split_unescaped(text: str) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(text)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_endpoint(description: str) -> Endpoint:
+    """The client side of a Twisted server endpoint string (``unix:``, ``tcp:``, ``systemd:``).
+
+    Raises ValueError for endpoint types a Postfix or Dovecot client cannot reach.
+    """
+    kind, *rest = _split_unescaped(description)
+    positional = [part for part in rest if "=" not in part]
+    options = dict(part.split("=", 1) for part in rest if "=" in part)
+    kind = kind.lower()
+    if kind == "unix":
+        path = options.get("address") or (positional[0] if positional else "")
+        if not path:
+            raise ValueError(f"{description}: no socket path")
+        return Endpoint("unix", path=os.path.normpath(path))
+    if kind in ("tcp", "tcp6"):
+        port_text = options.get("port") or (positional[0] if positional else "")
+        if not port_text.isdigit():
+            raise ValueError(f"{description}: no port")
+        interface = options.get("interface", "")
+        note = ""
+        if interface in ("", "0.0.0.0", "::"):  # noqa: S104 - recognising a wildcard, not binding one
+            note = "listens on every interface; clients use loopback"
+            interface = "::1" if kind == "tcp6" or interface == "::" else "127.0.0.1"
+        return Endpoint("inet", host=interface, port=int(port_text), note=note)
+    if kind == "systemd":
+        name = options.get("name")
+        shipped = SHIPPED_SOCKETS.get(name or "")
+        if shipped is None:
+            raise ValueError(
+                f"{description}: a systemd socket other than the shipped ones "
+                f"({', '.join(f'name={n}' for n in SHIPPED_SOCKETS)}): cannot tell where it listens"
+            )
+        found = parse_endpoint(shipped)
+        return Endpoint(found.kind, found.path, found.host, found.port,
+                        note=f"socket of the shipped systemd unit ({description})")
+    raise ValueError(f"{description}: Postfix and Dovecot cannot connect to a {kind!r} endpoint")
+
+
+def _first(endpoints: Sequence[str], key: str) -> Endpoint:
+    if not endpoints:
+        raise ValueError(f"{key} is not set")
+    # The first listener that a client can reach; the others (e.g. a second host's) are extras.
+    errors = []
+    for text in endpoints:
+        try:
+            return parse_endpoint(text)
+        except ValueError as exc:
+            errors.append(str(exc))
+    raise ValueError(f"{key}: {errors[0]}")
+
+
+# -- shared pieces -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``name = value`` line, how the doctor compares it, and why it is there."""
+
+    name: str
+    value: str
+    comment: str = ""
+    #: ``exact``: same value; ``contains``: the value must contain ``value`` (a restriction in
+    #: a list); ``nonempty``: operator-specific (certificate paths); ``none``: not checked.
+    check: str = "exact"
+
+
+@dataclass(frozen=True)
+class GeneratedFile:
+    """A file the snippet refers to (map query, dict config, Lua script)."""
+
+    path: str
+    text: str
+    mode: int = 0o644
+    comment: str = ""
+
+
+def _queue_relative(path: str, queue_directory: str) -> str | None:
+    queue = os.path.normpath(queue_directory)
+    if path.startswith(queue + "/"):
+        return path[len(queue) + 1:]
+    return None
+
+
+# -- Postfix ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PostfixOptions:
+    queue_directory: str = "/var/spool/postfix"
+    config_directory: str = "/etc/postfix"
+    #: master.cf service name of the submission listener: ``submission`` (587) or ``ADDR:PORT``.
+    submission: str = "submission"
+    #: Run the submission smtpd chrooted (Debian's default for smtpd).
+    chroot: bool = True
+    tls_cert: str = DEBIAN_CERT
+    tls_key: str = DEBIAN_KEY
+    #: ``auto``, ``list`` (the names in ``domain_names``) or ``sql`` (a live map).
+    domains: str = "auto"
+    domain_names: tuple[str, ...] = ()
+    policy_timeout: str = POLICY_TIMEOUT
+
+
+@dataclass(frozen=True)
+class Service:
+    """One master.cf service with its ``-o`` overrides."""
+
+    name: str
+    type: str
+    private: str
+    unpriv: str
+    chroot: str
+    wakeup: str
+    maxproc: str
+    command: str
+    overrides: tuple[tuple[str, str], ...]
+
+    def lines(self) -> list[str]:
+        head = (f"{self.name:<10} {self.type:<5} {self.private:<7} {self.unpriv:<7} "
+                f"{self.chroot:<7} {self.wakeup:<7} {self.maxproc:<7} {self.command}")
+        return [head] + [f"  -o {name}={value}" for name, value in self.overrides]
+
+
+@dataclass(frozen=True)
+class PostfixSnippet:
+    source: str
+    main: tuple[Setting, ...]
+    services: tuple[Service, ...]
+    files: tuple[GeneratedFile, ...] = ()
+    warnings: tuple[str, ...] = ()
+    #: How virtual_mailbox_domains is served: ``list`` or ``sql``.
+    domains_mode: str = "list"
+
+    def main_dict(self) -> dict[str, str]:
+        return {setting.name: setting.value for setting in self.main}
+
+    def master_lines(self) -> list[str]:
+        return [line for service in self.services for line in service.lines()]
+
+
+def postfix_endpoint(endpoint: Endpoint, options: PostfixOptions, what: str,
+                     warnings: list[str], prefix_unix: bool = True) -> str:
+    """``unix:private/NAME``, ``unix:/abs/path`` or ``inet:HOST:PORT`` as Postfix wants it."""
+    if endpoint.kind == "inet":
+        return f"inet:{endpoint.inet()}"
+    relative = _queue_relative(endpoint.path, options.queue_directory)
+    if relative is None:
+        warnings.append(
+            f"{what}: {endpoint.path} is outside Postfix's queue directory "
+            f"{options.queue_directory}: a chrooted smtpd/lmtp cannot reach it (set chroot = n "
+            f"in master.cf, or listen under {options.queue_directory}/private/)"
+        )
+        relative = endpoint.path
+    return f"unix:{relative}" if prefix_unix else relative
+
+
+def _sql_domains_file(config: Config, options: PostfixOptions) -> tuple[str, GeneratedFile]:
+    url = make_url(config.database.url)
+    backend = url.get_backend_name()
+    driver = {"postgresql": "pgsql", "mysql": "mysql", "mariadb": "mysql"}.get(backend)
+    if driver is None:
+        raise ValueError(
+            "virtual_mailbox_domains from SQL needs PostgreSQL or MySQL: Postfix's SQLite reader "
+            "cannot share a WAL database (use --domains list)"
+        )
+    host = url.host or "localhost"
+    if url.port:
+        host = f"{host}:{url.port}"
+    lines = [
+        f"# Postfix {driver}_table(5) lookup: is this domain served here?",
+        "# Generated by `mailplugins postfix-config`. Keep it mode 0640 root:postfix; better, use",
+        "# a role that may only SELECT from the domains table.",
+        f"hosts = {host}",
+        f"user = {url.username or ''}",
+        f"password = {url.password or ''}",
+        f"dbname = {url.database or ''}",
+        "query = SELECT name FROM domains WHERE name = '%s'",
+    ]
+    path = os.path.join(options.config_directory, f"mailplugins-domains-{driver}.cf")
+    comment = f"needs the postfix-{driver} package (proxy: shares one connection per host)"
+    return f"proxy:{driver}:{path}", GeneratedFile(path, "\n".join(lines) + "\n", 0o640, comment)
+
+
+def _policy_spec(endpoint: str, options: PostfixOptions, context: str) -> str:
+    return (f"check_policy_service {{ {endpoint}, timeout={options.policy_timeout}, "
+            f"default_action=DEFER_IF_PERMIT, policy_context={context} }}")
+
+
+def postfix_config(config: Config, options: PostfixOptions | None = None) -> PostfixSnippet:
+    """main.cf settings and master.cf services for ``config``; ValueError if it cannot be wired."""
+    options = options or PostfixOptions()
+    warnings: list[str] = []
+    main: list[Setting] = []
+
+    # Domains and delivery.
+    mode = options.domains
+    if mode == "auto":
+        mode = "list" if config.database.is_sqlite else "sql"
+    if mode not in ("list", "sql"):
+        raise ValueError(f"unknown domains mode {options.domains!r} (auto, list or sql)")
+    files: list[GeneratedFile] = []
+    if mode == "sql":
+        lookup, query_file = _sql_domains_file(config, options)
+        files.append(query_file)
+        main.append(Setting(
+            "virtual_mailbox_domains", lookup,
+            "final-destination domains, read live from the mailplugins database",
+        ))
+    else:
+        if not options.domain_names:
+            warnings.append("the database has no domains yet: virtual_mailbox_domains is empty")
+        main.append(Setting(
+            "virtual_mailbox_domains", ", ".join(sorted(options.domain_names)),
+            "domains in the database when this was generated: re-run after 'mailplugins domain "
+            "add/remove' (mailplugins doctor reports missing ones)",
+        ))
+    main.append(Setting("virtual_mailbox_maps", "",
+                        "empty: policyd validates recipients at RCPT time"))
+    main.append(Setting("virtual_alias_maps", "",
+                        "empty: aliases live in the mailplugins database (resolved by policyd and deliver)",
+                        check="none"))
+    if config.deliver is not None:
+        lmtp = _first(config.deliver.listen, "deliver.listen")
+        transport = "lmtp:" + postfix_endpoint(lmtp, options, "deliver.listen", warnings)
+        main.append(Setting("virtual_transport", transport, "deliver writes the Maildirs"))
+        if config.deliver.max_message_size < POSTFIX_DEFAULT_MESSAGE_SIZE_LIMIT:
+            main.append(Setting("message_size_limit", str(config.deliver.max_message_size),
+                                "deliver.max_message_size is below Postfix's default"))
+    else:
+        main.append(Setting("virtual_transport", "lmtp:unix:private/dovecot-lmtp",
+                            "deliver is not configured: Dovecot's LMTP delivers"))
+    main.append(Setting("recipient_delimiter", config.mail.recipient_delimiter,
+                        "same as mail.recipient_delimiter"))
+
+    # TLS.
+    main += [
+        Setting("smtpd_tls_cert_file", options.tls_cert, check="nonempty"),
+        Setting("smtpd_tls_key_file", options.tls_key, check="nonempty"),
+        Setting("smtpd_tls_security_level", "may", "port 25: STARTTLS offered, not required"),
+        Setting("smtpd_tls_auth_only", "yes", "never accept a password over plaintext"),
+        Setting("smtpd_tls_protocols", ">=TLSv1.2", check="none"),
+        Setting("smtpd_tls_mandatory_protocols", ">=TLSv1.2", check="none"),
+        Setting("smtp_tls_security_level", "may", "opportunistic TLS to other servers", check="none"),
+    ]
+
+    # SASL through authd (or Dovecot's own auth socket).
+    if config.authd is not None and config.authd.sasl_listen:
+        sasl = _first(config.authd.sasl_listen, "authd.sasl_listen")
+        if sasl.kind == "inet":
+            sasl_path = f"inet:{sasl.inet()}"
+        else:
+            sasl_path = postfix_endpoint(sasl, options, "authd.sasl_listen", warnings, prefix_unix=False)
+        sasl_comment = "authd answers Postfix's Dovecot-protocol SASL requests"
+    else:
+        sasl_path = "private/auth"
+        sasl_comment = "authd has no sasl_listen: Dovecot's auth socket (see dovecot-config)"
+    main += [
+        Setting("smtpd_sasl_type", "dovecot"),
+        Setting("smtpd_sasl_path", sasl_path, sasl_comment),
+        Setting("smtpd_sasl_auth_enable", "no", "SASL only on submission (see master.cf)"),
+    ]
+
+    # Restrictions: Postfix's relay check first, then policyd.
+    main.append(Setting(
+        "smtpd_relay_restrictions",
+        "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination",
+        "Postfix's own relay check stays, whatever policyd answers",
+        check="contains",
+    ))
+    overrides: list[tuple[str, str]] = [
+        ("syslog_name", "postfix/submission"),
+        ("smtpd_tls_security_level", "encrypt"),
+        ("smtpd_sasl_auth_enable", "yes"),
+        ("smtpd_tls_auth_only", "yes"),
+        ("smtpd_client_restrictions", "permit_sasl_authenticated,reject"),
+        ("smtpd_relay_restrictions", "permit_sasl_authenticated,reject"),
+    ]
+    if config.policyd is not None:
+        policy = postfix_endpoint(_first(config.policyd.listen, "policyd.listen"), options,
+                                  "policyd.listen", warnings)
+        main.append(Setting(
+            "smtpd_recipient_restrictions", _policy_spec(policy, options, "smtp"),
+            "policyd: recipients, sender logins, spoofing (policy_context=smtp)",
+            check="contains",
+        ))
+        main.append(Setting(
+            "mailplugins_submission_recipient_restrictions", _policy_spec(policy, options, "submission"),
+            "used by the submission service in master.cf (policy_context=submission)",
+        ))
+        overrides.append(("smtpd_recipient_restrictions", "$mailplugins_submission_recipient_restrictions"))
+    else:
+        warnings.append("policyd is not configured: Postfix does no recipient validation")
+    overrides.append(("milter_macro_daemon_name", "ORIGINATING"))
+    submission = Service(
+        options.submission, "inet", "n", "-", "y" if options.chroot else "n", "-", "-", "smtpd",
+        tuple(overrides),
+    )
+    for endpoint_text in _daemon_endpoints(config):
+        endpoint = parse_endpoint(endpoint_text)
+        if endpoint.note and "every interface" in endpoint.note:
+            warnings.append(f"{endpoint_text}: {endpoint.note}; bind it to 127.0.0.1 instead")
+    return PostfixSnippet(
+        source=config.source,
+        main=tuple(main),
+        services=(submission,),
+        files=tuple(files),
+        warnings=tuple(dict.fromkeys(warnings)),
+        domains_mode=mode,
+    )
+
+
+def _daemon_endpoints(config: Config) -> Iterable[str]:
+    if config.policyd is not None:
+        yield from config.policyd.listen
+    if config.authd is not None:
+        yield from config.authd.sasl_listen
+        yield from config.authd.dict_listen
+        yield from config.authd.http_listen
+    if config.deliver is not None:
+        yield from config.deliver.listen
+
+
+def _header(tool: str, source: str) -> list[str]:
+    return [
+        f"# Generated by `mailplugins {tool}` from {source}.",
+        "# Review, then merge; `mailplugins doctor` compares the live configuration with this.",
+    ]
+
+
+def render_postfix(snippet: PostfixSnippet) -> str:
+    out = _header("postfix-config", snippet.source)
+    out += [f"# WARNING: {text}" for text in snippet.warnings]
+    out += ["", "# ---- main.cf (or: postconf -e 'name = value' for each line) ----"]
+    for setting in snippet.main:
+        if setting.comment:
+            out.append(f"# {setting.comment}")
+        out.append(f"{setting.name} = {setting.value}".rstrip())
+    out += ["", "# ---- master.cf (append; port 25's smtpd entry stays as it is) ----"]
+    out += snippet.master_lines()
+    for generated in snippet.files:
+        out += ["", f"# ---- {generated.path} (mode {generated.mode:04o}; {generated.comment}) ----"]
+        out += generated.text.rstrip("\n").splitlines()
+    return "\n".join(out) + "\n"
+
+
+# -- Dovecot -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DovecotOptions:
+    config_directory: str = "/etc/dovecot"
+    #: Lua passdb over authd's HTTP verify endpoint (Dovecot 2.3.17+ and 2.4) instead of dict.
+    lua: bool = False
+    #: Path of authd's Lua script as installed (authd/lua/mailplugins-auth.lua).
+    lua_script: str = ""
+    #: Its text, to rewrite the verify URL when http_listen is not the script's default.
+    lua_script_text: str | None = None
+    tls_cert: str = DEBIAN_CERT
+    tls_key: str = DEBIAN_KEY
+    ssl: str = "required"
+    postfix_queue_directory: str = "/var/spool/postfix"
+
+
+@dataclass(frozen=True)
+class DovecotSnippet:
+    source: str
+    settings: tuple[Setting, ...]
+    #: passdb/userdb/service blocks as (kind, {"driver":..., "args":...}) for the doctor.
+    passdbs: tuple[Mapping[str, str], ...]
+    userdbs: tuple[Mapping[str, str], ...]
+    blocks: tuple[str, ...]
+    files: tuple[GeneratedFile, ...] = ()
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+_LUA_URL = re.compile(r"http://(?:127\.0\.0\.1|localhost|\[::1\]):\d+")
+
+
+def _dict_file(config: Config, options: DovecotOptions) -> tuple[str, GeneratedFile]:
+    assert config.authd is not None
+    endpoint = _first(config.authd.dict_listen, "authd.dict_listen")
+    if endpoint.kind != "unix":
+        raise ValueError("authd.dict_listen: Dovecot's dict proxy client needs a unix socket")
+    path = os.path.join(options.config_directory, "mailplugins-dict-auth.conf.ext")
+    text = "\n".join([
+        "# Dovecot dict passdb/userdb answered by mailplugins authd (dict proxy protocol).",
+        "# No idle_msecs in the uri: Dovecot 2.3.19 auth workers panic with it.",
+        f"uri = proxy:{endpoint.path}:auth",
+        "iterate_prefix = userdb/",
+        "key passdb {",
+        "  key = passdb/%s/%u",
+        "  format = json",
+        "}",
+        "key userdb {",
+        "  key = userdb/%u",
+        "  format = json",
+        "}",
+        "passdb_objects = passdb",
+        "userdb_objects = userdb",
+    ]) + "\n"
+    return path, GeneratedFile(path, text, 0o640, "passdb key names the service, so per-service flags apply")
+
+
+def _lua_script(
+    config: Config, options: DovecotOptions, warnings: list[str]
+) -> tuple[str, list[GeneratedFile]]:
+    assert config.authd is not None
+    endpoint = _first(config.authd.http_listen, "authd.http_listen")
+    if endpoint.kind != "inet":
+        raise ValueError("authd.http_listen: Dovecot's Lua HTTP client needs a TCP listener")
+    url = f"http://{endpoint.inet()}"
+    if not options.lua_script:
+        raise ValueError("authd's Lua script is not installed (authd/lua/mailplugins-auth.lua)")
+    text = options.lua_script_text
+    if text is None:
+        return options.lua_script, []
+    found = set(_LUA_URL.findall(text))
+    if not found:
+        warnings.append(f"{options.lua_script}: no http://127.0.0.1:PORT URL found; check it calls {url}")
+        return options.lua_script, []
+    if found == {url}:
+        return options.lua_script, []
+    path = os.path.join(options.config_directory, "mailplugins-auth.lua")
+    rewritten = _LUA_URL.sub(url, text)
+    return path, [GeneratedFile(path, rewritten, 0o644,
+                                f"authd's script with the verify URL set to {url}")]
+
+
+def _static_userdb(config: Config) -> dict[str, str]:
+    location = config.mail.location
+    home = location[: -len("/Maildir")] if location.endswith("/Maildir") else location
+    return {
+        "driver": "static",
+        "args": f"uid={config.mail.uid} gid={config.mail.gid} home={home} "
+                f"mail=maildir:{location} allow_all_users=yes",
+    }
+
+
+def _block(kind: str, values: Mapping[str, str]) -> str:
+    inner = "".join(f"  {key} = {value}\n" for key, value in values.items())
+    return f"{kind} {{\n{inner}}}"
+
+
+def dovecot_config(config: Config, options: DovecotOptions | None = None) -> DovecotSnippet:
+    """The dovecot.conf snippet for ``config``; ValueError if authd cannot serve Dovecot."""
+    options = options or DovecotOptions()
+    if config.authd is None:
+        raise ValueError("authd is not configured: Dovecot needs authd's dict or HTTP listener")
+    warnings: list[str] = []
+    files: list[GeneratedFile] = []
+    settings = [
+        Setting("auth_mechanisms", "plain login", "hashed passwords allow PLAIN and LOGIN only"),
+        Setting("disable_plaintext_auth", "yes", "no password before STARTTLS"),
+        Setting("ssl", options.ssl),
+        Setting("ssl_cert", f"<{options.tls_cert}", check="nonempty"),
+        Setting("ssl_key", f"<{options.tls_key}", check="nonempty"),
+        Setting("ssl_min_protocol", "TLSv1.2", check="none"),
+        Setting("mail_location", f"maildir:{config.mail.location}",
+                "where deliver writes (mail.location); authd's userdb answers the same path"),
+        Setting("mail_uid", str(config.mail.uid), "owner of the Maildirs (deliver runs as this user)"),
+        Setting("mail_gid", str(config.mail.gid)),
+        Setting("first_valid_uid", str(min(config.mail.uid, 500)), check="none"),
+    ]
+    passdbs: list[dict[str, str]] = []
+    userdbs: list[dict[str, str]] = []
+    dict_args = ""
+    if config.authd.dict_listen:
+        dict_args, dict_file = _dict_file(config, options)
+        files.append(dict_file)
+    if options.lua:
+        script, extra = _lua_script(config, options, warnings)
+        files += extra
+        passdbs.append({"driver": "lua", "args": f"file={script} blocking=yes"})
+    elif dict_args:
+        passdbs.append({"driver": "dict", "args": dict_args})
+    else:
+        raise ValueError("authd.dict_listen is not set: use --lua (HTTP verify) or add dict_listen")
+    if dict_args:
+        userdbs.append({"driver": "dict", "args": dict_args})
+    else:
+        warnings.append(
+            "no authd.dict_listen: a static userdb derives paths from the login name, so a mailbox "
+            "whose stored local part has capitals differs from deliver's path; add dict_listen"
+        )
+        userdbs.append(_static_userdb(config))
+    blocks = [_block("passdb", p) for p in passdbs] + [_block("userdb", u) for u in userdbs]
+    if not config.authd.sasl_listen:
+        auth_socket = os.path.join(options.postfix_queue_directory, "private", "auth")
+        blocks.append(
+            "service auth {\n"
+            f"  unix_listener {auth_socket} {{\n"
+            "    mode = 0660\n    user = postfix\n    group = postfix\n  }\n}"
+        )
+    if config.deliver is None:
+        lmtp_socket = os.path.join(options.postfix_queue_directory, "private", "dovecot-lmtp")
+        blocks.append(
+            "service lmtp {\n"
+            f"  unix_listener {lmtp_socket} {{\n"
+            "    mode = 0600\n    user = postfix\n    group = postfix\n  }\n}"
+        )
+    return DovecotSnippet(
+        source=config.source,
+        settings=tuple(settings),
+        passdbs=tuple(passdbs),
+        userdbs=tuple(userdbs),
+        blocks=tuple(blocks),
+        files=tuple(files),
+        warnings=tuple(warnings),
+    )
+
+
+def render_dovecot(snippet: DovecotSnippet, *, with_files: bool = True) -> str:
+    out = _header("dovecot-config", snippet.source)
+    out += [f"# WARNING: {text}" for text in snippet.warnings]
+    out += [
+        "# Put it in /etc/dovecot/conf.d/99-mailplugins.conf and comment out",
+        "# '!include auth-system.conf.ext' in conf.d/10-auth.conf (passdbs add up, they do not override).",
+        "",
+    ]
+    for setting in snippet.settings:
+        if setting.comment:
+            out.append(f"# {setting.comment}")
+        out.append(f"{setting.name} = {setting.value}")
+    out += ["", *list(snippet.blocks)]
+    if with_files:
+        for generated in snippet.files:
+            out += ["", f"# ---- {generated.path} (mode {generated.mode:04o}; {generated.comment}) ----"]
+            out += generated.text.rstrip("\n").splitlines()
+    return "\n".join(out) + "\n"
+
+
+def dovecot_conf_text(snippet: DovecotSnippet) -> str:
+    """Only the dovecot.conf part (no companion files), for writing or testing."""
+    return render_dovecot(snippet, with_files=False)

@@ -1,0 +1,291 @@
+"""The Postfix and Dovecot snippets as pure functions of a Config (mailplugins.generators)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mailplugins.config import Config, parse_config
+from mailplugins.generators import (
+    DovecotOptions,
+    PostfixOptions,
+    dovecot_conf_text,
+    dovecot_config,
+    parse_endpoint,
+    postfix_config,
+    render_dovecot,
+    render_postfix,
+)
+
+LUA = 'local url = "http://127.0.0.1:9643/verify"\nfunction auth_password_verify(req, pass) end\n'
+
+
+def make_config(**overrides: Any) -> Config:
+    raw: dict[str, Any] = {
+        "database": {"url": "sqlite://"},
+        "mail": {"location": "/var/vmail/%d/%n/Maildir", "uid": 5000, "gid": 5000,
+                 "recipient_delimiter": "+-"},
+        "policyd": {"listen": "unix:/var/spool/postfix/private/mailplugins-policy:mode=660"},
+        "authd": {
+            "sasl_listen": "unix:/var/spool/postfix/private/mailplugins-auth:mode=660",
+            "dict_listen": "unix:/run/mailplugins/dict.sock:mode=660",
+            "http_listen": "tcp:9643:interface=127.0.0.1",
+        },
+        "deliver": {"listen": "unix:/var/spool/postfix/private/mailplugins-deliver:mode=660",
+                    "hostname": "mx.example.org"},
+    }
+    for key, value in overrides.items():
+        if value is None:
+            raw.pop(key, None)
+        elif isinstance(value, dict) and isinstance(raw.get(key), dict):
+            merged = {**raw[key], **value}
+            raw[key] = {k: v for k, v in merged.items() if v is not None}
+        else:
+            raw[key] = value
+    return parse_config(raw, "/etc/mailplugins/mailplugins.yaml")
+
+
+# -- endpoints ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "where"),
+    [
+        ("unix:/var/spool/postfix/private/x:mode=660", "unix", "/var/spool/postfix/private/x"),
+        ("unix:address=/run/a.sock:lockfile=0", "unix", "/run/a.sock"),
+        ("tcp:9640:interface=127.0.0.1", "inet", "127.0.0.1:9640"),
+        ("tcp:port=9640:interface=192.0.2.7", "inet", "192.0.2.7:9640"),
+        ("tcp6:9640:interface=\\:\\:1", "inet", "[::1]:9640"),
+        ("tcp:9640", "inet", "127.0.0.1:9640"),
+        ("systemd:domain=UNIX:name=policy", "unix", "/var/spool/postfix/private/mailplugins-policy"),
+        ("systemd:domain=INET:name=http", "inet", "127.0.0.1:9643"),
+    ],
+)
+def test_parse_endpoint(text: str, kind: str, where: str) -> None:
+    endpoint = parse_endpoint(text)
+    assert endpoint.kind == kind
+    assert (endpoint.path if kind == "unix" else endpoint.inet()) == where
+
+
+@pytest.mark.parametrize("text", ["ssl:443", "systemd:domain=UNIX:name=mine", "unix:", "tcp:x"])
+def test_parse_endpoint_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_endpoint(text)
+
+
+# -- Postfix -----------------------------------------------------------------------------------------
+
+
+def test_postfix_sockets_are_relative_to_the_queue_directory() -> None:
+    snippet = postfix_config(make_config(), PostfixOptions(domain_names=("example.org",)))
+    main = snippet.main_dict()
+    assert main["virtual_transport"] == "lmtp:unix:private/mailplugins-deliver"
+    assert main["smtpd_sasl_type"] == "dovecot"
+    assert main["smtpd_sasl_path"] == "private/mailplugins-auth"
+    assert main["smtpd_recipient_restrictions"] == (
+        "check_policy_service { unix:private/mailplugins-policy, timeout=10s, "
+        "default_action=DEFER_IF_PERMIT, policy_context=smtp }"
+    )
+    assert "policy_context=submission" in main["mailplugins_submission_recipient_restrictions"]
+    assert main["recipient_delimiter"] == "+-"
+    assert main["virtual_mailbox_domains"] == "example.org"
+    assert main["smtpd_tls_auth_only"] == "yes"
+    assert main["smtpd_sasl_auth_enable"] == "no"
+    assert "reject_unauth_destination" in main["smtpd_relay_restrictions"]
+    assert snippet.warnings == ()
+
+
+def test_submission_requires_tls_and_enables_sasl_only_there() -> None:
+    snippet = postfix_config(make_config(), PostfixOptions(domain_names=("a.example",)))
+    (service,) = snippet.services
+    assert (service.name, service.type, service.chroot, service.command) == (
+        "submission", "inet", "y", "smtpd")
+    overrides = dict(service.overrides)
+    assert overrides["smtpd_tls_security_level"] == "encrypt"
+    assert overrides["smtpd_sasl_auth_enable"] == "yes"
+    assert overrides["smtpd_tls_auth_only"] == "yes"
+    assert overrides["smtpd_recipient_restrictions"] == "$mailplugins_submission_recipient_restrictions"
+    assert snippet.master_lines()[0].split() == ["submission", "inet", "n", "-", "y", "-", "-", "smtpd"]
+
+
+def test_private_submission_port_and_no_chroot() -> None:
+    snippet = postfix_config(make_config(), PostfixOptions(submission="127.0.0.1:2587", chroot=False,
+                                                           domain_names=("a.example",)))
+    assert snippet.master_lines()[0].split()[:5] == ["127.0.0.1:2587", "inet", "n", "-", "n"]
+
+
+def test_tcp_listeners_become_inet_and_outside_sockets_warn() -> None:
+    config = make_config(
+        policyd={"listen": "tcp:9640:interface=127.0.0.1"},
+        authd={"sasl_listen": "tcp:9642:interface=127.0.0.1"},
+        deliver={"listen": "unix:/run/mailplugins/lmtp.sock"},
+    )
+    snippet = postfix_config(config, PostfixOptions(domain_names=("a.example",)))
+    main = snippet.main_dict()
+    assert main["smtpd_sasl_path"] == "inet:127.0.0.1:9642"
+    assert "{ inet:127.0.0.1:9640," in main["smtpd_recipient_restrictions"]
+    assert main["virtual_transport"] == "lmtp:unix:/run/mailplugins/lmtp.sock"
+    assert any("outside Postfix's queue directory" in w for w in snippet.warnings)
+
+
+def test_wildcard_listener_warns() -> None:
+    snippet = postfix_config(make_config(policyd={"listen": "tcp:9640"}),
+                             PostfixOptions(domain_names=("a.example",)))
+    assert "inet:127.0.0.1:9640" in snippet.main_dict()["smtpd_recipient_restrictions"]
+    assert any("every interface" in w for w in snippet.warnings)
+
+
+def test_systemd_listeners_use_the_shipped_socket_paths() -> None:
+    config = make_config(policyd={"listen": "systemd:domain=UNIX:name=policy"},
+                         deliver={"listen": "systemd:domain=UNIX:name=lmtp"},
+                         authd={"sasl_listen": "systemd:domain=UNIX:name=sasl"})
+    main = postfix_config(config, PostfixOptions(domain_names=("a.example",))).main_dict()
+    assert main["virtual_transport"] == "lmtp:unix:private/mailplugins-deliver"
+    assert main["smtpd_sasl_path"] == "private/mailplugins-auth"
+    assert "unix:private/mailplugins-policy" in main["smtpd_recipient_restrictions"]
+
+
+def test_other_queue_directory() -> None:
+    config = make_config(deliver={"listen": "unix:/srv/pf/queue/private/lmtp"})
+    snippet = postfix_config(config, PostfixOptions(queue_directory="/srv/pf/queue/",
+                                                    domain_names=("a.example",)))
+    assert snippet.main_dict()["virtual_transport"] == "lmtp:unix:private/lmtp"
+
+
+def test_domains_list_is_sorted_and_empty_warns() -> None:
+    snippet = postfix_config(make_config(), PostfixOptions(domain_names=("b.example", "a.example")))
+    assert snippet.main_dict()["virtual_mailbox_domains"] == "a.example, b.example"
+    assert snippet.domains_mode == "list"
+    empty = postfix_config(make_config(), PostfixOptions())
+    assert any("no domains" in w for w in empty.warnings)
+
+
+def test_domains_from_postgresql_are_a_live_proxy_map() -> None:
+    config = make_config(database={"url": "postgresql+psycopg://mp:s3cret@db.internal:5433/mail"})
+    snippet = postfix_config(config, PostfixOptions())
+    assert snippet.domains_mode == "sql"
+    assert snippet.main_dict()["virtual_mailbox_domains"] == (
+        "proxy:pgsql:/etc/postfix/mailplugins-domains-pgsql.cf")
+    (query,) = snippet.files
+    assert query.mode == 0o640
+    lines = query.text.splitlines()
+    assert "hosts = db.internal:5433" in lines
+    assert "user = mp" in lines
+    assert "password = s3cret" in lines
+    assert "dbname = mail" in lines
+    assert "query = SELECT name FROM domains WHERE name = '%s'" in lines
+
+
+def test_domains_from_mysql() -> None:
+    config = make_config(database={"url": "mysql+pymysql://mp:pw@localhost/mail"})
+    snippet = postfix_config(config, PostfixOptions())
+    assert snippet.main_dict()["virtual_mailbox_domains"].startswith("proxy:mysql:")
+
+
+def test_sql_domains_refused_with_sqlite() -> None:
+    with pytest.raises(ValueError, match="WAL"):
+        postfix_config(make_config(), PostfixOptions(domains="sql"))
+
+
+def test_without_deliver_dovecot_lmtp_and_without_policyd_a_warning() -> None:
+    snippet = postfix_config(make_config(deliver=None, policyd=None),
+                             PostfixOptions(domain_names=("a.example",)))
+    main = snippet.main_dict()
+    assert main["virtual_transport"] == "lmtp:unix:private/dovecot-lmtp"
+    assert "smtpd_recipient_restrictions" not in main
+    assert any("policyd is not configured" in w for w in snippet.warnings)
+
+
+def test_small_deliver_limit_lowers_message_size_limit() -> None:
+    config = make_config(deliver={"max_message_size": "5M"})
+    main = postfix_config(config, PostfixOptions(domain_names=("a.example",))).main_dict()
+    assert main["message_size_limit"] == str(5 * 1024 * 1024)
+    assert "message_size_limit" not in postfix_config(
+        make_config(), PostfixOptions(domain_names=("a.example",))).main_dict()
+
+
+def test_render_postfix_is_main_cf_then_master_cf() -> None:
+    text = render_postfix(postfix_config(make_config(), PostfixOptions(domain_names=("a.example",))))
+    main_part, master_part = text.split("# ---- master.cf", 1)
+    assert "\nvirtual_transport = lmtp:unix:private/mailplugins-deliver\n" in main_part
+    assert "\nsubmission inet" in master_part
+    assert "  -o smtpd_sasl_auth_enable=yes\n" in master_part
+    assert "/etc/mailplugins/mailplugins.yaml" in text.splitlines()[0]
+
+
+# -- Dovecot -----------------------------------------------------------------------------------------
+
+
+def test_dovecot_dict_passdb_and_userdb() -> None:
+    snippet = dovecot_config(make_config(), DovecotOptions())
+    settings = {s.name: s.value for s in snippet.settings}
+    assert settings["mail_location"] == "maildir:/var/vmail/%d/%n/Maildir"
+    assert settings["mail_uid"] == "5000"
+    assert settings["ssl"] == "required"
+    assert settings["auth_mechanisms"] == "plain login"
+    args = "/etc/dovecot/mailplugins-dict-auth.conf.ext"
+    assert snippet.passdbs == ({"driver": "dict", "args": args},)
+    assert snippet.userdbs == ({"driver": "dict", "args": args},)
+    (ext,) = snippet.files
+    assert ext.path == args
+    assert "uri = proxy:/run/mailplugins/dict.sock:auth" in ext.text.splitlines()
+    assert "idle_msecs" not in ext.text.replace("No idle_msecs", "")
+    assert "  key = passdb/%s/%u" in ext.text.splitlines()
+    assert "  key = userdb/%u" in ext.text.splitlines()
+
+
+def test_dovecot_lua_points_at_the_installed_script_when_the_url_matches() -> None:
+    options = DovecotOptions(lua=True, lua_script="/usr/lib/x/authd/lua/mailplugins-auth.lua",
+                             lua_script_text=LUA)
+    snippet = dovecot_config(make_config(), options)
+    assert snippet.passdbs == (
+        {"driver": "lua", "args": "file=/usr/lib/x/authd/lua/mailplugins-auth.lua blocking=yes"},)
+    assert snippet.userdbs[0]["driver"] == "dict"
+    assert [f.path for f in snippet.files] == ["/etc/dovecot/mailplugins-dict-auth.conf.ext"]
+
+
+def test_dovecot_lua_copy_with_the_configured_url() -> None:
+    config = make_config(authd={"http_listen": "tcp:9700:interface=127.0.0.1"})
+    options = DovecotOptions(lua=True, lua_script="/pkg/mailplugins-auth.lua", lua_script_text=LUA)
+    snippet = dovecot_config(config, options)
+    assert snippet.passdbs[0]["args"] == "file=/etc/dovecot/mailplugins-auth.lua blocking=yes"
+    lua = next(f for f in snippet.files if f.path.endswith(".lua"))
+    assert 'local url = "http://127.0.0.1:9700/verify"' in lua.text
+
+
+def test_dovecot_lua_without_dict_uses_a_static_userdb_and_warns() -> None:
+    config = make_config(authd={"dict_listen": None})
+    snippet = dovecot_config(config, DovecotOptions(lua=True, lua_script="/s.lua", lua_script_text=LUA))
+    (userdb,) = snippet.userdbs
+    assert userdb["driver"] == "static"
+    assert "home=/var/vmail/%d/%n " in userdb["args"]
+    assert "mail=maildir:/var/vmail/%d/%n/Maildir" in userdb["args"]
+    assert snippet.warnings
+
+
+def test_dovecot_errors() -> None:
+    with pytest.raises(ValueError, match="authd is not configured"):
+        dovecot_config(make_config(authd=None))
+    with pytest.raises(ValueError, match="dict_listen"):
+        dovecot_config(make_config(authd={"dict_listen": None}))
+    with pytest.raises(ValueError, match="Lua script"):
+        dovecot_config(make_config(), DovecotOptions(lua=True))
+    with pytest.raises(ValueError, match="unix socket"):
+        dovecot_config(make_config(authd={"dict_listen": "tcp:9000:interface=127.0.0.1"}))
+
+
+def test_dovecot_auth_socket_for_postfix_when_authd_has_no_sasl() -> None:
+    snippet = dovecot_config(make_config(authd={"sasl_listen": None}))
+    assert any("unix_listener /var/spool/postfix/private/auth" in block for block in snippet.blocks)
+    main = postfix_config(make_config(authd={"sasl_listen": None}),
+                          PostfixOptions(domain_names=("a.example",))).main_dict()
+    assert main["smtpd_sasl_path"] == "private/auth"
+
+
+def test_render_dovecot() -> None:
+    snippet = dovecot_config(make_config())
+    text = render_dovecot(snippet)
+    assert "passdb {\n  driver = dict\n  args = /etc/dovecot/mailplugins-dict-auth.conf.ext\n}" in text
+    assert "uri = proxy:" in text
+    assert "uri = proxy:" not in dovecot_conf_text(snippet)
