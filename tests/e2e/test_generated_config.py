@@ -1,0 +1,216 @@
+"""The generated snippets in private stock Postfix 3.7 and Dovecot 2.3, and ``doctor`` against them.
+
+Postfix must accept the main.cf/master.cf settings (``postfix check`` and a real start, with
+the submission listener up), ``postconf -n``/``-P`` must show them, Dovecot must accept and run
+the dovecot.conf snippet, and ``mailplugins doctor`` must find nothing wrong with the result,
+then report a setting broken on purpose (naming the line that fixes it) and exit 1.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mailplugins.generators import (
+    DovecotOptions,
+    PostfixOptions,
+    dovecot_conf_text,
+    dovecot_config,
+    postfix_config,
+)
+from tests.rig import REPO, Daemons, Dovecot, Postfix, free_port, port_open, run, short_tempdir
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class Wired:
+    root: Path
+    daemons: Daemons
+    postfix: Postfix
+    dovecot: Dovecot
+    submission_port: int
+    cert: Path
+    key: Path
+    dovecot_etc: Path
+
+    def doctor(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable, "-m", "mailplugins.cli", "--config", str(self.daemons.config_path),
+            "doctor",
+            "--postfix-config-dir", str(self.postfix.etc),
+            "--dovecot-config", str(self.dovecot.config_path),
+            "--queue-directory", str(self.postfix.queue_dir),
+            "--submission", f"127.0.0.1:{self.submission_port}", "--no-chroot",
+            "--tls-cert", str(self.cert), "--tls-key", str(self.key),
+            "--dovecot-directory", str(self.dovecot_etc),
+            *extra,
+        ]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+
+
+def make_cert(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=mx.test.example", "-keyout", str(key), "-out", str(cert)])
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def wired() -> Iterator[Wired]:
+    root = short_tempdir("mp-gen-")
+    cert, key = make_cert(root)
+    submission_port = free_port()
+    # The Postfix object only computes paths until start(): the daemons' sockets go in its queue.
+    postfix = Postfix(root)
+    private = postfix.queue_dir / "private"
+    daemons = Daemons(
+        root / "mp",
+        {
+            "mail": {"location": str(root / "vmail/%d/%n/Maildir"), "uid": 5000, "gid": 5000},
+            "policyd": {"listen": f"unix:{private}/mailplugins-policy:mode=660"},
+            "authd": {
+                "sasl_listen": f"unix:{private}/mailplugins-auth:mode=660",
+                "dict_listen": f"unix:{root}/dict.sock:mode=660",
+                "http_listen": f"tcp:{free_port()}:interface=127.0.0.1",
+            },
+            "deliver": {"listen": f"unix:{private}/mailplugins-deliver:mode=660"},
+        },
+    )
+    daemons.store.add_domain("example.org")
+    daemons.store.add_domain("example.net")
+    snippet = postfix_config(daemons.config, PostfixOptions(
+        queue_directory=str(postfix.queue_dir), submission=f"127.0.0.1:{submission_port}",
+        chroot=False, tls_cert=str(cert), tls_key=str(key),
+        domain_names=tuple(d.name for d in daemons.store.list_domains()),
+    ))
+    assert snippet.warnings == ()
+    postfix = Postfix(root, smtp_port=postfix.smtp_port, main=snippet.main_dict(),
+                      services=snippet.master_lines())
+    dovecot_etc = root / "dovecot-etc"
+    dovecot_etc.mkdir()
+    dsnippet = dovecot_config(daemons.config, DovecotOptions(
+        config_directory=str(dovecot_etc), tls_cert=str(cert), tls_key=str(key),
+        postfix_queue_directory=str(postfix.queue_dir),
+    ))
+    for generated in dsnippet.files:
+        Path(generated.path).write_text(generated.text)
+    dovecot = Dovecot(root, conf=dovecot_conf_text(dsnippet))
+    try:
+        postfix.start()
+        dovecot.start()
+        yield Wired(root, daemons, postfix, dovecot, submission_port, cert, key, dovecot_etc)
+    finally:
+        dovecot.stop()
+        postfix.stop()
+        daemons.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postfix_accepts_and_shows_the_generated_settings(wired: Wired) -> None:
+    etc = str(wired.postfix.etc)
+    assert run(["postfix", "-c", etc, "check"], check=False).returncode == 0
+    shown = run(["postconf", "-c", etc, "-n"]).stdout
+    private = wired.postfix.queue_dir / "private"
+    assert "virtual_transport = lmtp:unix:private/mailplugins-deliver\n" in shown, private
+    assert "smtpd_sasl_path = private/mailplugins-auth\n" in shown
+    assert "virtual_mailbox_domains = example.net, example.org\n" in shown
+    assert ("smtpd_recipient_restrictions = check_policy_service { unix:private/mailplugins-policy, "
+            "timeout=10s, default_action=DEFER_IF_PERMIT, policy_context=smtp }\n") in shown
+    params = run(["postconf", "-c", etc, "-P"]).stdout
+    service = f"127.0.0.1:{wired.submission_port}/inet"
+    assert f"{service}/smtpd_sasl_auth_enable = yes\n" in params
+    assert f"{service}/smtpd_tls_security_level = encrypt\n" in params
+    # The submission listener is really up, and offers STARTTLS but no AUTH before it.
+    assert port_open(wired.submission_port)
+    ehlo = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{wired.submission_port}", "--quit-after", "EHLO",
+         "--timeout", "20"], capture_output=True, text=True, timeout=60, check=False,
+    ).stdout
+    assert "250-STARTTLS" in ehlo
+    assert "AUTH" not in ehlo.split("EHLO", 1)[1]
+    assert "warning" not in wired.postfix.log_text().lower(), wired.postfix.log_text()[-2000:]
+
+
+def test_dovecot_accepts_the_generated_snippet(wired: Wired) -> None:
+    shown = run(["doveconf", "-c", str(wired.dovecot.config_path), "-n"]).stdout
+    root = wired.root
+    assert f"mail_location = maildir:{root}/vmail/%d/%n/Maildir\n" in shown
+    assert "ssl = required\n" in shown
+    assert f"  args = {wired.dovecot_etc}/mailplugins-dict-auth.conf.ext\n  driver = dict\n" in shown
+    # Running, it serves IMAP with STARTTLS and refuses LOGIN before it.
+    assert "error" not in wired.dovecot.log_text().lower(), wired.dovecot.log_text()
+
+
+def test_dovecot_accepts_the_lua_variant(wired: Wired, tmp_path: Path) -> None:
+    script = REPO / "authd" / "lua" / "mailplugins-auth.lua"
+    options = DovecotOptions(
+        config_directory=str(tmp_path), lua=True, lua_script=str(script),
+        lua_script_text=script.read_text(), tls_cert=str(wired.cert), tls_key=str(wired.key),
+    )
+    snippet = dovecot_config(wired.daemons.config, options)
+    for generated in snippet.files:
+        Path(generated.path).write_text(generated.text)
+    conf = tmp_path / "dovecot.conf"
+    conf.write_text(f"base_dir = {tmp_path}/run\nprotocols = imap\n" + dovecot_conf_text(snippet))
+    shown = run(["doveconf", "-c", str(conf), "-n"]).stdout
+    assert "  driver = lua\n" in shown
+    lua = next(Path(f.path) for f in snippet.files if f.path.endswith(".lua"))
+    http_port = wired.daemons.config.authd.http_listen[0].split(":")[1]  # type: ignore[union-attr]
+    assert f'"http://127.0.0.1:{http_port}/verify"' in lua.read_text()
+
+
+def test_doctor_is_happy_with_the_generated_setup(wired: Wired) -> None:
+    result = wired.doctor()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("OK: postfix and dovecot wired as")
+
+
+def test_doctor_reports_broken_settings_with_the_fix(wired: Wired, tmp_path: Path) -> None:
+    etc = str(wired.postfix.etc)
+    service = f"127.0.0.1:{wired.submission_port}/inet"
+    original = (wired.postfix.etc / "main.cf").read_text(), (wired.postfix.etc / "master.cf").read_text()
+    try:
+        run(["postconf", "-c", etc, "-e", "virtual_transport = lmtp:inet:127.0.0.1:24"])
+        run(["postconf", "-c", etc, "-P", "-e", f"{service}/smtpd_tls_security_level=may"])
+        run(["postconf", "-c", etc, "-e", "smtpd_recipient_restrictions = permit"])
+        wired.daemons.store.add_domain("new.example")
+        result = wired.doctor("--no-dovecot")
+    finally:
+        wired.daemons.store.remove_domain("new.example")
+        (wired.postfix.etc / "main.cf").write_text(original[0])
+        (wired.postfix.etc / "master.cf").write_text(original[1])
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert "main.cf: virtual_transport is 'lmtp:inet:127.0.0.1:24'" in out
+    assert "fix: postconf -e 'virtual_transport = lmtp:unix:private/mailplugins-deliver'" in out
+    assert f"fix: postconf -P -e '{service}/smtpd_tls_security_level=encrypt'" in out
+    assert "smtpd_recipient_restrictions lacks check_policy_service" in out
+    assert "virtual_mailbox_domains lacks new.example" in out
+    assert "4 problem(s) found" in out
+
+
+def test_doctor_reports_an_extra_passdb_and_a_wrong_mail_location(wired: Wired) -> None:
+    conf = wired.dovecot.config_path
+    original = conf.read_text()
+    try:
+        conf.write_text(original + "passdb {\n  driver = pam\n}\nmail_location = mbox:~/mail\n")
+        result = wired.doctor("--no-postfix")
+    finally:
+        conf.write_text(original)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "dovecot: extra passdb { driver = pam } is consulted too" in result.stdout
+    assert f"fix: mail_location = maildir:{wired.root}/vmail/%d/%n/Maildir" in result.stdout
+
+
+def test_doctor_names_a_missing_tool_config_cleanly(wired: Wired, tmp_path: Path) -> None:
+    result = wired.doctor("--no-dovecot", "--postfix-config-dir", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("mailplugins: postconf")
+    assert "Traceback" not in result.stderr
