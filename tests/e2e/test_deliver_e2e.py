@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import smtplib
+import socket as socketlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig import Daemons, Dovecot, Postfix, short_tempdir, unix_socket_open, wait_until
+from tests.rig import (
+    Daemons,
+    Dovecot,
+    Postfix,
+    free_port,
+    short_tempdir,
+    unix_socket_open,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -90,7 +99,7 @@ def rig() -> Iterator[Rig]:
         "smtpd_reject_unlisted_recipient": "no",
         "message_size_limit": "52428800",
     })
-    dovecot = Dovecot(root, conf=f"""
+    dovecot = Dovecot(root, lmtp_port=free_port(), conf=f"""
 mail_location = maildir:{mail_root}/%d/%n/Maildir
 mail_uid = {NOBODY}
 mail_gid = {NOBODY}
@@ -249,3 +258,55 @@ def test_kill_during_data_then_retry_leaves_exactly_one_copy(rig: Rig) -> None:
     assert stored.count(b"Subject: crash") == 1
     assert stored.endswith(b"\n\n" + (b"y" * 76 + b"\n") * 200_000)
     assert list((rig.maildir("carol@example.org") / "tmp").iterdir()) == []
+
+
+def lmtp_session(connect: tuple[str, int] | str, recipient: str, data: bytes) -> bytes:
+    """A plain pipelined LMTP transaction; returns everything the server said."""
+    family = socketlib.AF_UNIX if isinstance(connect, str) else socketlib.AF_INET
+    with socketlib.socket(family, socketlib.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(connect)
+        sock.sendall(b"LHLO client.test\r\nMAIL FROM:<s@origin.test>\r\n"
+                     + f"RCPT TO:<{recipient}>\r\nDATA\r\n".encode())
+        received = b""
+        while received.count(b"\r\n354 ") == 0 and not received.startswith(b"354"):
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        sock.sendall(data + b"QUIT\r\n")
+        while b"\r\n221 " not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+EDGE_DATA = (
+    b"Subject: edges\r\n\r\n"
+    b"lone LF here\nand CR here\r then\r\r\n"
+    b"..dot-stuffed\r\n"
+    b"trailing spaces   \r\n"
+    + b"w" * 998 + b"\r\n"
+    b"\r\n.\r\n"
+)
+
+
+def test_same_bytes_and_sizes_as_dovecot_lmtp(rig: Rig) -> None:
+    """The same DATA through deliver and through Dovecot's own LMTP: identical message bytes
+    after each server's trace headers, and S=/W= computed the same way."""
+    ours = lmtp_session(str(rig.socket), "carol@example.org", EDGE_DATA)
+    assert b"250 2.0.0 <carol@example.org> Saved" in ours
+    assert rig.dovecot.lmtp_port is not None
+    theirs = lmtp_session(("127.0.0.1", rig.dovecot.lmtp_port), "dave@example.org", EDGE_DATA)
+    assert b"250 2.0.0 <dave@example.org>" in theirs, theirs
+    (our_file,) = [p for p in rig.new_files("carol@example.org") if b"Subject: edges" in p.read_bytes()]
+    (their_file,) = rig.new_files("dave@example.org")
+    our_bytes, their_bytes = our_file.read_bytes(), their_file.read_bytes()
+    start = b"Subject: edges"
+    assert our_bytes[our_bytes.index(start):] == their_bytes[their_bytes.index(start):]
+    for path, content in ((our_file, our_bytes), (their_file, their_bytes)):
+        match = re.search(r",S=(\d+),W=(\d+)", path.name)
+        assert match is not None, path.name
+        bare = len(re.findall(rb"(?<!\r)\n", content))
+        assert (int(match.group(1)), int(match.group(2))) == (len(content), len(content) + bare)
