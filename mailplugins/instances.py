@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -299,3 +301,75 @@ service pop3-login {{
             return ""
 
 
+
+
+class ServeProcess:
+    """``mailplugins serve`` as a child process, its output appended to ``log_path``."""
+
+    def __init__(
+        self,
+        config_path: str | Path,
+        daemons: Sequence[str] = (),
+        log_path: str | Path | None = None,
+        cwd: str | Path | None = None,
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.daemons = list(daemons)
+        self.log_path = Path(log_path or self.config_path.with_name("daemons.log"))
+        self.cwd = cwd
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "mailplugins.cli", "--config", str(self.config_path), *args]
+
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.command(*args), capture_output=True, text=True, input=input, cwd=self.cwd,
+            check=False,
+        )
+
+    def start(self, timeout: float = 30.0) -> ServeProcess:
+        """Start and wait until every listener is up (the runner's "ready" line)."""
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command("serve", *self.daemons), stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.cwd,
+            )
+
+        def ready() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"mailplugins serve exited {self.process.returncode}:\n{self.output()[offset:]}"
+                )
+            return " ready" in self.output()[offset:]
+
+        wait_until(ready, timeout=timeout, what="mailplugins serve to be ready")
+        return self
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def reload(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=15)
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        return self.process.returncode

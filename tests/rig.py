@@ -6,9 +6,6 @@ module adds the daemons run as ``mailplugins serve`` subprocesses with a ready d
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from mailplugins.db.engine import make_engine
 from mailplugins.instances import (  # noqa: F401 - the rig's public API
     Dovecot,
     Postfix,
+    ServeProcess,
     free_port,
     port_open,
     run,
@@ -39,7 +37,7 @@ def write_config(path: str | Path, data: Mapping[str, Any]) -> Path:
     return path
 
 
-class Daemons:
+class Daemons(ServeProcess):
     """``mailplugins serve`` as a subprocess, with its own config and a ready database.
 
     The config defaults to a SQLite file in ``root``; ``store`` is a Store on the same database
@@ -56,61 +54,18 @@ class Daemons:
         # Fast hashes keep tests quick; the hashing tests cover the strong defaults.
         data.setdefault("passwords", {"scheme": "SHA512-CRYPT", "sha_crypt_rounds": 5000})
         self.config_data = data
-        self.config_path = write_config(self.root / "mailplugins.yaml", data)
-        self.config = parse_config(data, str(self.config_path))
+        config_path = write_config(self.root / "mailplugins.yaml", data)
+        super().__init__(config_path, daemons, self.root / "daemons.log", cwd=REPO)
+        self.config = parse_config(data, str(config_path))
         self.engine = make_engine(self.config.database)
         schema.upgrade(self.engine)
         self.store = Store(self.engine)
-        self.daemons = list(daemons)
-        self.log_path = self.root / "daemons.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "mailplugins.cli", "--config", str(self.config_path), *args]
-
-    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(*args), capture_output=True, text=True, input=input,
-                              cwd=REPO)
 
     def start(self, timeout: float = 30.0) -> Daemons:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        self.process = subprocess.Popen(
-            self.command("serve", *self.daemons), stdout=log, stderr=subprocess.STDOUT, cwd=REPO
-        )
-        log.close()
-
-        def ready() -> bool:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"mailplugins serve exited {self.process.returncode}:\n{self.output()}")
-            return " ready" in self.output()
-
-        wait_until(ready, timeout=timeout, what="mailplugins serve to be ready")
+        super().start(timeout)
         return self
 
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def reload(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGHUP)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(timeout=15)
-
     def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        status = super().stop()
         self.engine.dispose()
-        return self.process.returncode
+        return status
