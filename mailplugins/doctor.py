@@ -50,28 +50,28 @@ class Finding:
 # -- parsing -----------------------------------------------------------------------------------------
 
 
-def parse_postconf(text: str) -> dict[str, str]:
-    """``name = value`` lines of ``postconf -n``/``-d`` (values may be empty)."""
-    values: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("#") or "=" not in line:
-            continue
-        name, _, value = line.partition("=")
-        values[name.strip()] = value.strip()
-    return values
-
-
 def _logical_lines(text: str) -> list[str]:
-    """Join postconf/master.cf continuation lines (those starting with whitespace)."""
+    """Join main.cf/master.cf continuation lines (those starting with whitespace)."""
     lines: list[str] = []
     for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
+        if not line.strip() or line.startswith("#"):
             continue
         if line[0].isspace() and lines:
             lines[-1] += " " + line.strip()
         else:
             lines.append(line.strip())
     return lines
+
+
+def parse_postconf(text: str) -> dict[str, str]:
+    """``name = value`` lines of ``postconf -n``/``-d`` (values may be empty)."""
+    values: dict[str, str] = {}
+    for line in _logical_lines(text):
+        if "=" not in line:
+            continue
+        name, _, value = line.partition("=")
+        values[name.strip()] = value.strip()
+    return values
 
 
 def parse_postconf_master(text: str) -> dict[tuple[str, str], list[str]]:
