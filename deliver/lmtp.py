@@ -123,7 +123,12 @@ class LMTPServer(Protocol):
         if self._closed:
             return
         self._reset_timer()
-        self._buffer += data
+        if self._decoder is not None and not self._busy and not self._buffer:
+            self._data_chunk(data)  # the common case in DATA: no copy through the buffer
+            if self._busy or self._decoder is not None:
+                return
+        else:
+            self._buffer += data
         self._process()
 
     def _process(self) -> None:
@@ -218,13 +223,16 @@ class LMTPServer(Protocol):
             raise CommandError(Reply(501, "5.5.4", "Syntax: LHLO hostname"))
         self._helo = command.argument
         self._envelope = None
-        self._send(Reply(250, "", "PIPELINING", lines=(
+        capabilities = [
             self.settings.hostname,
             "ENHANCEDSTATUSCODES",
             "8BITMIME",
             "SMTPUTF8",
             f"SIZE {self.settings.max_message_size}",
-        )))
+        ]
+        if self.settings.advertise_dsn:
+            capabilities.append("DSN")
+        self._send(Reply(250, "", "PIPELINING", lines=tuple(capabilities)))
 
     def do_HELO(self, command: Command) -> None:
         raise CommandError(Reply(500, "5.5.1", "This is an LMTP server: use LHLO"))
@@ -250,6 +258,8 @@ class LMTPServer(Protocol):
             elif key == "SMTPUTF8":
                 if value:
                     raise CommandError(Reply(501, "5.5.4", "SMTPUTF8 takes no value"))
+            elif key in ("RET", "ENVID") and self.settings.advertise_dsn:
+                pass  # DSN is Postfix's job (lmtp_assume_final = yes); accepted, not used
             else:
                 raise CommandError(Reply(555, "5.5.4", f"Unsupported parameter {key[:40]}"))
         self._envelope = Envelope(self._helo, command.path, size)

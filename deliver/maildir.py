@@ -101,18 +101,20 @@ class NameGenerator:
     call, not once at import, so a forked child never reuses its parent's names.
     """
 
+    #: One sequence per process, shared by every generator (a reload makes a new one).
+    _counter = itertools.count(1)
+    _lock = threading.Lock()
+
     def __init__(self, hostname: str, clock: Callable[[], float] = time.time) -> None:
         self.host = _host_part(hostname)
         self._clock = clock
-        self._counter = itertools.count(1)
-        self._lock = threading.Lock()
 
     def next(self) -> str:
         now = self._clock()
         seconds = int(now)
         micros = min(999_999, round((now - seconds) * 1_000_000))
-        with self._lock:
-            sequence = next(self._counter)
+        with NameGenerator._lock:
+            sequence = next(NameGenerator._counter)
         return f"{seconds}.M{micros}P{os.getpid()}Q{sequence}.{self.host}"
 
 

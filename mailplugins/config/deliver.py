@@ -60,6 +60,9 @@ class DeliverConfig:
     memory_spool_limit: int
     #: Seconds a found recipient (mailboxes, folders, quota) is remembered; 0 disables.
     lookup_cache_ttl: float
+    #: Advertise DSN so Postfix sends ORCPT (-> X-Original-To); needs Postfix's
+    #: ``lmtp_assume_final = yes`` so Postfix itself sends "delivered" notifications.
+    advertise_dsn: bool
 
 
 def _hostname(value: object) -> str:
@@ -104,6 +107,7 @@ def parse_deliver(f: Fields) -> DeliverConfig:
                                maximum=256),
         memory_spool_limit=f.size("memory_spool_limit", 256 * 1024, minimum=4096),
         lookup_cache_ttl=f.duration("lookup_cache_ttl", 10.0, minimum=0, maximum=3600),
+        advertise_dsn=f.boolean("advertise_dsn", False),
     )
     f.done()
     return config

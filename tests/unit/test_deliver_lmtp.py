@@ -251,3 +251,18 @@ def test_internal_error_in_delivery_gives_451_per_recipient() -> None:
     take(transport)
     service.deliveries[0][2].errback(RuntimeError("boom"))
     assert take(transport) == ["451 4.3.0 Local error in processing"] * 2
+
+
+def test_dsn_is_advertised_only_when_configured() -> None:
+    protocol, transport, service, _clock = make(advertise_dsn=True)
+    protocol.dataReceived(b"LHLO x\r\n")
+    assert "250-DSN" in take(transport)
+    protocol.dataReceived(b"MAIL FROM:<a@b> RET=HDRS ENVID=abc\r\n"
+                          b"RCPT TO:<a@x> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A+2Bb@x\r\n")
+    assert take(transport) == ["250 2.1.0 <a@b> Sender OK"]
+    assert service.lookups[0][0] == "a@x"
+    plain, transport2, _service2, _ = make()
+    plain.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b> RET=HDRS\r\n")
+    lines = take(transport2)
+    assert "250-DSN" not in lines
+    assert lines[-1] == "555 5.5.4 Unsupported parameter RET"

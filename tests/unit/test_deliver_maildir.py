@@ -35,8 +35,11 @@ def writer(**kwargs: Any) -> MaildirWriter:
 def test_names_follow_dovecot_form_with_unpadded_microseconds() -> None:
     names = NameGenerator("host/with:colon", clock=lambda: 1795313566.016384)
     first, second = names.next(), names.next()
-    assert re.fullmatch(rf"1795313566\.M16384P{os.getpid()}Q1\.host\\057with\\072colon", first)
-    assert second.endswith("Q2.host\\057with\\072colon")
+    match = re.fullmatch(rf"1795313566\.M16384P{os.getpid()}Q(\d+)\.host\\057with\\072colon", first)
+    assert match is not None
+    assert second.endswith(f"Q{int(match.group(1)) + 1}.host\\057with\\072colon")
+    # A new generator (after a reload) continues the process-wide sequence.
+    assert NameGenerator("h", clock=lambda: 1.0).next().endswith(f"Q{int(match.group(1)) + 2}.h")
 
 
 @pytest.mark.parametrize(
