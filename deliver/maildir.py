@@ -387,7 +387,10 @@ class MaildirWriter:
 
 
 def clean_stale(directory: str, before: float) -> int:
-    """Unlink regular files in ``directory`` last changed before ``before``; returns the count."""
+    """Unlink regular files in ``directory`` last written before ``before``; returns the count.
+
+    The modification time tells: a file still being written is never old.
+    """
     removed = 0
     try:
         entries = list(os.scandir(directory))
@@ -398,7 +401,7 @@ def clean_stale(directory: str, before: float) -> int:
             info = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        if entry.is_file(follow_symlinks=False) and max(info.st_mtime, info.st_ctime) < before:
+        if entry.is_file(follow_symlinks=False) and info.st_mtime < before:
             _unlink_quietly(entry.path)
             removed += 1
     return removed

@@ -86,11 +86,12 @@ def rig() -> Iterator[Rig]:
             "quota_tempfail": True,
             "autocreate_detail_folders": True,
             "memory_spool_limit": 4096,
+            "stale_tmp_interval": 1,
         },
     }, ["deliver"])
     store = daemons.store
     store.add_domain("example.org")
-    for user, quota in (("alice", 0), ("bob", 0), ("sender", 0), ("full", 100), ("carol", 0)):
+    for user, quota in (("alice", 0), ("bob", 0), ("sender", 0), ("full", 100), ("carol", 0), ("erin", 0)):
         store.add_mailbox(f"{user}@example.org", "{PLAIN}unused", quota_bytes=quota)
     store.add_alias("team@example.org", ["alice@example.org", "bob@example.org"])
     postfix = Postfix(root, main={
@@ -310,3 +311,31 @@ def test_same_bytes_and_sizes_as_dovecot_lmtp(rig: Rig) -> None:
         assert match is not None, path.name
         bare = len(re.findall(rb"(?<!\r)\n", content))
         assert (int(match.group(1)), int(match.group(2))) == (len(content), len(content) + bare)
+
+
+def test_kill_during_the_write_phase_leaves_one_copy_and_tmp_garbage_is_cleaned(rig: Rig) -> None:
+    tmp = rig.maildir("erin@example.org") / "tmp"
+    rig.send("sender@example.org", ["erin@example.org"], b"Subject: first\r\n\r\nhello\r\n")
+    rig.wait_status("erin@example.org", "sent")
+    body = (b"w" * 998 + b"\r\n") * 40_000  # 40 MB: copying and fsyncing take a while
+    rig.send("sender@example.org", ["erin@example.org"], b"Subject: write phase\r\n\r\n" + body)
+    wait_until(lambda: any(tmp.iterdir()), timeout=60, interval=0.001, what="a file in erin's tmp/")
+    rig.daemons.kill()
+    new_after_kill = [p for p in rig.new_files("erin@example.org") if p.stat().st_size > 1_000_000]
+    assert new_after_kill == []
+    (garbage,) = list(tmp.iterdir())
+    rig.restart_deliver()
+    rig.postfix.flush()
+    wait_until(lambda: len(rig.new_files("erin@example.org")) == 2, timeout=60, what="the retry")
+    time.sleep(1)
+    big = [p for p in rig.new_files("erin@example.org") if p.stat().st_size > 1_000_000]
+    assert len(big) == 1
+    assert big[0].read_bytes().endswith((b"w" * 998 + b"\n") * 40_000)
+    # The partial tmp file stays until it is stale (36 h), then the next delivery removes it.
+    assert garbage.exists()
+    os.utime(garbage, (time.time() - 40 * 3600, time.time() - 40 * 3600))
+    time.sleep(1.1)  # stale_tmp_interval is 1 s in this rig
+    rig.send("sender@example.org", ["erin@example.org"], b"Subject: third\r\n\r\nx\r\n")
+    wait_until(lambda: len(rig.new_files("erin@example.org")) == 3, timeout=30, what="third")
+    assert not garbage.exists()
+    assert list(tmp.iterdir()) == []

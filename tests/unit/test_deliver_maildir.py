@@ -181,9 +181,10 @@ def test_stale_tmp_files_are_removed(tmp_path: Path) -> None:
     old.write_bytes(b"x")
     fresh.write_bytes(b"x")
     os.utime(old, (1000, 1000))
-    # ctime cannot be set back; clean everything changed before "now + 1 s" except fresh files.
-    assert clean_stale(str(tmp), before=fresh.stat().st_ctime - 0.5) == 0
-    assert clean_stale(str(tmp), before=fresh.stat().st_ctime + 10) == 2
+    assert clean_stale(str(tmp), before=fresh.stat().st_mtime - 0.5) == 1
+    assert not old.exists()
+    assert fresh.exists()
+    assert clean_stale(str(tmp), before=fresh.stat().st_mtime + 10) == 1
 
 
 # -- quota ---------------------------------------------------------------------------------
