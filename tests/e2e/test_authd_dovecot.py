@@ -92,7 +92,10 @@ def rig() -> Iterator[Rig]:
         "key userdb {\n  key = userdb/%u\n  format = json\n}\n"
         "passdb_objects = passdb\nuserdb_objects = userdb\n"
     )
-    userdb = f"userdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n"
+    # No anvil penalty nor failure delay of Dovecot's own: the tests fail logins on purpose.
+    userdb = (f"userdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n"
+              "auth_failure_delay = 0\n"
+              "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n")
     dict_dovecot = Dovecot(
         root / "dc-dict",
         conf=f"passdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n{userdb}",
