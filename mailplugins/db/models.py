@@ -160,3 +160,4 @@ class Setting(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+from mailplugins.db import policy_models  # noqa: E402, F401

@@ -1,0 +1,177 @@
+# -*- test-case-name: tests.unit.test_greylist -*-
+"""Greylisting with postgrey's semantics, on state shared through the database.
+
+The triplet is ``client network / normalised sender / recipient``, lower-cased and stored as
+its SHA-256 (as postgrey's ``--privacy``): /24 for IPv4 and /64 for IPv6 by default; the
+sender loses its BATV tag (``prvs=``) and ``+extension``, and digit runs become ``#`` so that
+VERP senders of one list share a triplet. A triplet is deferred until ``delay`` seconds after
+it was first seen; a first retry later than ``retry_window`` starts over. Clients that passed
+``auto_whitelist_passes`` times (at most one pass counted per hour) skip greylisting.
+
+Never greylisted: authenticated clients, mynetworks, whitelisted client networks or verified
+host name suffixes, whitelisted recipients, and (optionally) mail whose SPF check passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any, cast
+
+from sqlalchemy import Engine
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mailplugins.config.policy_state import GreylistConfig
+from policyd.codec import PolicyRequest
+from policyd.ratelimit import Clock, Pending, client_network
+from policyd.state import GreylistResult, GreylistTiming, greylist_check
+
+log = Logger(namespace="policyd.greylist")
+
+Runner = Callable[..., "Deferred[Any]"]
+
+#: BATV: ``prvs=KDDDSSSSSS=user@`` (RFC draft order) and ``prvs=user=KDDDSSSSSS@`` (older).
+_BATV_TAG_FIRST = re.compile(r"^prvs=\d{4}[0-9a-f]{6}=", re.IGNORECASE)
+_BATV_TAG_LAST = re.compile(r"^prvs=(.*)=\d{4}[0-9a-f]{6}@", re.IGNORECASE)
+_DIGITS = re.compile(r"\b\d+\b")
+
+
+def normalise_sender(sender: str, delimiters: str = "+") -> str:
+    """postgrey's sender normalisation: lower case, BATV removed, extension stripped,
+    numbers replaced by ``#``."""
+    text = sender.strip().lower()
+    text = _BATV_TAG_FIRST.sub("", text)
+    text = _BATV_TAG_LAST.sub(r"\1@", text)
+    local, at, domain = text.rpartition("@")
+    if at and delimiters:
+        cut = min((i for i in (local.find(c) for c in delimiters) if i > 0), default=-1)
+        if cut > 0:
+            local = local[:cut]
+        text = f"{local}@{domain}"
+    return _DIGITS.sub("#", text)
+
+
+def triplet_key(
+    client: str, sender: str, recipient: str, config: GreylistConfig, delimiters: str = "+"
+) -> str | None:
+    """The SHA-256 of ``net/sender/recipient``; None for a client address that does not parse."""
+    network = client_network(client, config.ipv4_prefix, config.ipv6_prefix)
+    if network is None:
+        return None
+    text = f"{network}/{normalise_sender(sender, delimiters)}/{recipient.strip().lower()}"
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+
+
+def exact_client(client: str) -> str | None:
+    """The client address for the auto-whitelist (IPv4-mapped IPv6 as IPv4)."""
+    network = client_network(client, 32, 128)
+    return network.split("/", 1)[0] if network is not None else None
+
+
+def whitelisted(request: PolicyRequest, config: GreylistConfig) -> bool:
+    """Client network, verified client host name suffix, or recipient domain/address."""
+    client = request.get("client_address")
+    try:
+        address = ipaddress.ip_address(client.split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+    except ValueError:
+        address = None
+    if address is not None and any(
+        address in network for network in config.whitelist_networks
+        if network.version == address.version
+    ):
+        return True
+    name = request.get("client_name").lower().rstrip(".")
+    if name and name != "unknown":
+        for suffix in config.whitelist_hostnames:
+            if name == suffix.lstrip(".") or name.endswith("." + suffix.lstrip(".")):
+                return True
+    recipient = request.get("recipient").strip().lower()
+    if recipient and config.whitelist_recipients:
+        local, _at, domain = recipient.rpartition("@")
+        for entry in config.whitelist_recipients:
+            if entry in (recipient, domain) or entry == f"{local}@":
+                return True
+    return False
+
+
+def greylist_header(config: GreylistConfig, seconds: int, now: float) -> str:
+    """``X-Greylist: delayed N seconds by ... at HOST; DATE`` from the configured template."""
+    values = {"t": str(seconds), "h": config.hostname, "d": formatdate(now, localtime=False)}
+    return re.sub(r"%([thd%])", lambda m: values.get(m.group(1), "%"), config.header)
+
+
+class Greylister:
+    """Decides one RCPT request; never fails, always within the configured ``timeout``."""
+
+    def __init__(
+        self,
+        config: GreylistConfig,
+        engine: Engine,
+        run: Runner,
+        clock: Clock,
+        *,
+        delimiters: str = "+",
+        max_pending: int = 1000,
+    ) -> None:
+        self.config = config
+        self._engine = engine
+        self._run = run
+        self._clock = clock
+        self.delimiters = delimiters
+        self.max_pending = max_pending
+        self.pending = Pending()
+        #: Called with the outcome ("greylisted", "passed", "whitelisted", "skipped", "failed").
+        self.observe: Callable[[str], None] = lambda outcome: None
+
+    @property
+    def timing(self) -> GreylistTiming:
+        c = self.config
+        return GreylistTiming(c.delay, c.retry_window, c.expiry, c.auto_whitelist_passes)
+
+    async def check(
+        self, request: PolicyRequest, timeout: float | None = None
+    ) -> tuple[str | None, str | None]:
+        """``(action, header)``: the deferral action or None, and the X-Greylist header to
+        prepend on a triplet's first pass (else None)."""
+        config = self.config
+        if whitelisted(request, config):
+            self.observe("skipped")
+            return None, None
+        key = triplet_key(request.get("client_address"), request.get("sender"),
+                          request.get("recipient"), config, self.delimiters)
+        client = exact_client(request.get("client_address"))
+        if key is None or client is None:
+            self.observe("skipped")
+            return None, None
+        if self.pending.count >= self.max_pending:
+            self.observe("failed")
+            return _fallback(config.fallback_action), None
+        now = self._clock.seconds()
+        try:
+            work = self._run(self.pending.track(greylist_check), self._engine, key, client, now,
+                             self.timing)
+            limit = config.timeout if timeout is None else min(config.timeout, timeout)
+            work.addTimeout(limit, cast(IReactorTime, self._clock))
+            result: GreylistResult = await work
+        except Exception as exc:
+            log.warn("greylist check failed ({error}); answering {action}",
+                     error=type(exc).__name__, action=config.fallback_action)
+            self.observe("failed")
+            return _fallback(config.fallback_action), None
+        self.observe(result.status)
+        if result.status == "greylisted":
+            return config.action.replace("%s", str(result.seconds)), None
+        if result.first_pass:
+            return None, greylist_header(config, result.seconds, now)
+        return None, None
+
+
+def _fallback(action: str) -> str | None:
+    return None if action.upper() == "DUNNO" else action

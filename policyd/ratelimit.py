@@ -1,0 +1,225 @@
+# -*- test-case-name: tests.unit.test_ratelimit -*-
+"""Rate limits: who a request counts against, and the decision at DATA and END-OF-MESSAGE.
+
+Counting happens at ``protocol_state=DATA`` (one message, ``recipient_count`` recipients: the
+recipients Postfix accepted, so rejected ones never count) and, for rules with byte limits, at
+``END-OF-MESSAGE`` (the real ``size``). The check and the increment are one database
+transaction (:func:`policyd.state.rate_check`), so several policyd processes on several MX
+hosts sharing one database together admit exactly the limit.
+
+Each rule's subject is the first non-empty attribute of its ``key`` list: ``sasl_username``
+(case-folded), ``sender`` (case-folded, ``+detail`` removed so that detail variants share one
+count) or ``client_address`` (grouped by ``ipv4_prefix``/``ipv6_prefix``, /64 for IPv6 by
+default). Addresses also look up per-domain (``@domain``) and per-mailbox overrides.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, cast
+
+from sqlalchemy import Engine
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mailplugins.addresses import AddressError, parse_address
+from mailplugins.config.policy_state import RateLimitConfig, RateRule
+from policyd.codec import PolicyRequest
+from policyd.state import RateDecision, RateKey, rate_check
+
+log = Logger(namespace="policyd.ratelimit")
+
+T = TypeVar("T")
+
+
+class Clock(Protocol):
+    """What the checks need of the reactor (a ``task.Clock`` in tests)."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any: ...
+
+Runner = Callable[..., "Deferred[Any]"]
+
+
+def client_network(text: str, ipv4_prefix: int, ipv6_prefix: int) -> str | None:
+    """``192.0.2.0/24``-style network of a client address (IPv4-mapped IPv6 as IPv4)."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+def address_subject(text: str, delimiters: str) -> tuple[str, tuple[str, ...]] | None:
+    """The case-folded ``local@domain`` without ``+detail``, and its override subjects."""
+    try:
+        address = parse_address(text)
+    except AddressError:
+        lowered = text.strip().lower()
+        return (lowered, ()) if lowered else None
+    base, _detail = address.split_detail(delimiters)
+    return base.key, (f"@{base.domain}", base.key)
+
+
+def subject_for(
+    rule: RateRule, request: PolicyRequest, delimiters: str
+) -> tuple[str, tuple[str, ...]] | None:
+    """The subject ``request`` counts against under ``rule``, or None (rule does not apply)."""
+    login = request.get("sasl_username")
+    if rule.clients == "authenticated" and not login:
+        return None
+    if rule.clients == "unauthenticated" and login:
+        return None
+    for attribute in rule.key:
+        value = request.get(attribute).strip()
+        if not value:
+            continue
+        if attribute == "client_address":
+            network = client_network(value, rule.ipv4_prefix, rule.ipv6_prefix)
+            if network is not None:
+                return network, ()
+            continue
+        if attribute == "sasl_username" and "@" not in value:
+            return value.casefold(), ()
+        found = address_subject(value, delimiters)
+        if found is not None:
+            return found
+    return None
+
+
+def rate_keys(config: RateLimitConfig, request: PolicyRequest, delimiters: str) -> list[RateKey]:
+    keys = []
+    for rule in config.rules:
+        found = subject_for(rule, request, delimiters)
+        if found is not None:
+            keys.append(RateKey(rule.name, found[0], rule.windows, found[1]))
+    return keys
+
+
+def _count(request: PolicyRequest, name: str) -> int:
+    try:
+        return max(0, int(request.get(name) or 0))
+    except ValueError:
+        return 0
+
+
+class Pending:
+    """Work handed to a pool and not finished yet, counted until the work itself ends (a
+    request that gave up waiting still holds a thread), so a hung database cannot make the
+    pool's queue grow without bound."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def track(self, fn: Callable[..., T]) -> Callable[..., T]:
+        with self._lock:
+            self.count += 1
+
+        def tracked(*args: Any, **kwargs: Any) -> T:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.count -= 1
+
+        return tracked
+
+
+@dataclass
+class RateLimitStats:
+    admitted: int = 0
+    refused: int = 0
+    failed: int = 0
+
+
+class RateLimiter:
+    """Decides DATA and END-OF-MESSAGE requests; never fails, always within ``timeout``."""
+
+    def __init__(
+        self,
+        config: RateLimitConfig,
+        engine: Engine,
+        run: Runner,
+        clock: Clock,
+        *,
+        delimiters: str = "+",
+        max_pending: int = 1000,
+    ) -> None:
+        self.config = config
+        self._engine = engine
+        self._run = run
+        self._clock = clock
+        self.delimiters = delimiters
+        self.max_pending = max_pending
+        self.pending = Pending()
+        self.stats = RateLimitStats()
+        #: Called with ("admitted" | "refused" | "failed") for metrics.
+        self.observe: Callable[[str], None] = lambda outcome: None
+
+    async def at_data(self, request: PolicyRequest) -> str | None:
+        """Count one message and its accepted recipients; None when within every limit."""
+        keys = rate_keys(self.config, request, self.delimiters)
+        if not keys:
+            return None
+        recipients = max(_count(request, "recipient_count"), 1)
+        return await self._decide(keys, messages=1, recipients=recipients, size=0)
+
+    async def at_end_of_message(self, request: PolicyRequest) -> str | None:
+        """Count the message's real size against byte limits."""
+        keys = [
+            key for key in rate_keys(self.config, request, self.delimiters)
+            if self._rule(key.rule).counts_bytes or key.override_subjects
+        ]
+        size = _count(request, "size")
+        if not keys or not size:
+            return None
+        return await self._decide(keys, messages=0, recipients=0, size=size)
+
+    def _rule(self, name: str) -> RateRule:
+        return next(rule for rule in self.config.rules if rule.name == name)
+
+    async def _decide(
+        self, keys: list[RateKey], *, messages: int, recipients: int, size: int
+    ) -> str | None:
+        config = self.config
+        if self.pending.count >= self.max_pending:
+            # The database is not keeping up: answer at once instead of queueing without end.
+            self._outcome("failed")
+            return _fallback(config.fallback_action)
+        try:
+            work = self._run(
+                self.pending.track(rate_check), self._engine, keys, self._clock.seconds(),
+                messages=messages, recipients=recipients, size=size,
+            )
+            work.addTimeout(config.timeout, cast(IReactorTime, self._clock))
+            decision: RateDecision = await work
+        except Exception as exc:
+            log.warn("rate limit check failed ({error}); answering {action}",
+                     error=type(exc).__name__, action=config.fallback_action)
+            self._outcome("failed")
+            return _fallback(config.fallback_action)
+        if decision.admitted:
+            self._outcome("admitted")
+            return None
+        self._outcome("refused")
+        window = decision.window
+        log.info("rate limit {rule} exceeded (window {period}s)", rule=decision.rule,
+                 period=window.period if window else 0)
+        return config.action
+
+    def _outcome(self, outcome: str) -> None:
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        self.observe(outcome)
+
+
+def _fallback(action: str) -> str | None:
+    return None if action.upper() == "DUNNO" else action

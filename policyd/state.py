@@ -1,0 +1,504 @@
+# -*- test-case-name: tests.unit.test_ratelimit -*-
+"""policyd's shared state in SQL: atomic rate-limit counting, greylisting, purges, overrides.
+
+Every function here is synchronous and takes an Engine: the daemon runs them in the database
+thread pool (never on the reactor), the CLI and tests call them directly. Time is an argument
+(epoch seconds), never read here.
+
+Atomicity across processes and hosts (several MX on one PostgreSQL or MariaDB):
+
+- :func:`rate_check` runs in ONE transaction that first upserts the subject's lock row
+  (``INSERT ... ON CONFLICT DO UPDATE`` on PostgreSQL and SQLite, ``INSERT ... ON DUPLICATE
+  KEY UPDATE`` on MariaDB). The upsert takes that row's write lock until commit, so every other
+  check of the same subject waits there; the bucket upserts and the ``SUM`` reads that follow
+  see everything the earlier transactions committed (READ COMMITTED on the server backends,
+  the single writer lock on SQLite). Over the limit, the transaction rolls back: a refused
+  message is never counted.
+- Greylisting reads the triplet with ``SELECT ... FOR UPDATE`` after an insert-if-absent, so
+  two hosts seeing the same retry agree on its first pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, delete, func, select, update
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+from mailplugins.config.policy_state import Window
+from mailplugins.db.policy_models import (
+    GreylistClient,
+    GreylistEntry,
+    RateBucket,
+    RateOverride,
+    RateSubject,
+)
+
+#: An override limit meaning "no limit" (NULL means "inherit the configured limit").
+UNLIMITED = -1
+#: At most one auto-whitelist pass is counted per client and hour (postgrey).
+AWL_INTERVAL = 3600
+
+
+class OverrideError(ValueError):
+    """A bad override (one line for the operator)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _transaction(engine: Engine) -> Any:
+    """A transaction at READ COMMITTED on the server backends (SQLite: the default)."""
+    if engine.dialect.name in ("postgresql", "mysql", "mariadb"):
+        return engine.connect().execution_options(isolation_level="READ COMMITTED")
+    return engine.connect()
+
+
+def _insert(conn: Connection, table: Any) -> Any:
+    name = conn.dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name in ("mysql", "mariadb"):
+        return mysql.insert(table)
+    return sqlite.insert(table)
+
+
+def _upsert(
+    conn: Connection,
+    table: Any,
+    values: Mapping[str, Any],
+    keys: Sequence[str],
+    updates: Mapping[str, Any],
+) -> None:
+    """One atomic insert-or-update statement; ``updates`` may use ``excluded``/``inserted``."""
+    stmt = _insert(conn, table).values(**values)
+    if conn.dialect.name in ("mysql", "mariadb"):
+        new = stmt.inserted
+        stmt = stmt.on_duplicate_key_update(
+            **{col: fn(table.c, new) for col, fn in updates.items()}
+        )
+    else:
+        new = stmt.excluded
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(keys),
+            set_={col: fn(table.c, new) for col, fn in updates.items()},
+        )
+    conn.execute(stmt)
+
+
+# --------------------------------------------------------------------------------------------
+# Rate limits
+
+
+@dataclass(frozen=True)
+class Usage:
+    period: int
+    messages: int
+    recipients: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class RateKey:
+    """One rule's subject and its windows, as configured (overrides are applied in SQL)."""
+
+    rule: str
+    subject: str
+    windows: tuple[Window, ...]
+    #: Override subjects, least specific first (``@domain`` then ``user@domain``).
+    override_subjects: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    admitted: bool
+    #: The rule and window that refused (None when admitted).
+    rule: str | None = None
+    window: Window | None = None
+    #: (rule, totals) per window after counting, or as they stood when refused.
+    usage: tuple[tuple[str, Usage], ...] = ()
+
+
+def effective_windows(
+    configured: Sequence[Window], overrides: Iterable[tuple[int, int | None, int | None, int | None]]
+) -> list[Window]:
+    """Config windows with overrides applied in order (domain first, then mailbox).
+
+    An override row is ``(period, messages, recipients, bytes)``: NULL inherits, -1 lifts the
+    limit, a period the config lacks adds a window.
+    """
+    windows = {w.period: w for w in configured}
+    for period, messages, recipients, size in overrides:
+        base = windows.get(period, Window(period))
+
+        def pick(new: int | None, old: int | None) -> int | None:
+            if new is None:
+                return old
+            return None if new < 0 else new
+
+        windows[period] = Window(
+            period,
+            pick(messages, base.messages),
+            pick(recipients, base.recipients),
+            pick(size, base.bytes),
+        )
+    return [windows[p] for p in sorted(windows) if windows[p].limited]
+
+
+def _overrides(
+    conn: Connection, rule: str, subjects: Sequence[str]
+) -> list[tuple[int, int | None, int | None, int | None]]:
+    if not subjects:
+        return []
+    rows = list(conn.execute(
+        select(RateOverride.subject, RateOverride.period, RateOverride.messages,
+               RateOverride.recipients, RateOverride.bytes)
+        .where(RateOverride.rule == rule, RateOverride.subject.in_(subjects))
+    ).all())
+    order = {subject: index for index, subject in enumerate(subjects)}
+    rows.sort(key=lambda r: order[r.subject])
+    return [(r.period, r.messages, r.recipients, r.bytes) for r in rows]
+
+
+def _window_total(conn: Connection, key: RateKey, window: Window, bucket: int) -> Any:
+    return conn.execute(
+        select(func.coalesce(func.sum(RateBucket.messages), 0),
+               func.coalesce(func.sum(RateBucket.recipients), 0),
+               func.coalesce(func.sum(RateBucket.bytes), 0))
+        .where(RateBucket.rule == key.rule, RateBucket.subject == key.subject,
+               RateBucket.period == window.period,
+               RateBucket.bucket > bucket - window.buckets,
+               RateBucket.bucket <= bucket)
+    ).one()
+
+
+def rate_check(
+    engine: Engine,
+    keys: Sequence[RateKey],
+    now: float,
+    *,
+    messages: int = 0,
+    recipients: int = 0,
+    size: int = 0,
+) -> RateDecision:
+    """Count ``messages``/``recipients``/``size`` for every key if every window allows it.
+
+    All keys are decided in one transaction, so a message refused by one rule is counted by
+    none. Admission means the totals *including* this request stay within every limit.
+    """
+    second = int(now)
+    counting = bool(messages or recipients or size)
+    # Lock rows in one global order, so two transactions never wait for each other in a cycle.
+    ordered = sorted(keys, key=lambda k: (k.rule, k.subject))
+    with _transaction(engine) as conn:
+        try:
+            for key in ordered:
+                # The subject's lock row: every concurrent check of this subject waits here.
+                _upsert(
+                    conn, RateSubject.__table__,
+                    {"rule": key.rule, "subject": key.subject, "last_seen": second},
+                    ("rule", "subject"),
+                    {"last_seen": lambda c, new: new.last_seen},
+                )
+            usage: list[tuple[str, Usage]] = []
+            refused: tuple[str, Window] | None = None
+            for key in ordered:
+                effective = effective_windows(
+                    key.windows, _overrides(conn, key.rule, key.override_subjects))
+                for window in effective:
+                    bucket = second // window.step
+                    if counting:
+                        _upsert(
+                            conn, RateBucket.__table__,
+                            {"rule": key.rule, "subject": key.subject, "period": window.period,
+                             "bucket": bucket, "messages": messages, "recipients": recipients,
+                             "bytes": size,
+                             "expires": (bucket + 1) * window.step + window.period},
+                            ("rule", "subject", "period", "bucket"),
+                            {
+                                "messages": lambda c, new: c.messages + new.messages,
+                                "recipients": lambda c, new: c.recipients + new.recipients,
+                                "bytes": lambda c, new: c.bytes + new.bytes,
+                            },
+                        )
+                    total = _window_total(conn, key, window, bucket)
+                    used = Usage(window.period, int(total[0]), int(total[1]), int(total[2]))
+                    usage.append((key.rule, used))
+                    if refused is None and _over(window, used, messages, recipients, size):
+                        refused = (key.rule, window)
+            if refused is not None:
+                conn.rollback()
+                return RateDecision(False, refused[0], refused[1], tuple(usage))
+            conn.commit()
+            return RateDecision(True, None, None, tuple(usage))
+        except BaseException:
+            conn.rollback()
+            raise
+
+
+def _over(window: Window, used: Usage, messages: int, recipients: int, size: int) -> bool:
+    """Over when a counted measure passes its limit; a request counting nothing (the bytes
+    check at DATA) is refused once a limit is already reached."""
+    checks = ((window.messages, used.messages, messages),
+              (window.recipients, used.recipients, recipients),
+              (window.bytes, used.bytes, size))
+    for limit, total, added in checks:
+        if limit is None:
+            continue
+        if added and total > limit:
+            return True
+        if not (messages or recipients or size) and total >= limit:
+            return True
+    return False
+
+
+def rate_usage(engine: Engine, key: RateKey, now: float) -> list[Usage]:
+    """Current totals per effective window of ``key``, counting nothing (for the CLI)."""
+    second = int(now)
+    with engine.connect() as conn:
+        windows = effective_windows(key.windows, _overrides(conn, key.rule, key.override_subjects))
+        result = []
+        for window in windows:
+            total = _window_total(conn, key, window, second // window.step)
+            result.append(Usage(window.period, int(total[0]), int(total[1]), int(total[2])))
+        return result
+
+
+@dataclass(frozen=True)
+class OverrideRecord:
+    rule: str
+    subject: str
+    period: int
+    messages: int | None
+    recipients: int | None
+    bytes: int | None
+
+
+def normalise_override_subject(subject: str) -> str:
+    """``user@domain`` or ``@domain``, case-folded (domains IDNA-encoded)."""
+    from mailplugins.addresses import AddressError, parse_address, parse_domain
+
+    text = subject.strip()
+    try:
+        if text.startswith("@"):
+            return "@" + parse_domain(text[1:])
+        return parse_address(text).key
+    except AddressError as exc:
+        raise OverrideError(f"not an address or @domain: {subject!r} ({exc})") from None
+
+
+def set_rate_override(
+    engine: Engine,
+    rule: str,
+    subject: str,
+    period: int,
+    *,
+    messages: int | None = None,
+    recipients: int | None = None,
+    size: int | None = None,
+) -> OverrideRecord:
+    """Create or replace the override of ``subject`` (``user@domain`` or ``@domain``) for the
+    window of ``period`` seconds. Each limit: None inherits, -1 is unlimited, else the limit."""
+    if period <= 0:
+        raise OverrideError("the period must be a positive number of seconds")
+    for value in (messages, recipients, size):
+        if value is not None and value < UNLIMITED:
+            raise OverrideError("a limit must be -1 (unlimited) or a count")
+    key = normalise_override_subject(subject)
+    values = {"messages": messages, "recipients": recipients, "bytes": size}
+    with engine.begin() as conn:
+        _upsert(
+            conn, RateOverride.__table__, {"rule": rule, "subject": key, "period": period, **values},
+            ("rule", "subject", "period"),
+            {name: (lambda c, new, name=name: getattr(new, name)) for name in values},
+        )
+    return OverrideRecord(rule, key, period, messages, recipients, size)
+
+
+def remove_rate_override(engine: Engine, rule: str, subject: str, period: int | None = None) -> int:
+    """Remove the override(s) of ``subject`` (one period, or all); returns rows removed."""
+    key = normalise_override_subject(subject)
+    with engine.begin() as conn:
+        stmt = delete(RateOverride).where(RateOverride.rule == rule, RateOverride.subject == key)
+        if period is not None:
+            stmt = stmt.where(RateOverride.period == period)
+        return int(conn.execute(stmt).rowcount)
+
+
+def list_rate_overrides(engine: Engine, rule: str | None = None) -> list[OverrideRecord]:
+    with engine.connect() as conn:
+        stmt = select(RateOverride).order_by(RateOverride.rule, RateOverride.subject,
+                                             RateOverride.period)
+        if rule is not None:
+            stmt = stmt.where(RateOverride.rule == rule)
+        return [
+            OverrideRecord(r.rule, r.subject, r.period, r.messages, r.recipients, r.bytes)
+            for r in conn.execute(stmt).all()
+        ]
+
+
+def reset_rate_counters(engine: Engine, rule: str, subject: str) -> int:
+    """Forget what ``subject`` has sent (an operator lifting a block at once)."""
+    with engine.begin() as conn:
+        return int(conn.execute(
+            delete(RateBucket).where(RateBucket.rule == rule, RateBucket.subject == subject)
+        ).rowcount)
+
+
+# --------------------------------------------------------------------------------------------
+# Greylisting
+
+
+@dataclass(frozen=True)
+class GreylistTiming:
+    delay: int = 300
+    retry_window: int = 2 * 86400
+    expiry: int = 35 * 86400
+    #: Passes after which a client address is whitelisted (0 disables).
+    awl_passes: int = 5
+
+
+@dataclass(frozen=True)
+class GreylistResult:
+    """``status`` is ``greylisted``, ``passed`` or ``whitelisted`` (auto-whitelisted client)."""
+
+    status: str
+    #: greylisted: seconds left to wait; passed: seconds the triplet was delayed.
+    seconds: int = 0
+    #: True on the triplet's first pass (the X-Greylist header goes with it).
+    first_pass: bool = False
+
+
+def greylist_check(
+    engine: Engine, key: str, client: str, now: float, timing: GreylistTiming
+) -> GreylistResult:
+    """postgrey's decision for one triplet ``key`` (already hashed) from ``client``."""
+    second = int(now)
+    with engine.begin() as conn:
+        if timing.awl_passes:
+            row = conn.execute(
+                select(GreylistClient.passes, GreylistClient.last_seen)
+                .where(GreylistClient.address == client)
+            ).first()
+            if (row is not None and row.passes >= timing.awl_passes
+                    and second - row.last_seen <= timing.expiry):
+                conn.execute(update(GreylistClient).where(GreylistClient.address == client)
+                             .values(last_seen=second))
+                return GreylistResult("whitelisted")
+        entry = _lock_triplet(conn, key)
+        if entry is None:
+            inserted = conn.execute(
+                _insert_ignore(conn, GreylistEntry.__table__).values(
+                    key=key, first_seen=second, last_seen=second, passed=False)
+            ).rowcount
+            if inserted:
+                return GreylistResult("greylisted", timing.delay)
+            entry = _lock_triplet(conn, key)
+            if entry is None:  # pragma: no cover - inserted and deleted meanwhile
+                return GreylistResult("greylisted", timing.delay)
+        first, passed = int(entry.first_seen), bool(entry.passed)
+        if not passed and second - first > timing.retry_window:
+            # The first retry came too late: start over, as postgrey does.
+            conn.execute(update(GreylistEntry).where(GreylistEntry.key == key)
+                         .values(first_seen=second, last_seen=second))
+            return GreylistResult("greylisted", timing.delay)
+        waited = second - first
+        if waited < timing.delay:
+            conn.execute(update(GreylistEntry).where(GreylistEntry.key == key)
+                         .values(last_seen=second))
+            return GreylistResult("greylisted", timing.delay - waited)
+        conn.execute(update(GreylistEntry).where(GreylistEntry.key == key)
+                     .values(last_seen=second, passed=True))
+        if timing.awl_passes:
+            _count_client_pass(conn, client, second)
+        return GreylistResult("passed", waited, first_pass=not passed)
+
+
+def _lock_triplet(conn: Connection, key: str) -> Any:
+    return conn.execute(
+        select(GreylistEntry.first_seen, GreylistEntry.passed)
+        .where(GreylistEntry.key == key).with_for_update()
+    ).first()
+
+
+def _insert_ignore(conn: Connection, table: Any) -> Any:
+    stmt = _insert(conn, table)
+    if conn.dialect.name in ("mysql", "mariadb"):
+        return stmt.prefix_with("IGNORE")
+    return stmt.on_conflict_do_nothing()
+
+
+def _count_client_pass(conn: Connection, client: str, second: int) -> None:
+    """One pass counted at once, then at most one per AWL_INTERVAL (postgrey)."""
+    counted = conn.execute(
+        update(GreylistClient)
+        .where(GreylistClient.address == client,
+               GreylistClient.last_counted <= second - AWL_INTERVAL)
+        .values(passes=GreylistClient.passes + 1, last_counted=second, last_seen=second)
+    ).rowcount
+    if counted:
+        return
+    touched = conn.execute(
+        update(GreylistClient).where(GreylistClient.address == client).values(last_seen=second)
+    ).rowcount
+    if not touched:
+        conn.execute(_insert_ignore(conn, GreylistClient.__table__).values(
+            address=client, passes=1, last_counted=second, last_seen=second))
+
+
+# --------------------------------------------------------------------------------------------
+# Purge
+
+
+@dataclass(frozen=True)
+class PurgeCounts:
+    buckets: int
+    subjects: int
+    triplets: int
+    clients: int
+
+
+def purge(
+    engine: Engine, now: float, timing: GreylistTiming, longest_window: int, batch: int = 5000
+) -> PurgeCounts:
+    """Delete expired rows: buckets outside every window, idle subjects, triplets and clients
+    past their expiry, and never-passed triplets past the retry window. Runs in the database
+    pool, in batches, so a large backlog never holds long locks."""
+    second = int(now)
+
+    def sweep(table: Any, condition: Any, key: Sequence[Any]) -> int:
+        removed = 0
+        while True:
+            with engine.begin() as conn:
+                rows = conn.execute(select(*key).where(condition).limit(batch)).all()
+                if not rows:
+                    return removed
+                if len(key) == 1:
+                    where = key[0].in_([r[0] for r in rows])
+                    conn.execute(delete(table).where(where, condition))
+                else:
+                    for row in rows:
+                        conn.execute(delete(table).where(
+                            and_(*(col == value for col, value in zip(key, row, strict=True))),
+                            condition))
+                removed += len(rows)
+            if len(rows) < batch:
+                return removed
+
+    buckets = sweep(RateBucket, RateBucket.expires < second,
+                    (RateBucket.rule, RateBucket.subject, RateBucket.period, RateBucket.bucket))
+    subjects = sweep(RateSubject, RateSubject.last_seen < second - max(longest_window, 1),
+                     (RateSubject.rule, RateSubject.subject))
+    triplets = sweep(
+        GreylistEntry,
+        (GreylistEntry.last_seen < second - timing.expiry)
+        | (GreylistEntry.passed.is_(False)
+           & (GreylistEntry.first_seen < second - timing.retry_window - timing.delay)),
+        (GreylistEntry.key,),
+    )
+    clients = sweep(GreylistClient, GreylistClient.last_seen < second - timing.expiry,
+                    (GreylistClient.address,))
+    return PurgeCounts(buckets, subjects, triplets, clients)

@@ -1,0 +1,249 @@
+# -*- test-case-name: tests.unit.test_greylist -*-
+"""SPF, greylisting and rate limits joined into the request flow, with per-message memory.
+
+The service calls :meth:`StatefulChecks.at_rcpt` when its own rules had no opinion on a RCPT
+request, and :meth:`at_data` / :meth:`at_end_of_message` for those states. At RCPT, for
+unauthenticated clients outside mynetworks: SPF first (once per message, i.e. per Postfix
+``instance``; its verdict applies to every recipient), then greylisting. Rate limits decide at
+DATA and END-OF-MESSAGE.
+
+Postfix takes one action per reply, so headers wait in a small per-message queue:
+``Received-SPF`` and the first-pass ``X-Greylist`` each go out once, as ``PREPEND`` on a reply
+that would otherwise be DUNNO (the next recipient, or DATA when policyd is asked there).
+Never at END-OF-MESSAGE, where Postfix does not allow PREPEND. The memory holds the last
+``memory_size`` messages only.
+
+Each check has a timeout within the policyd budget and a fallback; expired rows are purged
+from the database pool on a timer, never on the reactor.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from sqlalchemy import Engine
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from mailplugins.config.policy_state import GreylistConfig, RateLimitConfig, SPFConfig
+from policyd.codec import PolicyRequest
+from policyd.greylist import Greylister
+from policyd.ratelimit import Clock, RateLimiter
+from policyd.spf import SPFChecker, SPFOutcome
+from policyd.state import GreylistTiming, purge
+
+log = Logger(namespace="policyd.stateful")
+
+Runner = Callable[..., "Deferred[Any]"]
+
+
+@dataclass
+class _Message:
+    spf: SPFOutcome | None = None
+    headers_queued: set[str] = field(default_factory=set)
+    pending: list[str] = field(default_factory=list)
+
+
+def _runs_in(contexts: tuple[str, ...] | None, request: PolicyRequest) -> bool:
+    return contexts is None or request.get("policy_context") in contexts
+
+
+class StatefulChecks:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        db_run: Runner,
+        spf_run: Runner | None,
+        clock: Clock,
+        budget: float,
+        ratelimit: RateLimitConfig | None = None,
+        greylist: GreylistConfig | None = None,
+        spf: SPFConfig | None = None,
+        delimiters: str = "+",
+        memory_size: int = 10_000,
+    ) -> None:
+        self._engine = engine
+        self._db_run = db_run
+        self._spf_run = spf_run
+        self._clock = clock
+        self.budget = budget
+        self.delimiters = delimiters
+        self.memory_size = memory_size
+        self._messages: OrderedDict[str, _Message] = OrderedDict()
+        self.ratelimit: RateLimiter | None = None
+        self.greylist: Greylister | None = None
+        self.spf: SPFChecker | None = None
+        self._purge_loop: LoopingCall | None = None
+        self.observers: dict[str, Callable[[str], None]] = {}
+        self.configure(ratelimit, greylist, spf, budget, delimiters)
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.ratelimit, self.greylist, self.spf))
+
+    def configure(
+        self,
+        ratelimit: RateLimitConfig | None,
+        greylist: GreylistConfig | None,
+        spf: SPFConfig | None,
+        budget: float,
+        delimiters: str,
+    ) -> None:
+        """Take a (re)loaded configuration; counters and the database state are kept."""
+        self.budget = budget
+        self.delimiters = delimiters
+        self.ratelimit = (
+            RateLimiter(ratelimit, self._engine, self._db_run, self._clock, delimiters=delimiters)
+            if ratelimit else None
+        )
+        self.greylist = (
+            Greylister(greylist, self._engine, self._db_run, self._clock, delimiters=delimiters)
+            if greylist else None
+        )
+        if spf is not None and self._spf_run is None:
+            raise ValueError("SPF needs a worker pool")
+        self.spf = SPFChecker(spf, self._spf_run, self._clock) if spf and self._spf_run else None
+        for name, observer in self.observers.items():
+            self.observe(name, observer)
+
+    def observe(self, check: str, observer: Callable[[str], None]) -> None:
+        """Report each outcome of ``check`` ("ratelimit", "greylist", "spf") to ``observer``."""
+        self.observers[check] = observer
+        target = getattr(self, check)
+        if target is not None:
+            target.observe = observer
+
+    # -- per-message memory ----------------------------------------------------------------
+
+    def _message(self, request: PolicyRequest) -> _Message:
+        instance = request.get("instance")
+        if not instance:
+            return _Message()
+        message = self._messages.get(instance)
+        if message is None:
+            message = self._messages[instance] = _Message()
+            while len(self._messages) > self.memory_size:
+                self._messages.popitem(last=False)
+        else:
+            self._messages.move_to_end(instance)
+        return message
+
+    @staticmethod
+    def _queue(message: _Message, header: str | None) -> None:
+        if header:
+            name = header.split(":", 1)[0].lower()
+            if name not in message.headers_queued:
+                message.headers_queued.add(name)
+                message.pending.append(header)
+
+    @staticmethod
+    def _next_header(message: _Message) -> str | None:
+        return f"PREPEND {message.pending.pop(0)}" if message.pending else None
+
+    def _remaining(self, deadline: float) -> float:
+        return max(0.05, deadline - self._clock.seconds())
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    async def at_rcpt(self, request: PolicyRequest, trusted: bool) -> str | None:
+        """SPF and greylisting for an unauthenticated client; None when neither objects."""
+        if trusted or not (self.spf or self.greylist):
+            return None
+        # Leave a margin of the budget for the reply itself.
+        deadline = self._clock.seconds() + self.budget * 0.9
+        message = self._message(request)
+        outcome: SPFOutcome | None = None
+        spf = self.spf
+        if spf is not None and _runs_in(spf.config.contexts, request):
+            outcome = message.spf
+            if outcome is None:
+                outcome = await spf.check(request, self._remaining(deadline) * 0.6)
+                if request.get("instance"):
+                    message.spf = outcome
+            if outcome.action is not None:
+                return outcome.action
+            self._queue(message, outcome.header)
+        greylist = self.greylist
+        if greylist is not None and _runs_in(greylist.config.contexts, request):
+            spf_passed = outcome is not None and outcome.result == "pass"
+            if not (greylist.config.skip_on_spf_pass and spf_passed):
+                action, header = await greylist.check(request, self._remaining(deadline))
+                if action is not None:
+                    return action
+                self._queue(message, header)
+        return self._next_header(message)
+
+    async def at_data(self, request: PolicyRequest) -> str | None:
+        ratelimit = self.ratelimit
+        if ratelimit is not None and _runs_in(ratelimit.config.contexts, request):
+            action = await ratelimit.at_data(request)
+            if action is not None:
+                return action
+        instance = request.get("instance")
+        message = self._messages.get(instance) if instance else None
+        return self._next_header(message) if message is not None else None
+
+    async def at_end_of_message(self, request: PolicyRequest) -> str | None:
+        ratelimit = self.ratelimit
+        if ratelimit is not None and _runs_in(ratelimit.config.contexts, request):
+            return await ratelimit.at_end_of_message(request)
+        return None
+
+    # -- expiry ------------------------------------------------------------------------------
+
+    def purge_settings(self) -> tuple[GreylistTiming, int, float] | None:
+        """What a purge needs: greylist timing, longest rate window, interval; None if off."""
+        if not (self.greylist or self.ratelimit):
+            return None
+        timing = self.greylist.timing if self.greylist else GreylistTiming()
+        intervals = []
+        longest = 0
+        if self.greylist:
+            intervals.append(self.greylist.config.purge_interval)
+        if self.ratelimit:
+            config = self.ratelimit.config
+            intervals.append(config.purge_interval)
+            longest = max([rule.longest for rule in config.rules] + [config.max_override_period])
+        return timing, longest, min(intervals)
+
+    def purge_now(self) -> Deferred[Any]:
+        settings = self.purge_settings()
+        if settings is None:
+            return Deferred.fromCoroutine(_nothing())
+        timing, longest, _interval = settings
+        work = self._db_run(purge, self._engine, self._clock.seconds(), timing, longest)
+
+        def done(counts: Any) -> None:
+            log.info("purged expired policy state: {counts}", counts=counts)
+
+        def failed(failure: Any) -> None:
+            log.warn("purging policy state failed: {error}", error=failure.getErrorMessage())
+
+        work.addCallbacks(done, failed)
+        return work
+
+    def start(self) -> None:
+        """Start the purge timer (first run after one interval)."""
+        self.stop()
+        settings = self.purge_settings()
+        if settings is None:
+            return
+        loop = LoopingCall(self.purge_now)
+        loop.clock = cast(IReactorTime, self._clock)
+        loop.start(settings[2], now=False)
+        self._purge_loop = loop
+
+    def stop(self) -> None:
+        if self._purge_loop is not None and self._purge_loop.running:
+            self._purge_loop.stop()
+        self._purge_loop = None
+
+
+async def _nothing() -> None:
+    return None
