@@ -94,8 +94,11 @@ class PolicyProtocol(Protocol):
             while self._pending and not self._busy and not self._closed:
                 request = self._pending.popleft()
                 self._busy = True
-                # On a cache hit the Deferred has already fired and _answer runs right here.
-                self._service.handle(request).addCallback(self._answer).addErrback(self._crashed)
+                action = self._service.handle(request)
+                if isinstance(action, str):
+                    self._answer(action)  # every fact was cached: answered at once
+                else:
+                    action.addCallback(self._answer).addErrback(self._crashed)
         finally:
             self._draining = False
         if self._closed:

@@ -10,7 +10,7 @@ budget runs out. Timing is read from injected callables; nothing here knows abou
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -76,29 +76,39 @@ class PolicyService:
     def reconfigure(self, config: PolicydConfig) -> None:
         self.config = config
 
-    def handle(self, request: PolicyRequest) -> Deferred[str]:
-        """The action for ``request``; never fails, fires within the budget."""
+    def handle(self, request: PolicyRequest) -> str | Deferred[str]:
+        """The action for ``request``: at once when every fact is cached (the hot path runs
+        without a single Deferred), else a Deferred that fires within the budget. Never fails.
+        """
         started = self._timer()
         state = request.get("protocol_state")
         config = self.config
         if state != "RCPT":
             # Nothing to check outside RCPT yet; DUNNO lets Postfix's own restrictions decide.
             self._note_state(state)
-            result: Deferred[str] = succeed(DUNNO)
-        else:
-            result = Deferred.fromCoroutine(self._decide(request, config))
-            if not result.called:
-                result.addTimeout(config.budget, self._clock)
+            return self._count(DUNNO, state, started)
+        decision = self._decide(request, config)
+        try:
+            awaited = decision.send(None)
+        except StopIteration as done:
+            return self._count(done.value, state, started)
+        except Exception:
+            return self._count(self._fallback(Failure(), request, config), state, started)
+        result = _finish(decision, awaited)
+        result.addTimeout(config.budget, self._clock)
         result.addErrback(self._fallback, request, config)
-        if self._metrics is not None:
-            metrics = self._metrics
-
-            def count(action: str) -> str:
-                metrics.answered(state, action, self._timer() - started)
-                return action
-
-            result.addCallback(count)
+        result.addCallback(self._count, state, started)
         return result
+
+    def decide(self, request: PolicyRequest) -> Deferred[str]:
+        """:meth:`handle`, always as a Deferred."""
+        result = self.handle(request)
+        return result if isinstance(result, Deferred) else succeed(result)
+
+    def _count(self, action: str, state: str, started: float) -> str:
+        if self._metrics is not None:
+            self._metrics.answered(state, action, self._timer() - started)
+        return action
 
     def _note_state(self, state: str) -> None:
         """Say once per state that it is not checked: a sender list run at MAIL (with
@@ -117,7 +127,8 @@ class PolicyService:
         for name in config.checks_for(facts.context):
             action = await RULES[name](facts, config)
             if action is not None:
-                log.info(
+                # Postfix logs every rejection itself (NOQUEUE: reject: RCPT ...).
+                log.debug(
                     "{check}: {action} (client {client}, context {context})",
                     check=name, action=action, client=facts.client_address,
                     context=facts.context or "-",
@@ -143,3 +154,40 @@ class PolicyService:
         if self._metrics is not None:
             self._metrics.fallback(reason)
         return config.fallback_action
+
+
+def _finish(decision: Coroutine[Any, Any, str], awaited: Deferred[Any]) -> Deferred[str]:
+    """Drive a coroutine that is waiting on ``awaited`` to its end, as a Deferred.
+
+    Like ``Deferred.fromCoroutine`` but for a coroutine already started: :meth:`handle` runs it
+    directly first, so that decisions on cached facts need no Deferred at all. Awaiting a
+    Deferred yields it until it has fired and then reads its result, so the coroutine is
+    resumed from inside the callback, while the result is still in place (a failure is thrown
+    in, as Twisted does); the callback then returns None: the coroutine has taken it over.
+    Cancelling the result (the budget ran out) cancels whatever the coroutine waits on.
+    """
+    waiting = [awaited]
+
+    def cancel(_: Deferred[str]) -> None:
+        waiting[0].cancel()
+
+    result: Deferred[str] = Deferred(cancel)
+
+    def resume(outcome: object) -> None:
+        try:
+            if isinstance(outcome, Failure):
+                following = decision.throw(outcome.value)
+            else:
+                following = decision.send(None)
+        except StopIteration as done:
+            if not result.called:
+                result.callback(done.value)
+        except BaseException:
+            if not result.called:
+                result.errback(Failure())
+        else:
+            waiting[0] = following
+            following.addBoth(resume)
+
+    awaited.addBoth(resume)
+    return result

@@ -94,7 +94,7 @@ class Harness:
         )
 
     def handle(self, **attrs: str) -> Deferred[str]:
-        return self.service.handle(rcpt(**attrs))
+        return self.service.decide(rcpt(**attrs))
 
     def decide(self, **attrs: str) -> str:
         results: list[str] = []

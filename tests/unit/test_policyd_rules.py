@@ -278,7 +278,7 @@ def test_only_rcpt_is_checked(h: Harness) -> None:
     for attrs in captured():
         request = PolicyRequest(dict(attrs, client_address=OUTSIDE))
         results: list[str] = []
-        h.service.handle(request).addCallback(results.append)
+        h.service.decide(request).addCallback(results.append)
         state = request.get("protocol_state")
         assert results == ([relay("bob@test.example")] if state == "RCPT" else ["DUNNO"]), state
 
@@ -289,7 +289,7 @@ def test_captured_rcpt_for_our_domain() -> None:
     h.store.add_mailbox("bob@test.example", "{PLAIN}x")
     (attrs,) = [a for a in captured() if dict(a)["protocol_state"] == "RCPT"]
     results: list[str] = []
-    h.service.handle(PolicyRequest(dict(attrs))).addCallback(results.append)
+    h.service.decide(PolicyRequest(dict(attrs))).addCallback(results.append)
     assert results == ["DUNNO"]
 
 

@@ -164,3 +164,37 @@ def test_ttl_cache_is_bounded_and_expires() -> None:
     assert len(cache) == 2
     now[0] = 10.0
     assert cache.get("c") == (False, None)
+
+
+def test_several_slow_lookups_in_a_row() -> None:
+    run = ManualRun()
+    h = Harness(run=run)
+    results: list[str] = []
+    h.handle(recipient="x@other.example", sasl_username="alice@example.org",
+             sender="carol@example.net").addCallback(results.append)
+    assert results == []
+    run.complete_all()  # recipient, login mailbox, grants, sender resolution: one after another
+    assert results == ["553 5.7.1 not owned by user alice@example.org"]
+    assert h.lookups.queries >= 3
+
+
+def test_a_failure_after_a_slow_lookup_gives_the_fallback() -> None:
+    run = ManualRun()
+    h = Harness(run=run)
+    results: list[str] = []
+    h.handle(recipient="x@other.example", sasl_username="alice@example.org",
+             sender="carol@example.net").addCallback(results.append)
+    fn, args, d = run.calls.pop(0)
+    d.callback(fn(*args))
+    fn, args, d = run.calls.pop(0)
+    d.errback(OperationalError("SELECT", {}, Exception("server closed the connection")))
+    assert results == [FALLBACK]
+    assert h.sample("fallback_total", reason="database") == 1
+
+
+def test_cached_decisions_are_plain_values() -> None:
+    h = Harness()
+    from tests.unit.test_policyd_fixtures import rcpt
+
+    assert isinstance(h.service.handle(rcpt(recipient="alice@example.org")), Deferred) is False
+    assert h.service.handle(rcpt(protocol_state="DATA")) == "DUNNO"
