@@ -175,7 +175,7 @@ def _finish(decision: Coroutine[Any, Any, str], awaited: Deferred[Any]) -> Defer
 
     def resume(outcome: object) -> None:
         try:
-            if isinstance(outcome, Failure):
+            if isinstance(outcome, Failure):  # noqa: SIM108 - mypy narrows only in a statement
                 following = decision.throw(outcome.value)
             else:
                 following = decision.send(None)
