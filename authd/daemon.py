@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.defer import Deferred
 
@@ -61,7 +62,9 @@ class AuthdPlugin:
             passwords=config.passwords,
             metrics=metrics,
         )
-        sasl = AuthClientFactory(verifier=verifier, config=section, metrics=metrics, clock=runtime.reactor)
+        sasl = AuthClientFactory(
+            verifier=verifier, config=section, metrics=metrics, clock=runtime.reactor
+        )
         backend = DictBackend(db.store, config)
         dict_factory = DictFactory(
             backend=backend, db_run=db.run, timeout=db.timeout, clock=runtime.reactor,
@@ -69,19 +72,19 @@ class AuthdPlugin:
         )
         http = VerifySite(verifier, section.http_failure_delay, section.http_max_body)
 
-        def limited(factory: object, listener: str) -> LimitedFactory:
+        def limited(factory: Any, listener: str) -> Any:
             return LimitedFactory(
-                factory,  # type: ignore[arg-type]
-                listener=listener, maximum=section.max_connections, metrics=runtime.metrics,
+                factory, listener=listener, maximum=section.max_connections, metrics=runtime.metrics
             )
 
         listeners: list[Listener] = []
-        if section.sasl_listen:
-            listeners += listeners_for("authd.sasl_listen", section.sasl_listen, limited(sasl, "sasl"))
-        if section.dict_listen:
-            listeners += listeners_for("authd.dict_listen", section.dict_listen, limited(dict_factory, "dict"))
-        if section.http_listen:
-            listeners += listeners_for("authd.http_listen", section.http_listen, limited(http, "http"))
+        for key, endpoints, factory in (
+            ("sasl", section.sasl_listen, sasl),
+            ("dict", section.dict_listen, dict_factory),
+            ("http", section.http_listen, http),
+        ):
+            if endpoints:
+                listeners += listeners_for(f"authd.{key}_listen", endpoints, limited(factory, key))
         return RunningAuthd(runtime, verifier, sasl, backend, dict_factory, http, listeners)
 
 

@@ -107,7 +107,8 @@ class DictBackend:
         try:
             return json.dumps(userdb_fields(mailbox, self.config.mail))
         except ValueError as exc:
-            log.warn("mailbox {id} has no safe mail location: {error}", id=mailbox.id, error=str(exc))
+            log.warn("mailbox {id} has no safe mail location: {error}",
+                     id=mailbox.id, error=str(exc))
             return None
 
     def iterate(self, path: str, flags: int, max_rows: int) -> list[tuple[str, str]]:
@@ -141,6 +142,7 @@ class _Slot:
 
 class DictProtocol(Protocol):
     factory: DictFactory
+    transport: Any
 
     def __init__(self, decoder: codec.DictDecoder) -> None:
         self.decoder = decoder
@@ -227,13 +229,13 @@ class DictProtocol(Protocol):
         while self._queue and self._queue[0].data is not None:
             data = self._queue.popleft().data
             if not self._closed and data is not None:
-                self.transport.write(data)  # type: ignore[union-attr]
+                self.transport.write(data)
 
     def _drop(self, reason: str) -> None:
         self.factory.metrics.protocol_errors.labels("dict").inc()
         log.warn("dropping dict connection: {reason}", reason=reason)
         self._closed = True
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._closed = True
@@ -259,7 +261,7 @@ class DictFactory(Factory):
         self.config = config
         self.metrics = metrics
 
-    def buildProtocol(self, addr: IAddress) -> DictProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> Any:
         protocol = DictProtocol(codec.DictDecoder(max(self.config.max_line_length, 4096)))
         protocol.factory = self
         return protocol

@@ -12,6 +12,8 @@ end-to-end test checks this against the real Dovecot Lua client.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -38,18 +40,22 @@ class LimitedRequest(Request):
 
     def _too_big(self) -> None:
         log.warn("verify request body too large: dropping the connection")
-        self.channel.transport.abortConnection()  # type: ignore[union-attr]
+        channel: Any = self.channel
+        channel.transport.abortConnection()
+
+    def _max_body(self) -> int:
+        channel: Any = self.channel
+        return int(channel.site.max_body)
 
     def gotLength(self, length: int | None) -> None:
-        site = self.channel.site  # type: ignore[union-attr]
-        if length is not None and length > site.max_body:
+        if length is not None and length > self._max_body():
             self._too_big()
             return
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
-        if self._received > self.channel.site.max_body:  # type: ignore[union-attr]
+        if self._received > self._max_body():
             self._too_big()
             return
         super().handleContentChunk(data)
@@ -59,7 +65,7 @@ def _field(request: Request, name: str) -> str | None:
     values = (request.args or {}).get(name.encode("ascii"))
     if not values:
         return None
-    raw = values[0]
+    raw: bytes = values[0]
     if len(raw) > MAX_FIELD:
         return None
     try:
@@ -120,11 +126,12 @@ class VerifySite(Site):
 
     def __init__(self, verifier: Verifier, failure_delay: float, max_body: int) -> None:
         root = Resource()
-        root.putChild(b"verify", VerifyResource(verifier, failure_delay))
+        verify: Any = VerifyResource(verifier, failure_delay)
+        root.putChild(b"verify", verify)
         super().__init__(root)
         self.max_body = max_body
         self.displayTracebacks = False
         self.noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         """No access log: the verify endpoint is called for every login."""

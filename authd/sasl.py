@@ -7,7 +7,7 @@ import os
 import secrets
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,15 +24,16 @@ class AuthClientProtocol(Protocol):
     """One Postfix smtpd process (or doveadm) talking to us."""
 
     factory: AuthClientFactory
+    transport: Any
 
     def __init__(self, session: AuthServerSession, cuid: int) -> None:
         self.session = session
         self.cuid = cuid
-        self._sweeper: IDelayedCall | None = None
+        self._sweeper: Any = None
         self._closed = False
 
     def connectionMade(self) -> None:
-        self.transport.write(  # type: ignore[union-attr]
+        self.transport.write(
             handshake(self.factory.spid, self.cuid, self.factory.cookie())
         )
         self._schedule_sweep()
@@ -45,7 +46,7 @@ class AuthClientProtocol(Protocol):
             if self._closed:
                 return
             if isinstance(action, Send):
-                self.transport.write(action.data)  # type: ignore[union-attr]
+                self.transport.write(action.data)
             elif isinstance(action, Verify):
                 self._verify(action)
             elif isinstance(action, Drop):
@@ -63,24 +64,27 @@ class AuthClientProtocol(Protocol):
 
         def done(verdict: Verdict) -> None:
             if not self._closed:
-                self._carry_out(self.session.verified(action.request_id, verdict.outcome, verdict.user))
+                answer = self.session.verified(action.request_id, verdict.outcome, verdict.user)
+                self._carry_out(answer)
 
         self.factory.verifier.verify(request).addCallback(done)
 
     def _drop(self, reason: str) -> None:
-        peer = self.transport.getPeer() if self.transport else None  # type: ignore[union-attr]
+        peer = self.transport.getPeer() if self.transport else None
         if reason.startswith("temporary failure"):
-            log.warn("closing auth-client connection from {peer}: {reason}", peer=peer, reason=reason)
+            log.warn("closing auth-client connection from {peer}: {reason}",
+                     peer=peer, reason=reason)
         else:
             self.factory.metrics.protocol_errors.labels("sasl").inc()
-            log.warn("dropping auth-client connection from {peer}: {reason}", peer=peer, reason=reason)
+            log.warn("dropping auth-client connection from {peer}: {reason}",
+                     peer=peer, reason=reason)
         self._closed = True
         if reason.startswith("temporary failure"):
             # A reset rather than a FIN: Postfix reconnects only when a write fails, so after a
             # FIN one more of its sessions would hit the dead socket and answer 454 for nothing.
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self.transport.abortConnection()
         else:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.transport.loseConnection()
 
     def _schedule_sweep(self) -> None:
         interval = max(1.0, min(self.session.continue_timeout / 2, 30.0))
@@ -107,12 +111,12 @@ class AuthClientFactory(Factory):
     noisy = False
 
     def __init__(
-        self, *, verifier: Verifier, config: AuthdConfig, metrics: AuthdMetrics, clock: IReactorTime
+        self, *, verifier: Verifier, config: AuthdConfig, metrics: AuthdMetrics, clock: Any
     ) -> None:
         self.verifier = verifier
         self.config = config
         self.metrics = metrics
-        self.clock = clock
+        self.clock: Any = clock
         self.spid = os.getpid()
         self._next_cuid = 0
 
@@ -120,7 +124,7 @@ class AuthClientFactory(Factory):
         """Dovecot's per-connection cookie; only auth-master clients use it, so any random hex."""
         return secrets.token_hex(16)
 
-    def buildProtocol(self, addr: IAddress) -> AuthClientProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> Any:
         self._next_cuid += 1
         session = AuthServerSession(
             max_line=self.config.max_line_length,

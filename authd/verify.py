@@ -37,7 +37,6 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -231,7 +230,7 @@ class Verifier:
     def __init__(
         self,
         *,
-        clock: IReactorTime,
+        clock: Any,
         store: Store,
         db_run: Runner,
         cpu_run: Runner,
@@ -241,7 +240,7 @@ class Verifier:
         wallclock: Callable[[], datetime] = utcnow,
         secret: bytes | None = None,
     ) -> None:
-        self.clock = clock
+        self.clock: Any = clock
         self.store = store
         self._db_run = db_run
         self._cpu_run = cpu_run
@@ -289,8 +288,10 @@ class Verifier:
             address = address.ipv4_mapped
         return any(address in network for network in self.config.trusted_networks)
 
-    def verify(self, request: VerifyRequest, failure_delay: float | None = None) -> Deferred[Verdict]:
-        """Answer within ``request_timeout``: a verdict, or TEMPFAIL when the backend is too slow."""
+    def verify(
+        self, request: VerifyRequest, failure_delay: float | None = None
+    ) -> Deferred[Verdict]:
+        """Answer within ``request_timeout``: a verdict, or TEMPFAIL if the backend is too slow."""
         start = self.clock.seconds()
         deadline = start + self.config.request_timeout
         delay = self.config.failure_delay if failure_delay is None else failure_delay
@@ -448,11 +449,12 @@ class Verifier:
         return None
 
     def _after_success(self, mailbox: MailboxRecord, match: _Match) -> None:
-        """Bookkeeping after the answer: last login, app password use, rehash. Errors only logged."""
+        """Bookkeeping after the answer: last login, app password use, rehash; errors logged."""
         now = self.wallclock()
         store = self.store
         new_hash = match.new_hash
-        record_login = mailbox.last_login_at is None or now - mailbox.last_login_at >= LAST_LOGIN_GRANULARITY
+        last = mailbox.last_login_at
+        record_login = last is None or now - last >= LAST_LOGIN_GRANULARITY
         if not (record_login or new_hash or match.app_password_id is not None):
             return
 

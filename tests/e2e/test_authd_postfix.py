@@ -33,8 +33,8 @@ class Rig:
     def swaks(self, user: str, password: str, mech: str = "PLAIN", quit_after: str = "AUTH") -> str:
         result = subprocess.run(
             ["swaks", "--server", f"127.0.0.1:{self.postfix.smtp_port}", "--auth", mech,
-             "--auth-user", user, "--auth-password", password, "--quit-after", quit_after, "--from", "alice@example.org",
-             "--to", "bob@example.org",
+             "--auth-user", user, "--auth-password", password, "--quit-after", quit_after,
+             "--from", "alice@example.org", "--to", "bob@example.org",
              "--timeout", "30"],
             capture_output=True, text=True, timeout=60, check=False,
         )

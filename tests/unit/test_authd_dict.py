@@ -45,7 +45,7 @@ class Rig:
             backend=self.backend, db_run=self.db_run, timeout=2.0, clock=self.clock,
             config=self.config.authd, metrics=AuthdMetrics(DaemonMetrics("authd")),
         )
-        self.protocol = self.factory.buildProtocol(None)  # type: ignore[arg-type]
+        self.protocol = self.factory.buildProtocol(None)
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
 
@@ -59,7 +59,8 @@ class Rig:
     def send(self, data: bytes) -> bytes:
         self.transport.clear()
         self.protocol.dataReceived(data)
-        return self.transport.value()
+        value: bytes = self.transport.value()
+        return value
 
 
 def test_userdb_lookup_matches_deliver_layout() -> None:
@@ -127,7 +128,7 @@ def test_database_failure_answers_f() -> None:
     def broken(*_: Any) -> Any:
         raise RuntimeError("down")
 
-    rig.factory.backend.lookup = broken  # type: ignore[method-assign]
+    rig.factory.backend.lookup = broken  # type: ignore[method-assign,assignment]
     assert rig.send(HELLO + b"Lshared/passdb/alice@example.org\tx\n").startswith(b"F")
     assert not rig.transport.disconnecting
 

@@ -12,9 +12,9 @@ from tests.unit.test_authd_verify import Rig
 
 def connect(rig: Rig, max_body: int = 16384) -> tuple[object, StringTransport]:
     site = VerifySite(rig.verifier, 0.0, max_body)
-    channel = site.buildProtocol(None)  # type: ignore[arg-type]
+    channel = site.buildProtocol(None)
     transport = StringTransport()
-    channel.makeConnection(transport)  # type: ignore[union-attr]
+    channel.makeConnection(transport)
     return channel, transport
 
 
@@ -67,7 +67,7 @@ def test_oversized_body_is_refused() -> None:
     channel, transport = connect(rig, max_body=1024)
     head, body = post({"user": "alice@example.org", "password": "x" * 5000})
     channel.dataReceived(head + body)  # type: ignore[attr-defined]
-    assert transport.disconnecting or transport.disconnected  # type: ignore[attr-defined]
+    assert transport.disconnecting or transport.disconnected
     assert b"200" not in transport.value()
 
 

@@ -20,7 +20,7 @@ def connect(rig: Rig) -> tuple[AuthClientProtocol, StringTransport]:
     factory = AuthClientFactory(
         verifier=rig.verifier, config=rig.authd, metrics=rig.authd_metrics, clock=rig.clock
     )
-    protocol = factory.buildProtocol(None)  # type: ignore[arg-type]
+    protocol = factory.buildProtocol(None)
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport
@@ -79,7 +79,8 @@ def test_answer_after_disconnect_is_not_written() -> None:
     rig = Rig()
     protocol, transport = connect(rig)
     protocol.dataReceived(
-        HELLO + f"AUTH\t1\tPLAIN\tservice=smtp\trip=1.2.3.4\tresp={plain('alice@example.org', 'x')}\n".encode()
+        HELLO
+        + f"AUTH\t1\tPLAIN\tservice=smtp\trip=1.2.3.4\tresp={plain('alice@example.org', 'x')}\n".encode()
     )
     transport.clear()
     protocol.connectionLost()
