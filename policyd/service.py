@@ -175,10 +175,8 @@ def _finish(decision: Coroutine[Any, Any, str], awaited: Deferred[Any]) -> Defer
 
     def resume(outcome: object) -> None:
         try:
-            if isinstance(outcome, Failure):  # noqa: SIM108 - mypy narrows only in a statement
-                following = decision.throw(outcome.value)
-            else:
-                following = decision.send(None)
+            error = outcome.value if isinstance(outcome, Failure) else None
+            following = decision.send(None) if error is None else decision.throw(error)
         except StopIteration as done:
             if not result.called:
                 result.callback(done.value)
