@@ -27,6 +27,7 @@ class RunningAuthd:
     dict_factory: DictFactory
     http: VerifySite
     listeners: list[Listener] = field(default_factory=list)
+    limited: list[LimitedFactory] = field(default_factory=list)
 
     def reload(self, config: Config) -> None:
         section = config.authd
@@ -39,6 +40,8 @@ class RunningAuthd:
         resource = self.http.resource.children[b"verify"]
         assert isinstance(resource, VerifyResource)
         resource.failure_delay = section.http_failure_delay
+        for factory in self.limited:
+            factory.maximum = section.max_connections
 
     def stop(self) -> Deferred[None] | None:
         return None
@@ -72,10 +75,14 @@ class AuthdPlugin:
         )
         http = VerifySite(verifier, section.http_failure_delay, section.http_max_body)
 
+        limited_factories: list[LimitedFactory] = []
+
         def limited(factory: Any, listener: str) -> Any:
-            return LimitedFactory(
+            wrapped = LimitedFactory(
                 factory, listener=listener, maximum=section.max_connections, metrics=runtime.metrics
             )
+            limited_factories.append(wrapped)
+            return wrapped
 
         listeners: list[Listener] = []
         for key, endpoints, factory in (
@@ -85,7 +92,9 @@ class AuthdPlugin:
         ):
             if endpoints:
                 listeners += listeners_for(f"authd.{key}_listen", endpoints, limited(factory, key))
-        return RunningAuthd(runtime, verifier, sasl, backend, dict_factory, http, listeners)
+        return RunningAuthd(
+            runtime, verifier, sasl, backend, dict_factory, http, listeners, limited_factories
+        )
 
 
 DAEMON = AuthdPlugin()
