@@ -44,6 +44,8 @@ from sqlalchemy.engine import make_url
 from mailplugins.config import Config
 
 __all__ = [
+    "DEBIAN_CERT",
+    "DEBIAN_KEY",
     "SHIPPED_SOCKETS",
     "DovecotOptions",
     "DovecotSnippet",
@@ -53,6 +55,7 @@ __all__ = [
     "PostfixSnippet",
     "Service",
     "Setting",
+    "dovecot_conf_text",
     "dovecot_config",
     "parse_endpoint",
     "postfix_config",
