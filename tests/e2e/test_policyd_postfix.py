@@ -18,13 +18,23 @@ from __future__ import annotations
 
 import shutil
 import smtplib
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.rig import Daemons, Dovecot, Postfix, free_port, port_open, short_tempdir, wait_until
+from tests.rig import (
+    Daemons,
+    Dovecot,
+    Postfix,
+    free_port,
+    port_open,
+    short_tempdir,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +48,7 @@ class Rig:
     dovecot: Dovecot
     daemons: Daemons
     submission_port: int
+    metrics_port: int
 
     def logs(self) -> str:
         return (f"--- maillog\n{self.postfix.log_text()[-4000:]}\n"
@@ -48,6 +59,7 @@ class Rig:
 def rig() -> Iterator[Rig]:
     root = short_tempdir("mp-pol-")
     policy_port = free_port()
+    metrics_port = free_port()
     submission_port = free_port()
     daemons = Daemons(
         root / "mp",
@@ -55,6 +67,7 @@ def rig() -> Iterator[Rig]:
             "mail": {"location": str(root / "vmail/%d/%n/Maildir"), "uid": 0, "gid": 0},
             "policyd": {
                 "listen": f"tcp:{policy_port}:interface=127.0.0.1",
+                "metrics": f"tcp:{metrics_port}:interface=127.0.0.1",
                 "mynetworks": ["127.0.0.2/32"],
                 "budget": "2s",
                 "contexts": {
@@ -128,7 +141,7 @@ service auth {{
         started.append(dovecot)
         wait_until(lambda: (postfix.private_dir / "auth").exists(), what="dovecot auth socket")
         wait_until(lambda: port_open(submission_port), what="submission smtpd")
-        yield Rig(root, postfix, dovecot, daemons, submission_port)
+        yield Rig(root, postfix, dovecot, daemons, submission_port, metrics_port)
     finally:
         for each in reversed(started):
             each.stop()  # type: ignore[attr-defined]
@@ -234,3 +247,44 @@ def test_connections_are_reused(rig: Rig) -> None:
     log = rig.postfix.log_text()
     assert "problem talking to server" not in log, rig.logs()
     assert "Traceback" not in rig.daemons.output()
+
+
+def test_metrics(rig: Rig) -> None:
+    rcpt(rig, "nobody@example.org")
+    with urllib.request.urlopen(f"http://127.0.0.1:{rig.metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines() if line.startswith("mailplugins_policyd_")
+    }
+    assert samples['mailplugins_policyd_requests_total{action="550",protocol_state="RCPT"}'] >= 1
+    assert samples['mailplugins_policyd_requests_total{action="DUNNO",protocol_state="RCPT"}'] >= 1
+    assert samples["mailplugins_policyd_request_duration_seconds_count"] >= 2
+    assert samples['mailplugins_policyd_open_connections{listener="policyd.listen"}'] >= 1
+    assert "@" not in "".join(samples)  # never an address in a label
+
+
+def test_reload_takes_new_rules_and_drops_the_cache(rig: Rig) -> None:
+    spoofed = {"sender": "carol@example.net"}
+    assert rcpt(rig, "alice@example.org", **spoofed)[0] == 553
+    assert rcpt(rig, "later@example.org")[0] == 550  # now cached as unknown
+    rig.daemons.store.add_mailbox("later@example.org", "{PLAIN}unused")
+    original = rig.daemons.config_data
+    changed = {**original, "policyd": {**original["policyd"], "contexts": {
+        **original["policyd"]["contexts"], "sender": {"checks": ["sender_login_match"]},
+    }}}
+    try:
+        write_config(rig.daemons.config_path, changed)
+        before = rig.daemons.output().count("configuration reloaded")
+        rig.daemons.reload()
+        wait_until(lambda: rig.daemons.output().count("configuration reloaded") > before,
+                   what="policyd to reload")
+        assert rcpt(rig, "alice@example.org", **spoofed)[0] == 250
+        assert rcpt(rig, "later@example.org")[0] == 250
+    finally:
+        write_config(rig.daemons.config_path, original)
+        before = rig.daemons.output().count("configuration reloaded")
+        rig.daemons.reload()
+        wait_until(lambda: rig.daemons.output().count("configuration reloaded") > before,
+                   what="policyd to reload")
+    assert rcpt(rig, "alice@example.org", **spoofed)[0] == 553
