@@ -1,0 +1,279 @@
+# -*- test-case-name: tests.e2e.test_seed_flow -*-
+"""The whole mail system on one machine: the daemons wired to private stock Postfix and Dovecot.
+
+``scripts/run`` (``python -m mailplugins.localstack DIR``) builds it from nothing in ``DIR``:
+a SQLite database with a demo domain and two users, a self-signed certificate, the daemons, and
+Postfix (SMTP and submission with STARTTLS) and Dovecot (IMAP and POP3 with STARTTLS) configured
+by the same generators operators use (``mailplugins postfix-config`` / ``dovecot-config``).
+Everything listens on 127.0.0.1 only. Running it again reuses the database and certificate;
+instances left over from a killed run are stopped first. The end-to-end seed-flow test runs
+this same stack on free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mailplugins.config import Config, load_config
+from mailplugins.db import schema
+from mailplugins.db.engine import make_engine
+from mailplugins.generators import (
+    DovecotOptions,
+    PostfixOptions,
+    dovecot_conf_text,
+    dovecot_config,
+    postfix_config,
+)
+from mailplugins.hashing import hash_password
+from mailplugins.instances import Dovecot, Postfix, ServeProcess, free_port
+from mailplugins.store import Store
+
+DEMO_DOMAIN = "example.test"
+DEMO_USERS = ("bob", "alice")
+#: The demo's mail files belong to this user, as with Dovecot's mail_uid (never root).
+MAIL_USER = "nobody"
+MAIL_GROUP = "nogroup"
+
+
+@dataclass(frozen=True)
+class Ports:
+    smtp: int = 2525
+    submission: int = 2587
+    imap: int = 2143
+    pop3: int = 2110
+    verify: int = 2643
+    policyd_metrics: int = 9641
+    authd_metrics: int = 9642
+    deliver_metrics: int = 9644
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(*(free_port() for _ in range(8)))
+
+
+class LocalStack:
+    def __init__(self, root: str | Path, ports: Ports | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.ports = ports or Ports()
+        self.config_path = self.root / "mailplugins.yaml"
+        self.tls_dir = self.root / "tls"
+        self.passwords_path = self.root / "demo-passwords"
+        self.postfix = Postfix(self.root, smtp_port=self.ports.smtp, hostname=f"mail.{DEMO_DOMAIN}")
+        self.daemons = ServeProcess(self.config_path, log_path=self.root / "daemons.log")
+        self.dovecot: Dovecot | None = None
+        self.passwords: dict[str, str] = {}
+        self.domains: tuple[str, ...] = ()
+
+    # -- preparation -----------------------------------------------------------------------
+
+    def config_data(self) -> dict[str, Any]:
+        private = self.postfix.private_dir
+        local = "interface=127.0.0.1"
+        return {
+            "database": {"url": f"sqlite:///{self.root}/mail.db"},
+            "mail": {
+                "location": f"{self.root}/mail/%d/%n/Maildir",
+                "uid": MAIL_USER,
+                "gid": MAIL_GROUP,
+                "recipient_delimiter": "+",
+            },
+            "policyd": {
+                "listen": f"unix:{private}/mailplugins-policy:mode=666",
+                "metrics": f"tcp:{self.ports.policyd_metrics}:{local}",
+                # Every demo client is on loopback: an empty mynetworks shows relay control at
+                # work (only authenticated clients relay), as on a real server's port 25.
+                "mynetworks": [],
+            },
+            "authd": {
+                "sasl_listen": f"unix:{private}/mailplugins-auth:mode=666",
+                "dict_listen": f"unix:{self.root}/dict.sock:mode=660",
+                "http_listen": f"tcp:{self.ports.verify}:{local}",
+                "metrics": f"tcp:{self.ports.authd_metrics}:{local}",
+            },
+            "deliver": {
+                "listen": f"unix:{private}/mailplugins-deliver:mode=666",
+                "metrics": f"tcp:{self.ports.deliver_metrics}:{local}",
+            },
+        }
+
+    def prepare(self) -> Config:
+        """Config, schema, demo users and certificate; idempotent."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)
+        (self.root / "mail").mkdir(exist_ok=True)
+        self.postfix.queue_dir.mkdir(parents=True, exist_ok=True)
+        if not self.config_path.exists():
+            self.config_path.write_text(yaml.safe_dump(self.config_data(), sort_keys=False))
+        config = load_config(str(self.config_path))
+        engine = make_engine(config.database)
+        try:
+            schema.upgrade(engine)
+            store = Store(engine)
+            self._demo_users(store, config)
+            self.domains = tuple(d.name for d in store.list_domains())
+        finally:
+            engine.dispose()
+        self._certificate()
+        return config
+
+    def _demo_users(self, store: Store, config: Config) -> None:
+        if self.passwords_path.exists():
+            for line in self.passwords_path.read_text().splitlines():
+                address, _, password = line.partition(" ")
+                self.passwords[address] = password
+        if not store.is_local_domain(DEMO_DOMAIN):
+            store.add_domain(DEMO_DOMAIN)
+        for user in DEMO_USERS:
+            address = f"{user}@{DEMO_DOMAIN}"
+            if store.get_mailbox(address) is None:
+                password = secrets.token_urlsafe(12)
+                store.add_mailbox(address, hash_password(password, config.passwords))
+                self.passwords[address] = password
+        self.passwords_path.write_text("".join(f"{a} {p}\n" for a, p in self.passwords.items()))
+        self.passwords_path.chmod(0o600)
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.tls_dir / "cert.pem"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.tls_dir / "key.pem"
+
+    def _certificate(self) -> None:
+        if self.tls_cert.exists() and self.tls_key.exists():
+            return
+        self.tls_dir.mkdir(exist_ok=True)
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+             "-subj", f"/CN=mail.{DEMO_DOMAIN}",
+             "-addext", f"subjectAltName=DNS:mail.{DEMO_DOMAIN}",
+             "-keyout", str(self.tls_key), "-out", str(self.tls_cert)],
+            check=True, capture_output=True,
+        )
+        self.tls_key.chmod(0o600)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        config = self.prepare()
+        self.stop_leftovers()
+        postfix = postfix_config(config, PostfixOptions(
+            queue_directory=str(self.postfix.queue_dir),
+            config_directory=str(self.postfix.etc),
+            submission=f"127.0.0.1:{self.ports.submission}",
+            chroot=False,
+            tls_cert=str(self.tls_cert),
+            tls_key=str(self.tls_key),
+            domain_names=self.domains,
+        ))
+        for generated in postfix.files:
+            _write_generated(generated.path, generated.text, generated.mode)
+        self.postfix.main.update(postfix.main_dict())
+        self.postfix.main["mynetworks"] = ""
+        self.postfix.main["mydomain"] = DEMO_DOMAIN
+        self.postfix.services = postfix.master_lines()
+        dovecot_dir = self.root / "dovecot"
+        dovecot = dovecot_config(config, DovecotOptions(
+            config_directory=str(dovecot_dir),
+            tls_cert=str(self.tls_cert),
+            tls_key=str(self.tls_key),
+            postfix_queue_directory=str(self.postfix.queue_dir),
+        ))
+        for generated in dovecot.files:
+            _write_generated(generated.path, generated.text, generated.mode)
+        self.dovecot = Dovecot(self.root, conf=dovecot_conf_text(dovecot),
+                               imap_port=self.ports.imap, pop3_port=self.ports.pop3)
+        # Postfix first: it creates the private/ directory the daemons' sockets live in.
+        self.postfix.start()
+        self.daemons.start()
+        self.dovecot.start()
+
+    def stop_leftovers(self) -> None:
+        """Stop instances a killed earlier run left behind (found by their pid files)."""
+        postfix_pid = self.postfix.queue_dir / "pid" / "master.pid"
+        if postfix_pid.exists() and (self.postfix.etc / "main.cf").exists():
+            self.postfix.stop()
+        leftover = Dovecot(self.root, conf="")
+        if (leftover.base_dir / "master.pid").exists() and leftover.config_path.exists():
+            leftover.stop()
+
+    def stop(self) -> None:
+        if self.dovecot is not None:
+            self.dovecot.stop()
+        self.postfix.stop()
+        self.daemons.stop()
+
+    def banner(self) -> str:
+        bob, alice = (f"{user}@{DEMO_DOMAIN}" for user in DEMO_USERS)
+        p = self.ports
+        return f"""
+mailplugins mail system running in {self.root}
+  SMTP (port 25 stand-in)  127.0.0.1:{p.smtp}
+  submission (STARTTLS)    127.0.0.1:{p.submission}   users: {bob}, {alice}
+  IMAP / POP3 (STARTTLS)   127.0.0.1:{p.imap} / 127.0.0.1:{p.pop3}
+  passwords                {self.passwords_path}
+  logs                     {self.root}/daemons.log, {self.postfix.maillog}, {self.root}/dovecot/dovecot.log
+
+Send as bob to alice (self-signed certificate):
+  swaks --server 127.0.0.1:{p.submission} --tls --auth PLAIN \\
+        --auth-user {bob} --auth-password '{self.passwords.get(bob, "see passwords")}' \\
+        --from {bob} --to {alice}
+Read it as alice over IMAP:
+  openssl s_client -quiet -starttls imap -connect 127.0.0.1:{p.imap}
+  a LOGIN {alice} {self.passwords.get(alice, "PASSWORD")}
+  b SELECT INBOX
+  c FETCH 1 BODY[]
+Admin: MAILPLUGINS_CONFIG={self.config_path} mailplugins user list
+Ctrl-C stops everything.
+"""
+
+
+def _write_generated(path: str, text: str, mode: int) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    target.chmod(mode)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mailplugins.localstack", description=__doc__)
+    parser.add_argument("root", type=Path, help="directory for all state (created if absent)")
+    args = parser.parse_args(argv)
+    stack = LocalStack(args.root)
+    stopping = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start()
+        print(stack.banner(), flush=True)
+        while not stopping.wait(1):
+            process = stack.daemons.process
+            if process is not None and process.poll() is not None:
+                print(f"mailplugins serve exited {process.returncode}; stopping", file=sys.stderr)
+                return 1
+        return 0
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"mailplugins: the local stack did not start: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping...", flush=True)
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The classic guides' mail server, end to end, from the local stack (stock Postfix + Dovecot).
+
+bob submits over 587 with STARTTLS + AUTH, deliver stores it in alice's Maildir, alice reads it
+over IMAP and POP3 with STARTTLS; relaying, spoofing and unknown users are refused; mail from
+outside arrives on port 25.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+import smtplib
+import ssl
+import uuid
+from collections.abc import Iterator
+from email.message import EmailMessage
+from email.utils import formatdate
+
+import pytest
+
+from mailplugins.instances import short_tempdir, wait_until
+from mailplugins.localstack import LocalStack, Ports
+
+pytestmark = pytest.mark.e2e
+
+BOB = "bob@example.test"
+ALICE = "alice@example.test"
+
+
+def tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the stack's certificate is self-signed
+    return context
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[LocalStack]:
+    import shutil
+
+    root = short_tempdir()
+    local = LocalStack(root, Ports.free())
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def message(sender: str, recipient: str, subject: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = recipient
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{uuid.uuid4().hex}@test>"
+    msg["Date"] = formatdate()  # else Postfix's cleanup adds one inside the header block
+    msg.set_content("Hello Alice,\n.leading dot line\n\nnon-ASCII: Grüße\n" + "x" * 998 + "\n")
+    return msg
+
+
+def submit(stack: LocalStack, msg: EmailMessage, login: str, sender: str, recipient: str) -> None:
+    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30) as client:
+        client.starttls(context=tls())
+        client.login(login, stack.passwords[login])
+        client.send_message(msg, sender, [recipient])
+
+
+def imap_fetch_by_subject(stack: LocalStack, user: str, subject: str) -> bytes | None:
+    with imaplib.IMAP4("127.0.0.1", stack.ports.imap, timeout=30) as imap:
+        imap.starttls(ssl_context=tls())
+        imap.login(user, stack.passwords[user])
+        status, _ = imap.select("INBOX")
+        if status != "OK":  # no Maildir before the first delivery
+            return None
+        status, data = imap.search(None, "SUBJECT", f'"{subject}"')
+        assert status == "OK"
+        numbers = data[0].split()
+        if not numbers:
+            return None
+        status, fetched = imap.fetch(numbers[-1], "(BODY.PEEK[])")
+        assert status == "OK"
+        part = fetched[0]
+        assert isinstance(part, tuple)
+        return bytes(part[1])
+
+
+def test_bob_submits_to_alice_who_reads_over_imap_and_pop3(stack: LocalStack) -> None:
+    subject = f"seed {uuid.uuid4().hex}"
+    msg = message(BOB, ALICE, subject)
+    submit(stack, msg, BOB, BOB, ALICE)
+    fetched = wait_until(lambda: imap_fetch_by_subject(stack, ALICE, subject), timeout=60,
+                         what="the message in alice's INBOX")
+    sent = msg.as_bytes().replace(b"\n", b"\r\n")
+    # Byte-correct: the message as submitted, below the trace headers added on the way.
+    assert fetched.endswith(sent)
+    headers = fetched[: -len(sent)]
+    assert b"Return-Path: <bob@example.test>" in headers
+    assert b"Delivered-To: alice@example.test" in headers
+    stack.postfix.wait_for_log(r"to=<alice@example.test>.*status=sent", timeout=10)
+
+    pop = poplib.POP3("127.0.0.1", stack.ports.pop3, timeout=30)
+    try:
+        pop.stls(context=tls())
+        pop.user(ALICE)
+        pop.pass_(stack.passwords[ALICE])
+        count, _size = pop.stat()
+        bodies = [b"\r\n".join(pop.retr(i + 1)[1]) for i in range(count)]
+    finally:
+        pop.quit()
+    assert any(body.endswith(sent.rstrip(b"\r\n")) for body in bodies)
+
+
+def test_auth_needs_tls_on_submission(stack: LocalStack) -> None:
+    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30) as client:
+        client.ehlo()
+        assert not client.has_extn("auth")
+        client.starttls(context=tls())
+        client.ehlo()
+        assert client.has_extn("auth")
+
+
+def test_wrong_password_is_refused(stack: LocalStack) -> None:
+    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30) as client:
+        client.starttls(context=tls())
+        with pytest.raises(smtplib.SMTPAuthenticationError) as info:
+            client.login(BOB, "not-the-password")
+        assert info.value.smtp_code == 535
+
+
+def test_unauthenticated_relay_is_refused(stack: LocalStack) -> None:
+    with smtplib.SMTP("127.0.0.1", stack.ports.smtp, timeout=30) as client:
+        client.ehlo("outside.example")
+        client.mail("someone@outside.example")
+        code, text = client.rcpt("victim@elsewhere.example")
+    assert code == 554
+    assert b"Relay access denied" in text
+
+
+def test_bob_may_not_send_as_alice(stack: LocalStack) -> None:
+    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30) as client:
+        client.starttls(context=tls())
+        client.login(BOB, stack.passwords[BOB])
+        client.mail(ALICE)
+        code, text = client.rcpt("friend@elsewhere.example")
+    assert code == 553
+    assert b"not owned by user bob@example.test" in text
+
+
+def test_unknown_local_user_is_refused_at_rcpt(stack: LocalStack) -> None:
+    with smtplib.SMTP("127.0.0.1", stack.ports.smtp, timeout=30) as client:
+        client.ehlo("outside.example")
+        client.mail("someone@outside.example")
+        code, text = client.rcpt("nobody@example.test")
+    assert code == 550
+    assert b"5.1.1" in text and b"User unknown" in text
+
+
+def test_mail_from_outside_arrives_on_port_25(stack: LocalStack) -> None:
+    subject = f"inbound {uuid.uuid4().hex}"
+    msg = message("carol@outside.example", ALICE, subject)
+    with smtplib.SMTP("127.0.0.1", stack.ports.smtp, timeout=30) as client:
+        client.ehlo("mx.outside.example")
+        client.send_message(msg, "carol@outside.example", [ALICE])
+    fetched = wait_until(lambda: imap_fetch_by_subject(stack, ALICE, subject), timeout=60,
+                         what="the inbound message")
+    assert fetched.endswith(msg.as_bytes().replace(b"\n", b"\r\n"))
