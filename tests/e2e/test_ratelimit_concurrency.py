@@ -36,7 +36,9 @@ from mailplugins.config.policy_state import Window
 from mailplugins.db.engine import make_engine
 from policyd.state import RateKey, rate_check
 
-url, start, now, limit, threads, attempts = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+url = sys.argv[1]
+start, now = float(sys.argv[2]), float(sys.argv[3])
+limit, threads, attempts = (int(x) for x in sys.argv[4:7])
 engine = make_engine(DatabaseConfig(url, pool_size=threads, timeout=30))
 key = RateKey("hammer", "bob@example.org", (Window(3600, messages=limit),))
 admitted = []

@@ -10,9 +10,9 @@ from sqlalchemy import Engine, func, select
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
 
+from mailplugins.config.core import DatabaseConfig
 from mailplugins.config.fields import ConfigError, Fields
 from mailplugins.config.policy_state import RateLimitConfig, RateRule, Window, parse_ratelimit
-from mailplugins.config.core import DatabaseConfig
 from mailplugins.db import schema
 from mailplugins.db.engine import make_engine
 from mailplugins.db.policy_models import RateBucket, RateSubject
