@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from mailplugins.addresses import Address
@@ -25,6 +25,11 @@ from mailplugins.store import MailboxRecord, Resolution, Store
 T = TypeVar("T")
 
 Runner = Callable[..., "Deferred[Any]"]
+
+
+class LookupOverloadError(Exception):
+    """Too much database work is already queued: answer the fallback now instead of queueing
+    more (during a database outage every new miss would otherwise wait in the pool)."""
 
 
 class TTLCache:
@@ -74,9 +79,11 @@ class Lookups:
         ttl: float,
         size: int = 100_000,
         delimiters: str = "+",
+        overloaded: Callable[[], bool] = lambda: False,
     ) -> None:
         self._store = store
         self._run = run
+        self._overloaded = overloaded
         self.delimiters = delimiters
         self.cache = TTLCache(clock, ttl, size)
         self._inflight: dict[Hashable, list[Deferred[Any]]] = {}
@@ -104,6 +111,8 @@ class Lookups:
         if waiters is not None:
             waiters.append(waiter)
             return waiter
+        if self._overloaded():
+            return fail(LookupOverloadError("database work queue is full"))
         waiters = self._inflight[key] = [waiter]
         generation = self._generation
 

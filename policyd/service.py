@@ -24,7 +24,7 @@ from mailplugins.metrics import DaemonMetrics
 from mailplugins.store import StoreError
 from policyd.actions import DUNNO, state_label, verb
 from policyd.codec import PolicyRequest
-from policyd.lookups import Lookups
+from policyd.lookups import LookupOverloadError, Lookups
 from policyd.rules import RULES, Facts
 
 log = Logger(namespace="policyd.service")
@@ -144,6 +144,10 @@ class PolicyService:
                 budget=config.budget, client=request.get("client_address"),
                 action=config.fallback_action,
             )
+        elif isinstance(failure.value, LookupOverloadError):
+            reason = "overload"
+            log.warn("database work queue full (client {client}); answering {action}",
+                     client=request.get("client_address"), action=config.fallback_action)
         else:
             database = isinstance(failure.value, SQLAlchemyError | StoreError)
             reason = "database" if database else "error"

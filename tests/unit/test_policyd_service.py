@@ -198,3 +198,11 @@ def test_cached_decisions_are_plain_values() -> None:
 
     assert isinstance(h.service.handle(rcpt(recipient="alice@example.org")), Deferred) is False
     assert h.service.handle(rcpt(protocol_state="DATA")) == "DUNNO"
+
+
+def test_overloaded_database_queue_gives_the_fallback_at_once() -> None:
+    h = Harness()
+    h.lookups._overloaded = lambda: True
+    assert h.decide(recipient="nobody@example.org") == FALLBACK
+    assert h.sample("fallback_total", reason="overload") == 1
+    assert h.lookups.queries == 0
