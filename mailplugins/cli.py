@@ -13,11 +13,12 @@ import getpass
 import importlib.util
 import json
 import os
+import re
 import secrets
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, NoReturn, TextIO
 
@@ -38,7 +39,7 @@ from mailplugins.generators import (
     render_postfix,
 )
 from mailplugins.hashing import hash_password
-from mailplugins.store import SERVICES, Store, StoreError
+from mailplugins.store import SERVICES, AlreadyExists, Store, StoreError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -110,13 +111,81 @@ def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
         out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
+#: Schemes ``check_password`` can verify (the part before any ``.ENCODING`` suffix).
+IMPORTABLE_SCHEMES = frozenset({
+    "ARGON2ID", "ARGON2I", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "MD5-CRYPT", "CRYPT",
+    "DES-CRYPT", "SSHA512", "SSHA256", "SSHA", "SHA", "PLAIN", "PLAIN-MD5", "LDAP-MD5",
+})
+_CRYPT_PREFIXES = (("$6$", "SHA512-CRYPT"), ("$5$", "SHA256-CRYPT"), ("$1$", "MD5-CRYPT"),
+                   ("$2y$", "BLF-CRYPT"), ("$2b$", "BLF-CRYPT"), ("$2a$", "BLF-CRYPT"))
+_QUOTA_UNITS = {"": 1024, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+@dataclass(frozen=True)
+class PasswdEntry:
+    """One user of a Dovecot passwd-file, ready for the store."""
+
+    address: str
+    password: str
+    quota_bytes: int
+
+
+def _passwd_quota(extra: Sequence[str]) -> int:
+    """``userdb_quota_rule=*:bytes=N`` or ``*:storage=N[kMGT]`` (storage counts kilobytes)."""
+    for field_text in extra:
+        name, _, value = field_text.partition("=")
+        if name not in ("userdb_quota_rule", "quota_rule") or not value.startswith("*:"):
+            continue
+        kind, _, amount = value[2:].partition("=")
+        match = re.fullmatch(r"(\d+)\s*([bBkKmMgGtT]?)", amount.strip())
+        if kind not in ("bytes", "storage") or not match:
+            raise ValueError(f"unreadable quota rule {value!r}")
+        unit = match.group(2).upper()
+        if kind == "bytes" and not unit:
+            unit = "B"
+        return int(match.group(1)) * _QUOTA_UNITS[unit]
+    return 0
+
+
+def parse_passwd_line(line: str, default_domain: str | None = None) -> PasswdEntry | None:
+    """A Dovecot passwd-file line (``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra``).
+
+    Returns None for blank and comment lines; raises ValueError (one line, never the hash)
+    for lines that cannot be imported as they are.
+    """
+    text = line.rstrip("\r\n")
+    if not text.strip() or text.lstrip().startswith("#"):
+        return None
+    fields = text.split(":")
+    if len(fields) < 2 or not fields[0] or not fields[1]:
+        raise ValueError("expected user:password[:uid:gid:gecos:home:shell:extra]")
+    user, password = fields[0].strip(), fields[1].strip()
+    extra = ":".join(fields[7:]).split()  # extra fields may contain colons (quota rules)
+    if any(f in ("nopassword", "nologin", "nodelay") or f.startswith("proxy") for f in extra):
+        raise ValueError(f"{user}: extra fields {' '.join(extra)!r} have no equivalent here")
+    if "@" not in user:
+        if not default_domain:
+            raise ValueError(f"{user}: not an address (use --domain)")
+        user = f"{user}@{default_domain}"
+    if not password.startswith("{"):
+        scheme = next((s for prefix, s in _CRYPT_PREFIXES if password.startswith(prefix)), "CRYPT")
+        password = "{" + scheme + "}" + password
+    scheme = password[1:password.find("}")].upper() if "}" in password else ""
+    if scheme.partition(".")[0] not in IMPORTABLE_SCHEMES:
+        raise ValueError(f"{user}: unsupported password scheme {scheme or '?'}")
+    return PasswdEntry(user, password, _passwd_quota(extra))
+
+
 class App:
     """State for one invocation; each ``cmd_*`` method implements one command."""
 
-    def __init__(self, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
+    def __init__(
+        self, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO | None = None
+    ) -> None:
         self.args = args
         self.stdin = stdin
         self.out = stdout
+        self.err = stderr or sys.stderr
         self._config: Config | None = None
         self._store: Store | None = None
 
@@ -209,6 +278,46 @@ class App:
     def cmd_user_services(self) -> None:
         self.store.set_services(self.args.address, self.args.services)
         self.out.write(f"{self.args.address} may use: {','.join(self.args.services) or 'nothing'}\n")
+
+    def cmd_user_import(self) -> int:
+        """Users with their existing hashes from a Dovecot passwd-file; bad lines are listed."""
+        args = self.args
+        if args.file == "-":
+            lines = self.stdin.readlines()
+        else:
+            try:
+                with open(args.file, encoding="utf-8") as handle:
+                    lines = handle.readlines()
+            except OSError as exc:
+                raise CommandError(f"cannot read {args.file}: {exc.strerror}", EXIT_USAGE) from None
+        known = {d.name for d in self.store.list_domains()}
+        imported = skipped = failed = 0
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = parse_passwd_line(line, args.domain)
+            except ValueError as exc:
+                self.err.write(f"{args.file}:{number}: {exc}\n")
+                failed += 1
+                continue
+            if entry is None:
+                continue
+            try:
+                domain = entry.address.rpartition("@")[2].lower()
+                if domain not in known and args.create_domains:
+                    known.add(self.store.add_domain(domain))
+                self.store.add_mailbox(entry.address, entry.password, quota_bytes=entry.quota_bytes)
+                imported += 1
+            except AlreadyExists:
+                if args.update:
+                    self.store.set_password(entry.address, entry.password)
+                    imported += 1
+                else:
+                    skipped += 1
+            except StoreError as exc:
+                self.err.write(f"{args.file}:{number}: {exc}\n")
+                failed += 1
+        self.out.write(f"imported {imported}, skipped {skipped} existing, {failed} failed\n")
+        return EXIT_FAILED if failed else 0
 
     def cmd_user_list(self) -> None:
         users = self.store.list_mailboxes(self.args.domain)
@@ -513,6 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(user, "services", App.cmd_user_services, "set the services a mailbox may use")
     sub.add_argument("address")
     sub.add_argument("services", type=_services, help="comma-separated: smtp,imap,pop3,lmtp")
+    sub = command(user, "import", App.cmd_user_import,
+                  "add users with their existing hashes from a Dovecot passwd-file")
+    sub.add_argument("file", help="user:{SCHEME}hash:uid:gid::home::extra lines ('-' = stdin)")
+    sub.add_argument("--domain", help="domain for entries without @")
+    sub.add_argument("--create-domains", action="store_true", help="add missing domains")
+    sub.add_argument("--update", action="store_true", help="replace the hash of existing users")
     sub = command(user, "list", App.cmd_user_list, "list mailboxes")
     sub.add_argument("--domain")
     sub.add_argument("--json", action="store_true")
@@ -585,7 +700,7 @@ def main(
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    app = App(args, stdin or sys.stdin, stdout or sys.stdout)
+    app = App(args, stdin or sys.stdin, stdout or sys.stdout, err)
     try:
         result = args.handler(app)
         return result if isinstance(result, int) else 0
