@@ -273,7 +273,7 @@ def check_postfix(expected: PostfixSnippet, live: PostfixLive) -> list[Finding]:
         for name, value in service.overrides:
             actual = params.get(name)
             effective = actual if actual is not None else main.get(name)
-            if name == "smtpd_recipient_restrictions":
+            if name.startswith("smtpd_") and name.endswith("_restrictions") and value.startswith("$"):
                 missing = _contains(_expand(value, main), effective or "", main)
                 problem = f"lacks {', '.join(missing)}" if missing else None
             elif name in ("syslog_name", "milter_macro_daemon_name"):

@@ -297,9 +297,10 @@ def _sql_domains_file(config: Config, options: PostfixOptions) -> tuple[str, Gen
     return f"proxy:{driver}:{path}", GeneratedFile(path, "\n".join(lines) + "\n", 0o640, comment)
 
 
-def _policy_spec(endpoint: str, options: PostfixOptions, context: str) -> str:
+def _policy_spec(endpoint: str, options: PostfixOptions, context: str,
+                 default_action: str = "DEFER_IF_PERMIT") -> str:
     return (f"check_policy_service {{ {endpoint}, timeout={options.policy_timeout}, "
-            f"default_action=DEFER_IF_PERMIT, policy_context={context} }}")
+            f"default_action={default_action}, policy_context={context} }}")
 
 
 def postfix_config(config: Config, options: PostfixOptions | None = None) -> PostfixSnippet:
@@ -404,6 +405,18 @@ def postfix_config(config: Config, options: PostfixOptions | None = None) -> Pos
             "used by the submission service in master.cf (policy_context=submission)",
         ))
         overrides.append(("smtpd_recipient_restrictions", "$mailplugins_submission_recipient_restrictions"))
+        if getattr(config.policyd, "ratelimit", None) is not None:
+            # Rate limits count messages at DATA and bytes at END-OF-MESSAGE. These fail open
+            # (DUNNO): the RCPT check above already fails closed when policyd is unreachable.
+            for stage in ("data", "end_of_data"):
+                for context, name in (("smtp", f"smtpd_{stage}_restrictions"),
+                                      ("submission", f"mailplugins_submission_{stage}_restrictions")):
+                    main.append(Setting(
+                        name, _policy_spec(policy, options, context, "DUNNO"),
+                        f"policyd rate limits (policy_context={context})", check="contains",
+                    ))
+                overrides.append((f"smtpd_{stage}_restrictions",
+                                  f"$mailplugins_submission_{stage}_restrictions"))
     else:
         warnings.append("policyd is not configured: Postfix does no recipient validation")
     overrides.append(("milter_macro_daemon_name", "ORIGINATING"))

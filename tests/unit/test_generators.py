@@ -289,3 +289,24 @@ def test_render_dovecot() -> None:
     assert "passdb {\n  driver = dict\n  args = /etc/dovecot/mailplugins-dict-auth.conf.ext\n}" in text
     assert "uri = proxy:" in text
     assert "uri = proxy:" not in dovecot_conf_text(snippet)
+
+
+def test_rate_limits_add_data_and_end_of_data_checks() -> None:
+    import dataclasses
+    from types import SimpleNamespace
+
+    config = make_config()
+    assert config.policyd is not None
+    policyd = SimpleNamespace(listen=config.policyd.listen, ratelimit=object())
+    limited = dataclasses.replace(config, policyd=policyd)  # type: ignore[arg-type]
+    snippet = postfix_config(limited, PostfixOptions(domain_names=("a.example",)))
+    main = snippet.main_dict()
+    assert main["smtpd_data_restrictions"] == (
+        "check_policy_service { unix:private/mailplugins-policy, timeout=10s, "
+        "default_action=DUNNO, policy_context=smtp }")
+    assert "policy_context=submission" in main["mailplugins_submission_end_of_data_restrictions"]
+    overrides = dict(snippet.services[0].overrides)
+    assert overrides["smtpd_data_restrictions"] == "$mailplugins_submission_data_restrictions"
+    assert overrides["smtpd_end_of_data_restrictions"] == "$mailplugins_submission_end_of_data_restrictions"
+    assert "smtpd_data_restrictions" not in postfix_config(
+        config, PostfixOptions(domain_names=("a.example",))).main_dict()
