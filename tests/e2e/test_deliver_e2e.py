@@ -91,7 +91,7 @@ def rig() -> Iterator[Rig]:
     }, ["deliver"])
     store = daemons.store
     store.add_domain("example.org")
-    for user, quota in (("alice", 0), ("bob", 0), ("sender", 0), ("full", 100), ("carol", 0), ("erin", 0)):
+    for user, quota in (("alice", 0), ("bob", 0), ("sender", 0), ("full", 100), ("carol", 0), ("erin", 0), ("broken", 0)):
         store.add_mailbox(f"{user}@example.org", "{PLAIN}unused", quota_bytes=quota)
     store.add_alias("team@example.org", ["alice@example.org", "bob@example.org"])
     postfix = Postfix(root, main={
@@ -115,6 +115,10 @@ userdb {{
 }}
 """)
     rig = Rig(root, mail_root, socket, postfix, dovecot, daemons)
+    # broken@'s Maildir cannot be created (a file is in the way): an I/O error after DATA.
+    (mail_root / "example.org").mkdir()
+    os.chown(mail_root / "example.org", NOBODY, NOBODY)
+    (mail_root / "example.org" / "broken").write_bytes(b"")
     try:
         daemons.start()
         dovecot.start()
@@ -168,14 +172,18 @@ MESSAGE = (
 
 def test_message_is_fetched_byte_correct_over_imap_and_results_are_mixed(rig: Rig) -> None:
     rig.send("sender@example.org",
-             ["alice@example.org", "nouser@example.org", "full@example.org"], MESSAGE)
+             ["alice@example.org", "nouser@example.org", "full@example.org", "broken@example.org"],
+             MESSAGE)
     rig.wait_status("alice@example.org", "sent")
     rig.wait_status("nouser@example.org", "bounced")
     rig.wait_status("full@example.org", "deferred")
+    rig.wait_status("broken@example.org", "deferred")
     log = rig.postfix.log_text()
     assert re.search(r"to=<nouser@example.org>.*dsn=5\.1\.1.*550 5\.1\.1", log)
     assert re.search(r"to=<full@example.org>.*dsn=4\.2\.2.*452 4\.2\.2", log)
     assert re.search(r"to=<alice@example.org>.*dsn=2\.0\.0.*250 2\.0\.0", log)
+    assert re.search(r"to=<broken@example.org>.*dsn=4\.3\.0.*451 4\.3\.0 .*"
+                     r"in reply to end of DATA command", log)
 
     (path,) = rig.new_files("alice@example.org")
     stored = path.read_bytes()

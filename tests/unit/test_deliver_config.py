@@ -88,5 +88,7 @@ def test_build_listen_reload_and_stop(tmp_path: Path) -> None:
         running.reload(section(tmp_path, hostname="mx2.test", max_connections=5))
         assert running.service.settings.hostname == "mx2.test"
         assert running.stop() is None
+        assert b"mailplugins_deliver_recipients_total" in runtime.metrics.render()
+        assert b"mailplugins_deliver_delivery_duration_seconds" in runtime.metrics.render()
     finally:
         db.close()

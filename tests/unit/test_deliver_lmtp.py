@@ -266,3 +266,19 @@ def test_dsn_is_advertised_only_when_configured() -> None:
     lines = take(transport2)
     assert "250-DSN" not in lines
     assert lines[-1] == "555 5.5.4 Unsupported parameter RET"
+
+
+def test_spool_write_failure_answers_each_recipient(tmp_path: Any) -> None:
+    protocol, transport, service, _clock = make(max_message_size="1M", memory_spool_limit=4096)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_bytes(b"")
+    service.spool_dir = str(blocker / "spool")
+    protocol.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n")
+    accept(service, 0, "a@x")
+    accept(service, 1, "b@x")
+    take(transport)
+    for _ in range(200):
+        protocol.dataReceived(b"q" * 98 + b"\r\n")
+    protocol.dataReceived(b".\r\nNOOP\r\n")
+    assert take(transport) == ["451 4.3.0 spool", "451 4.3.0 spool", "250 2.0.0 OK"]
+    assert service.deliveries == []
