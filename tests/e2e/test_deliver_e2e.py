@@ -91,8 +91,9 @@ def rig() -> Iterator[Rig]:
     }, ["deliver"])
     store = daemons.store
     store.add_domain("example.org")
-    for user, quota in (("alice", 0), ("bob", 0), ("sender", 0), ("full", 100), ("carol", 0), ("erin", 0), ("broken", 0)):
-        store.add_mailbox(f"{user}@example.org", "{PLAIN}unused", quota_bytes=quota)
+    for user in ("alice", "bob", "sender", "carol", "erin", "broken"):
+        store.add_mailbox(f"{user}@example.org", "{PLAIN}unused")
+    store.add_mailbox("full@example.org", "{PLAIN}unused", quota_bytes=100)
     store.add_alias("team@example.org", ["alice@example.org", "bob@example.org"])
     postfix = Postfix(root, main={
         "virtual_mailbox_domains": "example.org",
