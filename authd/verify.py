@@ -18,6 +18,8 @@ Postfix (auth-client protocol) and Dovecot's Lua passdb (HTTP) both end up here.
   wrong password (a client with a stale password) does not grow the penalty. Trusted networks are
   neither counted nor delayed. Every delay is clamped so the answer leaves before
   ``request_timeout``, itself under Postfix's 10 s.
+- Mailbox records are kept ``lookup_cache_ttl`` (default 5 s) so a burst of logins costs one
+  database read; a password change, disable or revoke applies within that time.
 - Last login and rehashing happen after the answer, never delaying it.
 
 Counters live in memory, per process (see docs/authd.md for several hosts).
@@ -25,6 +27,7 @@ Counters live in memory, per process (see docs/authd.md for several hosts).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -209,6 +212,45 @@ class SuccessCache:
         return len(self._entries)
 
 
+Loaded = tuple[MailboxRecord | None, list[AppPasswordRecord]]
+
+
+class RecordCache:
+    """Mailbox records (and their app passwords) for a few seconds, so a burst of logins costs
+    one database read; ``ttl`` bounds how long a password change or a disable takes to apply."""
+
+    def __init__(self, ttl: float, size: int) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._entries: OrderedDict[str, tuple[float, Loaded]] = OrderedDict()
+
+    def get(self, key: str, now: float) -> Loaded | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            del self._entries[key]
+            return None
+        return entry[1]
+
+    def put(self, key: str, value: Loaded, now: float) -> None:
+        if self.ttl <= 0:
+            return
+        self._entries[key] = (now + self.ttl, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def update(self, key: str, value: Loaded) -> None:
+        """Replace a cached value, keeping its expiry (e.g. after recording a login)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries[key] = (entry[0], value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 # -- the verifier -----------------------------------------------------------------------------
 
 
@@ -249,6 +291,7 @@ class Verifier:
         self.config = config
         self.passwords = passwords
         self.cache = SuccessCache(config.cache_ttl, config.cache_size, secret)
+        self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
         self.throttle = self._new_throttle(config)
         self._fingerprint_key = secret or os.urandom(32)
 
@@ -266,6 +309,7 @@ class Verifier:
         """New settings; counters and cached successes stay unless their sizing changed."""
         if (config.cache_ttl, config.cache_size) != (self.config.cache_ttl, self.config.cache_size):
             self.cache = SuccessCache(config.cache_ttl, config.cache_size)
+        self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
         if (
             config.penalty_threshold, config.penalty_initial, config.penalty_max,
             config.penalty_window, config.penalty_table_size,
@@ -362,7 +406,7 @@ class Verifier:
             self.throttle.success(keys[-1])
         return verdict
 
-    def _load(self, user: str) -> tuple[MailboxRecord | None, list[AppPasswordRecord]]:
+    def _load(self, user: str) -> Loaded:
         """In the DB pool: the mailbox and its app passwords."""
         mailbox = self.store.get_mailbox(user)
         if mailbox is None:
@@ -377,11 +421,16 @@ class Verifier:
             return Verdict(Outcome.UNKNOWN)
         if address.routing or not request.password:
             return Verdict(Outcome.UNKNOWN if address.routing else Outcome.FAIL)
-        try:
-            mailbox, apps = yield self._db_run(self._load, str(address))
-        except Exception as exc:
-            log.error("database lookup failed: {error}", error=type(exc).__name__)
-            return Verdict(Outcome.TEMPFAIL)
+        loaded = self.records.get(address.key, self.clock.seconds())
+        if loaded is None:
+            try:
+                loaded = yield self._db_run(self._load, str(address))
+            except Exception as exc:
+                log.error("database lookup failed: {error}", error=type(exc).__name__)
+                return Verdict(Outcome.TEMPFAIL)
+            assert loaded is not None
+            self.records.put(address.key, loaded, self.clock.seconds())
+        mailbox, apps = loaded
         if mailbox is None:
             return Verdict(Outcome.UNKNOWN)
         if not mailbox.allows(request.service):
@@ -406,7 +455,7 @@ class Verifier:
             return Verdict(Outcome.DISABLED)
         if entry is None:
             self.cache.put(cache_key, match.app_password_id, now)
-        self._after_success(mailbox, match)
+        self._after_success(mailbox, match, address.key, apps)
         return Verdict(Outcome.OK, mailbox.address)
 
     @staticmethod
@@ -448,7 +497,9 @@ class Verifier:
                 return _Match(app.id)
         return None
 
-    def _after_success(self, mailbox: MailboxRecord, match: _Match) -> None:
+    def _after_success(
+        self, mailbox: MailboxRecord, match: _Match, key: str, apps: list[AppPasswordRecord]
+    ) -> None:
         """Bookkeeping after the answer: last login, app password use, rehash; errors logged."""
         now = self.wallclock()
         store = self.store
@@ -457,6 +508,9 @@ class Verifier:
         record_login = last is None or now - last >= LAST_LOGIN_GRANULARITY
         if not (record_login or new_hash or match.app_password_id is not None):
             return
+        if record_login:
+            # The cached record must not ask for the same write again at the next login.
+            self.records.update(key, (dataclasses.replace(mailbox, last_login_at=now), apps))
 
         def work() -> bool:
             if record_login:

@@ -35,6 +35,8 @@ class AuthdConfig:
     #: How long a successful verification is remembered (0 disables the cache).
     cache_ttl: float
     cache_size: int
+    #: How long a mailbox record read from the database is reused (0: read on every login).
+    lookup_cache_ttl: float
     #: Failures (per client network, per login) before penalties start.
     penalty_threshold: int
     #: First penalty; each further failure doubles it, up to ``penalty_max``.
@@ -71,6 +73,7 @@ def parse_authd(f: Fields) -> AuthdConfig:
         http_failure_delay=f.duration("http_failure_delay", 0.0, maximum=5.0),
         cache_ttl=f.duration("cache_ttl", 600.0, maximum=86400.0),
         cache_size=f.integer("cache_size", 100_000, minimum=1, maximum=10_000_000),
+        lookup_cache_ttl=f.duration("lookup_cache_ttl", 5.0, maximum=300.0),
         penalty_threshold=f.integer("penalty_threshold", 3, minimum=1, maximum=1000),
         penalty_initial=f.duration("penalty_initial", 1.0, maximum=MAX_DELIBERATE_DELAY),
         penalty_max=f.duration("penalty_max", 5.0, maximum=MAX_DELIBERATE_DELAY),

@@ -49,6 +49,7 @@ def test_statuses() -> None:
     assert status(rig, {**base, "user": "carol@example.org", "password": "pw"}) == 423
     assert status(rig, {**base, "user": "alice@example.org"}) == 400
     rig.db_down = True
+    rig.clock.advance(10)
     assert status(rig, {**base, "user": "alice@example.org", "password": "s3cret"}) == 503
 
 

@@ -150,6 +150,7 @@ def test_cache_saves_the_hash_and_dies_with_a_password_change(rig: Rig) -> None:
     assert rig.cpu_calls == 1
     assert rig.metric("verify_cache_total", result="hit") == 1
     rig.store.set_password("alice@example.org", rig.hash("new"))
+    rig.clock.advance(6)  # lookup_cache_ttl
     assert rig.verify()[0].outcome is Outcome.FAIL
     assert rig.verify(password="new")[0].outcome is Outcome.OK
     assert rig.cpu_calls == 3
@@ -167,10 +168,36 @@ def test_cache_hit_still_honours_disable_and_revoked_app_password(rig: Rig) -> N
     rig.store.add_app_password("alice@example.org", "phone", rig.hash("app-pass"))
     rig.verify(password="app-pass")
     rig.store.revoke_app_password("alice@example.org", "phone")
+    rig.clock.advance(6)
     assert rig.verify(password="app-pass")[0].outcome is Outcome.FAIL
     rig.verify()
     rig.store.set_enabled("alice@example.org", False)
+    rig.clock.advance(6)
     assert rig.verify()[0].outcome is Outcome.DISABLED
+
+
+def test_a_burst_reads_the_database_once() -> None:
+    rig = Rig(lookup_cache_ttl="5s")
+    reads: list[str] = []
+    load = rig.verifier._load
+
+    def counting(user: str) -> Any:
+        reads.append(user)
+        return load(user)
+
+    rig.verifier._load = counting  # type: ignore[method-assign]
+    for _ in range(5):
+        assert rig.verify()[0].outcome is Outcome.OK
+    assert len(reads) == 1
+    # A disable applies once the record is older than lookup_cache_ttl.
+    rig.store.set_enabled("alice@example.org", False)
+    assert rig.verify()[0].outcome is Outcome.OK
+    rig.clock.advance(5)
+    assert rig.verify()[0].outcome is Outcome.DISABLED
+    assert len(reads) == 2
+    # Last login was written once, not at every cached login.
+    mailbox = rig.store.get_mailbox("alice@example.org")
+    assert mailbox is not None and mailbox.last_login_at == rig.now
 
 
 def test_database_down_is_a_prompt_tempfail(rig: Rig) -> None:
