@@ -310,3 +310,53 @@ def test_rate_limits_add_data_and_end_of_data_checks() -> None:
     assert overrides["smtpd_end_of_data_restrictions"] == "$mailplugins_submission_end_of_data_restrictions"
     assert "smtpd_data_restrictions" not in postfix_config(
         config, PostfixOptions(domain_names=("a.example",))).main_dict()
+
+
+# -- the Grafana dashboard (docs/grafana-dashboard.json) -----------------------------------------------
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name the three daemons can export, from their real metric registries."""
+    from authd.metrics import AuthdMetrics
+    from deliver.service import DeliverMetrics
+    from mailplugins.metrics import DaemonMetrics
+    from policyd.service import PolicyMetrics
+
+    names: set[str] = set()
+    for daemon, extra in (("policyd", PolicyMetrics), ("authd", AuthdMetrics), ("deliver", DeliverMetrics)):
+        metrics = DaemonMetrics(daemon)
+        extra(metrics)
+        for family in metrics.registry.collect():
+            if family.type == "counter":
+                names.add(family.name + "_total")
+            elif family.type == "histogram":
+                names.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+            else:
+                names.add(family.name)
+    return names
+
+
+def test_dashboard_uses_only_exported_metrics() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parents[2] / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) > 20
+    exported = exported_metric_names()
+    used: set[str] = set()
+    for expr in exprs:
+        for pattern in re.findall(r'__name__=~"([^"]+)"', expr):
+            matching = {n for n in exported if re.fullmatch(pattern, n)}
+            assert matching, pattern
+            used |= matching
+        used.update(re.findall(r"\b((?:mailplugins|process)_[a-z_]+)\b", expr))
+    missing = sorted(name for name in used if name not in exported)
+    assert missing == []
+    # Every daemon-specific metric has a panel.
+    specific = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in exported
+                if re.match(r"mailplugins_(policyd|authd|deliver)_", n)
+                and not re.search(r"_(config_last_reload_.*|connections_total|open_connections)$", n)}
+    shown = {n.removesuffix("_bucket") for n in used}
+    assert sorted(specific - shown) == []
