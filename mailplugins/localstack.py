@@ -13,6 +13,7 @@ this same stack on free ports.
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import signal
 import subprocess
@@ -110,11 +111,16 @@ class LocalStack:
         """Config, schema, demo users and certificate; idempotent."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
-        (self.root / "mail").mkdir(exist_ok=True)
         self.postfix.queue_dir.mkdir(parents=True, exist_ok=True)
         if not self.config_path.exists():
             self.config_path.write_text(yaml.safe_dump(self.config_data(), sort_keys=False))
         config = load_config(str(self.config_path))
+        # The mail root belongs to the mail user, as on a real server: Dovecot may then create
+        # a Maildir for a user who has not received mail yet.
+        mail_root = self.root / "mail"
+        mail_root.mkdir(exist_ok=True)
+        os.chown(mail_root, config.mail.uid, config.mail.gid)
+        mail_root.chmod(0o750)
         engine = make_engine(config.database)
         try:
             schema.upgrade(engine)

@@ -44,7 +44,7 @@ class WorkerPool:
     @property
     def queued(self) -> int:
         """Work items waiting for a thread (a saturation signal for metrics)."""
-        return len(self._pool._queue.queue)  # type: ignore[attr-defined]
+        return int(self._pool._queue.qsize())
 
     def run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> Deferred[R]:
         """Run ``fn`` in the pool; the Deferred fires on the reactor thread."""

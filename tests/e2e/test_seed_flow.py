@@ -85,6 +85,14 @@ def imap_fetch_by_subject(stack: LocalStack, user: str, subject: str) -> bytes |
         return bytes(part[1])
 
 
+def test_a_user_without_mail_can_open_the_inbox(stack: LocalStack) -> None:
+    with imaplib.IMAP4("127.0.0.1", stack.ports.imap, timeout=30) as imap:
+        imap.starttls(ssl_context=tls())
+        imap.login(BOB, stack.passwords[BOB])
+        status, data = imap.select("INBOX")
+        assert status == "OK", data
+
+
 def test_bob_submits_to_alice_who_reads_over_imap_and_pop3(stack: LocalStack) -> None:
     subject = f"seed {uuid.uuid4().hex}"
     msg = message(BOB, ALICE, subject)

@@ -125,6 +125,22 @@ def test_worker_pool_runs_off_the_calling_thread() -> None:
         pool.stop()
 
 
+def test_worker_pool_reports_its_backlog() -> None:
+    pool = WorkerPool(DirectReactor(), "test", 1)
+    gate = threading.Event()
+    try:
+        first = pool.run(gate.wait, 10)
+        second = pool.run(lambda: "done")
+        assert pool.queued >= 1
+        gate.set()
+        assert wait_for(second) == "done"
+        assert wait_for(first) is True
+        assert pool.queued == 0
+    finally:
+        gate.set()
+        pool.stop()
+
+
 def test_worker_pool_errors_arrive_as_failures() -> None:
     pool = WorkerPool(DirectReactor(), "test", 1)
     try:
