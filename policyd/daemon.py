@@ -16,8 +16,8 @@ from policyd.lookups import Lookups
 from policyd.protocol import PolicyFactory
 from policyd.service import PolicyMetrics, PolicyService
 
-#: Database lookups waiting for a thread beyond which new misses get the fallback at once.
-MAX_QUEUED_LOOKUPS = 1000
+#: Distinct database lookups pending beyond which new misses get the fallback at once.
+MAX_PENDING_LOOKUPS = 1000
 
 
 @dataclass
@@ -56,7 +56,7 @@ class PolicydPlugin:
             runtime.db.store, runtime.db.run, reactor.seconds,
             ttl=config.cache_ttl, size=config.cache_size,
             delimiters=runtime.config.mail.recipient_delimiter,
-            overloaded=lambda: runtime.db.pool.queued > MAX_QUEUED_LOOKUPS,
+            max_pending=MAX_PENDING_LOOKUPS,
         )
         service = PolicyService(config, lookups, reactor, PolicyMetrics(runtime.metrics))
         factory = PolicyFactory(service, config, reactor)

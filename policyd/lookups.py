@@ -79,11 +79,13 @@ class Lookups:
         ttl: float,
         size: int = 100_000,
         delimiters: str = "+",
-        overloaded: Callable[[], bool] = lambda: False,
+        max_pending: int = 1000,
     ) -> None:
         self._store = store
         self._run = run
-        self._overloaded = overloaded
+        #: Distinct queries waiting for or running in the database pool beyond which a new miss
+        #: fails at once (the service answers its fallback) instead of queueing.
+        self.max_pending = max_pending
         self.delimiters = delimiters
         self.cache = TTLCache(clock, ttl, size)
         self._inflight: dict[Hashable, list[Deferred[Any]]] = {}
@@ -111,8 +113,8 @@ class Lookups:
         if waiters is not None:
             waiters.append(waiter)
             return waiter
-        if self._overloaded():
-            return fail(LookupOverloadError("database work queue is full"))
+        if len(self._inflight) >= self.max_pending:
+            return fail(LookupOverloadError(f"{len(self._inflight)} database lookups pending"))
         waiters = self._inflight[key] = [waiter]
         generation = self._generation
 

@@ -30,7 +30,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mailplugins.config import Config
 from mailplugins.config.policy_state import GreylistConfig, RateLimitConfig, SPFConfig
+from mailplugins.daemon import Runtime
+from mailplugins.metrics import DaemonMetrics
+from mailplugins.threads import WorkerPool
 from policyd.codec import PolicyRequest
 from policyd.greylist import Greylister
 from policyd.ratelimit import Clock, RateLimiter
@@ -80,6 +84,8 @@ class StatefulChecks:
         self.greylist: Greylister | None = None
         self.spf: SPFChecker | None = None
         self._purge_loop: LoopingCall | None = None
+        #: The SPF thread pool, when the daemon made one (stopped with the checks).
+        self.spf_pool: WorkerPool | None = None
         self.observers: dict[str, Callable[[str], None]] = {}
         self.configure(ratelimit, greylist, spf, budget, delimiters)
 
@@ -244,6 +250,74 @@ class StatefulChecks:
             self._purge_loop.stop()
         self._purge_loop = None
 
+    def close(self) -> None:
+        """Daemon shutdown: stop the timer and the SPF pool."""
+        self.stop()
+        if self.spf_pool is not None:
+            self.spf_pool.stop()
+
+    async def decide_late(self, request: PolicyRequest) -> str:
+        """DATA and END-OF-MESSAGE for the service: an action, DUNNO when none."""
+        if request.get("protocol_state") == "END-OF-MESSAGE":
+            action = await self.at_end_of_message(request)
+        else:
+            action = await self.at_data(request)
+        return action if action is not None else "DUNNO"
+
 
 async def _nothing() -> None:
     return None
+
+
+def _metrics(checks: StatefulChecks, metrics: DaemonMetrics) -> None:
+    """Outcome counters; labels are bounded (outcome or SPF result names only)."""
+    for check, name, doc, label in (
+        ("ratelimit", "ratelimit_decisions_total", "Rate-limit decisions.", "outcome"),
+        ("greylist", "greylist_decisions_total", "Greylisting decisions.", "outcome"),
+        ("spf", "spf_results_total", "SPF results.", "result"),
+    ):
+        counter = metrics.counter(name, doc, [label])
+        children: dict[str, Any] = {}
+
+        def observe(outcome: str, counter: Any = counter, children: dict[str, Any] = children) -> None:
+            child = children.get(outcome)
+            if child is None:
+                child = children[outcome] = counter.labels(outcome)
+            child.inc()
+
+        checks.observe(check, observe)
+
+
+def build_stateful(runtime: Runtime) -> StatefulChecks:
+    """The checks for ``runtime``'s config, with their pools, metrics and purge timer."""
+    config = runtime.config
+    section = config.policyd
+    assert section is not None
+    spf = getattr(section, "spf", None)
+    threads = spf.threads if spf is not None else 8
+    pool = WorkerPool(runtime.reactor, "spf", threads)
+    checks = StatefulChecks(
+        engine=runtime.db.engine,
+        db_run=runtime.db.run,
+        spf_run=pool.run,
+        clock=runtime.reactor,
+        budget=section.budget,
+        ratelimit=getattr(section, "ratelimit", None),
+        greylist=getattr(section, "greylist", None),
+        spf=spf,
+        delimiters=config.mail.recipient_delimiter,
+    )
+    checks.spf_pool = pool
+    _metrics(checks, runtime.metrics)
+    checks.start()
+    return checks
+
+
+def reload_stateful(checks: StatefulChecks, config: Config) -> None:
+    """SIGHUP: new settings; database state and the per-message memory are kept."""
+    section = config.policyd
+    assert section is not None
+    checks.configure(getattr(section, "ratelimit", None), getattr(section, "greylist", None),
+                     getattr(section, "spf", None), section.budget,
+                     config.mail.recipient_delimiter)
+    checks.start()

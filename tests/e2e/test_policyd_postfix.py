@@ -174,9 +174,10 @@ def rcpt(
 
 
 def test_unknown_local_user_is_550(rig: Rig) -> None:
-    assert rcpt(rig, "nobody@example.org") == (
+    reply = rcpt(rig, "nobody@example.org")
+    assert reply == (
         550, "5.1.1 <nobody@example.org>: Recipient address rejected: User unknown"
-    )
+    ), rig.logs()
 
 
 def test_known_local_users_are_accepted(rig: Rig) -> None:

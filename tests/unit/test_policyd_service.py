@@ -201,8 +201,14 @@ def test_cached_decisions_are_plain_values() -> None:
 
 
 def test_overloaded_database_queue_gives_the_fallback_at_once() -> None:
-    h = Harness()
-    h.lookups._overloaded = lambda: True
-    assert h.decide(recipient="nobody@example.org") == FALLBACK
+    run = ManualRun()
+    h = Harness(run=run)
+    h.lookups.max_pending = 2
+    results: list[str] = []
+    for name in ("a", "b", "c"):
+        h.handle(recipient=f"{name}@example.org").addCallback(results.append)
+    assert results == [FALLBACK]  # the third distinct lookup did not even queue
     assert h.sample("fallback_total", reason="overload") == 1
-    assert h.lookups.queries == 0
+    assert h.lookups.queries == 2
+    run.complete_all()
+    assert results[1:] == ["550 5.1.1 User unknown"] * 2
