@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ from twisted.logger import Logger
 
 from deliver.lmtp import LMTPFactory
 from deliver.maildir import clean_stale
-from deliver.service import DeliverMetrics, DeliveryService
+from deliver.service import DeliverMetrics, DeliveryService, mail_root
 from mailplugins.config import Config
 from mailplugins.connections import LimitedFactory
 from mailplugins.daemon import Listener, Runtime, listeners_for
@@ -42,6 +43,13 @@ class RunningDeliver:
         )
         self.factory = factory
         self.listeners: list[Listener] = listeners_for("deliver.listen", config.deliver.listen, factory)
+        root = mail_root(config.mail.location)
+        if not os.path.isdir(root):
+            log.warn("mail root {root} does not exist: create it, owned by the mail user", root=root)
+        if os.geteuid() not in (0, config.mail.uid):
+            log.warn("deliver runs as uid {uid}, neither root nor mail.uid {mail_uid}: "
+                     "Dovecot may not be able to read what it writes",
+                     uid=os.geteuid(), mail_uid=config.mail.uid)
         # Named spool files only exist where O_TMPFILE is unsupported; old ones are garbage.
         self.disk.run(clean_stale, self.service.spool_directory, time.time() - 3600).addErrback(
             lambda f: log.warn("cannot clean spool directory: {error}", error=f.getErrorMessage())

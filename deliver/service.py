@@ -8,6 +8,7 @@ calls go to the database pool, disk work to the disk pool; nothing here blocks t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -135,7 +136,9 @@ class Spool:
 
     def _write(self, data: bytes) -> None:
         if self._file is None:
-            os.makedirs(self._directory, mode=0o700, exist_ok=True)
+            # Only the leaf: a missing mail root must not appear root-owned behind Dovecot's back.
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self._directory, 0o700)
             self._file = tempfile.TemporaryFile(dir=self._directory, buffering=0)  # noqa: SIM115
         self._file.write(data)
 
