@@ -348,3 +348,21 @@ def test_kill_during_the_write_phase_leaves_one_copy_and_tmp_garbage_is_cleaned(
     wait_until(lambda: len(rig.new_files("erin@example.org")) == 3, timeout=30, what="third")
     assert not garbage.exists()
     assert list(tmp.iterdir()) == []
+
+
+def test_postfix_connection_reuse_many_messages_exactly_once(rig: Rig) -> None:
+    """Postfix caches LMTP connections (RSET probes, no QUIT): every message arrives once."""
+    before = len(rig.new_files("bob@example.org"))
+    with smtplib.SMTP("127.0.0.1", rig.postfix.smtp_port, timeout=30) as smtp:
+        for number in range(15):
+            smtp.sendmail("sender@example.org", ["bob@example.org"],
+                          f"Subject: reuse {number}\r\n\r\nbody {number}\r\n".encode())
+    wait_until(lambda: len(rig.new_files("bob@example.org")) == before + 15, timeout=60,
+               what="15 messages for bob")
+    time.sleep(0.5)
+    subjects = sorted(
+        line for path in rig.new_files("bob@example.org")
+        for line in path.read_bytes().split(b"\n") if line.startswith(b"Subject: reuse")
+    )
+    assert subjects == sorted(f"Subject: reuse {n}".encode() for n in range(15))
+    assert re.search(r"to=<bob@example.org>.*conn_use=\d+", rig.postfix.log_text())
