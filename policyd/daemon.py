@@ -59,6 +59,13 @@ class PolicydPlugin:
             max_pending=MAX_PENDING_LOOKUPS,
         )
         service = PolicyService(config, lookups, reactor, PolicyMetrics(runtime.metrics))
+        # Read at scrape time only: nothing on the request path.
+        runtime.metrics.gauge("cache_entries", "Lookups held in the cache.").set_function(
+            lambda: len(lookups.cache)
+        )
+        runtime.metrics.gauge(
+            "pending_lookups", "Distinct database lookups queued or running."
+        ).set_function(lambda: lookups.pending)
         factory = PolicyFactory(service, config, reactor)
         running = RunningPolicyd(service, lookups, factory, [])
         single = len(config.listen) == 1

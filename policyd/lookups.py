@@ -93,6 +93,10 @@ class Lookups:
         self.queries = 0
         self._generation = 0
 
+    @property
+    def pending(self) -> int:
+        return len(self._inflight)
+
     def reconfigure(self, *, ttl: float, size: int, delimiters: str) -> None:
         """Take new settings and forget everything cached (SIGHUP)."""
         self.cache.ttl = ttl

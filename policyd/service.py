@@ -1,10 +1,11 @@
 # -*- test-case-name: tests.unit.test_policyd_service -*-
 """Runs the rule chain for one request within a time budget; failures become the fallback.
 
-Postfix waits for exactly one answer per request, so :meth:`PolicyService.handle` always fires
-with an action: the first rule that has an opinion, ``DUNNO`` when none does (and for every
-protocol state other than RCPT), or the configured fallback action when a lookup fails or the
-budget runs out. Timing is read from injected callables; nothing here knows about sockets.
+Postfix waits for exactly one answer per request, so :meth:`PolicyService.handle` always gives
+an action (at once, or through a Deferred that never fails): the first rule that has an
+opinion, ``DUNNO`` when none does (and for every protocol state other than RCPT), or the
+configured fallback action when a lookup fails or the budget runs out. Timing is read from
+injected callables; nothing here knows about sockets.
 """
 
 from __future__ import annotations

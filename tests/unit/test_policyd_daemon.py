@@ -20,11 +20,21 @@ def config(**policyd: Any) -> Config:
     return parse_config({"database": {"url": "sqlite://"}, "policyd": section})
 
 
+METRICS: dict[int, DaemonMetrics] = {}
+
+
 def build(cfg: Config) -> tuple[RunningPolicyd, Database]:
     reactor = MemoryReactorClock()
     db = Database(reactor, cfg.database)
-    runtime = Runtime(reactor, cfg, db, DaemonMetrics("policyd"), WorkerPool(reactor, "cpu", 1))
-    return DAEMON.build(runtime), db
+    metrics = DaemonMetrics("policyd")
+    runtime = Runtime(reactor, cfg, db, metrics, WorkerPool(reactor, "cpu", 1))
+    running = DAEMON.build(runtime)
+    METRICS[id(running)] = metrics
+    return running, db
+
+
+def running_metrics(running: RunningPolicyd) -> str:
+    return METRICS[id(running)].render().decode()
 
 
 def test_entry_point() -> None:
@@ -40,6 +50,17 @@ def test_one_listener_per_endpoint() -> None:
             ("policyd.listen[1]", "unix:/tmp/mp-p.sock"),
         ]
         assert running.stop() is None
+    finally:
+        db.close()
+
+
+def test_cache_gauges() -> None:
+    running, db = build(config())
+    try:
+        running.lookups.cache.put(("domain", "example.org"), True)
+        text = running_metrics(running)
+        assert "mailplugins_policyd_cache_entries 1.0" in text
+        assert "mailplugins_policyd_pending_lookups 0.0" in text
     finally:
         db.close()
 
