@@ -28,7 +28,6 @@ import socket
 from dataclasses import dataclass
 
 from mailplugins.config.fields import ConfigError, Fields, IPNetwork, describe
-from mailplugins.config.policyd import check_action
 
 #: Sub-buckets per window: a window slides in steps of a tenth of its length.
 BUCKETS_PER_WINDOW = 10
@@ -127,6 +126,13 @@ class SPFConfig:
     threads: int = 8
     contexts: tuple[str, ...] | None = None
     fallback_action: str = "DUNNO"
+
+
+def check_action(value: object) -> str:
+    """The policyd section's action check (imported late: that module imports this one)."""
+    from mailplugins.config.policyd import check_action as check
+
+    return check(value)
 
 
 def _contexts(f: Fields) -> tuple[str, ...] | None:
