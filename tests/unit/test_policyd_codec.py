@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policyd.codec import (
     CodecError,
@@ -165,3 +167,42 @@ def test_encode_reply() -> None:
 def test_encode_reply_refuses_what_would_desynchronise(action: str) -> None:
     with pytest.raises(ValueError, match="one non-empty line"):
         encode_reply(action)
+
+
+# -- properties --------------------------------------------------------------------------
+
+NAMES = st.text(st.characters(blacklist_characters="=\n\r\0", blacklist_categories=("Cs",)),
+                min_size=1, max_size=20)
+VALUES = st.text(st.characters(blacklist_characters="\n\r\0", blacklist_categories=("Cs",)),
+                 max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    requests=st.lists(st.dictionaries(NAMES, VALUES, max_size=10), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=6),
+)
+def test_any_requests_any_chunking(requests: list[dict[str, str]], cuts: list[int]) -> None:
+    wanted = [{"request": "smtpd_access_policy", **{k: v for k, v in r.items() if k != "request"}}
+              for r in requests]
+    stream = b"".join(encode_request(r) for r in wanted)
+    points = sorted({min(c, len(stream)) for c in cuts})
+    decoder = RequestDecoder(max_line_length=8192, max_attributes=64)
+    out: list[PolicyRequest] = []
+    previous = 0
+    for point in [*points, len(stream)]:
+        out += decoder.feed(stream[previous:point])
+        previous = point
+    assert as_dicts(out) == wanted
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=400), max_size=8))
+def test_garbage_never_crashes_and_stays_bounded(chunks: list[bytes]) -> None:
+    decoder = RequestDecoder(max_line_length=256, max_attributes=8)
+    for chunk in chunks:
+        try:
+            decoder.feed(chunk)
+        except CodecError:
+            break
+        assert len(decoder._buffer) <= 8 * 257
