@@ -118,6 +118,7 @@ IMPORTABLE_SCHEMES = frozenset({
 })
 _CRYPT_PREFIXES = (("$6$", "SHA512-CRYPT"), ("$5$", "SHA256-CRYPT"), ("$1$", "MD5-CRYPT"),
                    ("$2y$", "BLF-CRYPT"), ("$2b$", "BLF-CRYPT"), ("$2a$", "BLF-CRYPT"))
+_CRYPT_FORMATS = ("$6$", "$5$", "$1$", "$2y$", "$2b$", "$2a$", "$argon2id$", "$argon2i$")
 _QUOTA_UNITS = {"": 1024, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
@@ -173,6 +174,12 @@ def parse_passwd_line(line: str, default_domain: str | None = None) -> PasswdEnt
     scheme = password[1:password.find("}")].upper() if "}" in password else ""
     if scheme.partition(".")[0] not in IMPORTABLE_SCHEMES:
         raise ValueError(f"{user}: unsupported password scheme {scheme or '?'}")
+    value = password[password.find("}") + 1:]
+    if scheme == "CRYPT" and value.startswith("$") and not value.startswith(_CRYPT_FORMATS):
+        # e.g. yescrypt ($y$, Debian's /etc/shadow default): Dovecot's libc could check it,
+        # authd cannot, so such a user could log in to IMAP but never authenticate to SMTP.
+        raise ValueError(f"{user}: crypt format {value.split('$')[1]!r} cannot be verified here "
+                         "(the user needs a new password)")
     return PasswdEntry(user, password, _passwd_quota(extra))
 
 

@@ -86,6 +86,8 @@ def test_parse_default_domain() -> None:
     [("bob:{PLAIN}pw", "not an address"), ("justaname", "expected user:password"),
      ("u@d.example:{CRAM-MD5}abc", "unsupported password scheme CRAM-MD5"),
      ("u@d.example::1:1", "expected user:password"),
+     ("u@d.example:$y$j9T$salt$hash", "crypt format 'y' cannot be verified"),
+     ("u@d.example:{CRYPT}$7$abc", "crypt format '7' cannot be verified"),
      ("u@d.example:{PLAIN}x:1:1::/h::nopassword", "no equivalent"),
      ("u@d.example:{PLAIN}x:1:1::/h::userdb_quota_rule=*:messages=10", "unreadable quota")],
 )
