@@ -235,7 +235,10 @@ class DataDecoder:
             return
         lines = segment.count(b"\n")
         if lines:
-            crlf = segment.count(b"\r\n") + (1 if self._last == 0x0D and segment[0] == 0x0A else 0)
+            # CRLF survives decoding only from CR CR LF (rare): look for CR before counting pairs.
+            crlf = segment.count(b"\r\n") if b"\r" in segment else 0
+            if self._last == 0x0D and segment[0] == 0x0A:
+                crlf += 1
             self.bare_newlines += lines - crlf
         self.size += len(segment)
         self._last = segment[-1]
