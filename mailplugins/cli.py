@@ -535,6 +535,7 @@ def _packaged_lua_script() -> str:
 
 def _write_atomically(path: str, text: str, mode: int) -> None:
     directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".mailplugins-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

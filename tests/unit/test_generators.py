@@ -360,3 +360,58 @@ def test_dashboard_uses_only_exported_metrics() -> None:
                 and not re.search(r"_(config_last_reload_.*|connections_total|open_connections)$", n)}
     shown = {n.removesuffix("_bucket") for n in used}
     assert sorted(specific - shown) == []
+
+
+# -- the commands --------------------------------------------------------------------------------------
+
+
+def _cli(tmp_path: Any, *args: str, authd: bool = True) -> tuple[int, str, str]:
+    import io
+
+    import yaml
+
+    from mailplugins.cli import main
+
+    config = tmp_path / "mailplugins.yaml"
+    data: dict[str, Any] = {
+        "database": {"url": f"sqlite:///{tmp_path}/mail.db"},
+        "mail": {"location": "/var/vmail/%d/%n/Maildir", "uid": 5000, "gid": 5000},
+        "deliver": {"listen": "systemd:domain=UNIX:name=lmtp"},
+    }
+    if authd:
+        data["authd"] = {"sasl_listen": "systemd:domain=UNIX:name=sasl",
+                         "dict_listen": "systemd:domain=UNIX:name=dict"}
+    config.write_text(yaml.safe_dump(data))
+    out, err = io.StringIO(), io.StringIO()
+    status = main(["--config", str(config), *args], io.StringIO(""), out, err)
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_postfix_config_command_lists_the_database_domains(tmp_path: Any) -> None:
+    assert _cli(tmp_path, "db", "upgrade")[0] == 0
+    assert _cli(tmp_path, "domain", "add", "b.example")[0] == 0
+    assert _cli(tmp_path, "domain", "add", "a.example")[0] == 0
+    status, out, err = _cli(tmp_path, "postfix-config", "--submission", "127.0.0.1:2587", "--no-chroot")
+    assert status == 0, err
+    assert "\nvirtual_mailbox_domains = a.example, b.example\n" in out
+    assert "\nvirtual_transport = lmtp:unix:private/mailplugins-deliver\n" in out
+    assert "\n127.0.0.1:2587 inet  n       -       n" in out
+    assert "# WARNING: policyd is not configured" in out
+
+
+def test_dovecot_config_command_writes_its_files(tmp_path: Any) -> None:
+    target = tmp_path / "dovecot"
+    status, out, err = _cli(tmp_path, "dovecot-config", "--write", "--dovecot-directory", str(target))
+    assert status == 0, err
+    conf = target / "conf.d" / "99-mailplugins.conf"
+    ext = target / "mailplugins-dict-auth.conf.ext"
+    assert out.splitlines() == [f"wrote {conf}", f"wrote {ext}"]
+    assert f"args = {ext}" in conf.read_text()
+    assert "uri = proxy:/run/mailplugins/dict.sock:auth" in ext.read_text()
+    assert ext.stat().st_mode & 0o777 == 0o640
+
+
+def test_dovecot_config_without_authd_is_a_usage_error(tmp_path: Any) -> None:
+    status, out, err = _cli(tmp_path, "dovecot-config", authd=False)
+    assert (status, out) == (2, "")
+    assert err == "mailplugins: authd is not configured: Dovecot needs authd's dict or HTTP listener\n"
