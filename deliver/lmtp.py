@@ -124,7 +124,7 @@ class LMTPServer(Protocol):
             return
         self._reset_timer()
         if self._decoder is not None and not self._busy and not self._buffer:
-            self._data_chunk(data)  # the common case in DATA: no copy through the buffer
+            self._guarded_data_chunk(data)  # the common case in DATA: no copy through the buffer
             if self._busy or self._decoder is not None:
                 return
         else:
@@ -140,7 +140,7 @@ class LMTPServer(Protocol):
                 if self._decoder is not None:
                     chunk = bytes(self._buffer)
                     self._buffer.clear()
-                    self._data_chunk(chunk)
+                    self._guarded_data_chunk(chunk)
                     continue
                 if self._discarding:
                     index = self._buffer.find(b"\n")
@@ -217,6 +217,10 @@ class LMTPServer(Protocol):
             handler(command)
         except CommandError as exc:
             self._reject(exc.reply)
+        except Exception:
+            log.failure("internal error in {verb}", verb=command.verb)
+            self._envelope = None
+            self._send(LOCAL_ERROR)
 
     def do_LHLO(self, command: Command) -> None:
         if not command.argument:
@@ -327,6 +331,19 @@ class LMTPServer(Protocol):
         self._close()
 
     # -- DATA --------------------------------------------------------------------------
+
+    def _guarded_data_chunk(self, chunk: bytes) -> None:
+        """A bug while streaming must not leave a half-read message: say so and hang up."""
+        try:
+            self._data_chunk(chunk)
+        except Exception:
+            log.failure("internal error during DATA")
+            self._decoder = None
+            if self._spool is not None:
+                self._spool.discard()
+                self._spool = None
+            self._send(Reply(421, "4.3.0", "Local error in processing, closing connection"))
+            self._close()
 
     def _data_chunk(self, chunk: bytes) -> None:
         decoder = self._decoder

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -282,3 +284,38 @@ def test_spool_write_failure_answers_each_recipient(tmp_path: Any) -> None:
     protocol.dataReceived(b".\r\nNOOP\r\n")
     assert take(transport) == ["451 4.3.0 spool", "451 4.3.0 spool", "250 2.0.0 OK"]
     assert service.deliveries == []
+
+
+WORDS = [b"LHLO x", b"MAIL FROM:<a@b>", b"MAIL FROM:<>", b"RCPT TO:<a@x>", b"DATA", b"RSET", b"NOOP",
+         b"VRFY", b".", b"..", b"", b"HELO", b"MAIL FROM:<a@b> SIZE=99999999999", b"\xff", b"x" * 600,
+         b"RCPT TO:<a@x> ORCPT=rfc822;+ZZ", b"MAIL FROM:<a@b> BODY=8BITMIME SMTPUTF8"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(WORDS), max_size=30), st.sampled_from([b"\r\n", b"\n"]),
+       st.integers(min_value=1, max_value=50))
+def test_random_sessions_never_raise(words: list[bytes], eol: bytes, step: int) -> None:
+    protocol, transport, service, _clock = make()
+    stream = b"".join(word + eol for word in words)
+    for start in range(0, len(stream), step):
+        protocol.dataReceived(stream[start : start + step])
+        for index, (path, d) in enumerate(service.lookups):
+            if not d.called:
+                d.callback(Recipient(path, None, ()) if index % 2 else Reply(550, "5.1.1", "no"))
+        for envelope, _body, done in service.deliveries:
+            if not done.called:
+                done.callback([Reply(250, "2.0.0", "ok")] * len(envelope.recipients))
+    for line in transport.value().split(b"\r\n")[:-1]:
+        assert line[:3].isdigit(), line
+
+
+def test_unexpected_error_in_a_command_is_451(monkeypatch: Any) -> None:
+    protocol, transport, _service, _clock = make()
+    take(transport)
+
+    def broken(command: Any) -> None:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(protocol, "do_NOOP", broken)
+    protocol.dataReceived(b"NOOP\r\nRSET\r\n")
+    assert take(transport) == ["451 4.3.0 Local error in processing", "250 2.0.0 OK"]
