@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator
@@ -249,6 +250,24 @@ class RecordCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+_thread_state = threading.local()
+
+
+def _lower_thread_priority(niceness: int) -> None:
+    """Renice the current pool thread once: when hashes saturate the cores, the reactor (cache
+    hits, dict lookups, replies) still gets the CPU first. Linux applies nice values per thread.
+    """
+    if not niceness or threading.current_thread() is threading.main_thread():
+        return
+    if getattr(_thread_state, "niceness", 0) == niceness:
+        return
+    _thread_state.niceness = niceness
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (OSError, AttributeError):
+        pass
 
 
 # -- the verifier -----------------------------------------------------------------------------
@@ -483,6 +502,7 @@ class Verifier:
         self, request: VerifyRequest, mailbox: MailboxRecord, apps: list[AppPasswordRecord]
     ) -> _Match | None:
         """In the CPU pool: the main password first, then each app password for this service."""
+        _lower_thread_priority(self.config.hash_niceness)
         try:
             scheme = split_scheme(mailbox.password)[0]
             started = time.perf_counter()
