@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,8 +64,12 @@ class Ports:
 
 
 class LocalStack:
-    def __init__(self, root: str | Path, ports: Ports | None = None) -> None:
+    def __init__(
+        self, root: str | Path, ports: Ports | None = None, database_url: str | None = None
+    ) -> None:
         self.root = Path(root).resolve()
+        #: SQLite in ``root`` by default; several stacks ("MX hosts") may share a server database.
+        self.database_url = database_url or f"sqlite:///{self.root}/mail.db"
         self.ports = ports or Ports()
         self.config_path = self.root / "mailplugins.yaml"
         self.tls_dir = self.root / "tls"
@@ -81,7 +86,7 @@ class LocalStack:
         private = self.postfix.private_dir
         local = "interface=127.0.0.1"
         return {
-            "database": {"url": f"sqlite:///{self.root}/mail.db"},
+            "database": {"url": self.database_url},
             "mail": {
                 "location": f"{self.root}/mail/%d/%n/Maildir",
                 "uid": MAIL_USER,
@@ -184,7 +189,8 @@ class LocalStack:
             domain_names=self.domains,
         ))
         for generated in postfix.files:
-            _write_generated(generated.path, generated.text, generated.mode)
+            # Postfix's proxymap reads these as the postfix user (they may hold a DB password).
+            _write_generated(generated.path, generated.text, generated.mode, group="postfix")
         self.postfix.main.update(postfix.main_dict())
         self.postfix.main["mynetworks"] = ""
         self.postfix.main["mydomain"] = DEMO_DOMAIN
@@ -245,18 +251,22 @@ Ctrl-C stops everything.
 """
 
 
-def _write_generated(path: str, text: str, mode: int) -> None:
+def _write_generated(path: str, text: str, mode: int, group: str | None = None) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
     target.chmod(mode)
+    if group is not None:
+        shutil.chown(target, group=group)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mailplugins.localstack", description=__doc__)
     parser.add_argument("root", type=Path, help="directory for all state (created if absent)")
+    parser.add_argument("--database-url", help="a shared database instead of SQLite in ROOT "
+                        "(used when ROOT has no config yet)")
     args = parser.parse_args(argv)
-    stack = LocalStack(args.root)
+    stack = LocalStack(args.root, database_url=args.database_url)
     stopping = threading.Event()
 
     def on_signal(_signum: int, _frame: object) -> None:

@@ -40,5 +40,5 @@ ensure_venv() {
     echo "$want" > "$stamp"
 }
 
-MAIL_PACKAGES=(postfix dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-auth-lua swaks
+MAIL_PACKAGES=(postfix postfix-pgsql postfix-mysql dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-auth-lua swaks
                systemd openssl)

@@ -1,0 +1,95 @@
+"""Two complete "MX hosts" (daemons, Postfix, Dovecot, Maildir roots) sharing one PostgreSQL."""
+
+from __future__ import annotations
+
+import imaplib
+import shutil
+import smtplib
+import ssl
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailplugins.instances import short_tempdir, wait_until
+from mailplugins.localstack import LocalStack, Ports
+from tests.conftest import PG_ADMIN_URL, _server_database
+
+pytestmark = pytest.mark.e2e
+
+
+def tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[tuple[LocalStack, LocalStack]]:
+    database = _server_database(PG_ADMIN_URL, "postgresql")
+    url = next(database)
+    roots = [short_tempdir(), short_tempdir()]
+    stacks = [LocalStack(root, Ports.free(), database_url=url) for root in roots]
+    try:
+        for stack in stacks:
+            stack.start()
+        yield stacks[0], stacks[1]
+    finally:
+        for stack in stacks:
+            stack.stop()
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)
+        database.close()
+
+
+def test_user_added_on_one_host_works_on_the_other(hosts: tuple[LocalStack, LocalStack]) -> None:
+    first, second = hosts
+    address = f"carol{uuid.uuid4().hex[:6]}@example.test"
+    added = first.daemons.cli("user", "add", address, "--password-stdin", input="carol-pw\n")
+    assert added.returncode == 0, added.stderr
+
+    # SMTP AUTH through the second host's Postfix and authd.
+    with smtplib.SMTP("127.0.0.1", second.ports.submission, timeout=30) as client:
+        client.starttls(context=tls())
+        client.login(address, "carol-pw")
+        client.sendmail(address, [address], b"Subject: via second\r\n\r\nhello from host two\r\n")
+
+    # Delivered by the second host's deliver into its own Maildir root, read over its IMAP.
+    def fetched() -> bytes | None:
+        with imaplib.IMAP4("127.0.0.1", second.ports.imap, timeout=30) as imap:
+            imap.starttls(ssl_context=tls())
+            imap.login(address, "carol-pw")
+            status, _ = imap.select("INBOX")
+            if status != "OK":
+                return None
+            _, data = imap.search(None, "ALL")
+            if not data[0]:
+                return None
+            _, parts = imap.fetch(data[0].split()[-1], "(BODY.PEEK[TEXT])")
+            return bytes(parts[0][1])  # type: ignore[index]
+
+    assert wait_until(fetched, timeout=60, what="carol's mail on host two") == b"hello from host two\r\n"
+    local, domain = address.split("@")
+    assert list((Path(second.root) / "mail" / domain / local / "Maildir" / "new").iterdir()) or list(
+        (Path(second.root) / "mail" / domain / local / "Maildir" / "cur").iterdir())
+    assert not (Path(first.root) / "mail" / domain / local).exists()
+
+    # The first host's Dovecot (dict passdb through its authd) knows the user as well.
+    with imaplib.IMAP4("127.0.0.1", first.ports.imap, timeout=30) as imap:
+        imap.starttls(ssl_context=tls())
+        status, _ = imap.login(address, "carol-pw")
+        assert status == "OK"
+
+
+def test_disabling_on_one_host_locks_out_on_both(hosts: tuple[LocalStack, LocalStack]) -> None:
+    first, second = hosts
+    address = f"dave{uuid.uuid4().hex[:6]}@example.test"
+    assert first.daemons.cli("user", "add", address, "--password-stdin", input="dave-pw\n").returncode == 0
+    assert second.daemons.cli("user", "disable", address).returncode == 0
+    for host in (first, second):
+        with smtplib.SMTP("127.0.0.1", host.ports.submission, timeout=30) as client:
+            client.starttls(context=tls())
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login(address, "dave-pw")
