@@ -27,6 +27,7 @@ Counters live in memory, per process (see docs/authd.md for several hosts).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -264,10 +265,8 @@ def _lower_thread_priority(niceness: int) -> None:
     if getattr(_thread_state, "niceness", 0) == niceness:
         return
     _thread_state.niceness = niceness
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except (OSError, AttributeError):
-        pass
 
 
 # -- the verifier -----------------------------------------------------------------------------
