@@ -214,3 +214,46 @@ def test_doctor_names_a_missing_tool_config_cleanly(wired: Wired, tmp_path: Path
     assert result.returncode == 2
     assert result.stderr.startswith("mailplugins: postconf")
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(params=["postgresql", "mysql"])
+def server_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    from tests.conftest import MYSQL_ADMIN_URL, PG_ADMIN_URL, _server_database
+
+    admin = PG_ADMIN_URL if request.param == "postgresql" else MYSQL_ADMIN_URL
+    yield from _server_database(admin, request.param)
+
+
+def test_sql_domains_map_answers_from_the_database(server_database: str, tmp_path: Path) -> None:
+    """The generated proxy:pgsql:/proxy:mysql: map, queried by Postfix's own map client."""
+    from mailplugins.config import parse_config
+    from mailplugins.db import schema
+    from mailplugins.db.engine import make_engine
+    from mailplugins.store import Store
+
+    config = parse_config({"database": {"url": server_database},
+                           "deliver": {"listen": "unix:/var/spool/postfix/private/mailplugins-deliver"}})
+    engine = make_engine(config.database)
+    try:
+        schema.upgrade(engine)
+        Store(engine).add_domain("example.org")
+        snippet = postfix_config(config, PostfixOptions(config_directory=str(tmp_path)))
+        assert snippet.domains_mode == "sql"
+        (query,) = snippet.files
+        Path(query.path).write_text(query.text)
+        table = snippet.main_dict()["virtual_mailbox_domains"].removeprefix("proxy:")
+        etc = tmp_path / "etc"
+        etc.mkdir()
+        (etc / "main.cf").write_text("compatibility_level = 3.6\nmeta_directory = /etc/postfix\n")
+
+        def postmap(key: str) -> subprocess.CompletedProcess[str]:
+            return run(["postmap", "-c", str(etc), "-q", key, table], check=False)
+
+        found = postmap("example.org")
+        assert (found.returncode, found.stdout) == (0, "example.org\n"), found.stderr
+        missing = postmap("other.example")
+        assert (missing.returncode, missing.stdout) == (1, ""), missing.stderr
+        Store(engine).add_domain("new.example")  # live: no regeneration needed
+        assert postmap("new.example").stdout == "new.example\n"
+    finally:
+        engine.dispose()
