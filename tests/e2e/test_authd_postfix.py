@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ class Rig:
     root: Path
     postfix: Postfix
     daemons: Daemons
+    metrics_port: int
 
     def swaks(self, user: str, password: str, mech: str = "PLAIN", quit_after: str = "AUTH") -> str:
         result = subprocess.run(
@@ -49,12 +51,14 @@ class Rig:
 def rig() -> Iterator[Rig]:
     root = short_tempdir("mp-authpf-")
     sasl_port = free_port()
+    metrics_port = free_port()
     daemons = Daemons(
         root / "mp",
         {
             "mail": {"location": str(root / "vmail/%d/%n/Maildir"), "uid": 0, "gid": 0},
             "authd": {
                 "sasl_listen": f"tcp:{sasl_port}:interface=127.0.0.1",
+                "metrics": f"tcp:{metrics_port}:interface=127.0.0.1",
                 "failure_delay": "0.3s",
                 "penalty_threshold": 100,
             },
@@ -86,7 +90,7 @@ def rig() -> Iterator[Rig]:
     daemons.start()
     try:
         postfix.start()
-        yield Rig(root, postfix, daemons)
+        yield Rig(root, postfix, daemons, metrics_port)
     finally:
         postfix.stop()
         daemons.stop()
@@ -130,6 +134,17 @@ def test_service_denied(rig: Rig) -> None:
 def test_app_password(rig: Rig) -> None:
     out = rig.swaks("alice@example.org", "app-secret", "LOGIN")
     assert "235 2.7.0 Authentication successful" in out, out + rig.logs()
+
+
+def test_metrics_count_requests_without_user_names(rig: Rig) -> None:
+    rig.swaks("alice@example.org", "s3cret pass", "LOGIN")
+    rig.swaks("alice@example.org", "nope", "PLAIN")
+    with urllib.request.urlopen(f"http://127.0.0.1:{rig.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'mailplugins_authd_auth_requests_total{mechanism="login",result="success"}' in text
+    assert 'mailplugins_authd_auth_requests_total{mechanism="plain",result="failure"}' in text
+    assert "mailplugins_authd_password_verify_duration_seconds_bucket" in text
+    assert "alice" not in text.lower()
 
 
 def test_database_failure_gives_454(rig: Rig) -> None:
