@@ -500,7 +500,11 @@ class App:
             if not self.args.no_dovecot:
                 dsnippet = dovecot_config(self.config, self._dovecot_options())
                 findings += doctor.check_dovecot(dsnippet, doctor.run_doveconf(self.args.dovecot_config))
+                findings += doctor.check_dovecot_files(dsnippet)
                 checked.append("dovecot")
+            if self.args.probe:
+                findings += doctor.probe_daemons(self.config)
+                checked.append("the daemons' sockets")
         except (ValueError, RuntimeError) as exc:
             raise CommandError(str(exc), EXIT_USAGE) from None
         for finding in findings:
@@ -508,7 +512,8 @@ class App:
         if findings:
             self.out.write(f"{len(findings)} problem(s) found\n")
             return EXIT_FAILED
-        self.out.write(f"OK: {' and '.join(checked) or 'nothing'} wired as {self.config.source} says\n")
+        what = " and ".join([", ".join(checked[:-1]), checked[-1]] if len(checked) > 1 else checked)
+        self.out.write(f"OK: {what or 'nothing'} wired as {self.config.source} says\n")
         return 0
 
     def cmd_serve(self) -> int:
@@ -692,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dovecot-config", metavar="FILE", help="doveconf -c FILE (private instance)")
     sub.add_argument("--no-postfix", action="store_true", help="skip the Postfix checks")
     sub.add_argument("--no-dovecot", action="store_true", help="skip the Dovecot checks")
+    sub.add_argument("--probe", action="store_true",
+                     help="also connect to each daemon where Postfix and Dovecot will")
     return parser
 
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 import grp
 import pwd
 import re
+import socket
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mailplugins.generators import DovecotSnippet, PostfixSnippet, Setting
+from mailplugins.config import Config
+from mailplugins.generators import DovecotSnippet, PostfixSnippet, Setting, parse_endpoint
 
 __all__ = [
     "DovecotLive",
@@ -27,11 +29,13 @@ __all__ = [
     "PostfixLive",
     "check_domains",
     "check_dovecot",
+    "check_dovecot_files",
     "check_postfix",
     "parse_doveconf",
     "parse_postconf",
     "parse_postconf_master",
     "parse_postconf_params",
+    "probe_daemons",
     "run_doveconf",
     "run_postconf",
 ]
@@ -360,6 +364,91 @@ def check_dovecot(expected: DovecotSnippet, live: DovecotLive) -> list[Finding]:
 def _same_db(expected: Mapping[str, str], live: Mapping[str, str]) -> bool:
     return (expected.get("driver") == live.get("driver")
             and _normal(expected.get("args", "")) == _normal(live.get("args", "")))
+
+
+def _significant(text: str) -> list[str]:
+    return [re.sub(r"\s+", " ", line.strip()) for line in text.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def read_text(path: str) -> str | None:
+    """A file's text; None when it does not exist. Unreadable files raise PermissionError."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def check_dovecot_files(
+    expected: DovecotSnippet, read: Callable[[str], str | None] = read_text
+) -> list[Finding]:
+    """The companion files (dict config, Lua copy) must say what the generator says."""
+    findings: list[Finding] = []
+    for generated in expected.files:
+        try:
+            text = read(generated.path)
+        except PermissionError:
+            continue  # not ours to judge without root; doveconf already parsed it
+        if text is None:
+            findings.append(Finding("dovecot", f"{generated.path} does not exist",
+                                    "mailplugins dovecot-config --write"))
+            continue
+        wanted, have = _significant(generated.text), _significant(text)
+        if wanted != have:
+            missing = next((line for line in wanted if line not in have), wanted[0] if wanted else "")
+            findings.append(Finding("dovecot", f"{generated.path} differs from the generated file",
+                                    f"mailplugins dovecot-config --write (first difference: {missing})"))
+    return findings
+
+
+#: Which unit runs each listener, for the fix line.
+_UNITS = {"policyd": "mailplugins-policyd", "authd": "mailplugins-authd", "deliver": "mailplugins-deliver"}
+
+
+def _listeners(config: Config) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    if config.policyd is not None:
+        found += [("policyd.listen", e) for e in config.policyd.listen[:1]]
+    if config.authd is not None:
+        for key in ("sasl_listen", "dict_listen", "http_listen"):
+            found += [(f"authd.{key}", e) for e in getattr(config.authd, key)[:1]]
+    if config.deliver is not None:
+        found += [("deliver.listen", e) for e in config.deliver.listen[:1]]
+    return found
+
+
+def _reachable(kind: str, where: str, timeout: float) -> str | None:
+    """None when something accepts a connection, else the reason."""
+    try:
+        if kind == "unix":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(where)
+        else:
+            host, _, port = where.rpartition(":")
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                pass
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def probe_daemons(config: Config, timeout: float = 2.0) -> list[Finding]:
+    """Connect to each daemon where Postfix and Dovecot will (and close at once)."""
+    findings: list[Finding] = []
+    for key, text in _listeners(config):
+        try:
+            endpoint = parse_endpoint(text)
+        except ValueError:
+            continue  # postfix-config/dovecot-config already refused it
+        where = endpoint.path if endpoint.kind == "unix" else endpoint.inet()
+        reason = _reachable(endpoint.kind, where, timeout)
+        if reason is not None:
+            unit = _UNITS[key.split(".")[0]]
+            findings.append(Finding("daemons", f"{key}: nothing answers at {where} ({reason})",
+                                    f"systemctl start {unit} (then: journalctl -u {unit})"))
+    return findings
 
 
 # -- running the tools -----------------------------------------------------------------------------

@@ -257,3 +257,18 @@ def test_sql_domains_map_answers_from_the_database(server_database: str, tmp_pat
         assert postmap("new.example").stdout == "new.example\n"
     finally:
         engine.dispose()
+
+
+def test_doctor_probe_finds_the_daemons_where_postfix_and_dovecot_look(wired: Wired) -> None:
+    before = wired.doctor("--probe")
+    assert before.returncode == 1
+    assert before.stdout.count("daemons: ") == 5, before.stdout
+    assert f"deliver.listen: nothing answers at {wired.postfix.queue_dir}/private/mailplugins-deliver" \
+        in before.stdout
+    wired.daemons.start()
+    try:
+        after = wired.doctor("--probe")
+    finally:
+        wired.daemons.stop()
+    assert after.returncode == 0, after.stdout + after.stderr + wired.daemons.output()[-2000:]
+    assert after.stdout.startswith("OK: postfix, dovecot and the daemons' sockets wired as")

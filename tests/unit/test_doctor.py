@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from mailplugins.doctor import (
@@ -296,3 +298,56 @@ def test_dovecot_extra_and_missing_passdb() -> None:
         "extra passdb { driver = dict  args = /etc/dovecot/mailplugins-dict-auth.conf.ext } is consulted too",
         "no passdb { driver = lua  args = file=/s.lua blocking=yes }",
     ]
+
+
+# -- companion files and probing -------------------------------------------------------------------
+
+
+def test_dovecot_files_compared_without_comments_and_spacing() -> None:
+    from mailplugins.doctor import check_dovecot_files
+
+    snippet = dovecot_config(make_config())
+    (generated,) = snippet.files
+    same = "# mine\n" + generated.text.replace("  key = userdb/%u", "    key   =   userdb/%u")
+    assert check_dovecot_files(snippet, lambda path: same) == []
+    (missing,) = check_dovecot_files(snippet, lambda path: None)
+    assert missing.problem == f"{generated.path} does not exist"
+    assert missing.fix == "mailplugins dovecot-config --write"
+    wrong = generated.text.replace("/run/mailplugins/dict.sock", "/run/old.sock")
+    (differs,) = check_dovecot_files(snippet, lambda path: wrong)
+    assert differs.problem.endswith("differs from the generated file")
+    assert "uri = proxy:/run/mailplugins/dict.sock:auth" in differs.fix
+
+    def unreadable(path: str) -> str:
+        raise PermissionError(path)
+
+    assert check_dovecot_files(snippet, unreadable) == []
+
+
+def test_probe_daemons(tmp_path: Any) -> None:
+    import socket
+
+    from mailplugins.doctor import probe_daemons
+
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(tmp_path / "policy.sock"))
+    listening.listen(1)
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(1)
+    port = tcp.getsockname()[1]
+    try:
+        config = make_config(
+            policyd={"listen": f"unix:{tmp_path}/policy.sock"},
+            authd={"sasl_listen": f"tcp:{port}:interface=127.0.0.1", "dict_listen": None,
+                   "http_listen": None},
+            deliver={"listen": f"unix:{tmp_path}/absent.sock"},
+        )
+        findings = probe_daemons(config, timeout=1)
+    finally:
+        listening.close()
+        tcp.close()
+    (finding,) = findings
+    assert finding.where == "daemons"
+    assert finding.problem.startswith(f"deliver.listen: nothing answers at {tmp_path}/absent.sock (")
+    assert finding.fix == "systemctl start mailplugins-deliver (then: journalctl -u mailplugins-deliver)"
