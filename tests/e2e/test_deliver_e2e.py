@@ -14,6 +14,7 @@ import shutil
 import smtplib
 import socket as socketlib
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ PASSWORD = "imap-secret"
 
 @dataclass
 class Rig:
+    metrics_port: int
     root: Path
     mail_root: Path
     socket: Path
@@ -78,6 +80,7 @@ def rig() -> Iterator[Rig]:
     mail_root.mkdir()
     os.chown(mail_root, NOBODY, NOBODY)
     socket = root / "lmtp.sock"
+    metrics_port = free_port()
     daemons = Daemons(root / "mp", {
         "mail": {"location": f"{mail_root}/%d/%n/Maildir", "uid": NOBODY, "gid": NOBODY},
         "deliver": {
@@ -87,6 +90,7 @@ def rig() -> Iterator[Rig]:
             "autocreate_detail_folders": True,
             "memory_spool_limit": 4096,
             "stale_tmp_interval": 1,
+            "metrics": f"tcp:{metrics_port}:interface=127.0.0.1",
         },
     }, ["deliver"])
     store = daemons.store
@@ -115,7 +119,7 @@ userdb {{
   args = uid={NOBODY} gid={NOBODY} home={mail_root}/%d/%n
 }}
 """)
-    rig = Rig(root, mail_root, socket, postfix, dovecot, daemons)
+    rig = Rig(metrics_port, root, mail_root, socket, postfix, dovecot, daemons)
     # broken@'s Maildir cannot be created (a file is in the way): an I/O error after DATA.
     (mail_root / "example.org").mkdir()
     os.chown(mail_root / "example.org", NOBODY, NOBODY)
@@ -366,3 +370,20 @@ def test_postfix_connection_reuse_many_messages_exactly_once(rig: Rig) -> None:
     )
     assert subjects == sorted(f"Subject: reuse {n}".encode() for n in range(15))
     assert re.search(r"to=<bob@example.org>.*conn_use=\d+", rig.postfix.log_text())
+
+
+def test_metrics_endpoint_counts_deliveries(rig: Rig) -> None:
+    rig.send("sender@example.org", ["alice+metrics@example.org", "nouser.metrics@example.org"],
+             b"Subject: m\r\n\r\nx\r\n")
+    rig.wait_status("alice+metrics@example.org", "sent")
+    rig.wait_status("nouser.metrics@example.org", "bounced")
+    url = f"http://127.0.0.1:{rig.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    delivered = re.search(r'^mailplugins_deliver_recipients_total\{result="delivered"\} (\S+)$', text, re.M)
+    unknown = re.search(r'^mailplugins_deliver_recipients_total\{result="unknown"\} (\S+)$', text, re.M)
+    assert delivered is not None and float(delivered.group(1)) >= 1
+    assert unknown is not None and float(unknown.group(1)) >= 1
+    assert "mailplugins_deliver_message_size_bytes_bucket" in text
+    assert 'mailplugins_deliver_delivery_duration_seconds_count{stage="write"}' in text
+    assert "mailplugins_deliver_bytes_written_total" in text
