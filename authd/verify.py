@@ -79,6 +79,14 @@ class Verdict:
     outcome: Outcome
     #: The canonical login (stored address) when the outcome is OK.
     user: str | None = None
+    #: Why it failed, for the operator's log only (clients never see it).
+    reason: str = ""
+
+
+def _printable(text: str, limit: int = 128) -> str:
+    """A client-supplied string made safe for one log line (no control characters)."""
+    cut = text[:limit]
+    return "".join(c if c.isprintable() else "?" for c in cut) + ("..." if len(text) > limit else "")
 
 
 # -- brute-force counters ----------------------------------------------------------------------
@@ -414,12 +422,23 @@ class Verifier:
                 self.metrics.penalties.inc()
                 self.metrics.penalty_seconds.inc(penalty)
                 yield self._sleep(penalty, deadline, delayed)
+        decided_from = self.clock.seconds()
         verdict: Verdict = yield self._decide(request)
         if verdict.outcome in (Outcome.FAIL, Outcome.UNKNOWN, Outcome.DISABLED):
+            log.info(
+                "authentication failed: user={user} rip={rip} service={service} "
+                "mechanism={mechanism}: {reason}",
+                user=_printable(request.user), rip=_printable(request.remote_ip or ""),
+                service=_printable(request.service), mechanism=request.mechanism,
+                reason=verdict.reason,
+            )
             if keys:
                 self.throttle.failure(keys, self._fingerprint(request), self.clock.seconds())
-                # Wait with the answer; trusted clients (webmail...) get it at once.
-                yield self._sleep(failure_delay, deadline, delayed)
+                # Every failure is answered failure_delay after it was looked at, whether a hash
+                # was computed or not, so the timing tells nothing about which logins exist.
+                # Trusted clients (webmail...) get the answer at once.
+                remaining = decided_from + failure_delay - self.clock.seconds()
+                yield self._sleep(remaining, deadline, delayed)
         elif verdict.outcome is Outcome.OK and keys:
             self.throttle.success(keys[-1])
         return verdict
@@ -436,9 +455,11 @@ class Verifier:
         try:
             address = parse_address(request.user)
         except AddressError:
-            return Verdict(Outcome.UNKNOWN)
-        if address.routing or not request.password:
-            return Verdict(Outcome.UNKNOWN if address.routing else Outcome.FAIL)
+            return Verdict(Outcome.UNKNOWN, reason="not an address")
+        if address.routing:
+            return Verdict(Outcome.UNKNOWN, reason="routing address")
+        if not request.password:
+            return Verdict(Outcome.FAIL, reason="empty password")
         loaded = self.records.get(address.key, self.clock.seconds())
         if loaded is None:
             try:
@@ -450,9 +471,9 @@ class Verifier:
             self.records.put(address.key, loaded, self.clock.seconds())
         mailbox, apps = loaded
         if mailbox is None:
-            return Verdict(Outcome.UNKNOWN)
+            return Verdict(Outcome.UNKNOWN, reason="unknown user")
         if not mailbox.allows(request.service):
-            return Verdict(Outcome.FAIL)
+            return Verdict(Outcome.FAIL, reason="service not allowed for this mailbox")
         now = self.clock.seconds()
         cache_key = self.cache.key(mailbox, request.password)
         entry = self.cache.get(cache_key, now)
@@ -468,9 +489,9 @@ class Verifier:
                 return Verdict(Outcome.TEMPFAIL)
         if match is None:
             self.cache.discard(cache_key)
-            return Verdict(Outcome.FAIL)
+            return Verdict(Outcome.FAIL, reason="wrong password")
         if not mailbox.enabled:
-            return Verdict(Outcome.DISABLED)
+            return Verdict(Outcome.DISABLED, reason="mailbox disabled")
         if entry is None:
             self.cache.put(cache_key, match.app_password_id, now)
         self._after_success(mailbox, match, address.key, apps)

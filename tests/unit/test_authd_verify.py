@@ -297,3 +297,34 @@ def test_network_keys() -> None:
     assert network_key("::ffff:192.0.2.1", 48) == "ip:192.0.2.1"
     assert network_key("", 48) is None
     assert network_key("junk", 48) is None
+
+
+def test_failure_timing_does_not_reveal_whether_a_hash_ran() -> None:
+    rig = Rig(failure_delay="2s")
+
+    def slow_cpu(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        rig.clock.callLater(0.5, lambda: d.callback(fn(*args)))
+        return d
+
+    rig.verifier._cpu_run = slow_cpu
+    _, wrong_password = rig.verify(password="wrong", rip="192.0.2.1")
+    _, unknown_user = rig.verify(user="nobody@example.org", rip="192.0.2.2")
+    assert wrong_password == pytest.approx(2.0, abs=0.3)
+    assert unknown_user == pytest.approx(2.0, abs=0.3)
+
+
+def test_failures_are_logged_without_the_password() -> None:
+    from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        rig = Rig()
+        rig.verify(user="alice@example.org", password="hunter2-secret", rip="192.0.2.9")
+        rig.verify(user="evil\n@example.org", password="x")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "authd.verify"]
+    assert any("user=alice@example.org rip=192.0.2.9" in line and "wrong password" in line for line in lines)
+    assert all("hunter2" not in line and "\n" not in line for line in lines)
