@@ -272,3 +272,33 @@ def test_doctor_probe_finds_the_daemons_where_postfix_and_dovecot_look(wired: Wi
         wired.daemons.stop()
     assert after.returncode == 0, after.stdout + after.stderr + wired.daemons.output()[-2000:]
     assert after.stdout.startswith("OK: postfix, dovecot and the daemons' sockets wired as")
+
+
+def test_lua_variant_authenticates_through_authd(wired: Wired) -> None:
+    """dovecot-config --lua in a running Dovecot: logins are verified by authd over HTTP."""
+    from mailplugins.hashing import hash_password
+
+    store = wired.daemons.store
+    if store.get_mailbox("lua@example.org") is None:
+        store.add_mailbox("lua@example.org", hash_password("lua secret", wired.daemons.config.passwords))
+    script = REPO / "authd" / "lua" / "mailplugins-auth.lua"
+    etc = wired.root / "lua-etc"
+    etc.mkdir(exist_ok=True)
+    snippet = dovecot_config(wired.daemons.config, DovecotOptions(
+        config_directory=str(etc), lua=True, lua_script=str(script),
+        lua_script_text=script.read_text(), tls_cert=str(wired.cert), tls_key=str(wired.key),
+    ))
+    for generated in snippet.files:
+        Path(generated.path).write_text(generated.text)
+    dovecot = Dovecot(wired.root / "lua", conf=dovecot_conf_text(snippet))
+    wired.daemons.start()
+    try:
+        dovecot.start()
+        good = dovecot.doveadm("auth", "test", "-x", "service=imap", "lua@example.org", "lua secret")
+        bad = dovecot.doveadm("auth", "test", "-x", "service=imap", "lua@example.org", "wrong")
+    finally:
+        dovecot.stop()
+        wired.daemons.stop()
+    assert good.returncode == 0, good.stdout + good.stderr + dovecot.log_text()[-2000:]
+    assert "auth succeeded" in good.stdout
+    assert bad.returncode == 77, bad.stdout + bad.stderr
