@@ -196,6 +196,7 @@ class Spool:
 
         def deliver(_: object) -> None:
             if self.error is not None or self._file is None:
+                self._close()
                 result.errback(self.error or DeliveryError("spool file missing"))
                 return
             body = Body(size, bare_newlines, spool=self._file)
