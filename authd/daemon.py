@@ -64,6 +64,7 @@ class AuthdPlugin:
             config=section,
             passwords=config.passwords,
             metrics=metrics,
+            db_timeout=db.timeout,
         )
         sasl = AuthClientFactory(
             verifier=verifier, config=section, metrics=metrics, clock=runtime.reactor

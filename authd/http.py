@@ -31,6 +31,7 @@ STATUS = {
     Outcome.TEMPFAIL: 503,
 }
 MAX_FIELD = 1024
+IDLE_TIMEOUT = 120
 
 
 class LimitedRequest(Request):
@@ -128,7 +129,8 @@ class VerifySite(Site):
         root = Resource()
         verify: Any = VerifyResource(verifier, failure_delay)
         root.putChild(b"verify", verify)
-        super().__init__(root)
+        # Dovecot's HTTP client keeps idle connections only briefly; do not hold ours for hours.
+        super().__init__(root, timeout=IDLE_TIMEOUT)
         self.max_body = max_body
         self.displayTracebacks = False
         self.noisy = False

@@ -307,8 +307,10 @@ class Verifier:
         metrics: AuthdMetrics,
         wallclock: Callable[[], datetime] = utcnow,
         secret: bytes | None = None,
+        db_timeout: float | None = None,
     ) -> None:
         self.clock: Any = clock
+        self.db_timeout = db_timeout
         self.store = store
         self._db_run = db_run
         self._cpu_run = cpu_run
@@ -463,7 +465,10 @@ class Verifier:
         loaded = self.records.get(address.key, self.clock.seconds())
         if loaded is None:
             try:
-                loaded = yield self._db_run(self._load, str(address))
+                lookup: Deferred[Loaded] = self._db_run(self._load, str(address))
+                if self.db_timeout:
+                    lookup.addTimeout(self.db_timeout, self.clock)
+                loaded = yield lookup
             except Exception as exc:
                 log.error("database lookup failed: {error}", error=type(exc).__name__)
                 return Verdict(Outcome.TEMPFAIL)

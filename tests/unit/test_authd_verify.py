@@ -208,6 +208,15 @@ def test_database_down_is_a_prompt_tempfail(rig: Rig) -> None:
     assert rig.metric("auth_requests_total", mechanism="plain", result="tempfail") == 1
 
 
+def test_slow_database_is_a_tempfail_after_the_db_timeout() -> None:
+    rig = Rig()
+    rig.verifier.db_timeout = 2.0
+    rig.verifier._db_run = lambda fn, *a: Deferred()  # never answers
+    verdict, took = rig.verify()
+    assert verdict.outcome is Outcome.TEMPFAIL
+    assert took == pytest.approx(2.0, abs=0.3)
+
+
 def test_slow_backend_answers_tempfail_before_the_deadline() -> None:
     rig = Rig(request_timeout="5s")
     rig.verifier._cpu_run = lambda fn, *a: Deferred()  # never finishes
