@@ -13,6 +13,7 @@ Every finding names the file, what is wrong, and the line that fixes it.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import pwd
 import re
 import socket
@@ -232,9 +233,24 @@ def _contains(expected: str, live: str, main: Mapping[str, str]) -> list[str]:
     return missing
 
 
+def _networks(value: str) -> set[str] | None:
+    """A Postfix network list as a set of normalised networks; None if it holds other things."""
+    found: set[str] = set()
+    for item in split_restrictions(value):
+        try:
+            found.add(str(ipaddress.ip_network(item.replace("[", "").replace("]", ""), strict=False)))
+        except ValueError:
+            return None
+    return found
+
+
 def _compare(setting: Setting, live: str | None, main: Mapping[str, str]) -> str | None:
     """Why ``live`` does not satisfy ``setting``, or None."""
     shown = "unset" if live is None else repr(live)
+    if setting.name == "mynetworks" and live is not None:
+        wanted, have = _networks(setting.value), _networks(_expand(live, main))
+        if wanted is not None and wanted == have:
+            return None
     if setting.check == "none":
         return None
     if setting.check == "nonempty":

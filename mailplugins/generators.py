@@ -395,6 +395,15 @@ def postfix_config(config: Config, options: PostfixOptions | None = None) -> Pos
     if config.policyd is not None:
         policy = postfix_endpoint(_first(config.policyd.listen, "policyd.listen"), options,
                                   "policyd.listen", warnings)
+        networks = [
+            f"[{net.network_address}]/{net.prefixlen}" if net.version == 6 else str(net)
+            for net in config.policyd.mynetworks
+        ]
+        main.append(Setting(
+            "mynetworks", " ".join(networks),
+            "policyd.mynetworks: Postfix's permit_mynetworks and policyd's relay control must "
+            "trust the same clients",
+        ))
         main.append(Setting(
             "smtpd_recipient_restrictions", _policy_spec(policy, options, "smtp"),
             "policyd: recipients, sender logins, spoofing (policy_context=smtp)",

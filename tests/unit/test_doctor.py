@@ -167,6 +167,15 @@ def test_wrong_transport_is_reported_with_the_postconf_line() -> None:
     assert "fix: postconf -e" in finding.render()
 
 
+def test_mynetworks_compared_as_networks() -> None:
+    config = make_config(policyd={"mynetworks": ["127.0.0.0/8", "::1/128"]})
+    snippet = postfix_config(config, PostfixOptions(domain_names=("example.org", "example.net")))
+    assert check_postfix(snippet, live(n=GOOD_N + "mynetworks = [::1]/128, 127.0.0.0/8\n")) == []
+    (finding,) = check_postfix(snippet, live(n=GOOD_N + "mynetworks = 127.0.0.0/8 192.0.2.0/24\n"))
+    assert finding.problem == "mynetworks is '127.0.0.0/8 192.0.2.0/24'"
+    assert finding.fix == "postconf -e 'mynetworks = 127.0.0.0/8 [::1]/128'"
+
+
 def test_unset_setting_falls_back_to_the_default() -> None:
     findings = check_postfix(expected(), live(n=GOOD_N.replace("smtpd_sasl_type = dovecot\n", "")))
     assert [f.problem for f in findings] == ["smtpd_sasl_type is 'cyrus'"]

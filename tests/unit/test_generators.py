@@ -297,7 +297,7 @@ def test_rate_limits_add_data_and_end_of_data_checks() -> None:
 
     config = make_config()
     assert config.policyd is not None
-    policyd = SimpleNamespace(listen=config.policyd.listen, ratelimit=object())
+    policyd = SimpleNamespace(listen=config.policyd.listen, mynetworks=(), ratelimit=object())
     limited = dataclasses.replace(config, policyd=policyd)  # type: ignore[arg-type]
     snippet = postfix_config(limited, PostfixOptions(domain_names=("a.example",)))
     main = snippet.main_dict()
@@ -415,3 +415,11 @@ def test_dovecot_config_without_authd_is_a_usage_error(tmp_path: Any) -> None:
     status, out, err = _cli(tmp_path, "dovecot-config", authd=False)
     assert (status, out) == (2, "")
     assert err == "mailplugins: authd is not configured: Dovecot needs authd's dict or HTTP listener\n"
+
+
+def test_mynetworks_follow_policyd() -> None:
+    config = make_config(policyd={"mynetworks": ["127.0.0.0/8", "::1/128", "2001:db8::/32"]})
+    main = postfix_config(config, PostfixOptions(domain_names=("a.example",))).main_dict()
+    assert main["mynetworks"] == "127.0.0.0/8 [::1]/128 [2001:db8::]/32"
+    assert postfix_config(make_config(), PostfixOptions(domain_names=("a.example",))).main_dict()[
+        "mynetworks"] == ""
