@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+from collections import OrderedDict
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any, cast
@@ -39,6 +40,8 @@ Runner = Callable[..., "Deferred[Any]"]
 _BATV_TAG_FIRST = re.compile(r"^prvs=\d{4}[0-9a-f]{6}=", re.IGNORECASE)
 _BATV_TAG_LAST = re.compile(r"^prvs=(.*)=\d{4}[0-9a-f]{6}@", re.IGNORECASE)
 _DIGITS = re.compile(r"\b\d+\b")
+#: Seconds a passed triplet or a whitelisted client is answered from memory.
+REMEMBER_PASSED = 3600
 
 
 def normalise_sender(sender: str, delimiters: str = "+") -> str:
@@ -119,6 +122,7 @@ class Greylister:
         *,
         delimiters: str = "+",
         max_pending: int = 1000,
+        cache_size: int = 100_000,
     ) -> None:
         self.config = config
         self._engine = engine
@@ -127,6 +131,13 @@ class Greylister:
         self.delimiters = delimiters
         self.max_pending = max_pending
         self.pending = Pending()
+        #: Decisions the database need not be asked again about, with their end of validity:
+        #: a triplet still inside its delay (greylisted until first seen + delay, which every
+        #: MX agrees on), a passed triplet and an auto-whitelisted client (for
+        #: ``REMEMBER_PASSED`` seconds, then the database is asked again, which also refreshes
+        #: their expiry). Bounded: the oldest entries go first.
+        self._known: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self.cache_size = cache_size
         #: Called with the outcome ("greylisted", "passed", "whitelisted", "skipped", "failed").
         self.observe: Callable[[str], None] = lambda outcome: None
 
@@ -150,10 +161,20 @@ class Greylister:
         if key is None or client is None:
             self.observe("skipped")
             return None, None
+        now = self._clock.seconds()
+        for known_key in (f"c:{client}", key):
+            known = self._known.get(known_key)
+            if known is not None:
+                until, status = known
+                if now < until:
+                    self.observe(status)
+                    if status == "greylisted":
+                        return config.action.replace("%s", str(int(until - now))), None
+                    return None, None
+                del self._known[known_key]
         if self.pending.count >= self.max_pending:
             self.observe("failed")
             return _fallback(config.fallback_action), None
-        now = self._clock.seconds()
         try:
             work = self._run(self.pending.track(greylist_check), self._engine, key, client, now,
                              self.timing)
@@ -167,10 +188,29 @@ class Greylister:
             return _fallback(config.fallback_action), None
         self.observe(result.status)
         if result.status == "greylisted":
+            self._remember(key, now + result.seconds, "greylisted")
             return config.action.replace("%s", str(result.seconds)), None
+        if result.status == "whitelisted":
+            self._remember(f"c:{client}", now + REMEMBER_PASSED, "whitelisted")
+        else:
+            self._remember(key, now + REMEMBER_PASSED, "passed")
         if result.first_pass:
             return None, greylist_header(config, result.seconds, now)
         return None, None
+
+
+    def _remember(self, key: str, until: float, status: str) -> None:
+        if self.cache_size <= 0:
+            return
+        known = self._known
+        known.pop(key, None)
+        known[key] = (until, status)
+        while len(known) > self.cache_size:
+            known.popitem(last=False)
+
+    def forget(self) -> None:
+        """Drop remembered decisions (reload: the timing may have changed)."""
+        self._known.clear()
 
 
 def _fallback(action: str) -> str | None:

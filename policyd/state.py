@@ -20,11 +20,24 @@ Atomicity across processes and hosts (several MX on one PostgreSQL or MariaDB):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    delete,
+    func,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from mailplugins.config.policy_state import Window
@@ -57,6 +70,39 @@ def _transaction(engine: Engine) -> Any:
     return engine.connect()
 
 
+_SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_SQLITE_WRITERS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _one_writer(engine: Engine) -> Iterator[None]:
+    """On SQLite, one writing transaction per process at a time.
+
+    SQLite has one writer per database anyway; threads of one process that compete for it get
+    SQLITE_BUSY and sleep in the busy handler (milliseconds each time), which wastes far more
+    than waiting on a lock. Other processes are still held off by SQLite's own locking.
+    """
+    if engine.dialect.name != "sqlite":
+        yield
+        return
+    with _SQLITE_WRITERS_LOCK:
+        lock = _SQLITE_WRITERS.get(engine)
+        if lock is None:
+            lock = _SQLITE_WRITERS[engine] = threading.Lock()
+    with lock:
+        yield
+
+
+def _write_lock(conn: Connection) -> None:
+    """On SQLite, take the database write lock before the first read of a read-then-write
+    transaction. Otherwise a transaction that read first and then writes after another
+    connection committed fails at once with "database is locked" (WAL snapshot), without
+    waiting for busy_timeout. A no-op UPDATE opens a write transaction and so waits properly.
+    The server backends lock rows instead (FOR UPDATE, upserts)."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("UPDATE policy_greylist_clients SET passes = passes WHERE 0")
+
+
 def _insert(conn: Connection, table: Any) -> Any:
     name = conn.dialect.name
     if name == "postgresql":
@@ -74,6 +120,16 @@ def _upsert(
     updates: Mapping[str, Any],
 ) -> None:
     """One atomic insert-or-update statement; ``updates`` may use ``excluded``/``inserted``."""
+    conn.execute(_upsert_stmt(conn, table, values, keys, updates))
+
+
+def _upsert_stmt(
+    conn: Connection,
+    table: Any,
+    values: Mapping[str, Any],
+    keys: Sequence[str],
+    updates: Mapping[str, Any],
+) -> Any:
     stmt = _insert(conn, table).values(**values)
     if conn.dialect.name in ("mysql", "mariadb"):
         new = stmt.inserted
@@ -86,7 +142,7 @@ def _upsert(
             index_elements=list(keys),
             set_={col: fn(table.c, new) for col, fn in updates.items()},
         )
-    conn.execute(stmt)
+    return stmt
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,26 +209,95 @@ def _overrides(
 ) -> list[tuple[int, int | None, int | None, int | None]]:
     if not subjects:
         return []
-    rows = list(conn.execute(
-        select(RateOverride.subject, RateOverride.period, RateOverride.messages,
-               RateOverride.recipients, RateOverride.bytes)
-        .where(RateOverride.rule == rule, RateOverride.subject.in_(subjects))
-    ).all())
+    if len(subjects) > 2:
+        raise ValueError("at most two override subjects (domain, mailbox)")
+    rows = list(_compiled(conn, "overrides", _overrides_stmt).run(
+        conn, rule=rule, s1=subjects[0], s2=subjects[-1]).all())
     order = {subject: index for index, subject in enumerate(subjects)}
     rows.sort(key=lambda r: order[r.subject])
     return [(r.period, r.messages, r.recipients, r.bytes) for r in rows]
 
 
+def _window_total_stmt(conn: Connection) -> Any:
+    return (
+        select(func.coalesce(func.sum(RateBucket.messages), literal_column("0")),
+               func.coalesce(func.sum(RateBucket.recipients), literal_column("0")),
+               func.coalesce(func.sum(RateBucket.bytes), literal_column("0")))
+        .where(RateBucket.rule == bindparam("rule"), RateBucket.subject == bindparam("subject"),
+               RateBucket.period == bindparam("period"),
+               RateBucket.bucket > bindparam("oldest"),
+               RateBucket.bucket <= bindparam("bucket"))
+    )
+
+
 def _window_total(conn: Connection, key: RateKey, window: Window, bucket: int) -> Any:
-    return conn.execute(
-        select(func.coalesce(func.sum(RateBucket.messages), 0),
-               func.coalesce(func.sum(RateBucket.recipients), 0),
-               func.coalesce(func.sum(RateBucket.bytes), 0))
-        .where(RateBucket.rule == key.rule, RateBucket.subject == key.subject,
-               RateBucket.period == window.period,
-               RateBucket.bucket > bucket - window.buckets,
-               RateBucket.bucket <= bucket)
+    return _compiled(conn, "window_total", _window_total_stmt).run(
+        conn, rule=key.rule, subject=key.subject, period=window.period,
+        oldest=bucket - window.buckets, bucket=bucket,
     ).one()
+
+
+class _Compiled:
+    """A statement compiled once per dialect and run through the driver directly.
+
+    The rate check runs a handful of statements per message; building and caching SQLAlchemy
+    constructs each time cost several times more than SQLite itself, so the hot statements are
+    compiled to the driver's SQL once and executed with ``exec_driver_sql``.
+    """
+
+    def __init__(self, stmt: Any, conn: Connection) -> None:
+        compiled = stmt.compile(dialect=conn.dialect)
+        self.sql = str(compiled)
+        self.positions: Sequence[str] | None = compiled.positiontup
+
+    def run(self, conn: Connection, **params: Any) -> Any:
+        if self.positions is not None:
+            return conn.exec_driver_sql(self.sql, tuple(params[n] for n in self.positions))
+        return conn.exec_driver_sql(self.sql, params)
+
+
+_COMPILED: dict[tuple[str, str], _Compiled] = {}
+
+
+def _compiled(conn: Connection, name: str, build: Any) -> _Compiled:
+    key = (conn.dialect.name, name)
+    found = _COMPILED.get(key)
+    if found is None:
+        found = _COMPILED[key] = _Compiled(build(conn), conn)
+    return found
+
+
+def _subject_upsert_stmt(conn: Connection) -> Any:
+    return _upsert_stmt(
+        conn, RateSubject.__table__,
+        {"rule": bindparam("rule"), "subject": bindparam("subject"),
+         "last_seen": bindparam("last_seen")},
+        ("rule", "subject"),
+        {"last_seen": lambda c, new: new.last_seen},
+    )
+
+
+def _bucket_upsert_stmt(conn: Connection) -> Any:
+    return _upsert_stmt(
+        conn, RateBucket.__table__,
+        {name: bindparam(name) for name in ("rule", "subject", "period", "bucket", "messages",
+                                            "recipients", "bytes", "expires")},
+        ("rule", "subject", "period", "bucket"),
+        {
+            "messages": lambda c, new: c.messages + new.messages,
+            "recipients": lambda c, new: c.recipients + new.recipients,
+            "bytes": lambda c, new: c.bytes + new.bytes,
+        },
+    )
+
+
+def _overrides_stmt(conn: Connection) -> Any:
+    return (
+        select(RateOverride.subject, RateOverride.period, RateOverride.messages,
+               RateOverride.recipients, RateOverride.bytes)
+        .where(RateOverride.rule == bindparam("rule"),
+               RateOverride.subject.in_([bindparam("s1"), bindparam("s2")]))
+    )
 
 
 def rate_check(
@@ -193,16 +318,12 @@ def rate_check(
     counting = bool(messages or recipients or size)
     # Lock rows in one global order, so two transactions never wait for each other in a cycle.
     ordered = sorted(keys, key=lambda k: (k.rule, k.subject))
-    with _transaction(engine) as conn:
+    with _one_writer(engine), _transaction(engine) as conn:
         try:
             for key in ordered:
                 # The subject's lock row: every concurrent check of this subject waits here.
-                _upsert(
-                    conn, RateSubject.__table__,
-                    {"rule": key.rule, "subject": key.subject, "last_seen": second},
-                    ("rule", "subject"),
-                    {"last_seen": lambda c, new: new.last_seen},
-                )
+                _compiled(conn, "subject_upsert", _subject_upsert_stmt).run(
+                    conn, rule=key.rule, subject=key.subject, last_seen=second)
             usage: list[tuple[str, Usage]] = []
             refused: tuple[str, Window] | None = None
             for key in ordered:
@@ -211,19 +332,10 @@ def rate_check(
                 for window in effective:
                     bucket = second // window.step
                     if counting:
-                        _upsert(
-                            conn, RateBucket.__table__,
-                            {"rule": key.rule, "subject": key.subject, "period": window.period,
-                             "bucket": bucket, "messages": messages, "recipients": recipients,
-                             "bytes": size,
-                             "expires": (bucket + 1) * window.step + window.period},
-                            ("rule", "subject", "period", "bucket"),
-                            {
-                                "messages": lambda c, new: c.messages + new.messages,
-                                "recipients": lambda c, new: c.recipients + new.recipients,
-                                "bytes": lambda c, new: c.bytes + new.bytes,
-                            },
-                        )
+                        _compiled(conn, "bucket_upsert", _bucket_upsert_stmt).run(
+                            conn, rule=key.rule, subject=key.subject, period=window.period,
+                            bucket=bucket, messages=messages, recipients=recipients, bytes=size,
+                            expires=(bucket + 1) * window.step + window.period)
                     total = _window_total(conn, key, window, bucket)
                     used = Usage(window.period, int(total[0]), int(total[1]), int(total[2]))
                     usage.append((key.rule, used))
@@ -377,7 +489,8 @@ def greylist_check(
 ) -> GreylistResult:
     """postgrey's decision for one triplet ``key`` (already hashed) from ``client``."""
     second = int(now)
-    with engine.begin() as conn:
+    with _one_writer(engine), engine.begin() as conn:
+        _write_lock(conn)
         if timing.awl_passes:
             row = conn.execute(
                 select(GreylistClient.passes, GreylistClient.last_seen)
@@ -472,7 +585,8 @@ def purge(
     def sweep(table: Any, condition: Any, key: Sequence[Any]) -> int:
         removed = 0
         while True:
-            with engine.begin() as conn:
+            with _one_writer(engine), engine.begin() as conn:
+                _write_lock(conn)
                 rows = conn.execute(select(*key).where(condition).limit(batch)).all()
                 if not rows:
                     return removed

@@ -24,10 +24,10 @@ from tests.rig import REPO
 
 pytestmark = pytest.mark.e2e
 
-LIMIT = 40
+LIMIT = 150
 PROCESSES = 2
 THREADS = 4
-ATTEMPTS = 25  # per thread: 2 x 4 x 25 = 200 attempts for 40 admissions
+ATTEMPTS = 60  # per thread: 2 x 4 x 60 = 480 attempts for 150 admissions
 
 HAMMER = r"""
 import sys, threading, time

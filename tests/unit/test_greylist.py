@@ -321,3 +321,29 @@ def test_purge_timer_runs_in_the_pool(engine: Engine) -> None:
     c.stop()
     clock.advance(120)
     assert calls == ["purge"]
+
+
+def test_greylister_answers_known_triplets_from_memory(engine: Engine) -> None:
+    clock = Clock()
+    clock.advance(T0)
+    calls: list[str] = []
+
+    def run(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        calls.append("db")
+        return maybeDeferred(fn, *args, **kwargs)
+
+    grey = Greylister(GreylistConfig(hostname="mx"), engine, run, clock, cache_size=10)
+    for _ in range(3):
+        assert result_of(Deferred.fromCoroutine(grey.check(request())))[0] is not None
+    assert len(calls) == 1
+    clock.advance(300)
+    assert result_of(Deferred.fromCoroutine(grey.check(request())))[1] is not None
+    for _ in range(3):
+        assert result_of(Deferred.fromCoroutine(grey.check(request()))) == (None, None)
+    assert len(calls) == 2
+    clock.advance(3600)  # passed triplets are confirmed (and their expiry refreshed) hourly
+    assert result_of(Deferred.fromCoroutine(grey.check(request()))) == (None, None)
+    assert len(calls) == 3
+    for n in range(20):
+        result_of(Deferred.fromCoroutine(grey.check(request(sender=f"s{n}@x.example"))))
+    assert len(grey._known) <= 10
