@@ -434,7 +434,10 @@ def postfix_config(config: Config, options: PostfixOptions | None = None) -> Pos
         tuple(overrides),
     )
     for endpoint_text in _daemon_endpoints(config):
-        endpoint = parse_endpoint(endpoint_text)
+        try:
+            endpoint = parse_endpoint(endpoint_text)
+        except ValueError:
+            continue  # an extra listener nobody here connects to (e.g. a second host's)
         if endpoint.note and "every interface" in endpoint.note:
             warnings.append(f"{endpoint_text}: {endpoint.note}; bind it to 127.0.0.1 instead")
     return PostfixSnippet(

@@ -423,3 +423,13 @@ def test_mynetworks_follow_policyd() -> None:
     assert main["mynetworks"] == "127.0.0.0/8 [::1]/128 [2001:db8::]/32"
     assert postfix_config(make_config(), PostfixOptions(domain_names=("a.example",))).main_dict()[
         "mynetworks"] == ""
+
+
+def test_extra_listeners_postfix_cannot_use_are_ignored() -> None:
+    config = make_config(policyd={"listen": ["unix:/var/spool/postfix/private/mailplugins-policy",
+                                             "systemd:domain=UNIX:name=other"]})
+    snippet = postfix_config(config, PostfixOptions(domain_names=("a.example",)))
+    assert "unix:private/mailplugins-policy" in snippet.main_dict()["smtpd_recipient_restrictions"]
+    with pytest.raises(ValueError, match="cannot tell where it listens"):
+        postfix_config(make_config(policyd={"listen": "systemd:domain=UNIX:name=other"}),
+                       PostfixOptions(domain_names=("a.example",)))
