@@ -480,7 +480,11 @@ def render_postfix(snippet: PostfixSnippet) -> str:
     out += snippet.master_lines()
     for generated in snippet.files:
         out += ["", f"# ---- {generated.path} (mode {generated.mode:04o}; {generated.comment}) ----"]
-        out += generated.text.rstrip("\n").splitlines()
+        for line in generated.text.rstrip("\n").splitlines():
+            # Never print the database password: --write puts the real one in the file.
+            if line.startswith("password = ") and line != "password = ":
+                line = "password = ********  (postfix-config --write writes the real one)"
+            out.append(line)
     return "\n".join(out) + "\n"
 
 

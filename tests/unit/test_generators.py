@@ -433,3 +433,12 @@ def test_extra_listeners_postfix_cannot_use_are_ignored() -> None:
     with pytest.raises(ValueError, match="cannot tell where it listens"):
         postfix_config(make_config(policyd={"listen": "systemd:domain=UNIX:name=other"}),
                        PostfixOptions(domain_names=("a.example",)))
+
+
+def test_render_never_prints_the_database_password() -> None:
+    config = make_config(database={"url": "postgresql+psycopg://mp:s3cret@db.internal/mail"})
+    snippet = postfix_config(config, PostfixOptions())
+    text = render_postfix(snippet)
+    assert "s3cret" not in text
+    assert "password = ********" in text
+    assert "password = s3cret" in snippet.files[0].text
