@@ -88,7 +88,7 @@ def parse_authd(f: Fields) -> AuthdConfig:
         max_line_length=f.integer("max_line_length", 16384, minimum=1024, maximum=1024 * 1024),
         max_requests_per_connection=f.integer("max_requests_per_connection", 32, minimum=1),
         http_max_body=f.size("http_max_body", 16384, minimum=1024),
-        hash_niceness=f.integer("hash_niceness", 10, minimum=0, maximum=19),
+        hash_niceness=f.integer("hash_niceness", 5, minimum=0, maximum=19),
     )
     if not (config.sasl_listen or config.dict_listen or config.http_listen):
         raise f.error("sasl_listen", "authd needs at least one of sasl_listen, dict_listen, http_listen")
