@@ -352,18 +352,25 @@ def rate_check(
 
 
 def _over(window: Window, used: Usage, messages: int, recipients: int, size: int) -> bool:
-    """Over when a counted measure passes its limit; a request counting nothing (the bytes
-    check at DATA) is refused once a limit is already reached."""
+    """Whether counting this request passes a limit of ``window``.
+
+    A measure being counted is over when its new total passes the limit. At DATA (a message
+    counted, its size not known yet) a byte limit already reached refuses too. A request
+    counting nothing is refused once any limit is reached (a dry check).
+    """
+    counting = bool(messages or recipients or size)
     checks = ((window.messages, used.messages, messages),
-              (window.recipients, used.recipients, recipients),
-              (window.bytes, used.bytes, size))
+              (window.recipients, used.recipients, recipients))
     for limit, total, added in checks:
         if limit is None:
             continue
-        if added and total > limit:
+        if (added and total > limit) or (not counting and total >= limit):
             return True
-        if not (messages or recipients or size) and total >= limit:
-            return True
+    if window.bytes is not None:
+        if size:
+            return used.bytes > window.bytes
+        if messages or not counting:
+            return used.bytes >= window.bytes
     return False
 
 

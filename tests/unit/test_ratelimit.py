@@ -179,8 +179,13 @@ def test_bytes_counted_at_end_and_checked_at_data(engine: Engine) -> None:
     assert rate_check(engine, k, T0 + 1, size=600).admitted
     assert not rate_check(engine, k, T0 + 2, size=600).admitted  # would be 1200
     assert rate_check(engine, k, T0 + 3, size=400).admitted       # exactly 1000
-    # At DATA (counting nothing yet) a reached byte limit refuses the next message.
-    assert not rate_check(engine, k, T0 + 4).admitted
+    # At DATA a reached byte limit refuses the next message (and counts nothing).
+    assert not rate_check(engine, k, T0 + 4, messages=1, recipients=1).admitted
+    assert rate_usage(engine, k[0], T0 + 4)[0].messages == 1
+    # At END-OF-MESSAGE only bytes are checked: a reached message limit does not refuse.
+    limited = [key((Window(3600, messages=1, bytes=10_000),), subject="carol@example.org")]
+    assert rate_check(engine, limited, T0, messages=1).admitted
+    assert rate_check(engine, limited, T0 + 1, size=100).admitted
 
 
 def test_overrides_domain_then_mailbox(any_engine: Engine) -> None:
