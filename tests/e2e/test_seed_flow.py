@@ -173,3 +173,43 @@ def test_mail_from_outside_arrives_on_port_25(stack: LocalStack) -> None:
     fetched = wait_until(lambda: imap_fetch_by_subject(stack, ALICE, subject), timeout=60,
                          what="the inbound message")
     assert fetched.endswith(msg.as_bytes().replace(b"\n", b"\r\n"))
+
+
+def test_no_password_or_auth_payload_in_any_log(stack: LocalStack) -> None:
+    """Runs last in this module: every log of the runs above is checked."""
+    import base64
+
+    # One more failed and one more good login, so both paths have been logged.
+    with smtplib.SMTP("127.0.0.1", stack.ports.submission, timeout=30) as client:
+        client.starttls(context=tls())
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login(ALICE, "wrong-Secret-42")
+    logs = {
+        "daemons": (stack.root / "daemons.log").read_text(errors="replace"),
+        "postfix": stack.postfix.log_text(),
+        "dovecot": stack.dovecot.log_text() if stack.dovecot else "",
+    }
+    secrets = ["wrong-Secret-42", *stack.passwords.values()]
+    for user, password in stack.passwords.items():
+        plain = f"\0{user}\0{password}".encode()
+        secrets.append(base64.b64encode(plain).decode())
+        secrets.append(base64.b64encode(password.encode()).decode())
+    for name, text in logs.items():
+        assert text, f"{name} log is empty"
+        for secret in secrets:
+            assert secret not in text, f"a password or AUTH payload appears in the {name} log"
+
+
+def test_sockets_have_the_configured_modes(stack: LocalStack) -> None:
+    import os
+    import stat
+
+    private = stack.postfix.private_dir
+    for name in ("mailplugins-policy", "mailplugins-auth", "mailplugins-deliver"):
+        mode = os.stat(private / name).st_mode
+        assert stat.S_ISSOCK(mode)
+        assert stat.S_IMODE(mode) == 0o666
+    dict_mode = os.stat(stack.root / "dict.sock").st_mode
+    assert stat.S_IMODE(dict_mode) == 0o660
+    assert stat.S_IMODE(os.stat(stack.root / "demo-passwords").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(stack.tls_key).st_mode) == 0o600
