@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import grp
 import importlib.util
 import json
 import os
@@ -460,7 +461,7 @@ class App:
 
     def _write_files(self, files: Sequence[GeneratedFile]) -> None:
         for generated in files:
-            _write_atomically(generated.path, generated.text, generated.mode)
+            _write_atomically(generated.path, generated.text, generated.mode, generated.group)
             self.out.write(f"wrote {generated.path}\n")
 
     def cmd_postfix_config(self) -> None:
@@ -538,13 +539,17 @@ def _packaged_lua_script() -> str:
     return ""
 
 
-def _write_atomically(path: str, text: str, mode: int) -> None:
+def _write_atomically(path: str, text: str, mode: int, group: str = "") -> None:
+    """Replace ``path`` whole; ``group`` (when it exists and we may) gets read access."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".mailplugins-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        if group:
+            with contextlib.suppress(KeyError, PermissionError):
+                os.chown(tmp, -1, grp.getgrnam(group).gr_gid)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

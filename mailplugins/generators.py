@@ -189,6 +189,8 @@ class GeneratedFile:
     text: str
     mode: int = 0o644
     comment: str = ""
+    #: Group that must read it (``postfix`` for proxymap, ``dovecot`` for the auth process).
+    group: str = ""
 
 
 def _queue_relative(path: str, queue_directory: str) -> str | None:
@@ -294,7 +296,8 @@ def _sql_domains_file(config: Config, options: PostfixOptions) -> tuple[str, Gen
     ]
     path = os.path.join(options.config_directory, f"mailplugins-domains-{driver}.cf")
     comment = f"needs the postfix-{driver} package (proxy: shares one connection per host)"
-    return f"proxy:{driver}:{path}", GeneratedFile(path, "\n".join(lines) + "\n", 0o640, comment)
+    return f"proxy:{driver}:{path}", GeneratedFile(path, "\n".join(lines) + "\n", 0o640, comment,
+                                                  group="postfix")
 
 
 def _policy_spec(endpoint: str, options: PostfixOptions, context: str,
@@ -543,7 +546,8 @@ def _dict_file(config: Config, options: DovecotOptions) -> tuple[str, GeneratedF
         "passdb_objects = passdb",
         "userdb_objects = userdb",
     ]) + "\n"
-    return path, GeneratedFile(path, text, 0o640, "passdb key names the service, so per-service flags apply")
+    return path, GeneratedFile(path, text, 0o640, "passdb key names the service, so per-service flags apply",
+                               group="dovecot")
 
 
 def _lua_script(
