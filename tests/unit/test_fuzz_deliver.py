@@ -72,7 +72,8 @@ def test_command_lines_are_bounded(data: bytes, cuts: list[int], limit: int) -> 
             try:
                 parse_command(line)
             except CommandError as exc:
-                assert str(exc)
+                message = str(exc)
+                assert message
         assert len(buffer) <= limit + 1
 
 
