@@ -7,6 +7,9 @@ Disabled mailboxes, and mailboxes whose flags deny the named service, are answer
 The userdb answer is computed with :func:`mailplugins.maildir_path.expand_location`, the same
 function deliver writes with, so Dovecot reads exactly where deliver wrote.
 
+Dovecot's last_login plugin may point at the same socket (``last_login_key = last-login/%u``):
+its transactions record the mailbox's last login.
+
 Replies leave in the order the commands came (the protocol has no request ids), whatever order
 the database answers in.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -75,6 +79,14 @@ def split_key(key: str) -> tuple[str, str | None, str] | None:
     return kind, service, rest
 
 
+def last_login_user(key: str) -> str | None:
+    """``shared/last-login/<user>`` (the last_login plugin's default key) -> the user."""
+    for prefix in ("shared/last-login/", "shared/last_login/"):
+        if key.startswith(prefix) and len(key) > len(prefix):
+            return key[len(prefix):]
+    return None
+
+
 class DictBackend:
     """Lookups and iteration as blocking functions (run in the DB pool): store + config in."""
 
@@ -110,6 +122,19 @@ class DictBackend:
             log.warn("mailbox {id} has no safe mail location: {error}",
                      id=mailbox.id, error=str(exc))
             return None
+
+    def record_last_login(self, user: str, value: str) -> bool:
+        """Store the time Dovecot's last_login plugin reports (unix seconds) for ``user``."""
+        try:
+            when = datetime.fromtimestamp(int(value), UTC).replace(tzinfo=None)
+            address = parse_address(user)
+        except (ValueError, OverflowError, OSError):
+            return False
+        mailbox = self.store.get_mailbox(address)
+        if mailbox is None:
+            return False
+        self.store.record_login(mailbox.id, when)
+        return True
 
     def iterate(self, path: str, flags: int, max_rows: int) -> list[tuple[str, str]]:
         """Rows under ``shared/userdb/`` (or ``passdb/``): every enabled mailbox, in order."""
@@ -188,11 +213,33 @@ class DictProtocol(Protocol):
             self._transactions.pop(command.tid, None)
         elif isinstance(command, codec.Commit):
             slot = self._slot()
-            # Nothing we serve is writable: changes (last-login...) are accepted and dropped.
-            ok = self._transactions.pop(command.tid, None) is not None
+            changes = self._transactions.pop(command.tid, None)
+            ok = changes is not None
+            if changes:
+                self._apply(changes)
             self.factory.metrics.dict_requests.labels("commit", "ok" if ok else "error").inc()
             slot.data = codec.commit_reply(command.tid, ok, "" if ok else "unknown transaction")
             self._flush()
+
+    def _apply(self, changes: list[codec.Change]) -> None:
+        """Only Dovecot's last_login plugin writes here: record the login, after the reply.
+
+        Everything else (quota, other plugins' keys) is accepted and dropped, so a misconfigured
+        plugin cannot fail logins.
+        """
+        for change in changes:
+            if change.kind not in "ST":
+                continue
+            login = last_login_user(change.key)
+            if login is None:
+                continue
+
+            def failed(failure: Failure) -> None:
+                log.warn("recording a last login failed: {error}", error=failure.getErrorMessage())
+
+            self.factory.db_run(self.factory.backend.record_last_login, login, change.value).addErrback(
+                failed
+            )
 
     def _slot(self) -> _Slot:
         if len(self._queue) >= MAX_PIPELINE:

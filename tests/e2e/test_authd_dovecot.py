@@ -20,7 +20,7 @@ import pytest
 
 from mailplugins.hashing import hash_password
 from mailplugins.maildir_path import expand_location
-from tests.rig import REPO, Daemons, Dovecot, free_port, short_tempdir
+from tests.rig import REPO, Daemons, Dovecot, free_port, short_tempdir, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -96,9 +96,14 @@ def rig() -> Iterator[Rig]:
     userdb = (f"userdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n"
               "auth_failure_delay = 0\n"
               "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n")
+    last_login = (
+        "mail_plugins = $mail_plugins last_login\n"
+        f"plugin {{\n  last_login_dict = proxy:{dict_socket}:lastlogin\n"
+        "  last_login_key = last-login/%u\n}\n"
+    )
     dict_dovecot = Dovecot(
         root / "dc-dict",
-        conf=f"passdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n{userdb}",
+        conf=f"passdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n{userdb}{last_login}",
     )
     lua_script = root / "mailplugins-auth.lua"
     shipped = (REPO / "authd" / "lua" / "mailplugins-auth.lua").read_text()
@@ -132,6 +137,16 @@ def test_imap_login_through_dict_creates_the_maildir_deliver_uses(rig: Rig) -> N
     assert imap_login(rig.dict_dovecot, "alice@example.org", "alice-pw") == "OK b'0'", rig.logs()
     expected = expand_location(rig.daemons.config.mail.location, "alice", "example.org")
     assert Path(expected, "cur").is_dir(), rig.logs()
+
+
+def test_last_login_plugin_writes_through_authd(rig: Rig) -> None:
+    """With the dict passdb authd never sees the password: the last_login plugin tells it."""
+    assert imap_login(rig.dict_dovecot, "alice@example.org", "alice-pw").startswith("OK")
+    mailbox = wait_until(
+        lambda: (m := rig.daemons.store.get_mailbox("alice@example.org")) and m.last_login_at and m,
+        timeout=10, what="last_login_at to be set",
+    )
+    assert mailbox.last_login_at is not None
 
 
 def test_imap_bad_password_through_dict(rig: Rig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -146,6 +147,18 @@ def test_transactions() -> None:
     reply = rig.send(HELLO + b"B1\talice@example.org\nS1\tshared/last-login/a\t1\nU1\tk\nC1\n"
                      b"B2\tx\nR2\nC9\n")
     assert reply == b"O1\nF9\tunknown transaction\n"
+
+
+def test_last_login_plugin_transactions_record_the_login() -> None:
+    rig = Rig()
+    reply = rig.send(b"H3\t2\t0\t\tlastlogin\nB1\talice@example.org\n"
+                     b"S1\tshared/last-login/alice@example.org\t1763777777\nC1\n"
+                     b"B2\tx\nS2\tshared/last-login/nobody@example.org\t1\nS2\tpriv/quota\tx\nC2\n")
+    assert reply == b"O1\nO2\n"
+    mailbox = rig.store.get_mailbox("alice@example.org")
+    assert mailbox is not None
+    assert mailbox.last_login_at is not None
+    assert int(mailbox.last_login_at.replace(tzinfo=UTC).timestamp()) == 1763777777
 
 
 def test_protocol_errors_drop() -> None:
