@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
@@ -153,6 +154,7 @@ class RateLimiter:
         *,
         delimiters: str = "+",
         max_pending: int = 1000,
+        saturated_size: int = 100_000,
     ) -> None:
         self.config = config
         self._engine = engine
@@ -162,6 +164,11 @@ class RateLimiter:
         self.max_pending = max_pending
         self.pending = Pending()
         self.stats = RateLimitStats()
+        #: (rule, subject) -> epoch second until which every message is refused anyway
+        #: (see RateDecision.saturated_until): a sender hammering past its limit costs no
+        #: database work until its window moves. Bounded; oldest entries go first.
+        self._saturated: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self.saturated_size = saturated_size
         #: Called with ("admitted" | "refused" | "failed") for metrics.
         self.observe: Callable[[str], None] = lambda outcome: None
 
@@ -170,6 +177,14 @@ class RateLimiter:
         keys = rate_keys(self.config, request, self.delimiters)
         if not keys:
             return None
+        now = self._clock.seconds()
+        for key in keys:
+            until = self._saturated.get((key.rule, key.subject))
+            if until is not None:
+                if now < until:
+                    self._outcome("refused")
+                    return self.config.action
+                del self._saturated[(key.rule, key.subject)]
         recipients = max(_count(request, "recipient_count"), 1)
         return await self._decide(keys, messages=1, recipients=recipients, size=0)
 
@@ -211,6 +226,13 @@ class RateLimiter:
             self._outcome("admitted")
             return None
         self._outcome("refused")
+        if decision.saturated_until and decision.rule is not None and self.saturated_size > 0:
+            subject = next(k.subject for k in keys if k.rule == decision.rule)
+            marks = self._saturated
+            marks.pop((decision.rule, subject), None)
+            marks[(decision.rule, subject)] = decision.saturated_until
+            while len(marks) > self.saturated_size:
+                marks.popitem(last=False)
         window = decision.window
         log.info("rate limit {rule} exceeded (window {period}s)", rule=decision.rule,
                  period=window.period if window else 0)

@@ -176,6 +176,10 @@ class RateDecision:
     window: Window | None = None
     #: (rule, totals) per window after counting, or as they stood when refused.
     usage: tuple[tuple[str, Usage], ...] = ()
+    #: Refused and every further message will be too, until this epoch second (the next
+    #: step of the refusing window: totals only grow while the window does not move).
+    #: 0 when a smaller message could still pass (e.g. fewer recipients).
+    saturated_until: int = 0
 
 
 def effective_windows(
@@ -326,6 +330,7 @@ def rate_check(
                     conn, rule=key.rule, subject=key.subject, last_seen=second)
             usage: list[tuple[str, Usage]] = []
             refused: tuple[str, Window] | None = None
+            saturated_until = 0
             for key in ordered:
                 effective = effective_windows(
                     key.windows, _overrides(conn, key.rule, key.override_subjects))
@@ -341,14 +346,25 @@ def rate_check(
                     usage.append((key.rule, used))
                     if refused is None and _over(window, used, messages, recipients, size):
                         refused = (key.rule, window)
+                        if messages and _saturated(window, used, messages, recipients, size):
+                            saturated_until = (bucket + 1) * window.step
             if refused is not None:
                 conn.rollback()
-                return RateDecision(False, refused[0], refused[1], tuple(usage))
+                return RateDecision(False, refused[0], refused[1], tuple(usage), saturated_until)
             conn.commit()
             return RateDecision(True, None, None, tuple(usage))
         except BaseException:
             conn.rollback()
             raise
+
+
+def _saturated(window: Window, used: Usage, messages: int, recipients: int, size: int) -> bool:
+    """Whether the totals *before* this request already reach a limit, so that any message
+    (at least one recipient) is refused."""
+    before = ((window.messages, used.messages - messages),
+              (window.recipients, used.recipients - recipients),
+              (window.bytes, used.bytes - size))
+    return any(limit is not None and total >= limit for limit, total in before)
 
 
 def _over(window: Window, used: Usage, messages: int, recipients: int, size: int) -> bool:

@@ -317,3 +317,30 @@ def test_limiter_refuses_to_queue_without_bound(engine: Engine) -> None:
 def test_rate_keys_skip_requests_without_subject() -> None:
     config = RateLimitConfig(rules=(RateRule("s", ("sender",), (Window(60, 1),)),))
     assert rate_keys(config, request(sender=""), "+") == []
+
+
+def test_saturated_subjects_are_refused_without_the_database(engine: Engine) -> None:
+    clock = Clock()
+    clock.advance(T0)  # T0 is a multiple of 360, the hour window's step
+    calls: list[str] = []
+
+    def run(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        calls.append("db")
+        return maybeDeferred(fn, *args, **kwargs)
+
+    rl = limiter(engine, clock, run)  # 2 messages, 5 recipients per hour
+    big = request(sender="a@b.org", recipient_count="4")
+    assert result_of(Deferred.fromCoroutine(rl.at_data(big))) is None
+    # Too many recipients: refused, but a smaller message could still pass.
+    assert result_of(Deferred.fromCoroutine(rl.at_data(big))) is not None
+    small = request(sender="a@b.org", recipient_count="1")
+    assert result_of(Deferred.fromCoroutine(rl.at_data(small))) is None
+    assert len(calls) == 3
+    # Now the message limit is reached: refused once through the database, then from memory.
+    for _ in range(5):
+        assert result_of(Deferred.fromCoroutine(rl.at_data(small))) is not None
+    assert len(calls) == 4
+    # At the window's next step the database is asked again.
+    clock.advance(360)
+    assert result_of(Deferred.fromCoroutine(rl.at_data(small))) is not None
+    assert len(calls) == 5
