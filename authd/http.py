@@ -38,11 +38,14 @@ class LimitedRequest(Request):
     """A Request whose body may not exceed the site's ``max_body`` (memory stays bounded)."""
 
     _received = 0
+    _refused = False
 
     def _too_big(self) -> None:
-        log.warn("verify request body too large: dropping the connection")
-        channel: Any = self.channel
-        channel.transport.abortConnection()
+        if not self._refused:
+            self._refused = True
+            log.warn("verify request body too large: dropping the connection")
+            channel: Any = self.channel
+            channel.transport.abortConnection()
 
     def _max_body(self) -> int:
         channel: Any = self.channel
@@ -55,11 +58,19 @@ class LimitedRequest(Request):
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
         self._received += len(data)
         if self._received > self._max_body():
             self._too_big()
             return
         super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """A refused request is never processed, even if the parser reaches its end."""
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
 
 
 def _field(request: Request, name: str) -> str | None:

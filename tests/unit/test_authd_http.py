@@ -77,3 +77,18 @@ def test_get_is_refused() -> None:
     channel, transport = connect(rig)
     channel.dataReceived(b"GET /verify HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[attr-defined]
     assert transport.value().startswith(b"HTTP/1.1 405")
+
+
+def test_oversized_chunked_body_is_refused() -> None:
+    rig = Rig()
+    channel, transport = connect(rig, max_body=1024)
+    chunk = b"a" * 800
+    data = (
+        b"POST /verify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+        + (f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n") * 3
+        + b"0\r\n\r\n"
+    )
+    channel.dataReceived(data)  # type: ignore[attr-defined]
+    assert transport.disconnecting or transport.disconnected
+    assert b"HTTP/1.1" not in transport.value()
