@@ -50,7 +50,7 @@ class AuthClientProtocol(Protocol):
             elif isinstance(action, Verify):
                 self._verify(action)
             elif isinstance(action, Drop):
-                self._drop(action.reason)
+                self._drop(action)
 
     def _verify(self, action: Verify) -> None:
         request = VerifyRequest(
@@ -69,17 +69,17 @@ class AuthClientProtocol(Protocol):
 
         self.factory.verifier.verify(request).addCallback(done)
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, drop: Drop) -> None:
         peer = self.transport.getPeer() if self.transport else None
-        if reason.startswith("temporary failure"):
+        if drop.temporary:
             log.warn("closing auth-client connection from {peer}: {reason}",
-                     peer=peer, reason=reason)
+                     peer=peer, reason=drop.reason)
         else:
             self.factory.metrics.protocol_errors.labels("sasl").inc()
             log.warn("dropping auth-client connection from {peer}: {reason}",
-                     peer=peer, reason=reason)
+                     peer=peer, reason=drop.reason)
         self._closed = True
-        if reason.startswith("temporary failure"):
+        if drop.temporary:
             # A reset rather than a FIN: Postfix reconnects only when a write fails, so after a
             # FIN one more of its sessions would hit the dead socket and answer 454 for nothing.
             self.transport.abortConnection()

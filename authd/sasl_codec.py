@@ -219,7 +219,11 @@ class Verify:
 
 @dataclass(frozen=True)
 class Drop:
+    """Close the connection: the client broke the protocol, or (``temporary``) the backend
+    failed and closing is the only way to make Postfix answer 454 rather than 535."""
+
     reason: str
+    temporary: bool = False
 
 
 Action = Send | Verify | Drop
@@ -420,7 +424,7 @@ class AuthServerSession:
             return [_line("OK", str(request_id), "user=" + tab_escape(user))]
         if outcome is Outcome.TEMPFAIL:
             self.closed = True
-            return [Drop("temporary failure verifying credentials")]
+            return [Drop("temporary failure verifying credentials", temporary=True)]
         fields = ["FAIL", str(request_id)]
         if request.login:
             fields.append("user=" + tab_escape(request.login))

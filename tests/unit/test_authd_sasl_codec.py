@@ -229,6 +229,7 @@ def test_verified_outcomes() -> None:
     feed(s, POSTFIX_AUTH)
     (drop,) = s.verified(1, Outcome.TEMPFAIL)
     assert isinstance(drop, Drop)
+    assert drop.temporary
     assert s.closed
     assert s.verified(1, Outcome.OK, "x") == []
 
