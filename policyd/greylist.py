@@ -15,11 +15,11 @@ host name suffixes, whitelisted recipients, and (optionally) mail whose SPF chec
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 from collections import OrderedDict
 from collections.abc import Callable
 from email.utils import formatdate
+from functools import lru_cache
 from typing import Any, cast
 
 from sqlalchemy import Engine
@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from mailplugins.config.policy_state import GreylistConfig
 from policyd.codec import PolicyRequest
-from policyd.ratelimit import Clock, Pending, client_network
+from policyd.ratelimit import Clock, Pending, client_ip, client_network
 from policyd.state import GreylistResult, GreylistTiming, greylist_check
 
 log = Logger(namespace="policyd.greylist")
@@ -44,6 +44,7 @@ _DIGITS = re.compile(r"\b\d+\b")
 REMEMBER_PASSED = 3600
 
 
+@lru_cache(maxsize=65536)
 def normalise_sender(sender: str, delimiters: str = "+") -> str:
     """postgrey's sender normalisation: lower case, BATV removed, extension stripped,
     numbers replaced by ``#``."""
@@ -78,13 +79,7 @@ def exact_client(client: str) -> str | None:
 
 def whitelisted(request: PolicyRequest, config: GreylistConfig) -> bool:
     """Client network, verified client host name suffix, or recipient domain/address."""
-    client = request.get("client_address")
-    try:
-        address = ipaddress.ip_address(client.split("%", 1)[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-    except ValueError:
-        address = None
+    address = client_ip(request.get("client_address"))
     if address is not None and any(
         address in network for network in config.whitelist_networks
         if network.version == address.version

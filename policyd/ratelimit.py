@@ -20,6 +20,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Engine
@@ -47,14 +48,25 @@ class Clock(Protocol):
 Runner = Callable[..., "Deferred[Any]"]
 
 
-def client_network(text: str, ipv4_prefix: int, ipv6_prefix: int) -> str | None:
-    """``192.0.2.0/24``-style network of a client address (IPv4-mapped IPv6 as IPv4)."""
+@lru_cache(maxsize=65536)
+def client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client address (IPv4-mapped IPv6 as IPv4, scope dropped); memoised: parsing is
+    the most expensive part of a remembered greylisting decision."""
     try:
         address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+        return address.ipv4_mapped
+    return address
+
+
+@lru_cache(maxsize=65536)
+def client_network(text: str, ipv4_prefix: int, ipv6_prefix: int) -> str | None:
+    """``192.0.2.0/24``-style network of a client address (IPv4-mapped IPv6 as IPv4)."""
+    address = client_ip(text)
+    if address is None:
+        return None
     prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 

@@ -216,10 +216,14 @@ def _overrides(
     if len(subjects) > 2:
         raise ValueError("at most two override subjects (domain, mailbox)")
     rows = list(_compiled(conn, "overrides", _overrides_stmt).run(
-        conn, rule=rule, s1=subjects[0], s2=subjects[-1]).all())
+        conn, rule=rule, s1=subjects[0], s2=subjects[-1]).fetchall())
     order = {subject: index for index, subject in enumerate(subjects)}
-    rows.sort(key=lambda r: order[r.subject])
-    return [(r.period, r.messages, r.recipients, r.bytes) for r in rows]
+    rows.sort(key=lambda r: order[r[0]])
+    return [(int(r[1]), _int(r[2]), _int(r[3]), _int(r[4])) for r in rows]
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _window_total_stmt(conn: Connection) -> Any:
@@ -238,15 +242,16 @@ def _window_total(conn: Connection, key: RateKey, window: Window, bucket: int) -
     return _compiled(conn, "window_total", _window_total_stmt).run(
         conn, rule=key.rule, subject=key.subject, period=window.period,
         oldest=bucket - window.buckets, bucket=bucket,
-    ).one()
+    ).fetchone()
 
 
 class _Compiled:
-    """A statement compiled once per dialect and run through the driver directly.
+    """A statement compiled once per dialect and run on the DBAPI cursor directly.
 
-    The rate check runs a handful of statements per message; building and caching SQLAlchemy
-    constructs each time cost several times more than SQLite itself, so the hot statements are
-    compiled to the driver's SQL once and executed with ``exec_driver_sql``.
+    The rate check runs a handful of statements per message; building, caching and executing
+    SQLAlchemy constructs each time cost several times more than SQLite itself, so the hot
+    statements are compiled to the driver's SQL once and executed on the raw cursor, inside
+    the transaction the SQLAlchemy connection began (callers call ``conn.begin()`` first).
     """
 
     def __init__(self, stmt: Any, conn: Connection) -> None:
@@ -255,9 +260,12 @@ class _Compiled:
         self.positions: Sequence[str] | None = compiled.positiontup
 
     def run(self, conn: Connection, **params: Any) -> Any:
+        cursor = conn.connection.cursor()
         if self.positions is not None:
-            return conn.exec_driver_sql(self.sql, tuple(params[n] for n in self.positions))
-        return conn.exec_driver_sql(self.sql, params)
+            cursor.execute(self.sql, tuple(params[n] for n in self.positions))
+        else:
+            cursor.execute(self.sql, params)
+        return cursor
 
 
 _COMPILED: dict[tuple[str, str], _Compiled] = {}
@@ -323,6 +331,7 @@ def rate_check(
     # Lock rows in one global order, so two transactions never wait for each other in a cycle.
     ordered = sorted(keys, key=lambda k: (k.rule, k.subject))
     with _one_writer(engine), _transaction(engine) as conn:
+        conn.begin()  # the raw statements below run inside this transaction
         try:
             for key in ordered:
                 # The subject's lock row: every concurrent check of this subject waits here.
@@ -394,6 +403,7 @@ def rate_usage(engine: Engine, key: RateKey, now: float) -> list[Usage]:
     """Current totals per effective window of ``key``, counting nothing (for the CLI)."""
     second = int(now)
     with engine.connect() as conn:
+        conn.begin()
         windows = effective_windows(key.windows, _overrides(conn, key.rule, key.override_subjects))
         result = []
         for window in windows:
