@@ -31,10 +31,14 @@ class Rig:
     postfix: Postfix
     daemons: Daemons
     metrics_port: int
+    submission_port: int
 
-    def swaks(self, user: str, password: str, mech: str = "PLAIN", quit_after: str = "AUTH") -> str:
+    def swaks(
+        self, user: str, password: str, mech: str = "PLAIN", quit_after: str = "AUTH",
+        port: int | None = None,
+    ) -> str:
         result = subprocess.run(
-            ["swaks", "--server", f"127.0.0.1:{self.postfix.smtp_port}", "--auth", mech,
+            ["swaks", "--server", f"127.0.0.1:{port or self.postfix.smtp_port}", "--auth", mech,
              "--auth-user", user, "--auth-password", password, "--quit-after", quit_after,
              "--from", "alice@example.org", "--to", "bob@example.org",
              "--timeout", "30"],
@@ -52,12 +56,15 @@ def rig() -> Iterator[Rig]:
     root = short_tempdir("mp-authpf-")
     sasl_port = free_port()
     metrics_port = free_port()
+    submission_port = free_port()
+    # The production wiring: a unix socket in Postfix's private/ directory.
+    private_socket = root / "postfix" / "queue" / "private" / "mailplugins-auth"
     daemons = Daemons(
         root / "mp",
         {
             "mail": {"location": str(root / "vmail/%d/%n/Maildir"), "uid": 0, "gid": 0},
             "authd": {
-                "sasl_listen": f"tcp:{sasl_port}:interface=127.0.0.1",
+                "sasl_listen": [f"tcp:{sasl_port}:interface=127.0.0.1", f"unix:{private_socket}:mode=666"],
                 "metrics": f"tcp:{metrics_port}:interface=127.0.0.1",
                 "failure_delay": "0.3s",
                 "penalty_threshold": 100,
@@ -86,11 +93,18 @@ def rig() -> Iterator[Rig]:
             "virtual_transport": "error:no delivery in this test",
             "smtpd_reject_unlisted_recipient": "no",
         },
+        services=[f"127.0.0.1:{submission_port} inet n - n - - smtpd "
+                  "-o smtpd_sasl_path=private/mailplugins-auth"],
     )
+    # authd must listen before Postfix starts: the rig's port probe already starts an smtpd, and
+    # an smtpd that finds no SASL server dies and gets its service throttled by master.
+    private_socket.parent.mkdir(parents=True)
+    shutil.chown(private_socket.parent, "postfix")
+    private_socket.parent.chmod(0o700)
     daemons.start()
     try:
         postfix.start()
-        yield Rig(root, postfix, daemons, metrics_port)
+        yield Rig(root, postfix, daemons, metrics_port, submission_port)
     finally:
         postfix.stop()
         daemons.stop()
@@ -107,6 +121,13 @@ def test_login_good_password(rig: Rig) -> None:
     out = rig.swaks("alice@example.org", "s3cret pass", "LOGIN", "RCPT")
     assert "235 2.7.0 Authentication successful" in out, out + rig.logs()
     rig.postfix.wait_for_log(r"sasl_method=LOGIN, sasl_username=Alice@example\.org")
+
+
+def test_unix_socket_in_postfix_private_dir(rig: Rig) -> None:
+    good = rig.swaks("alice@example.org", "s3cret pass", "LOGIN", port=rig.submission_port)
+    assert "235 2.7.0 Authentication successful" in good, good + rig.logs()
+    bad = rig.swaks("alice@example.org", "wrong", "PLAIN", port=rig.submission_port)
+    assert "535 5.7.8" in bad, bad
 
 
 @pytest.mark.parametrize("mech", ["PLAIN", "LOGIN"])
