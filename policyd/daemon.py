@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -80,6 +81,10 @@ class PolicydPlugin:
             running.limited.append(limited)
             listening = cast(IProtocolFactory, limited)
             running.listeners.extend(listeners_for(key, (endpoint,), listening))
+        # Move everything alive after startup (modules, SQLAlchemy, Twisted: a few hundred
+        # thousand objects) out of the collector's reach: a full collection then scans only
+        # what was made since, instead of pausing every connection for ~50-70 ms.
+        reactor.callLater(0, gc.freeze)
         return running
 
 
