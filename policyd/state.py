@@ -11,9 +11,8 @@ Atomicity across processes and hosts (several MX on one PostgreSQL or MariaDB):
   (``INSERT ... ON CONFLICT DO UPDATE`` on PostgreSQL and SQLite, ``INSERT ... ON DUPLICATE
   KEY UPDATE`` on MariaDB). The upsert takes that row's write lock until commit, so every other
   check of the same subject waits there; the bucket upserts and the ``SUM`` reads that follow
-  see everything the earlier transactions committed (READ COMMITTED on the server backends,
-  the single writer lock on SQLite). Over the limit, the transaction rolls back: a refused
-  message is never counted.
+  see everything the earlier transactions committed (see :func:`_transaction`). Over the
+  limit, the transaction rolls back: a refused message is never counted.
 - Greylisting reads the triplet with ``SELECT ... FOR UPDATE`` after an insert-if-absent, so
   two hosts seeing the same retry agree on its first pass.
 """
@@ -64,9 +63,13 @@ class OverrideError(ValueError):
 
 
 def _transaction(engine: Engine) -> Any:
-    """A transaction at READ COMMITTED on the server backends (SQLite: the default)."""
-    if engine.dialect.name in ("postgresql", "mysql", "mariadb"):
-        return engine.connect().execution_options(isolation_level="READ COMMITTED")
+    """A connection for one check-and-count transaction, at the backend's default isolation.
+
+    That is enough: the transaction's first statement is the locking upsert of the subject
+    row, so on PostgreSQL (READ COMMITTED) each later statement sees what the previous holder
+    of the lock committed, and on MariaDB (REPEATABLE READ) the read view is only created by
+    the first plain SELECT, after the lock is held. SQLite has a single writer.
+    """
     return engine.connect()
 
 
