@@ -61,12 +61,16 @@ def rig() -> Iterator[Rig]:
     policy_port = free_port()
     metrics_port = free_port()
     submission_port = free_port()
+    policy_socket = root / "postfix" / "queue" / "private" / "mailplugins-policy"
     daemons = Daemons(
         root / "mp",
         {
             "mail": {"location": str(root / "vmail/%d/%n/Maildir"), "uid": 0, "gid": 0},
             "policyd": {
-                "listen": f"tcp:{policy_port}:interface=127.0.0.1",
+                # TCP for port 25; the production shape (a unix socket in Postfix's private/,
+                # named relative to the queue directory) for submission.
+                "listen": [f"tcp:{policy_port}:interface=127.0.0.1",
+                           f"unix:{policy_socket}:mode=666"],
                 "metrics": f"tcp:{metrics_port}:interface=127.0.0.1",
                 "mynetworks": ["127.0.0.2/32"],
                 "budget": "2s",
@@ -86,8 +90,8 @@ def rig() -> Iterator[Rig]:
     store.add_mailbox("carol@example.net", "{PLAIN}unused")
     store.add_alias("sales@example.org", ["alice@example.org"])
     store.grant_sender("alice@example.org", "boss@example.org")
-    def policy(context: str) -> str:
-        return (f"check_policy_service {{ inet:127.0.0.1:{policy_port}, timeout=10s, "
+    def policy(context: str, endpoint: str = f"inet:127.0.0.1:{policy_port}") -> str:
+        return (f"check_policy_service {{ {endpoint}, timeout=10s, "
                 f"default_action=DUNNO, policy_context={context} }}")
 
     postfix = Postfix(
@@ -100,7 +104,9 @@ def rig() -> Iterator[Rig]:
                 "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination",
             "smtpd_sender_restrictions": policy("sender"),
             "smtpd_recipient_restrictions": policy("recipient"),
-            "submission_recipient_restrictions": policy("submission"),
+            "submission_recipient_restrictions": policy(
+                "submission", "unix:private/mailplugins-policy"
+            ),
             "smtpd_sasl_auth_enable": "yes",
             "smtpd_sasl_type": "dovecot",
             "smtpd_sasl_path": "private/auth",
@@ -133,10 +139,10 @@ service auth {{
     )
     started: list[object] = []
     try:
+        postfix.start()  # creates queue/private, where policyd's socket and Dovecot's go
+        started.append(postfix)
         daemons.start()
         started.append(daemons)
-        postfix.start()  # creates queue/private, owned by postfix, where Dovecot listens
-        started.append(postfix)
         dovecot.start()
         started.append(dovecot)
         wait_until(lambda: (postfix.private_dir / "auth").exists(), what="dovecot auth socket")
@@ -263,6 +269,7 @@ def test_connections_are_reused(rig: Rig) -> None:
 
 def test_metrics(rig: Rig) -> None:
     rcpt(rig, "nobody@example.org")
+    rcpt(rig, "alice@example.org", port=rig.submission_port)  # through the unix socket
     with urllib.request.urlopen(f"http://127.0.0.1:{rig.metrics_port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     samples = {
@@ -272,7 +279,8 @@ def test_metrics(rig: Rig) -> None:
     assert samples['mailplugins_policyd_requests_total{action="550",protocol_state="RCPT"}'] >= 1
     assert samples['mailplugins_policyd_requests_total{action="DUNNO",protocol_state="RCPT"}'] >= 1
     assert samples["mailplugins_policyd_request_duration_seconds_count"] >= 2
-    assert samples['mailplugins_policyd_open_connections{listener="policyd.listen"}'] >= 1
+    assert samples['mailplugins_policyd_open_connections{listener="policyd.listen[0]"}'] >= 1
+    assert samples['mailplugins_policyd_connections_total{listener="policyd.listen[1]"}'] >= 1
     assert "@" not in "".join(samples)  # never an address in a label
 
 
