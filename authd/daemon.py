@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from authd import failures
 from authd.dict import DictBackend, DictFactory
 from authd.http import VerifyResource, VerifySite
 from authd.metrics import AuthdMetrics
@@ -16,6 +20,10 @@ from authd.verify import Verifier
 from mailplugins.config import Config
 from mailplugins.connections import LimitedFactory
 from mailplugins.daemon import Listener, Runtime, listeners_for
+
+log = Logger(namespace="authd.daemon")
+#: Seconds between sweeps of stale shared failure counters.
+SWEEP_INTERVAL = 600.0
 
 
 @dataclass
@@ -28,6 +36,7 @@ class RunningAuthd:
     http: VerifySite
     listeners: list[Listener] = field(default_factory=list)
     limited: list[LimitedFactory] = field(default_factory=list)
+    sweeper: LoopingCall | None = None
 
     def reload(self, config: Config) -> None:
         section = config.authd
@@ -44,7 +53,23 @@ class RunningAuthd:
             factory.maximum = section.max_connections
 
     def stop(self) -> Deferred[None] | None:
+        if self.sweeper is not None and self.sweeper.running:
+            self.sweeper.stop()
         return None
+
+    def sweep(self) -> Deferred[Any]:
+        """Drop shared failure counters that no longer count (in the database pool)."""
+        section = self.runtime.config.authd
+        assert section is not None
+        engine = self.runtime.db.engine
+        now = int(self.runtime.reactor.seconds())
+        work = self.runtime.db.run(failures.purge, engine, now, int(section.penalty_window))
+
+        def failed(failure: Failure) -> None:
+            log.warn("sweeping shared failure counters failed: {error}",
+                     error=failure.type.__name__ if failure.type else "error")
+
+        return work.addErrback(failed)
 
 
 class AuthdPlugin:
@@ -93,9 +118,14 @@ class AuthdPlugin:
         ):
             if endpoints:
                 listeners += listeners_for(f"authd.{key}_listen", endpoints, limited(factory, key))
-        return RunningAuthd(
+        running = RunningAuthd(
             runtime, verifier, sasl, backend, dict_factory, http, listeners, limited_factories
         )
+        if section.penalty_shared:
+            running.sweeper = LoopingCall(running.sweep)
+            running.sweeper.clock = runtime.reactor
+            running.sweeper.start(SWEEP_INTERVAL, now=False)
+        return running
 
 
 DAEMON = AuthdPlugin()

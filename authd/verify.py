@@ -36,7 +36,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -46,6 +46,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from authd import failures
 from authd.metrics import AuthdMetrics
 from authd.sasl_codec import Outcome
 from mailplugins.addresses import AddressError, parse_address
@@ -61,6 +62,12 @@ T = TypeVar("T")
 LAST_LOGIN_GRANULARITY = timedelta(seconds=60)
 #: Room left between the last deliberate delay and the request deadline.
 DEADLINE_MARGIN = 0.25
+#: Seconds another host's failure counts are reused before they are read again.
+SHARED_COUNT_TTL = 2.0
+#: The shared counters are a second line of defence: reading them may cost a login this much at
+#: most, and after a failed read they are left alone for SHARED_RETRY seconds.
+SHARED_READ_BUDGET = 0.25
+SHARED_RETRY = 10.0
 
 
 @dataclass(frozen=True)
@@ -128,14 +135,18 @@ class Throttle:
             return None
         return counter
 
-    def penalty(self, keys: list[str], now: float) -> float:
-        """Seconds to hold the next request for any of ``keys``."""
+    def penalty(
+        self, keys: list[str], now: float, shared: Mapping[str, int] | None = None
+    ) -> float:
+        """Seconds to hold the next request for any of ``keys``; ``shared`` adds the counts
+        other hosts recorded (the larger of the two counts applies)."""
         worst = 0.0
         for key in keys:
             counter = self._get(key, now)
-            if counter is None or counter.failures < self.threshold:
+            failures = max(counter.failures if counter else 0, (shared or {}).get(key, 0))
+            if failures < self.threshold:
                 continue
-            steps = min(counter.failures - self.threshold, 32)
+            steps = min(failures - self.threshold, 32)
             worst = max(worst, min(self.maximum, self.initial * 2**steps))
         return worst
 
@@ -322,6 +333,8 @@ class Verifier:
         self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
         self.throttle = self._new_throttle(config)
         self._fingerprint_key = secret or os.urandom(32)
+        self.shared_counts = failures.CountCache(SHARED_COUNT_TTL, config.penalty_table_size)
+        self._shared_unavailable_until = 0.0
 
     @staticmethod
     def _new_throttle(config: AuthdConfig) -> Throttle:
@@ -414,12 +427,15 @@ class Verifier:
     ) -> Generator[Deferred[Any], Any, Verdict]:
         trusted = self.trusted(request.remote_ip)
         keys: list[str] = []
+        shared: dict[str, int] = {}
         if not trusted:
             ip_key = network_key(request.remote_ip, self.config.penalty_ipv6_prefix)
             if ip_key:
                 keys.append(ip_key)
             keys.append("user:" + request.user.casefold())
-            penalty = self.throttle.penalty(keys, self.clock.seconds())
+            if self.config.penalty_shared:
+                shared = yield self._shared_counts(keys)
+            penalty = self.throttle.penalty(keys, self.clock.seconds(), shared)
             if penalty > 0:
                 self.metrics.penalties.inc()
                 self.metrics.penalty_seconds.inc(penalty)
@@ -435,7 +451,10 @@ class Verifier:
                 reason=verdict.reason,
             )
             if keys:
-                self.throttle.failure(keys, self._fingerprint(request), self.clock.seconds())
+                fingerprint = self._fingerprint(request)
+                self.throttle.failure(keys, fingerprint, self.clock.seconds())
+                if self.config.penalty_shared:
+                    self._share_failure(keys, fingerprint)
                 # Every failure is answered failure_delay after it was looked at, whether a hash
                 # was computed or not, so the timing tells nothing about which logins exist.
                 # Trusted clients (webmail...) get the answer at once.
@@ -443,7 +462,53 @@ class Verifier:
                 yield self._sleep(remaining, deadline, delayed)
         elif verdict.outcome is Outcome.OK and keys:
             self.throttle.success(keys[-1])
+            if shared.get(keys[-1]):  # the login had failures on record: forgive them
+                self.shared_counts.forget(keys[-1])
+                self._background(self._db_run(failures.clear, self.store.engine, keys[-1]), "clear")
         return verdict
+
+    def _shared_counts(self, keys: list[str]) -> Deferred[dict[str, int]]:
+        """Other hosts' failure counts for ``keys``, through a short cache; on a slow or failed
+        database read the local counters decide alone (never a delayed login)."""
+        now = self.clock.seconds()
+        missing = self.shared_counts.missing(keys, now)
+        if not missing or now < self._shared_unavailable_until:
+            return succeed(self.shared_counts.counts(keys, now))
+        window = int(self.config.penalty_window)
+        read: Deferred[dict[str, int]] = self._db_run(
+            failures.failure_counts, self.store.engine, missing, int(now), window
+        )
+        read.addTimeout(min(self.db_timeout or SHARED_READ_BUDGET, SHARED_READ_BUDGET), self.clock)
+
+        def got(counts: dict[str, int]) -> dict[str, int]:
+            self.shared_counts.store(missing, counts, self.clock.seconds())
+            return self.shared_counts.counts(keys, self.clock.seconds())
+
+        def failed(failure: Failure) -> dict[str, int]:
+            self._shared_unavailable_until = self.clock.seconds() + SHARED_RETRY
+            log.warn("shared failure counters unavailable ({error}); local counters only",
+                     error=failure.type.__name__ if failure.type else "error")
+            return self.shared_counts.counts(keys, self.clock.seconds())
+
+        return read.addCallbacks(got, failed)
+
+    def _share_failure(self, keys: list[str], fingerprint: bytes) -> None:
+        now = self.clock.seconds()
+        self.shared_counts.bump(keys, now)
+        self._background(
+            self._db_run(failures.record_failure, self.store.engine, keys, fingerprint.hex(),
+                         int(now), int(self.config.penalty_window)),
+            "record",
+        )
+
+    def _background(self, work: Deferred[Any], what: str) -> None:
+        """Shared-counter writes never delay an answer; a failed one is only logged."""
+
+        def failed(failure: Failure) -> None:
+            log.warn("shared failure counter {what} failed: {error}", what=what,
+                     error=failure.type.__name__ if failure.type else "error")
+
+        work.addErrback(failed)
 
     def _load(self, user: str) -> Loaded:
         """In the DB pool: the mailbox and its app passwords."""

@@ -48,6 +48,8 @@ class AuthdConfig:
     penalty_ipv6_prefix: int
     #: Counters kept at most (oldest forgotten first), so a flood of names cannot exhaust memory.
     penalty_table_size: int
+    #: Also count failures in the database, so every host sharing it sees the same attacker.
+    penalty_shared: bool
     #: Clients never delayed nor counted (e.g. webmail, Dovecot's login_trusted_networks).
     trusted_networks: tuple[IPNetwork, ...]
     #: A verification not finished by then is answered as a temporary failure.
@@ -82,6 +84,7 @@ def parse_authd(f: Fields) -> AuthdConfig:
         penalty_window=f.duration("penalty_window", 900.0, minimum=1.0),
         penalty_ipv6_prefix=f.integer("penalty_ipv6_prefix", 48, minimum=16, maximum=128),
         penalty_table_size=f.integer("penalty_table_size", 100_000, minimum=100),
+        penalty_shared=f.boolean("penalty_shared", True),
         trusted_networks=f.networks("trusted_networks", ()),
         request_timeout=f.duration("request_timeout", 9.0, minimum=0.5, maximum=9.5),
         continue_timeout=f.duration("continue_timeout", 150.0, minimum=1.0),

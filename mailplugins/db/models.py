@@ -160,4 +160,7 @@ class Setting(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
-from mailplugins.db import policy_models  # noqa: E402, F401
+
+# The daemons' own tables live in their own modules; importing them here registers them on
+# Base.metadata, so Alembic and the schema test see one complete schema.
+from mailplugins.db import auth_models, policy_models  # noqa: E402, F401

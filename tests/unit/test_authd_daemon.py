@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from authd.daemon import DAEMON, RunningAuthd
@@ -91,3 +92,33 @@ def test_config_errors_name_the_key(settings: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         config(**settings)
     assert info.value.path.startswith(key)
+
+
+def test_shared_counters_are_swept_periodically() -> None:
+    from authd import failures
+    from authd.daemon import SWEEP_INTERVAL
+    from mailplugins.db import schema
+
+    running, db = build(config(penalty_window="10m"))
+    calls: list[tuple[Any, ...]] = []
+    try:
+        schema.upgrade(db.engine)
+        failures.record_failure(db.engine, ["ip:192.0.2.1"], "aa", now=0, window=600)
+        assert running.sweeper is not None and running.sweeper.running
+        db.run = lambda fn, *args: calls.append((fn, *args)) or succeed(fn(*args))  # type: ignore[method-assign]
+        reactor = running.runtime.reactor
+        reactor.advance(SWEEP_INTERVAL + 1)
+        assert calls and calls[0][0] is failures.purge
+        assert failures.failure_counts(db.engine, ["ip:192.0.2.1"], now=0, window=10**9) == {}
+        running.stop()
+        assert not running.sweeper.running
+    finally:
+        db.close()
+
+
+def test_no_sweeper_without_sharing() -> None:
+    running, db = build(config(penalty_shared=False))
+    try:
+        assert running.sweeper is None
+    finally:
+        db.close()
