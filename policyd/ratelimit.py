@@ -15,6 +15,7 @@ default). Addresses also look up per-domain (``@domain``) and per-mailbox overri
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import threading
 from collections import OrderedDict
@@ -71,6 +72,7 @@ def client_network(text: str, ipv4_prefix: int, ipv6_prefix: int) -> str | None:
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
+@lru_cache(maxsize=65536)
 def address_subject(text: str, delimiters: str) -> tuple[str, tuple[str, ...]] | None:
     """The case-folded ``local@domain`` without ``+detail``, and its override subjects."""
     try:
@@ -108,12 +110,25 @@ def subject_for(
     return None
 
 
+#: Longest subject stored as is (the column holds 320 characters); longer ones are hashed.
+MAX_SUBJECT = 255
+
+
+def _bounded(subject: str) -> str:
+    if len(subject) <= MAX_SUBJECT:
+        return subject
+    return "sha256:" + hashlib.sha256(subject.encode("utf-8", "replace")).hexdigest()
+
+
 def rate_keys(config: RateLimitConfig, request: PolicyRequest, delimiters: str) -> list[RateKey]:
     keys = []
     for rule in config.rules:
         found = subject_for(rule, request, delimiters)
         if found is not None:
-            keys.append(RateKey(rule.name, found[0], rule.windows, found[1]))
+            subject, overrides = found
+            bounded = _bounded(subject)
+            keys.append(RateKey(rule.name, bounded, rule.windows,
+                                overrides if bounded == subject else ()))
     return keys
 
 

@@ -314,9 +314,12 @@ def test_limiter_refuses_to_queue_without_bound(engine: Engine) -> None:
     assert rl.stats.failed == 1
 
 
-def test_rate_keys_skip_requests_without_subject() -> None:
+def test_rate_keys_skip_requests_without_subject_and_bound_long_ones() -> None:
     config = RateLimitConfig(rules=(RateRule("s", ("sender",), (Window(60, 1),)),))
     assert rate_keys(config, request(sender=""), "+") == []
+    (long,) = rate_keys(config, request(sender="x" * 400 + "@example.org"), "+")
+    assert long.subject.startswith("sha256:") and len(long.subject) < 80
+    assert long.override_subjects == ()
 
 
 def test_saturated_subjects_are_refused_without_the_database(engine: Engine) -> None:
