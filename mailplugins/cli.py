@@ -588,7 +588,10 @@ def _wiring_options(sub: argparse.ArgumentParser, postfix: bool, dovecot: bool) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mailplugins", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser = _Parser(
+        prog="mailplugins",
+        description="Policy, authentication and LMTP delivery for stock Postfix and Dovecot.",
+    )
     parser.add_argument("--config", metavar="FILE",
                         help="config file (default: $MAILPLUGINS_CONFIG, then "
                         "/etc/mailplugins/mailplugins.yaml)")
