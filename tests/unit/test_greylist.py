@@ -182,7 +182,8 @@ def test_client_auto_whitelist_counts_one_pass_per_hour(engine: Engine) -> None:
     assert greylist_check(engine, "other", "192.0.2.2", T0 + 8000, timing).status == "greylisted"
 
 
-def test_purge_expires_old_and_unpassed(engine: Engine) -> None:
+def test_purge_expires_old_and_unpassed(any_engine: Engine) -> None:
+    engine = any_engine
     timing = GreylistTiming()
     greylist_check(engine, "passed", "c1", T0, timing)
     greylist_check(engine, "passed", "c1", T0 + 300, timing)

@@ -218,7 +218,8 @@ def test_overrides_domain_then_mailbox(any_engine: Engine) -> None:
         set_rate_override(any_engine, "out", "@example.org", 0, messages=1)
 
 
-def test_reset_and_purge(engine: Engine) -> None:
+def test_reset_and_purge(any_engine: Engine) -> None:
+    engine = any_engine
     windows = (Window(60, messages=1),)
     assert rate_check(engine, [key(windows)], T0, messages=1).admitted
     assert not rate_check(engine, [key(windows)], T0 + 1, messages=1).admitted
