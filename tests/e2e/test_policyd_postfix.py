@@ -139,13 +139,20 @@ service auth {{
     )
     started: list[object] = []
     try:
-        postfix.start()  # creates queue/private, where policyd's socket and Dovecot's go
-        started.append(postfix)
+        # Postfix's private/ (owned by postfix, as Postfix wants it) must exist before policyd
+        # and Dovecot put their sockets there, and both must be up before Postfix starts: its
+        # start-up probe runs an smtpd, which dies without the SASL socket and makes the master
+        # throttle smtpd for a minute.
+        postfix.private_dir.mkdir(parents=True, mode=0o700)
+        shutil.chown(postfix.queue_dir, "root", "root")
+        shutil.chown(postfix.private_dir, "postfix")
         daemons.start()
         started.append(daemons)
         dovecot.start()
         started.append(dovecot)
         wait_until(lambda: (postfix.private_dir / "auth").exists(), what="dovecot auth socket")
+        postfix.start()
+        started.append(postfix)
         wait_until(lambda: port_open(submission_port), what="submission smtpd")
         yield Rig(root, postfix, dovecot, daemons, submission_port, metrics_port)
     finally:
@@ -164,8 +171,11 @@ def rcpt(
     port: int | None = None,
 ) -> tuple[int, str]:
     """One SMTP session up to RCPT; the reply the client got for RCPT."""
-    client = smtplib.SMTP("127.0.0.1", port or rig.postfix.smtp_port, timeout=30,
-                          source_address=(source, 0))
+    try:
+        client = smtplib.SMTP("127.0.0.1", port or rig.postfix.smtp_port, timeout=30,
+                              source_address=(source, 0))
+    except (OSError, smtplib.SMTPException) as exc:
+        raise AssertionError(f"no SMTP greeting: {exc!r}\n{rig.logs()}") from None
     try:
         client.ehlo("client.example")
         if login is not None:
@@ -264,6 +274,7 @@ def test_connections_are_reused(rig: Rig) -> None:
         rcpt(rig, "alice@example.org")
     log = rig.postfix.log_text()
     assert "problem talking to server" not in log, rig.logs()
+    assert "fatal:" not in log and "throttling" not in log and "not owned by" not in log, log
     assert "Traceback" not in rig.daemons.output()
 
 
