@@ -73,9 +73,11 @@ class PolicyService:
         self._metrics = metrics
         self._timer = timer
         self._seen_states: set[str] = set()
+        self._seen_contexts: set[str] = set()
 
     def reconfigure(self, config: PolicydConfig) -> None:
         self.config = config
+        self._seen_contexts.clear()
 
     def handle(self, request: PolicyRequest) -> str | Deferred[str]:
         """The action for ``request``: at once when every fact is cached (the hot path runs
@@ -123,8 +125,17 @@ class PolicyService:
                 state=label,
             )
 
+    def _note_context(self, context: str) -> None:
+        """Say once that a context has no rule set of its own (a typo in master.cf or here)."""
+        if len(self._seen_contexts) < 64 and context not in self._seen_contexts:
+            self._seen_contexts.add(context)
+            log.info("policy_context {context!r} has no rule set in policyd.contexts: "
+                     "running the global checks", context=context)
+
     async def _decide(self, request: PolicyRequest, config: PolicydConfig) -> str:
         facts = Facts(request, self.lookups, config.mynetworks)
+        if facts.context and facts.context not in config.contexts:
+            self._note_context(facts.context)
         for name in config.checks_for(facts.context):
             action = await RULES[name](facts, config)
             if action is not None:

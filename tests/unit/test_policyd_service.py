@@ -212,3 +212,20 @@ def test_overloaded_database_queue_gives_the_fallback_at_once() -> None:
     assert h.lookups.queries == 2
     run.complete_all()
     assert results[1:] == ["550 5.1.1 User unknown"] * 2
+
+
+def test_unknown_context_is_reported_once() -> None:
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h = Harness(contexts={"submission": {"checks": []}})
+        for _ in range(3):
+            h.decide(policy_context="submision", recipient="alice@example.org")
+        h.decide(policy_context="submission", recipient="alice@example.org")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    noted = [e for e in events if e.get("context") == "submision"]
+    assert len(noted) == 1
+    assert not [e for e in events if e.get("context") == "submission"]
