@@ -132,3 +132,25 @@ def test_config() -> None:
         parse_spf(Fields({"reject": "always"}, "policyd.spf"))
     with pytest.raises(ConfigError, match="policyd.spf.reject_action"):
         parse_spf(Fields({"reject_action": "NOPE"}, "policyd.spf"))
+
+
+def test_through_the_joined_checks_with_real_pyspf() -> None:
+    from policyd.stateful import StatefulChecks
+
+    clock = Clock()
+    checks = StatefulChecks(engine=None, db_run=sync_run, spf_run=sync_run,  # type: ignore[arg-type]
+                            clock=clock, budget=2.0, spf=SPFConfig(receiver="mx.example.org"))
+
+    def rcpt(**attrs: str) -> Any:
+        return result_of(Deferred.fromCoroutine(checks.at_rcpt(request(**attrs), False)))
+
+    first = rcpt()
+    assert first.startswith("PREPEND Received-SPF: Pass (mx.example.org: domain of "
+                            "sender.example designates 192.0.2.10 as permitted sender)")
+    assert rcpt(recipient="carol@example.org") is None  # once per message
+    assert rcpt(instance="i.2", client_address="203.0.113.9") == "550 5.7.23 SPF validation failed"
+    assert rcpt(instance="i.2", client_address="203.0.113.9", recipient="x@example.org") == (
+        "550 5.7.23 SPF validation failed")
+    # Authenticated or mynetworks clients are not checked at all.
+    assert result_of(Deferred.fromCoroutine(checks.at_rcpt(
+        request(instance="i.3", client_address="203.0.113.9"), True))) is None
