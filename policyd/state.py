@@ -642,11 +642,16 @@ def purge(
                     (RateBucket.rule, RateBucket.subject, RateBucket.period, RateBucket.bucket))
     subjects = sweep(RateSubject, RateSubject.last_seen < second - max(longest_window, 1),
                      (RateSubject.rule, RateSubject.subject))
+    # Never-passed triplets go once past the retry window (a later attempt would start over
+    # anyway); their last attempt was less than ``delay`` after the first, so last_seen tells.
+    # Both cutoffs are on last_seen, so the sweep is a range scan of its index.
+    unpassed = second - timing.retry_window - timing.delay
+    every = second - timing.expiry
     triplets = sweep(
         GreylistEntry,
-        (GreylistEntry.last_seen < second - timing.expiry)
-        | (GreylistEntry.passed.is_(False)
-           & (GreylistEntry.first_seen < second - timing.retry_window - timing.delay)),
+        (GreylistEntry.last_seen < max(unpassed, every))
+        & ((GreylistEntry.last_seen < every)
+           | (GreylistEntry.passed.is_(False) & (GreylistEntry.last_seen < unpassed))),
         (GreylistEntry.key,),
     )
     clients = sweep(GreylistClient, GreylistClient.last_seen < second - timing.expiry,
