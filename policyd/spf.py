@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-import spf as pyspf
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -28,6 +27,11 @@ from twisted.logger import Logger
 from mailplugins.config.policy_state import SPFConfig
 from policyd.codec import PolicyRequest
 from policyd.ratelimit import Clock, Pending
+
+try:  # an optional dependency: pip install 'mailplugins[spf]' (pyspf, dnspython)
+    import spf as pyspf
+except ImportError:  # pragma: no cover - the config refuses policyd.spf without it
+    pyspf = None
 
 log = Logger(namespace="policyd.spf")
 
@@ -48,6 +52,8 @@ class SPFResult:
 
 def spf_lookup(client: str, sender: str, helo: str, receiver: str, timeout: float) -> SPFResult:
     """Blocking: evaluate SPF for ``client`` (runs in the SPF pool)."""
+    if pyspf is None:  # pragma: no cover
+        return SPFResult("temperror", f"TempError ({receiver}: pyspf is not installed)")
     try:
         query = pyspf.query(i=client, s=sender, h=helo, receiver=receiver,
                             timeout=timeout, querytime=timeout)

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import socket
 from dataclasses import dataclass
@@ -259,6 +260,9 @@ def parse_greylist(f: Fields | None) -> GreylistConfig | None:
 def parse_spf(f: Fields | None) -> SPFConfig | None:
     if f is None:
         return None
+    if importlib.util.find_spec("spf") is None or importlib.util.find_spec("dns") is None:
+        raise ConfigError(f.where, "needs the pyspf and dnspython packages "
+                                   "(pip install 'mailplugins[spf]')")
     config = SPFConfig(
         reject=f.string("reject", "fail", choices=("fail", "softfail", "never")),
         reject_action=f.convert("reject_action", SPFConfig.reject_action, check_action),
