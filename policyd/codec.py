@@ -44,7 +44,7 @@ class MalformedRequestError(CodecError):
 
 
 class PolicyRequest:
-    """One request: attribute names to values (first value wins), in a read-only view."""
+    """One request: attribute names to values (first value wins); treat it as read-only."""
 
     __slots__ = ("attributes",)
 
