@@ -86,9 +86,21 @@ def _remove_stale_socket(path: str) -> None:
         probe.close()
 
 
+def endpoint_string(description: str) -> str:
+    """The endpoint as we listen on it: unix sockets without Twisted's ``<path>.lock`` file.
+
+    Twisted's default ``lockfile=1`` leaves a lock file beside the socket, which in Postfix's
+    ``private/`` makes ``postfix start`` warn about files not owned by postfix. Stale sockets
+    are handled here instead (:func:`_remove_stale_socket`). An explicit ``lockfile=`` wins.
+    """
+    if description.startswith("unix:") and "lockfile=" not in description:
+        return description + ":lockfile=0"
+    return description
+
+
 def _endpoint(reactor: Any, listener: Listener) -> Any:
     try:
-        endpoint = serverFromString(reactor, listener.endpoint)
+        endpoint = serverFromString(reactor, endpoint_string(listener.endpoint))
     except (KeyError, IndexError):
         raise StartupError(
             f"{listener.key}: systemd passed no socket for {listener.endpoint!r} "

@@ -84,6 +84,14 @@ def test_unlistenable_socket_exits_nonzero_naming_path(workdir: Path, path: str)
     assert "Traceback" not in err
 
 
+def test_unix_listeners_leave_no_lock_file_unless_asked() -> None:
+    from mailplugins.runner import endpoint_string
+
+    assert endpoint_string("unix:/run/x.sock:mode=660") == "unix:/run/x.sock:mode=660:lockfile=0"
+    assert endpoint_string("unix:/run/x.sock:lockfile=1") == "unix:/run/x.sock:lockfile=1"
+    assert endpoint_string("tcp:25:interface=127.0.0.1") == "tcp:25:interface=127.0.0.1"
+
+
 def test_outdated_schema_refuses_to_start(workdir: Path) -> None:
     config = write(workdir, "tcp:0:interface=127.0.0.1", upgrade=False)
     engine = make_engine(parse_config(yaml.safe_load(config.read_text())).database)
@@ -121,6 +129,7 @@ def test_ready_reload_metrics_and_stop(workdir: Path) -> None:
     try:
         assert notify.recv(1000).startswith(b"READY=1\nSTATUS=serving deliver")
         assert oct(os.stat(sock_path).st_mode & 0o777) == "0o600"
+        assert not Path(f"{sock_path}.lock").exists()
         assert talk(sock_path, b"hello") == b"echo hello v1\n"
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
         assert b'mailplugins_build_info{daemon="deliver",version=' in body
