@@ -105,3 +105,38 @@ def test_tab_escaping_round_trips(text: str) -> None:
     escaped = tab_escape(text)
     assert not any(c in escaped for c in "\t\n\r\0")
     assert tab_unescape(escaped) == text
+
+
+FIELD_NAMES = st.sampled_from(["user", "password", "service", "rip", "secured", "other", ""])
+ALLOWED_STATUSES = {200, 400, 403, 404, 405, 413, 423, 503}
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.dictionaries(FIELD_NAMES, st.one_of(TEXT, st.binary(max_size=40).map(repr)), max_size=6),
+    st.binary(max_size=300),
+    st.booleans(),
+    CUTS,
+)
+def test_http_verify_any_parameters_get_a_proper_status(
+    fields: dict[str, str], raw_body: bytes, use_raw: bool, cuts: list[int]
+) -> None:
+    from urllib.parse import urlencode
+
+    from tests.unit.test_authd_http import connect
+    from tests.unit.test_authd_verify import Rig
+
+    rig = Rig(failure_delay="0s")
+    channel, transport = connect(rig)
+    body = raw_body if use_raw else urlencode(fields).encode()
+    request = (
+        b"POST /verify HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+    for piece in splits(request, cuts):
+        channel.dataReceived(piece)  # type: ignore[attr-defined]
+    rig.clock.advance(10)
+    response = transport.value()
+    assert response.startswith(b"HTTP/1.1 "), response[:80]
+    assert int(response.split(b" ", 2)[1]) in ALLOWED_STATUSES
