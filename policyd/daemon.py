@@ -16,6 +16,7 @@ from mailplugins.daemon import Listener, Runtime, listeners_for
 from policyd.lookups import Lookups
 from policyd.protocol import PolicyFactory
 from policyd.service import PolicyMetrics, PolicyService
+from policyd.stateful import build_stateful, reload_stateful
 
 #: Distinct database lookups pending beyond which new misses get the fallback at once.
 MAX_PENDING_LOOKUPS = 1000
@@ -37,12 +38,16 @@ class RunningPolicyd:
             delimiters=config.mail.recipient_delimiter,
         )
         self.service.reconfigure(section)
+        if self.service.stateful is not None:
+            reload_stateful(self.service.stateful, config)
         # New connections get the new limits; open ones keep theirs until they close.
         self.factory.config = section
         for limited in self.limited:
             limited.maximum = section.max_connections
 
     def stop(self) -> Deferred[None] | None:
+        if self.service.stateful is not None:
+            self.service.stateful.close()
         return None
 
 
@@ -60,6 +65,7 @@ class PolicydPlugin:
             max_pending=MAX_PENDING_LOOKUPS,
         )
         service = PolicyService(config, lookups, reactor, PolicyMetrics(runtime.metrics))
+        service.stateful = build_stateful(runtime)
         # Read at scrape time only: nothing on the request path.
         runtime.metrics.gauge("cache_entries", "Lookups held in the cache.").set_function(
             lambda: len(lookups.cache)

@@ -27,6 +27,7 @@ from policyd.actions import DUNNO, state_label, verb
 from policyd.codec import PolicyRequest
 from policyd.lookups import LookupOverloadError, Lookups
 from policyd.rules import RULES, Facts
+from policyd.stateful import StatefulChecks
 
 log = Logger(namespace="policyd.service")
 
@@ -73,6 +74,8 @@ class PolicyService:
         self._metrics = metrics
         self._timer = timer
         self._seen_states: set[str] = set()
+        #: SPF, greylisting (RCPT) and rate limits (DATA, END-OF-MESSAGE); see policyd.stateful.
+        self.stateful: StatefulChecks | None = None
         self._seen_contexts: set[str] = set()
 
     def reconfigure(self, config: PolicydConfig) -> None:
@@ -86,11 +89,15 @@ class PolicyService:
         started = self._timer()
         state = request.get("protocol_state")
         config = self.config
-        if state != "RCPT":
-            # Nothing to check outside RCPT yet; DUNNO lets Postfix's own restrictions decide.
+        stateful = self.stateful
+        if state == "RCPT":
+            decision = self._decide(request, config)
+        elif stateful is not None and stateful.enabled and state in ("DATA", "END-OF-MESSAGE"):
+            decision = stateful.decide_late(request)
+        else:
+            # Nothing to check outside RCPT; DUNNO lets Postfix's own restrictions decide.
             self._note_state(state)
             return self._count(DUNNO, state, started)
-        decision = self._decide(request, config)
         try:
             awaited = decision.send(None)
         except StopIteration as done:
@@ -146,6 +153,10 @@ class PolicyService:
                     context=facts.context or "-",
                 )
                 return action
+        if self.stateful is not None:
+            late = await self.stateful.at_rcpt(request, facts.trusted)
+            if late is not None:
+                return late
         return DUNNO
 
     def _fallback(self, failure: Failure, request: PolicyRequest, config: PolicydConfig) -> str:

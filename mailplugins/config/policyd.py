@@ -17,6 +17,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from mailplugins.config.fields import ConfigError, Fields, IPNetwork, describe
+from mailplugins.config.policy_state import (
+    GreylistConfig,
+    RateLimitConfig,
+    SPFConfig,
+    parse_greylist,
+    parse_ratelimit,
+    parse_spf,
+)
 
 #: Every check, in the order the rule chain runs them.
 CHECKS = ("recipient_validation", "relay_control", "sender_login_match", "spoof_protection")
@@ -77,6 +85,10 @@ class PolicydConfig:
     )
     #: A recipient that only resolves to disabled mailboxes is answered "User unknown".
     reject_disabled_as_unknown: bool = True
+    #: SPF, greylisting and rate limits (mailplugins.config.policy_state); None = off.
+    ratelimit: RateLimitConfig | None = None
+    greylist: GreylistConfig | None = None
+    spf: SPFConfig | None = None
 
     def checks_for(self, context: str) -> tuple[str, ...]:
         rules = self.contexts.get(context) if context else None
@@ -122,6 +134,9 @@ def parse_policyd(f: Fields) -> PolicydConfig:
         checks=tuple(name for name in CHECKS if switches[name]),
         contexts=MappingProxyType(contexts),
         reject_disabled_as_unknown=f.boolean("reject_disabled_as_unknown", True),
+        ratelimit=parse_ratelimit(f.section("ratelimit")),
+        greylist=parse_greylist(f.section("greylist")),
+        spf=parse_spf(f.section("spf")),
     )
     f.done()
     return config

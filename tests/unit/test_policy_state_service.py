@@ -1,0 +1,90 @@
+"""SPF, greylisting and rate limits inside the policyd service and its config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+
+from mailplugins.config import parse_config
+from mailplugins.config.policy_state import GreylistConfig, RateLimitConfig, RateRule, Window
+from policyd.stateful import StatefulChecks
+from tests.unit.test_policyd_fixtures import Harness, rcpt
+
+T0 = 1_800_000_000.0
+
+
+def harness(db_run: Any = None, **grey: Any) -> Harness:
+    h = Harness()
+    h.clock.advance(T0)
+    h.service.stateful = StatefulChecks(
+        engine=h.store.engine,
+        db_run=db_run or (lambda fn, *a, **k: maybeDeferred(fn, *a, **k)),
+        spf_run=None,
+        clock=h.clock,
+        budget=2.0,
+        greylist=GreylistConfig(hostname="mx.example.org", **grey),
+        ratelimit=RateLimitConfig(rules=(
+            RateRule("logins", ("sasl_username",), (Window(3600, messages=1),)),)),
+    )
+    return h
+
+
+def decide(h: Harness, **attrs: str) -> str:
+    results: list[str] = []
+    h.service.decide(rcpt(**attrs)).addCallback(results.append)
+    assert results
+    return results[0]
+
+
+def test_rules_first_then_greylisting() -> None:
+    h = harness()
+    # An unknown recipient is refused by recipient validation, not greylisted.
+    assert decide(h, recipient="nobody@example.org").startswith("550 ")
+    assert decide(h).startswith("DEFER_IF_PERMIT 4.7.1 Greylisted")
+    h.clock.advance(300)
+    assert decide(h).startswith("PREPEND X-Greylist: delayed 300 seconds by mailplugins-policyd")
+    assert decide(h) == "DUNNO"
+    # Authenticated clients are never greylisted.
+    assert decide(h, sasl_username="alice@example.org", sender="alice@example.org",
+                  recipient="bob@example.net") == "DUNNO"
+
+
+def test_rate_limit_at_data_and_nothing_at_other_states() -> None:
+    h = harness()
+    data = {"protocol_state": "DATA", "sasl_username": "alice@example.org",
+            "sender": "alice@example.org", "recipient_count": "1"}
+    assert decide(h, **data) == "DUNNO"
+    assert decide(h, **data) == "DEFER_IF_PERMIT 4.7.1 Rate limit exceeded"
+    assert decide(h, protocol_state="MAIL") == "DUNNO"
+    assert decide(h, protocol_state="END-OF-MESSAGE", size="100") == "DUNNO"
+
+
+def test_greylist_database_failure_is_its_own_fallback() -> None:
+    h = harness(db_run=lambda fn, *a, **k: fail(RuntimeError("down")))
+    assert decide(h) == "DUNNO"
+    hung = harness(db_run=lambda fn, *a, **k: Deferred(), timeout=0.5)
+    results: list[str] = []
+    hung.service.decide(rcpt()).addCallback(results.append)
+    hung.clock.advance(0.5)
+    assert results == ["DUNNO"]
+
+
+def test_config_sections_reach_the_policyd_config() -> None:
+    config = parse_config({
+        "database": {"url": "sqlite://"},
+        "policyd": {
+            "listen": "tcp:0:interface=127.0.0.1",
+            "greylist": {"delay": "1m", "hostname": "mx"},
+            "ratelimit": {"rules": {"r": {"windows": [{"period": "1h", "messages": 5}]}}},
+            "spf": {"reject": "never", "receiver": "mx"},
+        },
+    })
+    section = config.policyd
+    assert section is not None
+    assert section.greylist is not None and section.greylist.delay == 60
+    assert section.ratelimit is not None and section.ratelimit.rules[0].windows[0].messages == 5
+    assert section.spf is not None and section.spf.reject == "never"
+    bare = parse_config({"database": {"url": "sqlite://"},
+                         "policyd": {"listen": "tcp:0:interface=127.0.0.1"}}).policyd
+    assert bare is not None and (bare.greylist, bare.ratelimit, bare.spf) == (None, None, None)
