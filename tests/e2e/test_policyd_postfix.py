@@ -16,6 +16,7 @@ refusal for 127.0.0.1 can only come from policyd.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import smtplib
 import urllib.request
@@ -189,8 +190,12 @@ def rcpt(
             code, message = client.rcpt(recipient)
         client.rset()
         return code, message.decode()
+    except smtplib.SMTPServerDisconnected as exc:
+        # Seen rarely on a loaded machine: keep what Postfix and policyd logged with the failure.
+        raise AssertionError(f"session for {recipient} broke: {exc}\n{rig.logs()}") from None
     finally:
-        client.quit()
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            client.quit()
 
 
 def test_unknown_local_user_is_550(rig: Rig) -> None:
