@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from importlib.metadata import entry_points
 from typing import Any, NoReturn, TextIO
 
 from mailplugins import __version__
@@ -42,6 +43,7 @@ from mailplugins.generators import (
 from mailplugins.hashing import hash_password
 from mailplugins.store import SERVICES, AlreadyExists, Store, StoreError
 
+COMMANDS_GROUP = "mailplugins.commands"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 #: App passwords: 4 groups of 4 lowercase letters, easy to type on a phone, ~75 bits.
@@ -100,11 +102,11 @@ def _json_default(value: object) -> object:
     raise TypeError(type(value).__name__)
 
 
-def _print_json(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
+def print_json(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
     out.write(json.dumps(list(rows), default=_json_default, indent=2, ensure_ascii=False) + "\n")
 
 
-def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+def print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
     if not rows:
         return
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -246,9 +248,10 @@ class App:
     def cmd_domain_list(self) -> None:
         domains = self.store.list_domains()
         if self.args.json:
-            _print_json([asdict(d) for d in domains], self.out)
+            print_json([asdict(d) for d in domains], self.out)
         else:
-            _table([(d.name, f"{d.mailboxes} mailboxes", f"{d.aliases} aliases") for d in domains], self.out)
+            rows = [(d.name, f"{d.mailboxes} mailboxes", f"{d.aliases} aliases") for d in domains]
+            print_table(rows, self.out)
 
     def cmd_user_add(self) -> None:
         password = read_password(self.args, self.stdin)
@@ -330,7 +333,7 @@ class App:
     def cmd_user_list(self) -> None:
         users = self.store.list_mailboxes(self.args.domain)
         if self.args.json:
-            _print_json(
+            print_json(
                 [
                     {
                         "address": u.address,
@@ -346,7 +349,7 @@ class App:
                 self.out,
             )
             return
-        _table(
+        print_table(
             [
                 (
                     u.address,
@@ -370,9 +373,9 @@ class App:
     def cmd_alias_list(self) -> None:
         aliases = self.store.list_aliases()
         if self.args.json:
-            _print_json([{"address": a.address, "targets": list(a.targets)} for a in aliases], self.out)
+            print_json([{"address": a.address, "targets": list(a.targets)} for a in aliases], self.out)
         else:
-            _table([(a.address, "->", ", ".join(a.targets)) for a in aliases], self.out)
+            print_table([(a.address, "->", ", ".join(a.targets)) for a in aliases], self.out)
 
     def cmd_sender_grant(self) -> None:
         grant = self.store.grant_sender(self.args.login, self.args.address)
@@ -385,9 +388,9 @@ class App:
     def cmd_sender_list(self) -> None:
         grants = self.store.list_grants(self.args.login)
         if self.args.json:
-            _print_json([asdict(g) for g in grants], self.out)
+            print_json([asdict(g) for g in grants], self.out)
         else:
-            _table([(g.login, "may send as", g.address) for g in grants], self.out)
+            print_table([(g.login, "may send as", g.address) for g in grants], self.out)
 
     def cmd_app_password_add(self) -> None:
         password = "-".join(
@@ -402,7 +405,7 @@ class App:
     def cmd_app_password_list(self) -> None:
         rows = self.store.list_app_passwords(self.args.login)
         if self.args.json:
-            _print_json(
+            print_json(
                 [
                     {
                         "name": r.name,
@@ -415,7 +418,7 @@ class App:
                 self.out,
             )
         else:
-            _table(
+            print_table(
                 [
                     (r.name, ",".join(sorted(r.services)) or "all services",
                      f"last used {r.last_used_at:%Y-%m-%d %H:%M}" if r.last_used_at else "never used")
@@ -685,6 +688,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(app, "revoke", App.cmd_app_password_revoke, "revoke an app password")
     sub.add_argument("login")
     sub.add_argument("name")
+
+    # Commands contributed by daemon packages (e.g. policyd's ``ratelimit``): the core never
+    # imports a daemon, it only asks the installed entry points.
+    for entry in entry_points(group=COMMANDS_GROUP):
+        entry.load()(commands)
 
     sub = command(commands, "serve", App.cmd_serve, "run daemons (default: every configured one)")
     sub.add_argument("daemons", nargs="*", metavar="DAEMON", help="policyd, authd, deliver")
