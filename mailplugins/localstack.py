@@ -65,11 +65,17 @@ class Ports:
 
 class LocalStack:
     def __init__(
-        self, root: str | Path, ports: Ports | None = None, database_url: str | None = None
+        self,
+        root: str | Path,
+        ports: Ports | None = None,
+        database_url: str | None = None,
+        policyd: dict[str, Any] | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         #: SQLite in ``root`` by default; several stacks ("MX hosts") may share a server database.
         self.database_url = database_url or f"sqlite:///{self.root}/mail.db"
+        #: Extra policyd settings (rate limits, greylisting, ...) for a new config.
+        self.policyd_extra = dict(policyd or {})
         self.ports = ports or Ports()
         self.config_path = self.root / "mailplugins.yaml"
         self.tls_dir = self.root / "tls"
@@ -99,6 +105,7 @@ class LocalStack:
                 # Every demo client is on loopback: an empty mynetworks shows relay control at
                 # work (only authenticated clients relay), as on a real server's port 25.
                 "mynetworks": [],
+                **self.policyd_extra,
             },
             "authd": {
                 "sasl_listen": f"unix:{private}/mailplugins-auth:mode=666",

@@ -93,3 +93,68 @@ def test_disabling_on_one_host_locks_out_on_both(hosts: tuple[LocalStack, LocalS
             client.starttls(context=tls())
             with pytest.raises(smtplib.SMTPAuthenticationError):
                 client.login(address, "dave-pw")
+
+
+POLICY = {
+    "greylist": {"delay": "3s", "auto_whitelist_passes": 0},
+    "ratelimit": {"rules": {"submission": {
+        "key": ["sasl_username"], "clients": "authenticated",
+        "windows": [{"period": "1h", "messages": 2}],
+    }}},
+}
+
+
+@pytest.fixture(scope="module")
+def policy_hosts() -> Iterator[tuple[LocalStack, LocalStack]]:
+    database = _server_database(PG_ADMIN_URL, "postgresql")
+    url = next(database)
+    roots = [short_tempdir(), short_tempdir()]
+    stacks = [LocalStack(root, Ports.free(), database_url=url, policyd=POLICY) for root in roots]
+    try:
+        for stack in stacks:
+            stack.start()
+        yield stacks[0], stacks[1]
+    finally:
+        for stack in stacks:
+            stack.stop()
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)
+        database.close()
+
+
+def test_greylisted_on_one_host_passes_on_the_other(
+    policy_hosts: tuple[LocalStack, LocalStack]
+) -> None:
+    first, second = policy_hosts
+
+    def rcpt(host: LocalStack) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", host.ports.smtp, timeout=30) as client:
+            client.ehlo("mx.sender.example")
+            client.mail("news@sender.example")
+            return client.rcpt("alice@example.test")
+
+    code, text = rcpt(first)
+    assert code == 450 and b"Greylisted" in text, (code, text)
+    assert rcpt(second)[0] == 450  # still inside the delay, whichever host is asked
+    import time
+
+    time.sleep(3.5)
+    assert rcpt(second)[0] == 250  # the retry reaches the other MX: it passes there
+
+
+def test_rate_limits_count_across_hosts(policy_hosts: tuple[LocalStack, LocalStack]) -> None:
+    first, second = policy_hosts
+    bob = "bob@example.test"
+
+    def send(host: LocalStack) -> None:
+        with smtplib.SMTP("127.0.0.1", host.ports.submission, timeout=30) as client:
+            client.starttls(context=tls())
+            client.login(bob, first.passwords[bob])  # the first host created the demo users
+            client.sendmail(bob, ["alice@example.test"], b"Subject: count\r\n\r\ncount\r\n")
+
+    send(first)
+    send(second)
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        send(first)  # the third message of the hour, whichever host it reaches
+    assert info.value.smtp_code == 450
+    assert b"Rate limit exceeded" in info.value.smtp_error
