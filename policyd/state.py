@@ -37,7 +37,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from mailplugins.config.policy_state import Window
 from mailplugins.db.policy_models import (
@@ -47,6 +46,8 @@ from mailplugins.db.policy_models import (
     RateOverride,
     RateSubject,
 )
+from mailplugins.db.upsert import insert_for as _insert
+from mailplugins.db.upsert import upsert_stmt as _upsert_stmt
 
 #: An override limit meaning "no limit" (NULL means "inherit the configured limit").
 UNLIMITED = -1
@@ -106,15 +107,6 @@ def _write_lock(conn: Connection) -> None:
         conn.exec_driver_sql("UPDATE policy_greylist_clients SET passes = passes WHERE 0")
 
 
-def _insert(conn: Connection, table: Any) -> Any:
-    name = conn.dialect.name
-    if name == "postgresql":
-        return postgresql.insert(table)
-    if name in ("mysql", "mariadb"):
-        return mysql.insert(table)
-    return sqlite.insert(table)
-
-
 def _upsert(
     conn: Connection,
     table: Any,
@@ -124,28 +116,6 @@ def _upsert(
 ) -> None:
     """One atomic insert-or-update statement; ``updates`` may use ``excluded``/``inserted``."""
     conn.execute(_upsert_stmt(conn, table, values, keys, updates))
-
-
-def _upsert_stmt(
-    conn: Connection,
-    table: Any,
-    values: Mapping[str, Any],
-    keys: Sequence[str],
-    updates: Mapping[str, Any],
-) -> Any:
-    stmt = _insert(conn, table).values(**values)
-    if conn.dialect.name in ("mysql", "mariadb"):
-        new = stmt.inserted
-        stmt = stmt.on_duplicate_key_update(
-            **{col: fn(table.c, new) for col, fn in updates.items()}
-        )
-    else:
-        new = stmt.excluded
-        stmt = stmt.on_conflict_do_update(
-            index_elements=list(keys),
-            set_={col: fn(table.c, new) for col, fn in updates.items()},
-        )
-    return stmt
 
 
 # --------------------------------------------------------------------------------------------
