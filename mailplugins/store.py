@@ -464,10 +464,11 @@ class Store:
         the mailbox. Routing forms (``%``, ``!``, ``@`` in the local part) never match anything.
         """
         with self.session() as session:
-            if session.scalar(select(Domain.id).where(Domain.name == address.domain)) is None:
+            domain_id = session.scalar(select(Domain.id).where(Domain.name == address.domain))
+            if domain_id is None:
                 return None
             expansion = _Expansion()
-            catch_all = self._expand(session, address, delimiters, expansion, 0)
+            catch_all = self._expand(session, address, delimiters, expansion, 0, domain_id)
             return Resolution(
                 tuple(expansion.deliveries),
                 tuple(expansion.forwards),
@@ -482,12 +483,17 @@ class Store:
         delimiters: str,
         out: _Expansion,
         depth: int,
+        domain_id: int | None = None,
     ) -> bool:
-        """Expand one address into ``out``; returns True when only a catch-all matched."""
+        """Expand one address into ``out``; returns True when only a catch-all matched.
+
+        ``domain_id`` is the address's domain when the caller has looked it up already.
+        """
         out.steps += 1
         if depth > ALIAS_DEPTH_LIMIT or out.steps > ALIAS_RECURSION_LIMIT:
             raise StoreError(f"alias expansion of {address} is too deep (a loop?)")
-        domain_id = session.scalar(select(Domain.id).where(Domain.name == address.domain))
+        if domain_id is None:
+            domain_id = session.scalar(select(Domain.id).where(Domain.name == address.domain))
         if domain_id is None:
             out.forwards.append(str(address))
             return False
