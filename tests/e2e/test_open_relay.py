@@ -7,14 +7,13 @@ client must never run.
 
 from __future__ import annotations
 
-import shutil
 import smtplib
 from collections.abc import Iterator
 
 import pytest
 
-from mailplugins.instances import short_tempdir
-from mailplugins.localstack import LocalStack, Ports
+from mailplugins.localstack import LocalStack
+from tests.e2e.stacks import running_stacks
 
 pytestmark = pytest.mark.e2e
 
@@ -46,14 +45,8 @@ TRICKS = [
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[LocalStack]:
-    root = short_tempdir()
-    local = LocalStack(root, Ports.free())
-    try:
-        local.start()
+    with running_stacks() as (local,):
         yield local
-    finally:
-        local.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_no_trick_relays(stack: LocalStack) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import imaplib
 import poplib
 import smtplib
-import ssl
 import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -18,8 +17,9 @@ from email.utils import formatdate
 
 import pytest
 
-from mailplugins.instances import short_tempdir, wait_until
-from mailplugins.localstack import LocalStack, Ports
+from mailplugins.instances import wait_until
+from mailplugins.localstack import LocalStack
+from tests.e2e.stacks import insecure_tls, running_stacks
 
 pytestmark = pytest.mark.e2e
 
@@ -27,25 +27,13 @@ BOB = "bob@example.test"
 ALICE = "alice@example.test"
 
 
-def tls() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # the stack's certificate is self-signed
-    return context
+tls = insecure_tls
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[LocalStack]:
-    import shutil
-
-    root = short_tempdir()
-    local = LocalStack(root, Ports.free())
-    try:
-        local.start()
+    with running_stacks() as (local,):
         yield local
-    finally:
-        local.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def message(sender: str, recipient: str, subject: str) -> EmailMessage:

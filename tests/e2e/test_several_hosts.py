@@ -3,45 +3,38 @@
 from __future__ import annotations
 
 import imaplib
-import shutil
 import smtplib
-import ssl
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mailplugins.instances import short_tempdir, wait_until
-from mailplugins.localstack import LocalStack, Ports
+from mailplugins.instances import wait_until
+from mailplugins.localstack import LocalStack
 from tests.conftest import PG_ADMIN_URL, _server_database
+from tests.e2e.stacks import insecure_tls, running_stacks
 
 pytestmark = pytest.mark.e2e
 
 
-def tls() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
+tls = insecure_tls
+
+
+def two_hosts(**options: Any) -> Iterator[tuple[LocalStack, LocalStack]]:
+    """Two stacks ("MX hosts") on one fresh PostgreSQL database."""
+    database = _server_database(PG_ADMIN_URL, "postgresql")
+    try:
+        with running_stacks(2, database_url=next(database), **options) as (first, second):
+            yield first, second
+    finally:
+        database.close()
 
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[tuple[LocalStack, LocalStack]]:
-    database = _server_database(PG_ADMIN_URL, "postgresql")
-    url = next(database)
-    roots = [short_tempdir(), short_tempdir()]
-    stacks = [LocalStack(root, Ports.free(), database_url=url) for root in roots]
-    try:
-        for stack in stacks:
-            stack.start()
-        yield stacks[0], stacks[1]
-    finally:
-        for stack in stacks:
-            stack.stop()
-        for root in roots:
-            shutil.rmtree(root, ignore_errors=True)
-        database.close()
+    yield from two_hosts()
 
 
 def test_user_added_on_one_host_works_on_the_other(hosts: tuple[LocalStack, LocalStack]) -> None:
@@ -106,20 +99,7 @@ POLICY = {
 
 @pytest.fixture(scope="module")
 def policy_hosts() -> Iterator[tuple[LocalStack, LocalStack]]:
-    database = _server_database(PG_ADMIN_URL, "postgresql")
-    url = next(database)
-    roots = [short_tempdir(), short_tempdir()]
-    stacks = [LocalStack(root, Ports.free(), database_url=url, policyd=POLICY) for root in roots]
-    try:
-        for stack in stacks:
-            stack.start()
-        yield stacks[0], stacks[1]
-    finally:
-        for stack in stacks:
-            stack.stop()
-        for root in roots:
-            shutil.rmtree(root, ignore_errors=True)
-        database.close()
+    yield from two_hosts(policyd=POLICY)
 
 
 def test_greylisted_on_one_host_passes_on_the_other(

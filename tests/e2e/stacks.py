@@ -1,0 +1,37 @@
+"""Local stacks (daemons + stock Postfix and Dovecot) for the end-to-end modules that need them."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from mailplugins.instances import short_tempdir
+from mailplugins.localstack import LocalStack, Ports
+
+
+def insecure_tls() -> ssl.SSLContext:
+    """A client context for the stacks' self-signed certificates."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@contextmanager
+def running_stacks(count: int = 1, **options: Any) -> Iterator[list[LocalStack]]:
+    """``count`` stacks on free ports, each in its own scratch directory; ``options`` go to
+    LocalStack (e.g. a shared ``database_url``). All are stopped and removed afterwards."""
+    roots = [short_tempdir() for _ in range(count)]
+    stacks = [LocalStack(root, Ports.free(), **options) for root in roots]
+    try:
+        for stack in stacks:
+            stack.start()
+        yield stacks
+    finally:
+        for stack in stacks:
+            stack.stop()
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)
