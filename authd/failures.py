@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, case, delete, select
 
 from mailplugins.db.auth_models import AuthFailure
 from mailplugins.db.upsert import upsert_stmt
@@ -44,8 +44,6 @@ def record_failure(engine: Engine, keys: Iterable[str], fingerprint: str, now: i
 
 
 def _next_count(columns: object, new: object, stale: int) -> object:
-    from sqlalchemy import case
-
     c = columns
     return case(
         (c.last_seen < stale, 1),  # type: ignore[attr-defined]

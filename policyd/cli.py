@@ -19,7 +19,6 @@ from policyd.state import (
     OverrideError,
     RateKey,
     list_rate_overrides,
-    normalise_override_subject,
     rate_usage,
     remove_rate_override,
     reset_rate_counters,
@@ -167,5 +166,3 @@ def register(commands: Any) -> None:
     sub.add_argument("rule")
     sub.add_argument("subject")
 
-
-__all__ = ["normalise_override_subject", "register"]
