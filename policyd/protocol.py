@@ -8,6 +8,15 @@ its ``default_action``); requests that arrived in the same read as the bad bytes
 them (Postfix never sends a second request before the first reply). The connection stays open
 otherwise: Postfix pays a 1 s reconnect for every close, so only the idle timeout (longer than
 Postfix's own) ends a quiet connection.
+
+Two timers, never both running: the idle timeout counts from the last reply (or the connection)
+while nothing is being received or decided; the request timeout counts from the first byte of a
+request and closes the connection if the request is not complete by then. Postfix writes each
+request whole, so only a broken or hostile peer ever meets the second one; without it a sender
+of one byte a second would hold a connection (and its buffer) forever, since every byte would
+postpone the idle timeout. While a request is being decided neither runs (the service answers
+within its budget), and a request that arrived behind it is timed from that answer, since the
+connection was not read from meanwhile.
 """
 
 from __future__ import annotations
@@ -40,21 +49,34 @@ class PolicyProtocol(Protocol):
         self._closed = False
         self._draining = False
         self._idle_timeout = config.idle_timeout
+        self._request_timeout = config.request_timeout
         self._idle: Any = None
+        self._deadline: Any = None
 
     def _peer(self) -> str:
         peer = self.transport.getPeer() if self.transport is not None else None
         host = getattr(peer, "host", None)
         return f"{host}:{getattr(peer, 'port', '')}" if host else "local"
 
-    # -- idle timeout ----------------------------------------------------------------------
+    # -- timers ----------------------------------------------------------------------------
 
-    def _touch(self) -> None:
-        idle = self._idle
-        if idle is not None and idle.active():
-            idle.reset(self._idle_timeout)
-        elif not self._closed:
-            self._idle = self._clock.callLater(self._idle_timeout, self._timed_out)
+    def _arm(self) -> None:
+        """Run the one timer that fits the connection's state (none while deciding).
+
+        A running request deadline is kept, not restarted: it counts from the request's first
+        byte. Callers stop it when a request completes, so the next one gets its own.
+        """
+        if self._closed or self._busy:
+            self._stop_timers()
+            return
+        if self._decoder.pending:
+            self._stop_idle()
+            if self._deadline is None:
+                self._deadline = self._clock.callLater(self._request_timeout, self._too_slow)
+        else:
+            self._stop_deadline()
+            if self._idle is None:
+                self._idle = self._clock.callLater(self._idle_timeout, self._timed_out)
 
     def _timed_out(self) -> None:
         self._idle = None
@@ -62,20 +84,34 @@ class PolicyProtocol(Protocol):
                  seconds=self._idle_timeout)
         self._close()
 
-    def _stop_timer(self) -> None:
+    def _too_slow(self) -> None:
+        self._deadline = None
+        log.warn("{peer}: request not complete {seconds}s after its first byte, closing",
+                 peer=self._peer(), seconds=self._request_timeout)
+        self._close()
+
+    def _stop_idle(self) -> None:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
 
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _stop_timers(self) -> None:
+        self._stop_idle()
+        self._stop_deadline()
+
     # -- protocol --------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self._touch()
+        self._arm()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closed:
+        if self._closed or not data:
             return
-        self._touch()
         try:
             requests = self._decoder.feed(data)
         except CodecError as exc:
@@ -84,7 +120,9 @@ class PolicyProtocol(Protocol):
             return
         if requests:
             self._pending.extend(requests)
+            self._stop_deadline()  # a partial request left in the buffer started in this read
             self._next()
+        self._arm()
 
     def _next(self) -> None:
         if self._draining:
@@ -115,8 +153,9 @@ class PolicyProtocol(Protocol):
         if self._closed:
             return
         self.transport.write(encode_reply(action))
-        self._touch()
+        self._stop_timers()  # the idle time, or a request behind this one, counts from now
         self._next()
+        self._arm()
 
     def _crashed(self, failure: Failure) -> None:
         # The service never fails; if it does anyway, never send a half or a wrong reply.
@@ -127,14 +166,14 @@ class PolicyProtocol(Protocol):
     def _close(self) -> None:
         self._closed = True
         self._pending.clear()
-        self._stop_timer()
+        self._stop_timers()
         if self.transport is not None:
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self._pending.clear()
-        self._stop_timer()
+        self._stop_timers()
 
 
 class PolicyFactory(Factory):

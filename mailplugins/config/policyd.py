@@ -70,6 +70,9 @@ class PolicydConfig:
     budget: float
     #: Longer than Postfix's max_idle (300 s) and max_ttl (1000 s), so Postfix closes first.
     idle_timeout: float
+    #: Seconds a request may take to arrive, from its first byte to its empty line; a slower
+    #: peer is disconnected (Postfix writes a request whole, in one go).
+    request_timeout: float
     max_line_length: int
     max_attributes: int
     max_connections: int
@@ -126,6 +129,7 @@ def parse_policyd(f: Fields) -> PolicydConfig:
         ),
         budget=f.duration("budget", 2.0, minimum=0.05, maximum=90),
         idle_timeout=f.duration("idle_timeout", 1100.0, minimum=1),
+        request_timeout=f.duration("request_timeout", 10.0, minimum=0.1, maximum=100),
         max_line_length=f.integer("max_line_length", 8192, minimum=256, maximum=1024 * 1024),
         max_attributes=f.integer("max_attributes", 128, minimum=8, maximum=10_000),
         max_connections=f.integer("max_connections", 2000, minimum=1),
