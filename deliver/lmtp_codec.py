@@ -230,19 +230,33 @@ class DataDecoder:
     def vsize(self) -> int:
         return self.size + self.bare_newlines
 
-    def _emit(self, out: list[bytes], segment: bytes) -> None:
-        if not segment:
-            return
+    def _decode(self, raw: bytes) -> bytes:
+        """CRLF -> LF over the unstuffed runs of one :meth:`feed`, counting as it goes.
+
+        ``replace(b"\\r", b"")`` is a memchr loop, ten times faster than replacing the two-byte
+        CRLF; it is the same thing whenever every CR is part of a CRLF, which the CRLF count
+        tells. The slow path only runs for input with bare CRs.
+        """
+        if not raw:
+            return raw
+        if b"\r" in raw:
+            pairs = raw.count(b"\r\n")
+            segment = raw.replace(b"\r", b"")
+            if len(raw) - len(segment) != pairs:
+                segment = raw.replace(b"\r\n", b"\n")
+        else:
+            segment = raw
         lines = segment.count(b"\n")
         if lines:
-            # CRLF survives decoding only from CR CR LF (rare): look for CR before counting pairs.
+            # An LF right after a CR in the output (CR CR LF in the input, or a bare CR that
+            # ended the previous feed) is not bare: Dovecot's W= counts it once.
             crlf = segment.count(b"\r\n") if b"\r" in segment else 0
             if self._last == 0x0D and segment[0] == 0x0A:
                 crlf += 1
             self.bare_newlines += lines - crlf
         self.size += len(segment)
         self._last = segment[-1]
-        out.append(segment)
+        return segment
 
     def feed(self, chunk: bytes) -> bytes:
         if self.done:
@@ -250,7 +264,8 @@ class DataDecoder:
             return b""
         data = self._pending + chunk if self._pending else chunk
         self._pending = b""
-        out: list[bytes] = []
+        # Unstuffed runs of the input, CRLF still in them: decoded once, joined, at the end.
+        runs: list[bytes] = []
         pos = 0
         length = len(data)
         while True:
@@ -265,17 +280,21 @@ class DataDecoder:
                     if data[pos : pos + 3] == b".\r\n":
                         self.done = True
                         self.leftover = data[pos + 3 :]
-                        return b"".join(out)
+                        break
                     pos += 1  # unstuff
                 self._at_line_start = False
-            index = data.find(b"\r\n.", pos)
+            # Most large bodies (base64 attachments) hold no "." at all: memchr says so quickly
+            # and the CRLF "." search starts at the first dot instead of the run's start.
+            dot = data.find(b".", pos)
+            index = -1 if dot < 0 else data.find(b"\r\n.", max(pos, dot - 2))
             if index < 0:
+                # Hold back a trailing CR or CRLF: the next chunk may make it CRLF or CRLF ".".
                 keep = 2 if data.endswith(b"\r\n") else 1 if data.endswith(b"\r") else 0
                 end = max(pos, length - keep)
-                self._emit(out, data[pos:end].replace(b"\r\n", b"\n"))
+                runs.append(data[pos:end])
                 self._pending = data[end:]
                 break
-            self._emit(out, data[pos:index].replace(b"\r\n", b"\n") + b"\n")
+            runs.append(data[pos : index + 2])
             pos = index + 2
             self._at_line_start = True
-        return b"".join(out)
+        return self._decode(runs[0] if len(runs) == 1 else b"".join(runs))

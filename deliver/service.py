@@ -118,8 +118,9 @@ class Spool:
 
     The spool file is created with ``O_TMPFILE`` where available (``tempfile.TemporaryFile``),
     so a crash leaves nothing behind. Every disk operation runs in the disk pool, one after the
-    other; :meth:`add` returns a Deferred when it started a write, and the protocol stops reading
-    until it fires (backpressure instead of buffering).
+    other; :meth:`add` returns a Deferred when the disk falls behind (a batch is still queued
+    behind the one being written), and the protocol stops reading until it fires: backpressure
+    instead of buffering, without a pause and resume for every batch.
     """
 
     def __init__(self, directory: str, memory_limit: int, disk: WorkerPool) -> None:
@@ -133,6 +134,7 @@ class Spool:
         self.error: BaseException | None = None
         self._discarded = False
         self._spooled = False
+        self._last_write: Deferred[None] | None = None
 
     def _write(self, data: bytes) -> None:
         if self._file is None:
@@ -172,7 +174,19 @@ class Spool:
         self._chunks = []
         self._buffered = 0
         self._spooled = True
-        return self._chain(self._write, pending)
+        previous, self._last_write = self._last_write, self._chain(self._write, pending)
+        if previous is None or previous.called:
+            return None  # the disk keeps up: go on reading while this batch is written
+        # Two batches queued: wait for the older one, so at most three memory_limit's worth of
+        # a message (one filling, one queued, one being written) is ever held.
+        waiting: Deferred[None] = Deferred()
+
+        def release(result: object) -> object:
+            waiting.callback(None)
+            return result
+
+        previous.addBoth(release)
+        return waiting
 
     def discard(self) -> None:
         self._discarded = True
@@ -347,7 +361,7 @@ class DeliveryService:
         """Write the message for every accepted recipient; one reply each, in RCPT order."""
         self.metrics.message_size.observe(body.size)
         started = time.monotonic()
-        d = self.disk.run(self._deliver_blocking, envelope, body)
+        d = self.disk.run(self._deliver_then_close, envelope, body)
 
         def done(replies: list[Reply]) -> list[Reply]:
             self.metrics.duration.labels("write").observe(time.monotonic() - started)
@@ -362,12 +376,19 @@ class DeliveryService:
         d.addCallbacks(done, failed)
 
         def close(result: object) -> object:
-            body.close()
+            body.close()  # a no-op unless the disk pool never ran the delivery
             return result
 
         d.addBoth(close)
         self._track(d)
         return d
+
+    def _deliver_then_close(self, envelope: Envelope, body: Body) -> list[Reply]:
+        """Closing a spool file frees its pages: disk work, so it stays off the reactor."""
+        try:
+            return self._deliver_blocking(envelope, body)
+        finally:
+            body.close()
 
     def _deliver_blocking(self, envelope: Envelope, body: Body) -> list[Reply]:
         settings = self.settings

@@ -237,3 +237,45 @@ def test_found_recipients_are_cached_briefly_rejections_not(make: Any) -> None:
     assert rcpt(service, "carol@example.org").code == 550
     store.add_mailbox("carol@example.org", "{PLAIN}x")
     assert isinstance(rcpt(service, "carol@example.org"), Recipient)
+
+
+class ManualPool:
+    """A disk pool whose jobs run only when the test says so: the disk falling behind."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def run(self, fn: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((fn, args, d))
+        return d
+
+    def step(self) -> None:
+        fn, args, d = self.jobs.pop(0)
+        d.callback(fn(*args))
+
+
+def test_spool_reads_on_while_the_disk_keeps_up_and_waits_when_it_falls_behind(tmp_path: Path) -> None:
+    from deliver.service import Spool
+
+    pool = ManualPool()
+    spool = Spool(str(tmp_path / "spool"), 1000, pool)  # type: ignore[arg-type]
+    assert spool.add(b"a" * 600) is None  # in memory
+    assert spool.add(b"b" * 600) is None  # first batch goes to the disk; reading goes on
+    assert len(pool.jobs) == 1
+    waiting = spool.add(b"c" * 1000)  # second batch queued behind the first: wait
+    assert waiting is not None and not waiting.called
+    pool.step()  # the first batch is written
+    assert waiting.called
+    assert spool.add(b"d" * 1000) is not None  # "c" is not written yet: wait again
+    pool.step()
+    pool.step()
+    assert spool.add(b"e" * 1000) is None  # caught up again
+    pool.step()
+    body = spool.finish(4200, 0)
+    assert body.called
+    result = result_of(body)
+    assert isinstance(result, Body) and result.spool is not None
+    result.spool.seek(0)
+    assert result.spool.read() == b"a" * 600 + b"b" * 600 + b"c" * 1000 + b"d" * 1000 + b"e" * 1000
+    result.close()
