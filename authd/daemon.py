@@ -46,6 +46,7 @@ class RunningAuthd:
         self.dict_factory.config = section
         self.dict_backend.config = config
         self.http.max_body = section.http_max_body
+        self.http.line_timeout = section.line_timeout
         resource = self.http.resource.children[b"verify"]
         assert isinstance(resource, VerifyResource)
         resource.failure_delay = section.http_failure_delay
@@ -99,7 +100,10 @@ class AuthdPlugin:
             backend=backend, db_run=db.run, timeout=db.timeout, clock=runtime.reactor,
             config=section, metrics=metrics,
         )
-        http = VerifySite(verifier, section.http_failure_delay, section.http_max_body)
+        http = VerifySite(
+            verifier, section.http_failure_delay, section.http_max_body,
+            line_timeout=section.line_timeout, reactor=runtime.reactor,
+        )
 
         limited_factories: list[LimitedFactory] = []
 

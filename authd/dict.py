@@ -12,6 +12,10 @@ its transactions record the mailbox's last login.
 
 Replies leave in the order the commands came (the protocol has no request ids), whatever order
 the database answers in.
+
+No idle timeout (Dovecot's dict client keeps its connection and decides when to close it; idle
+clients are bounded by ``max_connections``), but a line must arrive whole within
+``line_timeout`` of its first byte, so a peer trickling bytes cannot hold a connection forever.
 """
 
 from __future__ import annotations
@@ -173,6 +177,7 @@ class DictProtocol(Protocol):
         self.decoder = decoder
         self._queue: deque[_Slot] = deque()
         self._transactions: dict[int, list[codec.Change]] = {}
+        self._deadline: Any = None
         self._closed = False
 
     def dataReceived(self, data: bytes) -> None:
@@ -190,6 +195,30 @@ class DictProtocol(Protocol):
                 self._handle(command)
             except ProtocolError as exc:
                 self._drop(str(exc))
+        self._time_line(data)
+
+    # -- line deadline ---------------------------------------------------------------------
+
+    def _time_line(self, data: bytes) -> None:
+        """Keep a deadline on the incomplete line, counted from its first byte: a line that
+        started in ``data`` (after a newline in it) gets a fresh one, a continued line keeps its."""
+        if self._closed or not self.decoder.pending:
+            self._stop_deadline()
+        elif self._deadline is None or b"\n" in data:
+            self._stop_deadline()
+            self._deadline = self.factory.clock.callLater(
+                self.factory.config.line_timeout, self._too_slow
+            )
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self._closed:
+            self._drop(f"line not complete {self.factory.config.line_timeout:g}s after its first byte")
 
     def _handle(self, command: codec.Command) -> None:
         if isinstance(command, codec.Hello):
@@ -282,10 +311,12 @@ class DictProtocol(Protocol):
         self.factory.metrics.protocol_errors.labels("dict").inc()
         log.warn("dropping dict connection: {reason}", reason=reason)
         self._closed = True
+        self._stop_deadline()
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._closed = True
+        self._stop_deadline()
 
 
 class DictFactory(Factory):

@@ -88,6 +88,11 @@ class DictDecoder:
         self._lines = LineBuffer(max_line)
         self.hello: Hello | None = None
 
+    @property
+    def pending(self) -> bool:
+        """True while a line has started but is not complete (the transport times it)."""
+        return self._lines.pending
+
     def feed(self, data: bytes) -> list[Command]:
         return [self._command(line) for line in self._lines.feed(data)]
 

@@ -8,13 +8,22 @@ trouble (Dovecot answers the client with a temporary failure). The body is never
 Twisted Web answers ``Expect: 100-continue`` on HTTP/1.1 by itself (``HTTPChannel``
 ``_send100Continue``), which matters: Dovecot's HTTP client waits 2 s for it otherwise. The
 end-to-end test checks this against the real Dovecot Lua client.
+
+Twisted's idle timeout restarts on every read, so alone it never ends a peer that trickles a
+request one byte a second. :class:`VerifyChannel` adds a deadline per request: from its first
+byte to the end of its body it must take at most ``line_timeout`` (Dovecot writes a request
+whole), else the peer gets ``408 Request Timeout`` and the connection is closed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, HTTPFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -32,6 +41,12 @@ STATUS = {
 }
 MAX_FIELD = 1024
 IDLE_TIMEOUT = 120
+#: Default seconds from a request's first byte to the end of its body (authd.line_timeout).
+REQUEST_DEADLINE = 5.0
+#: What a peer too slow to send its request gets before the close.
+REQUEST_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+)
 
 
 class LimitedRequest(Request):
@@ -86,6 +101,60 @@ def _field(request: Request, name: str) -> str | None:
         return None
 
 
+class VerifyChannel(HTTPChannel):
+    """An HTTPChannel that times each request from its first byte to the end of its body.
+
+    Time spent answering is not counted (the verifier has its own ``request_timeout``), nor is
+    the wait between requests (Twisted's idle timeout covers that).
+    """
+
+    site: Any
+    _deadline: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self._time_request()
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()  # complete: from here on it is ours to answer
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        self._time_request()  # a pipelined request may have started behind the answered one
+
+    def _receiving(self) -> bool:
+        """A request has started (a byte of it is buffered or parsed) but is not complete."""
+        if self._handlingRequest or self.transport is None or self.transport.disconnecting:
+            return False
+        return bool(self._buffer) or bool(self.requests)
+
+    def _time_request(self) -> None:
+        if not self._receiving():
+            self._stop_deadline()
+        elif self._deadline is None:
+            self._deadline = self.callLater(self.site.line_timeout, self._too_slow)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        transport: Any = self.transport
+        log.warn("verify request from {peer} not complete {seconds}s after its first byte: closing",
+                 peer=transport.getPeer(), seconds=self.site.line_timeout)
+        transport.write(REQUEST_TIMEOUT_RESPONSE)
+        # As Twisted's own timeout does: a peer that does not read either is reset later.
+        self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+
 class VerifyResource(Resource):
     isLeaf = True
 
@@ -102,6 +171,12 @@ class VerifyResource(Resource):
         if not user or password is None:
             request.setResponseCode(400)
             return b"user and password are required\n"
+        if (request.args or {}).get(b"service") and (
+            _field(request, "service") is None or not service.isprintable()
+        ):
+            # Not "imap" by default: a service decides which flags apply.
+            request.setResponseCode(400)
+            return b"invalid service\n"
         verify = VerifyRequest(
             user=user,
             password=password,
@@ -133,16 +208,31 @@ class VerifyResource(Resource):
         return b"use POST\n"
 
 
+def _verify_channel(factory: HTTPFactory) -> Any:
+    """The site's protocol factory (HTTP/1.1 only: no h2 negotiation wrapper needed)."""
+    return VerifyChannel()
+
+
 class VerifySite(Site):
     requestFactory = LimitedRequest
+    protocol = _verify_channel
 
-    def __init__(self, verifier: Verifier, failure_delay: float, max_body: int) -> None:
+    def __init__(
+        self,
+        verifier: Verifier,
+        failure_delay: float,
+        max_body: int,
+        *,
+        line_timeout: float = REQUEST_DEADLINE,
+        reactor: IReactorTime | None = None,
+    ) -> None:
         root = Resource()
         verify: Any = VerifyResource(verifier, failure_delay)
         root.putChild(b"verify", verify)
         # Dovecot's HTTP client keeps idle connections only briefly; do not hold ours for hours.
-        super().__init__(root, timeout=IDLE_TIMEOUT)
+        super().__init__(root, timeout=IDLE_TIMEOUT, reactor=reactor)
         self.max_body = max_body
+        self.line_timeout = line_timeout
         self.displayTracebacks = False
         self.noisy = False
 

@@ -1,5 +1,12 @@
 # -*- test-case-name: tests.unit.test_authd_sasl -*-
-"""The thin Twisted side of the auth-client protocol: bytes to the session, actions to the world."""
+"""The thin Twisted side of the auth-client protocol: bytes to the session, actions to the world.
+
+There is no idle timeout: Postfix keeps one connection per smtpd process and only notices a
+closed one when a write fails, so closing a quiet connection would cost a 454 later (idle
+clients are bounded by ``max_connections``). A *line* however must arrive whole within
+``line_timeout`` of its first byte: Postfix writes each line in one go, and a peer trickling
+bytes would otherwise hold its connection and buffer forever.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ class AuthClientProtocol(Protocol):
         self.session = session
         self.cuid = cuid
         self._sweeper: Any = None
+        self._deadline: Any = None
         self._closed = False
 
     def connectionMade(self) -> None:
@@ -40,6 +48,35 @@ class AuthClientProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._carry_out(self.session.receive(data, self.factory.clock.seconds()))
+        self._time_line(data)
+
+    def _time_line(self, data: bytes) -> None:
+        """Keep a deadline on the incomplete line, counted from its first byte: a line that
+        started in ``data`` (after a newline in it) gets a fresh one, a continued line keeps its."""
+        if self._closed or not self.session.pending:
+            self._stop_deadline()
+        elif self._deadline is None or b"\n" in data:
+            self._stop_deadline()
+            self._deadline = self.factory.clock.callLater(
+                self.factory.config.line_timeout, self._too_slow
+            )
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._closed:
+            return
+        self.factory.metrics.protocol_errors.labels("sasl").inc()
+        log.warn("dropping auth-client connection from {peer}: line not complete {seconds}s "
+                 "after its first byte", peer=self.transport.getPeer(),
+                 seconds=self.factory.config.line_timeout)
+        self._closed = True
+        self.session.closed = True
+        self.transport.loseConnection()
 
     def _carry_out(self, actions: list[Any]) -> None:
         for action in actions:
@@ -79,6 +116,7 @@ class AuthClientProtocol(Protocol):
             log.warn("dropping auth-client connection from {peer}: {reason}",
                      peer=peer, reason=drop.reason)
         self._closed = True
+        self._stop_deadline()
         if drop.temporary:
             # A reset rather than a FIN: Postfix reconnects only when a write fails, so after a
             # FIN one more of its sessions would hit the dead socket and answer 454 for nothing.
@@ -103,6 +141,7 @@ class AuthClientProtocol(Protocol):
         if self._sweeper is not None and self._sweeper.active():
             self._sweeper.cancel()
         self._sweeper = None
+        self._stop_deadline()
 
 
 class AuthClientFactory(Factory):

@@ -93,6 +93,11 @@ class LineBuffer:
             raise ProtocolError("line too long")
         return lines
 
+    @property
+    def pending(self) -> bool:
+        """True while a line has started but its ``\\n`` has not arrived."""
+        return bool(self._buffer)
+
 
 # -- mechanisms (pure state machines) -------------------------------------------------------
 
@@ -274,6 +279,11 @@ class AuthServerSession:
         self.requests: dict[int, _Request] = {}
         self.closed = False
 
+    @property
+    def pending(self) -> bool:
+        """True while a line has started but is not complete (the transport times it)."""
+        return not self.closed and self._lines.pending
+
     # -- input -------------------------------------------------------------------------------
 
     def receive(self, data: bytes, now: float) -> list[Action]:
@@ -290,6 +300,9 @@ class AuthServerSession:
         return actions
 
     def _line(self, raw: bytes, now: float) -> list[Action]:
+        if b"\0" in raw:
+            # Dovecot reads lines as C strings: a NUL would silently cut a field there.
+            raise ProtocolError("NUL byte in line")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -359,6 +372,10 @@ class AuthServerSession:
                 secured = True
         if not service:
             raise ProtocolError("AUTH without service=")
+        if not service.isprintable() or len(service) > 64:
+            # A service decides which flags apply; "smtp" + an escaped control character must not
+            # pass for an unknown service (those follow the IMAP flag).
+            raise ProtocolError("malformed service")
         request = _Request(request_id, mechanism, service, remote_ip, secured, None)
         self.requests[request_id] = request
         if initial == "" and (self.client_minor or 0) < 2:

@@ -58,6 +58,10 @@ class AuthdConfig:
     continue_timeout: float
     #: Longest auth-client / dict line accepted; longer drops the connection (Dovecot: 16384).
     max_line_length: int
+    #: An auth-client or dict line, or an HTTP request up to the end of its body, must arrive
+    #: whole within this long of its first byte, else the connection is closed. Postfix and
+    #: Dovecot write each whole, so only a broken or hostile peer is ever this slow.
+    line_timeout: float
     #: In-flight SASL requests per connection (Postfix has at most one).
     max_requests_per_connection: int
     #: Largest HTTP request body accepted by the verify endpoint.
@@ -89,6 +93,7 @@ def parse_authd(f: Fields) -> AuthdConfig:
         request_timeout=f.duration("request_timeout", 9.0, minimum=0.5, maximum=9.5),
         continue_timeout=f.duration("continue_timeout", 150.0, minimum=1.0),
         max_line_length=f.integer("max_line_length", 16384, minimum=1024, maximum=1024 * 1024),
+        line_timeout=f.duration("line_timeout", 5.0, minimum=0.1, maximum=60.0),
         max_requests_per_connection=f.integer("max_requests_per_connection", 32, minimum=1),
         http_max_body=f.size("http_max_body", 16384, minimum=1024),
         hash_niceness=f.integer("hash_niceness", 5, minimum=0, maximum=19),
