@@ -308,7 +308,7 @@ class LMTPServer(Protocol):
         if not self._envelope.recipients:
             raise CommandError(Reply(503, "5.5.1", "No valid recipients"))
         self._decoder = DataDecoder()
-        self._spool = self.service.new_spool()
+        self._spool = self.service.new_spool(self._envelope)
         self._too_big = False
         self._data_started = time.monotonic()
         self._send(Reply(354, "", "Start mail input; end with <CRLF>.<CRLF>"))

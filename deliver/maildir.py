@@ -29,6 +29,7 @@ __all__ = [
     "Body",
     "MaildirWriter",
     "NameGenerator",
+    "TmpFile",
     "encode_mutf7",
     "folder_for_detail",
     "maildir_name",
@@ -119,19 +120,44 @@ class NameGenerator:
 
 
 @dataclass
+class TmpFile:
+    """A message being written straight into ``directory/tmp/base``: ``header`` then the body.
+
+    Large messages spool there instead of in a file of their own, so the first destination
+    costs no copy: the file is fsynced and linked into ``new/`` as it is.
+    """
+
+    directory: str
+    header: bytes
+    base: str
+    path: str
+
+
+@dataclass
 class Body:
-    """A decoded message: in memory, or in a spool file (read from offset 0), plus its counts."""
+    """A decoded message: in memory, or in a spool file, plus its counts.
+
+    A large message's spool file may already be a Maildir tmp file (see :class:`TmpFile`).
+    """
 
     size: int
     #: LFs not preceded by CR (each adds one octet to the CRLF size, W=).
     bare_newlines: int
     data: bytes = b""
     spool: IO[bytes] | None = None
+    #: Where the body starts in ``spool`` (after the header of a Maildir tmp file).
+    offset: int = 0
+    #: Set while ``spool`` is a Maildir tmp file not yet linked into ``new/``.
+    tmp: TmpFile | None = None
 
     def close(self) -> None:
+        """Close the spool; a Maildir tmp file nobody linked into ``new/`` is removed."""
         if self.spool is not None:
             self.spool.close()
             self.spool = None
+        if self.tmp is not None:
+            _unlink_quietly(self.tmp.path)
+            self.tmp = None
 
 
 class DeliveryError(Exception):
@@ -157,21 +183,23 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _copy_spool(source: IO[bytes], fd: int, size: int) -> None:
-    """Copy the spool file into ``fd`` in the kernel when it can (copy_file_range)."""
+def _copy_spool(source: IO[bytes], fd: int, size: int, start: int = 0) -> None:
+    """Copy ``size`` bytes of the spool file from ``start`` into ``fd``, in the kernel when it
+    can (copy_file_range)."""
     src = source.fileno()
-    offset = 0
+    offset = start
+    end = start + size
     try:
-        while offset < size:
-            copied = os.copy_file_range(src, fd, size - offset, offset)
+        while offset < end:
+            copied = os.copy_file_range(src, fd, end - offset, offset)
             if copied == 0:
                 break
             offset += copied
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise
-    while offset < size:
-        chunk = os.pread(src, min(COPY_CHUNK, size - offset), offset)
+    while offset < end:
+        chunk = os.pread(src, min(COPY_CHUNK, end - offset), offset)
         if not chunk:
             raise DeliveryError("spool file shorter than expected")
         _write_all(fd, chunk)
@@ -288,16 +316,30 @@ class MaildirWriter:
 
     # -- writing -------------------------------------------------------------------------
 
-    def _create_tmp(self, directory: str) -> tuple[str, str, int]:
+    def _create_tmp(self, directory: str, access: int = os.O_WRONLY) -> tuple[str, str, int]:
         for _attempt in range(100):
             base = self.names.next()
             path = os.path.join(directory, "tmp", base)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fd = os.open(path, access | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:
                 continue
             return base, path, fd
         raise DeliveryError("cannot create a unique file name in tmp/")
+
+    def open_tmp(self, directory: str, header: bytes) -> tuple[TmpFile, IO[bytes]]:
+        """A new ``directory/tmp`` file (O_EXCL, 0600, mail user) holding ``header``, open for
+        the body to be appended (unbuffered)."""
+        base, path, fd = self._create_tmp(directory, os.O_RDWR)  # read back for other copies
+        try:
+            self._own_fd(fd)
+            _write_all(fd, header)
+            file = os.fdopen(fd, "r+b", buffering=0)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        return TmpFile(directory, header, base, path), file
 
     def _write_file(self, directory: str, header: bytes, body: Body) -> tuple[str, str]:
         """Write header + body into ``directory/tmp``, fsynced; returns (base, tmp path)."""
@@ -307,7 +349,7 @@ class MaildirWriter:
                 self._own_fd(fd)
                 _write_all(fd, header)
                 if body.spool is not None:
-                    _copy_spool(body.spool, fd, body.size)
+                    _copy_spool(body.spool, fd, body.size, body.offset)
                 else:
                     _write_all(fd, body.data)
                 os.fsync(fd)
@@ -317,6 +359,18 @@ class MaildirWriter:
             _unlink_quietly(path)
             raise
         return base, path
+
+    def _adopt(self, body: Body, header: bytes, directories: list[str]) -> tuple[str, str] | None:
+        """The spool file itself as this group's tmp file, when it already is one with this
+        header in one of these directories (moved first): fsynced, returns (base, tmp path)."""
+        tmp = body.tmp
+        if tmp is None or body.spool is None or tmp.header != header or tmp.directory not in directories:
+            return None
+        os.fsync(body.spool.fileno())
+        directories.remove(tmp.directory)
+        directories.insert(0, tmp.directory)
+        body.tmp = None  # linked (or unlinked) below, no longer Body.close's business
+        return tmp.base, tmp.path
 
     def _link_new(self, tmp_path: str, directory: str, base: str, size: int, vsize: int) -> str:
         """Link into ``directory/new`` (a fresh name on EEXIST); returns the new/ name."""
@@ -342,7 +396,9 @@ class MaildirWriter:
         vsize = size + header.count(b"\n") - header.count(b"\r\n") + body.bare_newlines
         failures: dict[str, OSError | DeliveryError] = {}
         names: dict[str, str] = {}
-        base, tmp_path = self._write_file(directories[0], header, body)
+        directories = list(directories)
+        adopted = self._adopt(body, header, directories)
+        base, tmp_path = adopted or self._write_file(directories[0], header, body)
         tmp_dir = directories[0]
         try:
             for directory in directories:

@@ -9,6 +9,7 @@ calls go to the database pool, disk work to the disk pool; nothing here blocks t
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -21,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from deliver.lmtp_codec import Reply
-from deliver.maildir import FULL_ERRNOS, Body, DeliveryError, MaildirWriter, folder_for_detail
+from deliver.maildir import FULL_ERRNOS, Body, DeliveryError, MaildirWriter, TmpFile, folder_for_detail
 from deliver.quota import QuotaTracker
 from deliver.recipients import Rejection, Target, resolve_recipient
 from mailplugins.config import Config, DeliverConfig
@@ -123,10 +124,18 @@ class Spool:
     instead of buffering, without a pause and resume for every batch.
     """
 
-    def __init__(self, directory: str, memory_limit: int, disk: WorkerPool) -> None:
+    def __init__(
+        self,
+        directory: str,
+        memory_limit: int,
+        disk: WorkerPool,
+        destination: Callable[[], tuple[TmpFile, IO[bytes]]] | None = None,
+    ) -> None:
         self._directory = directory
         self._memory_limit = memory_limit
         self._disk = disk
+        self._destination = destination
+        self._tmp: TmpFile | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._file: IO[bytes] | None = None
@@ -136,12 +145,22 @@ class Spool:
         self._spooled = False
         self._last_write: Deferred[None] | None = None
 
+    def _open(self) -> IO[bytes]:
+        if self._destination is not None:
+            try:
+                self._tmp, file = self._destination()
+            except (OSError, DeliveryError):
+                pass  # the delivery itself will meet (and report) this; spool aside meanwhile
+            else:
+                return file
+        # Only the leaf: a missing mail root must not appear root-owned behind Dovecot's back.
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self._directory, 0o700)
+        return tempfile.TemporaryFile(dir=self._directory, buffering=0)
+
     def _write(self, data: bytes) -> None:
         if self._file is None:
-            # Only the leaf: a missing mail root must not appear root-owned behind Dovecot's back.
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(self._directory, 0o700)
-            self._file = tempfile.TemporaryFile(dir=self._directory, buffering=0)  # noqa: SIM115
+            self._file = self._open()
         self._file.write(data)
 
     def _chain(self, fn: Callable[..., Any], *args: Any) -> Deferred[None]:
@@ -191,12 +210,20 @@ class Spool:
     def discard(self) -> None:
         self._discarded = True
         self._chunks = []
-        self._tail.addBoth(lambda _: self._close())
+        self._tail.addBoth(lambda _: self._close_later())
+
+    def _close_later(self) -> None:
+        self._disk.run(self._close).addErrback(lambda _: None)
 
     def _close(self) -> None:
+        """Close the file, removing it if it is a Maildir tmp file (disk work: in the pool)."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp.path)
+            self._tmp = None
 
     def finish(self, size: int, bare_newlines: int) -> Deferred[Body]:
         """The whole message as a Body; errbacks with the spool's write error, if any."""
@@ -210,10 +237,12 @@ class Spool:
 
         def deliver(_: object) -> None:
             if self.error is not None or self._file is None:
-                self._close()
+                self._close_later()
                 result.errback(self.error or DeliveryError("spool file missing"))
                 return
-            body = Body(size, bare_newlines, spool=self._file)
+            tmp, self._tmp = self._tmp, None
+            offset = len(tmp.header) if tmp is not None else 0
+            body = Body(size, bare_newlines, spool=self._file, offset=offset, tmp=tmp)
             self._file = None
             result.callback(body)
 
@@ -265,8 +294,31 @@ class DeliveryService:
             return self.settings.spool_directory
         return os.path.join(mail_root(self.config.mail.location), ".mailplugins-spool")
 
-    def new_spool(self) -> Spool:
-        return Spool(self.spool_directory, self.settings.memory_spool_limit, self.disk)
+    def new_spool(self, envelope: Envelope | None = None) -> Spool:
+        """A spool for one DATA; a large message spools straight into the Maildir tmp/ of
+        the envelope's first destination, which then costs no copy (see MaildirWriter.write)."""
+        destination = None
+        if envelope is not None and envelope.recipients:
+            destination = functools.partial(self._open_destination, envelope)
+        return Spool(self.spool_directory, self.settings.memory_spool_limit, self.disk, destination)
+
+    def _open_destination(self, envelope: Envelope) -> tuple[TmpFile, IO[bytes]]:
+        recipient = envelope.recipients[0]
+        header = self._header(envelope, recipient)
+        return self.writer.open_tmp(self._directory(recipient.targets[0]), header)
+
+    def _header(self, envelope: Envelope, recipient: Recipient) -> bytes:
+        mode = self.settings.delivered_to
+        delivered_to = mode == "always" or (mode == "single" and len(envelope.recipients) == 1)
+        return build_header(envelope.sender, recipient, delivered_to)
+
+    def _directory(self, target: Target) -> str:
+        """The folder directory a target's copy goes to, creating the Maildir on first use."""
+        self.writer.ensure_maildir(target.maildir)
+        folder = None
+        if self.settings.detail_folders and target.detail:
+            folder = folder_for_detail(target.detail)
+        return self.writer.folder_dir(target.maildir, folder, create=self.settings.autocreate_detail_folders)
 
     def _track(self, d: Deferred[Any]) -> None:
         self.in_flight.add(d)
@@ -391,27 +443,17 @@ class DeliveryService:
             body.close()
 
     def _deliver_blocking(self, envelope: Envelope, body: Body) -> list[Reply]:
-        settings = self.settings
-        single = len(envelope.recipients) == 1
-        mode = settings.delivered_to
-        delivered_to = mode == "always" or (mode == "single" and single)
         # Per recipient, per target: None (fine so far) or a (reply, metric result) failure.
         failures: list[list[tuple[Reply, str] | None]] = []
         groups: dict[bytes, list[_Member]] = {}
         for index, recipient in enumerate(envelope.recipients):
-            header = build_header(envelope.sender, recipient, delivered_to)
+            header = self._header(envelope, recipient)
             size = len(header) + body.size
             outcome: list[tuple[Reply, str] | None] = []
             failures.append(outcome)
             for target in recipient.targets:
                 try:
-                    self.writer.ensure_maildir(target.maildir)
-                    folder = None
-                    if settings.detail_folders and target.detail:
-                        folder = folder_for_detail(target.detail)
-                    directory = self.writer.folder_dir(
-                        target.maildir, folder, create=settings.autocreate_detail_folders
-                    )
+                    directory = self._directory(target)
                     if target.quota_bytes > 0:
                         check = self.quota.check(target.maildir, target.quota_bytes, size)
                         if not check.fits(size):

@@ -41,7 +41,7 @@ class FakeService:
         self.lookups.append((path, d))
         return d
 
-    def new_spool(self) -> Spool:
+    def new_spool(self, envelope: Envelope | None = None) -> Spool:
         return Spool(self.spool_dir, self.settings.memory_spool_limit, SyncPool())  # type: ignore[arg-type]
 
     def deliver(self, envelope: Envelope, body: Body) -> Deferred[list[Reply]]:

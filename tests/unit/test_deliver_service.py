@@ -279,3 +279,83 @@ def test_spool_reads_on_while_the_disk_keeps_up_and_waits_when_it_falls_behind(t
     result.spool.seek(0)
     assert result.spool.read() == b"a" * 600 + b"b" * 600 + b"c" * 1000 + b"d" * 1000 + b"e" * 1000
     result.close()
+
+
+def spooled_delivery(service: DeliveryService, paths: list[str], data: bytes, *, finish: bool = True) -> Any:
+    """DATA as the protocol streams it: through service.new_spool, past the memory limit."""
+    envelope = Envelope("client", "s@o.example")
+    for path in paths:
+        recipient = rcpt(service, path)
+        assert isinstance(recipient, Recipient), recipient
+        envelope.recipients.append(recipient)
+    spool = service.new_spool(envelope)
+    for start in range(0, len(data), 4096):
+        pending = spool.add(data[start : start + 4096])
+        assert pending is None or pending.called  # the SyncPool disk never falls behind
+    if not finish:
+        return spool
+    body = result_of(spool.finish(len(data), data.count(b"\n")))
+    assert isinstance(body, Body)
+    return result_of(service.deliver(envelope, body))
+
+
+def everything_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def test_a_large_message_spools_into_maildir_tmp_and_is_linked_without_a_copy(
+    make: Any, tmp_path: Path
+) -> None:
+    service, _ = make(memory_spool_limit=4096)
+    data = b"Subject: big\n\n" + (b"y" * 79 + b"\n") * 1000
+    spool = spooled_delivery(service, ["alice@example.org"], data, finish=False)
+    (tmp_file,) = (maildir(tmp_path, "alice") / "tmp").iterdir()  # the spool is the tmp file
+    assert tmp_file.stat().st_mode & 0o777 == 0o600
+    body = result_of(spool.finish(len(data), data.count(b"\n")))
+    inode = tmp_file.stat().st_ino
+    envelope = Envelope("client", "s@o.example", recipients=[rcpt(service, "alice@example.org")])
+    assert [r.code for r in result_of(service.deliver(envelope, body))] == [250]
+    (new_file,) = (maildir(tmp_path, "alice") / "new").iterdir()
+    assert new_file.stat().st_ino == inode  # linked, not copied
+    header = b"Return-Path: <s@o.example>\nDelivered-To: alice@example.org\n"
+    assert new_file.read_bytes() == header + data
+    assert f",S={len(header) + len(data)}," in new_file.name
+    assert not list((maildir(tmp_path, "alice") / "tmp").iterdir())
+    spool_directory = Path(service.spool_directory)  # nothing spooled aside
+    assert not spool_directory.exists() or not everything_under(spool_directory)
+
+
+def test_spooled_message_for_several_headers_is_copied_after_the_first_header(
+    make: Any, tmp_path: Path
+) -> None:
+    service, _ = make(memory_spool_limit=4096, delivered_to="always")
+    data = b"line\n" * 3000
+    replies = spooled_delivery(service, ["alice@example.org", "bob@example.org", "alice+x@example.org"], data)
+    assert [r.code for r in replies] == [250, 250, 250]
+    contents = sorted(f.read_bytes() for f in everything_under(tmp_path / "vmail") if f.parent.name == "new")
+    assert contents == sorted(
+        b"Return-Path: <s@o.example>\nDelivered-To: " + who + b"\n" + data
+        for who in (b"alice@example.org", b"bob@example.org", b"alice+x@example.org")
+    )
+    for user in ("alice", "bob"):
+        assert not list((maildir(tmp_path, user) / "tmp").iterdir())
+
+
+def test_first_destination_over_quota_leaves_no_tmp_file(make: Any, tmp_path: Path) -> None:
+    service, _ = make(memory_spool_limit=4096)
+    data = (b"q" * 99 + b"\n") * 100  # 10,000 bytes: over small@'s 50-byte quota
+    replies = spooled_delivery(service, ["small@example.org", "alice@example.org"], data)
+    assert [(r.code, r.enhanced) for r in replies] == [(552, "5.2.2"), (250, "2.0.0")]
+    assert not list((maildir(tmp_path, "small") / "tmp").iterdir())
+    assert not list((maildir(tmp_path, "small") / "new").iterdir())
+    (copy,) = (maildir(tmp_path, "alice") / "new").iterdir()
+    assert copy.read_bytes().endswith(data)
+
+
+def test_a_discarded_spool_removes_its_tmp_file(make: Any, tmp_path: Path) -> None:
+    service, _ = make(memory_spool_limit=4096)
+    spool = spooled_delivery(service, ["alice@example.org"], b"d" * 20000, finish=False)
+    assert len(list((maildir(tmp_path, "alice") / "tmp").iterdir())) == 1
+    spool.discard()  # the client went away mid-DATA
+    assert not list((maildir(tmp_path, "alice") / "tmp").iterdir())
+    assert not list((maildir(tmp_path, "alice") / "new").iterdir())
