@@ -65,6 +65,8 @@ class LMTPServer(Protocol):
         self._spool: Spool | None = None
         self._too_big = False
         self._data_started = 0.0
+        self._progress = 0
+        self._progress_since = 0.0
 
     # -- connection --------------------------------------------------------------------
 
@@ -97,7 +99,12 @@ class LMTPServer(Protocol):
         if self._transport is not None:
             self._transport.loseConnection()
 
-    # -- idle timeout ------------------------------------------------------------------
+    # -- timeouts ----------------------------------------------------------------------
+    #
+    # The timer runs from each reply to the next complete command line; bytes that do not
+    # complete a line do not reset it (a client sending one byte a second is cut off after
+    # idle_timeout like an idle one). In DATA it is reset while input averages at least
+    # min_data_rate bytes/s since the last reset.
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -114,15 +121,30 @@ class LMTPServer(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self._send(Reply(421, "4.4.2", f"{self.settings.hostname} Idle timeout, closing connection"))
+        host = self.settings.hostname
+        if self._decoder is not None or self._buffer or self._discarding:
+            log.info("LMTP client too slow: no complete command or too little DATA in {timeout}s",
+                     timeout=self.settings.idle_timeout)
+            self._send(Reply(421, "4.4.2", f"{host} Timeout: client too slow, closing connection"))
+        else:
+            self._send(Reply(421, "4.4.2", f"{host} Idle timeout, closing connection"))
         self._close()
+
+    def _data_progress(self, count: int) -> None:
+        self._progress += count
+        now = self.clock.seconds()
+        if self._progress >= self.settings.min_data_rate * (now - self._progress_since):
+            self._progress = 0
+            self._progress_since = now
+            self._reset_timer()
 
     # -- input -------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self._reset_timer()
+        if self._decoder is not None:
+            self._data_progress(len(data))
         if self._decoder is not None and not self._busy and not self._buffer:
             self._guarded_data_chunk(data)  # the common case in DATA: no copy through the buffer
             if self._busy or self._decoder is not None:
@@ -159,6 +181,7 @@ class LMTPServer(Protocol):
                 if line is None:
                     return
                 self._line(line)
+                self._reset_timer()  # a complete command: the client gets a fresh period
         finally:
             self._processing = False
 
@@ -311,6 +334,8 @@ class LMTPServer(Protocol):
         self._spool = self.service.new_spool(self._envelope)
         self._too_big = False
         self._data_started = time.monotonic()
+        self._progress = 0
+        self._progress_since = self.clock.seconds()
         self._send(Reply(354, "", "Start mail input; end with <CRLF>.<CRLF>"))
 
     def do_RSET(self, command: Command) -> None:

@@ -43,8 +43,12 @@ class DeliverConfig:
     autocreate_detail_folders: bool
     #: Over quota: ``452 4.2.2`` (Postfix retries) instead of ``552 5.2.2`` (bounce).
     quota_tempfail: bool
-    #: Close a connection idle this long (Postfix caches idle connections for 2 s).
+    #: Close a connection idle this long (Postfix caches idle connections for 2 s). Also the
+    #: time a client has to finish each command line: stray bytes do not extend it.
     idle_timeout: float
+    #: In DATA, input extends the timeout only while it averages at least this many bytes/s
+    #: (Postfix's smtpd_min_data_rate), so a trickle times out; 0: any byte extends it.
+    min_data_rate: int
     #: Longest command line (without CRLF); DATA lines are not limited (they stream).
     max_line_length: int
     #: Answer for a disabled mailbox: ``reject`` (550 5.2.1) or ``defer`` (450 4.2.1).
@@ -98,6 +102,7 @@ def parse_deliver(f: Fields) -> DeliverConfig:
         autocreate_detail_folders=f.boolean("autocreate_detail_folders", False),
         quota_tempfail=f.boolean("quota_tempfail", False),
         idle_timeout=f.duration("idle_timeout", 600.0, minimum=1, maximum=86400),
+        min_data_rate=f.integer("min_data_rate", 500, minimum=0),
         max_line_length=f.integer("max_line_length", 4096, minimum=512, maximum=65536),
         disabled=f.string("disabled", "reject", choices=DISABLED_ACTIONS),
         delivered_to=f.string("delivered_to", "always", choices=DELIVERED_TO_MODES),

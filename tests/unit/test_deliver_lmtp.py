@@ -200,6 +200,59 @@ def test_idle_timeout_closes_with_421() -> None:
     assert transport.disconnecting
 
 
+def test_a_command_sent_one_byte_a_second_times_out() -> None:
+    protocol, transport, _service, clock = make()
+    take(transport)
+    for byte in b"NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP\r\n"[:61]:
+        protocol.dataReceived(bytes([byte]))
+        clock.advance(1)
+        if transport.disconnecting:
+            break
+    assert take(transport) == ["421 4.4.2 mx.test Timeout: client too slow, closing connection"]
+    assert transport.disconnecting
+    assert clock.seconds() == 60  # idle_timeout after the greeting, not after the last byte
+
+
+def test_each_complete_command_gives_a_fresh_period() -> None:
+    protocol, transport, _service, clock = make()
+    take(transport)
+    for _ in range(5):
+        clock.advance(50)
+        protocol.dataReceived(b"NOOP\r\n")
+    assert take(transport) == ["250 2.0.0 OK"] * 5
+    assert not transport.disconnecting
+
+
+def data_session(**deliver: Any) -> tuple[LMTPServer, StringTransport, FakeService, Clock]:
+    protocol, transport, service, clock = make(**deliver)
+    protocol.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@x>\r\n")
+    accept(service, 0, "a@x")
+    protocol.dataReceived(b"DATA\r\n")
+    take(transport)
+    return protocol, transport, service, clock
+
+
+def test_data_trickling_below_min_data_rate_times_out() -> None:
+    protocol, transport, _service, clock = data_session(max_message_size="1M", min_data_rate=500)
+    for _ in range(70):
+        protocol.dataReceived(b"x" * 100)  # 100 bytes/s: under 500
+        clock.advance(1)
+        if transport.disconnecting:
+            break
+    assert take(transport) == ["421 4.4.2 mx.test Timeout: client too slow, closing connection"]
+    assert clock.seconds() == 60
+
+
+def test_data_at_min_data_rate_keeps_the_connection() -> None:
+    protocol, transport, _service, clock = data_session(max_message_size="1M", min_data_rate=500)
+    for _ in range(200):
+        protocol.dataReceived(b"x" * 600 + b"\r\n")
+        clock.advance(1)
+    assert not transport.disconnecting
+    protocol.dataReceived(b".\r\n")
+    assert not transport.disconnecting
+
+
 def test_no_timeout_while_waiting_for_a_lookup() -> None:
     protocol, transport, service, clock = make()
     protocol.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@x>\r\n")
