@@ -50,7 +50,7 @@ LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
 class LMTPServer(Protocol):
     def __init__(self, service: DeliveryService, clock: IReactorTime) -> None:
         self.service = service
-        self.clock = clock
+        self.clock: Any = clock  # IReactorTime; zope methods do not type-check as attributes
         self._buffer = bytearray()
         self._busy = False
         self._paused = False
