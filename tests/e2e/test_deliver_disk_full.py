@@ -213,10 +213,15 @@ def test_full_disk_452_per_recipient_nothing_partial_then_delivery_resumes(rig: 
     # Completely full (a root-owned filler takes the last pages): not even the first spool
     # bytes can be written, in tmp/ nor in the spool directory. Small and spooled messages alike.
     filler = take_space(rig, 0)
+    spool = rig.mail_root / ".mailplugins-spool"
+    assert not spool.exists()
     for size in (1_000, 100_000):
         replies = rig.send(USERS, size)
         assert [r[:9] for r in replies] == [FULL, FULL], (size, replies)
         rig.assert_nothing_partial()
+    # The spooled one met ENOSPC in alice's tmp/ first, then in the spool directory.
+    assert spool.is_dir()
+    assert "cannot spool message: [Errno 28] No space left on device" in rig.daemons.output()
 
     # Room again (the filler goes, alice expunges old messages): the same process
     # delivers, small and spooled messages, to both.
