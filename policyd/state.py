@@ -32,9 +32,11 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    false,
     func,
     literal_column,
     select,
+    true,
     update,
 )
 
@@ -285,8 +287,36 @@ def _overrides_stmt(conn: Connection) -> Any:
     )
 
 
+def _live_buckets_stmt(conn: Connection) -> Any:
+    # Every bucket still inside some window of the subject (``expires`` is when a bucket
+    # leaves its window), for all windows at once: one read instead of one SUM per window.
+    return (
+        select(RateBucket.period, RateBucket.bucket, RateBucket.messages,
+               RateBucket.recipients, RateBucket.bytes)
+        .where(RateBucket.rule == bindparam("rule"), RateBucket.subject == bindparam("subject"),
+               RateBucket.expires > bindparam("now"))
+    )
+
+
+def _window_sums(rows: Sequence[Any], window: Window, bucket: int) -> tuple[int, int, int]:
+    """Totals of ``window``'s buckets among ``rows`` (the same range as the SUM query)."""
+    oldest = bucket - window.buckets
+    messages = recipients = size = 0
+    for period, number, m, r, b in rows:
+        if period == window.period and oldest < number <= bucket:
+            messages += m
+            recipients += r
+            size += b
+    return messages, recipients, size
+
+
+#: Where the policy state functions work: an Engine (they run their own transaction) or a
+#: Connection inside a transaction its owner commits (a group commit, see policyd.batch).
+Target = Engine | Connection
+
+
 def rate_check(
-    engine: Engine,
+    target: Target,
     keys: Sequence[RateKey],
     now: float,
     *,
@@ -298,46 +328,72 @@ def rate_check(
 
     All keys are decided in one transaction, so a message refused by one rule is counted by
     none. Admission means the totals *including* this request stay within every limit.
+
+    The subjects' lock rows are upserted first; the window totals are read after that, under
+    the lock, and the buckets are incremented only when every window admits the message, so
+    a refusal writes no counter and needs no rollback (several checks can share one
+    transaction). Given a Connection, the work joins its transaction; the caller commits.
     """
-    second = int(now)
-    counting = bool(messages or recipients or size)
-    # Lock rows in one global order, so two transactions never wait for each other in a cycle.
-    ordered = sorted(keys, key=lambda k: (k.rule, k.subject))
-    with _one_writer(engine), _transaction(engine) as conn:
-        conn.begin()  # the raw statements below run inside this transaction
+    if isinstance(target, Connection):
+        return _rate_check(target, keys, int(now), messages, recipients, size)
+    with _one_writer(target), _transaction(target) as conn:
+        conn.begin()  # the raw statements run inside this transaction
         try:
-            for key in ordered:
-                # The subject's lock row: every concurrent check of this subject waits here.
-                _compiled(conn, "subject_upsert", _subject_upsert_stmt).run(
-                    conn, rule=key.rule, subject=key.subject, last_seen=second)
-            usage: list[tuple[str, Usage]] = []
-            refused: tuple[str, Window] | None = None
-            saturated_until = 0
-            for key in ordered:
-                effective = effective_windows(
-                    key.windows, _overrides(conn, key.rule, key.override_subjects))
-                for window in effective:
-                    bucket = second // window.step
-                    if counting:
-                        _compiled(conn, "bucket_upsert", _bucket_upsert_stmt).run(
-                            conn, rule=key.rule, subject=key.subject, period=window.period,
-                            bucket=bucket, messages=messages, recipients=recipients, bytes=size,
-                            expires=(bucket + 1) * window.step + window.period)
-                    total = _window_total(conn, key, window, bucket)
-                    used = Usage(window.period, int(total[0]), int(total[1]), int(total[2]))
-                    usage.append((key.rule, used))
-                    if refused is None and _over(window, used, messages, recipients, size):
-                        refused = (key.rule, window)
-                        if messages and _saturated(window, used, messages, recipients, size):
-                            saturated_until = (bucket + 1) * window.step
-            if refused is not None:
-                conn.rollback()
-                return RateDecision(False, refused[0], refused[1], tuple(usage), saturated_until)
-            conn.commit()
-            return RateDecision(True, None, None, tuple(usage))
+            decision = _rate_check(conn, keys, int(now), messages, recipients, size)
         except BaseException:
             conn.rollback()
             raise
+        conn.commit()
+        return decision
+
+
+def _rate_check(
+    conn: Connection,
+    keys: Sequence[RateKey],
+    second: int,
+    messages: int,
+    recipients: int,
+    size: int,
+) -> RateDecision:
+    counting = bool(messages or recipients or size)
+    # Lock rows in one global order, so two transactions never wait for each other in a cycle.
+    ordered = sorted(keys, key=lambda k: (k.rule, k.subject))
+    subject_upsert = _compiled(conn, "subject_upsert", _subject_upsert_stmt)
+    for key in ordered:
+        # The subject's lock row: every concurrent check of this subject waits here.
+        subject_upsert.run(conn, rule=key.rule, subject=key.subject, last_seen=second)
+    live = _compiled(conn, "live_buckets", _live_buckets_stmt)
+    usage: list[tuple[str, Usage]] = []
+    counts: list[tuple[RateKey, Window, int]] = []
+    refused: tuple[str, Window] | None = None
+    saturated_until = 0
+    for key in ordered:
+        effective = effective_windows(
+            key.windows, _overrides(conn, key.rule, key.override_subjects))
+        if not effective:
+            continue
+        rows = live.run(conn, rule=key.rule, subject=key.subject, now=second).fetchall()
+        for window in effective:
+            bucket = second // window.step
+            before = _window_sums(rows, window, bucket)
+            used = Usage(window.period, before[0] + messages, before[1] + recipients,
+                         before[2] + size)
+            usage.append((key.rule, used))
+            counts.append((key, window, bucket))
+            if refused is None and _over(window, used, messages, recipients, size):
+                refused = (key.rule, window)
+                if messages and _saturated(window, used, messages, recipients, size):
+                    saturated_until = (bucket + 1) * window.step
+    if refused is not None:
+        return RateDecision(False, refused[0], refused[1], tuple(usage), saturated_until)
+    if counting:
+        bucket_upsert = _compiled(conn, "bucket_upsert", _bucket_upsert_stmt)
+        for key, window, bucket in counts:
+            bucket_upsert.run(
+                conn, rule=key.rule, subject=key.subject, period=window.period, bucket=bucket,
+                messages=messages, recipients=recipients, bytes=size,
+                expires=(bucket + 1) * window.step + window.period)
+    return RateDecision(True, None, None, tuple(usage))
 
 
 def _saturated(window: Window, used: Usage, messages: int, recipients: int, size: int) -> bool:
@@ -491,56 +547,93 @@ class GreylistResult:
 
 
 def greylist_check(
-    engine: Engine, key: str, client: str, now: float, timing: GreylistTiming
+    target: Target, key: str, client: str, now: float, timing: GreylistTiming
 ) -> GreylistResult:
-    """postgrey's decision for one triplet ``key`` (already hashed) from ``client``."""
-    second = int(now)
-    with _one_writer(engine), engine.begin() as conn:
-        _write_lock(conn)
-        if timing.awl_passes:
-            row = conn.execute(
-                select(GreylistClient.passes, GreylistClient.last_seen)
-                .where(GreylistClient.address == client)
-            ).first()
-            if (row is not None and row.passes >= timing.awl_passes
-                    and second - row.last_seen <= timing.expiry):
-                conn.execute(update(GreylistClient).where(GreylistClient.address == client)
-                             .values(last_seen=second))
-                return GreylistResult("whitelisted")
-        entry = _lock_triplet(conn, key)
-        if entry is None:
-            inserted = conn.execute(
-                _insert_ignore(conn, GreylistEntry.__table__).values(
-                    key=key, first_seen=second, last_seen=second, passed=False)
-            ).rowcount
-            if inserted:
-                return GreylistResult("greylisted", timing.delay)
-            entry = _lock_triplet(conn, key)
-            if entry is None:  # pragma: no cover - inserted and deleted meanwhile
-                return GreylistResult("greylisted", timing.delay)
-        first, passed = int(entry.first_seen), bool(entry.passed)
-        if not passed and second - first > timing.retry_window:
-            # The first retry came too late: start over, as postgrey does.
-            conn.execute(update(GreylistEntry).where(GreylistEntry.key == key)
-                         .values(first_seen=second, last_seen=second))
+    """postgrey's decision for one triplet ``key`` (already hashed) from ``client``.
+
+    Given a Connection, the work joins its transaction (the caller has taken SQLite's write
+    lock, see :func:`_write_lock`, and commits); given an Engine, it is its own transaction.
+    """
+    if isinstance(target, Connection):
+        return _greylist_check(target, key, client, int(now), timing)
+    with _one_writer(target), _transaction(target) as conn:
+        conn.begin()  # the raw statements run inside this transaction
+        try:
+            _write_lock(conn)
+            result = _greylist_check(conn, key, client, int(now), timing)
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+        return result
+
+
+def _greylist_check(
+    conn: Connection, key: str, client: str, second: int, timing: GreylistTiming
+) -> GreylistResult:
+    statement = _greylist_statements(conn)
+    if timing.awl_passes:
+        row = statement["client"].run(conn, address=client).fetchone()
+        if (row is not None and row[0] >= timing.awl_passes
+                and second - row[1] <= timing.expiry):
+            statement["client_seen"].run(conn, address=client, now=second)
+            return GreylistResult("whitelisted")
+    entry = statement["triplet"].run(conn, key=key).fetchone()
+    if entry is None:
+        inserted = statement["triplet_insert"].run(conn, key=key, now=second).rowcount
+        if inserted:
             return GreylistResult("greylisted", timing.delay)
-        waited = second - first
-        if waited < timing.delay:
-            conn.execute(update(GreylistEntry).where(GreylistEntry.key == key)
-                         .values(last_seen=second))
-            return GreylistResult("greylisted", timing.delay - waited)
-        conn.execute(update(GreylistEntry).where(GreylistEntry.key == key)
-                     .values(last_seen=second, passed=True))
-        if timing.awl_passes:
-            _count_client_pass(conn, client, second)
-        return GreylistResult("passed", waited, first_pass=not passed)
+        entry = statement["triplet"].run(conn, key=key).fetchone()
+        if entry is None:  # pragma: no cover - inserted and deleted meanwhile
+            return GreylistResult("greylisted", timing.delay)
+    first, passed = int(entry[0]), bool(entry[1])
+    if not passed and second - first > timing.retry_window:
+        # The first retry came too late: start over, as postgrey does.
+        statement["triplet_restart"].run(conn, key=key, now=second)
+        return GreylistResult("greylisted", timing.delay)
+    waited = second - first
+    if waited < timing.delay:
+        statement["triplet_seen"].run(conn, key=key, now=second)
+        return GreylistResult("greylisted", timing.delay - waited)
+    statement["triplet_pass"].run(conn, key=key, now=second)
+    if timing.awl_passes:
+        _count_client_pass(conn, client, second)
+    return GreylistResult("passed", waited, first_pass=not passed)
 
 
-def _lock_triplet(conn: Connection, key: str) -> Any:
-    return conn.execute(
-        select(GreylistEntry.first_seen, GreylistEntry.passed)
-        .where(GreylistEntry.key == key).with_for_update()
-    ).first()
+def _greylist_statements(conn: Connection) -> dict[str, _Compiled]:
+    """The greylisting statements, compiled once per dialect (see :class:`_Compiled`)."""
+    found = _GREYLIST_COMPILED.get(conn.dialect.name)
+    if found is not None:
+        return found
+    entry, clients = GreylistEntry, GreylistClient
+    now: Any = bindparam("now")
+    key: Any = bindparam("key")
+    address: Any = bindparam("address")
+    statements = {
+        "client": select(clients.passes, clients.last_seen).where(clients.address == address),
+        "client_seen": update(clients).where(clients.address == address).values(last_seen=now),
+        "triplet": select(entry.first_seen, entry.passed).where(entry.key == key)
+        .with_for_update(),
+        "triplet_insert": _insert_ignore(conn, entry.__table__).values(
+            key=key, first_seen=now, last_seen=now, passed=false()),
+        "triplet_restart": update(entry).where(entry.key == key)
+        .values(first_seen=now, last_seen=now),
+        "triplet_seen": update(entry).where(entry.key == key).values(last_seen=now),
+        "triplet_pass": update(entry).where(entry.key == key)
+        .values(last_seen=now, passed=true()),
+        "pass_count": update(clients)
+        .where(clients.address == address, clients.last_counted <= bindparam("counted_before"))
+        .values(passes=clients.passes + literal_column("1"), last_counted=now, last_seen=now),
+        "client_insert": _insert_ignore(conn, clients.__table__).values(
+            address=address, passes=literal_column("1"), last_counted=now, last_seen=now),
+    }
+    found = {name: _Compiled(stmt, conn) for name, stmt in statements.items()}
+    _GREYLIST_COMPILED[conn.dialect.name] = found
+    return found
+
+
+_GREYLIST_COMPILED: dict[str, dict[str, _Compiled]] = {}
 
 
 def _insert_ignore(conn: Connection, table: Any) -> Any:
@@ -552,20 +645,14 @@ def _insert_ignore(conn: Connection, table: Any) -> Any:
 
 def _count_client_pass(conn: Connection, client: str, second: int) -> None:
     """One pass counted at once, then at most one per AWL_INTERVAL (postgrey)."""
-    counted = conn.execute(
-        update(GreylistClient)
-        .where(GreylistClient.address == client,
-               GreylistClient.last_counted <= second - AWL_INTERVAL)
-        .values(passes=GreylistClient.passes + 1, last_counted=second, last_seen=second)
-    ).rowcount
+    statement = _greylist_statements(conn)
+    counted = statement["pass_count"].run(
+        conn, address=client, now=second, counted_before=second - AWL_INTERVAL).rowcount
     if counted:
         return
-    touched = conn.execute(
-        update(GreylistClient).where(GreylistClient.address == client).values(last_seen=second)
-    ).rowcount
+    touched = statement["client_seen"].run(conn, address=client, now=second).rowcount
     if not touched:
-        conn.execute(_insert_ignore(conn, GreylistClient.__table__).values(
-            address=client, passes=1, last_counted=second, last_seen=second))
+        statement["client_insert"].run(conn, address=client, now=second)
 
 
 # --------------------------------------------------------------------------------------------

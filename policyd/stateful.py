@@ -35,6 +35,7 @@ from mailplugins.config.policy_state import GreylistConfig, RateLimitConfig, SPF
 from mailplugins.daemon import Runtime
 from mailplugins.metrics import DaemonMetrics
 from mailplugins.threads import WorkerPool
+from policyd.batch import batching_runner
 from policyd.codec import PolicyRequest
 from policyd.greylist import Greylister
 from policyd.ratelimit import Clock, RateLimiter
@@ -74,6 +75,9 @@ class StatefulChecks:
     ) -> None:
         self._engine = engine
         self._db_run = db_run
+        #: Runs greylisting and rate-limit checks: grouped into shared transactions on SQLite
+        #: (made with the first of those checks; kept across reloads).
+        self._state_run: Runner | None = None
         self._spf_run = spf_run
         self._clock = clock
         self.budget = budget
@@ -104,13 +108,16 @@ class StatefulChecks:
         """Take a (re)loaded configuration; counters and the database state are kept."""
         self.budget = budget
         self.delimiters = delimiters
+        state_run = self._state_run
+        if state_run is None and (ratelimit or greylist):
+            state_run = self._state_run = batching_runner(self._engine, self._db_run)
         self.ratelimit = (
-            RateLimiter(ratelimit, self._engine, self._db_run, self._clock, delimiters=delimiters)
-            if ratelimit else None
+            RateLimiter(ratelimit, self._engine, state_run, self._clock, delimiters=delimiters)
+            if ratelimit and state_run else None
         )
         self.greylist = (
-            Greylister(greylist, self._engine, self._db_run, self._clock, delimiters=delimiters)
-            if greylist else None
+            Greylister(greylist, self._engine, state_run, self._clock, delimiters=delimiters)
+            if greylist and state_run else None
         )
         if spf is not None and self._spf_run is None:
             raise ValueError("SPF needs a worker pool")

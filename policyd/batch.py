@@ -1,0 +1,141 @@
+# -*- test-case-name: tests.unit.test_policy_batch -*-
+"""Group commit for greylisting and rate limits on SQLite.
+
+SQLite has one writer per database. With a transaction per check, every greylisting or
+rate-limit decision paid for a pool checkout, ``BEGIN``, a WAL commit, a hand-off to a database
+thread and back, and waited for the single writer lock besides; under load the checks queued
+behind one another at that lock, one commit each. Here the checks that arrive while a batch is
+running wait on the reactor instead and then run together: one database thread, one
+connection, one transaction and one commit for all of them, and one wake-up of the reactor
+with all their results.
+
+Each check keeps its own semantics: it runs inside a ``SAVEPOINT`` (a check that fails is
+rolled back alone and fails alone), its statements see the checks before it in the same
+transaction, and nothing is answered before the commit succeeded (a failed commit fails every
+check of the batch, and each answers its fallback). Counting stays atomic: SQLite's write lock
+is taken at the start of the batch (:func:`policyd.state._write_lock`) and held to its commit.
+
+Only SQLite batches (see :func:`batching_runner`). PostgreSQL and MariaDB run many writers at
+once, and a batch would hold the row locks of every subject in it until its commit, making
+other hosts wait on subjects they do not share; there each check stays one short transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import Engine
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from policyd.state import _one_writer, _write_lock
+
+Runner = Callable[..., "Deferred[Any]"]
+
+#: Most checks in one transaction: bounds how long the write lock is held.
+MAX_BATCH = 200
+
+_Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+def run_batch(engine: Engine, jobs: Sequence[_Job]) -> list[tuple[bool, Any]]:
+    """Run ``fn(connection, *args, **kwargs)`` for each job in one transaction.
+
+    Returns ``(True, result)`` or ``(False, exception)`` per job, in order; raises (and commits
+    nothing) when the transaction itself fails. Runs in a database thread.
+    """
+    results: list[tuple[bool, Any]] = []
+    with _one_writer(engine), engine.connect() as conn:
+        conn.begin()
+        try:
+            _write_lock(conn)
+            cursor = conn.connection.cursor()
+            for fn, args, kwargs in jobs:
+                cursor.execute("SAVEPOINT policy_check")
+                try:
+                    results.append((True, fn(conn, *args, **kwargs)))
+                except Exception as exc:
+                    cursor.execute("ROLLBACK TO SAVEPOINT policy_check")
+                    results.append((False, exc))
+                cursor.execute("RELEASE SAVEPOINT policy_check")
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+    return results
+
+
+class GroupCommit:
+    """A runner with the database pool's signature whose work is run in batches.
+
+    ``run(fn, engine, *args, **kwargs)`` runs ``fn(connection, *args, **kwargs)``: ``fn`` is a
+    :mod:`policyd.state` check, which takes an Engine or a Connection in its transaction. At
+    most one batch is in the pool at a time (SQLite has one writer anyway); checks submitted
+    meanwhile form the next one.
+    """
+
+    def __init__(self, engine: Engine, run: Runner, max_batch: int = MAX_BATCH) -> None:
+        self._engine = engine
+        self._run = run
+        self.max_batch = max_batch
+        self._queue: list[tuple[_Job, Deferred[Any]]] = []
+        self._busy = False
+        self._starting = False
+        #: Batches run and checks in them (for tests and the curious).
+        self.batches = 0
+        self.checks = 0
+
+    def run(self, fn: Callable[..., Any], engine: Engine, *args: Any, **kwargs: Any
+            ) -> Deferred[Any]:
+        if engine is not self._engine:
+            raise ValueError("a GroupCommit runs checks on its own engine only")
+        result: Deferred[Any] = Deferred()
+        self._queue.append(((fn, args, kwargs), result))
+        self._start()
+        return result
+
+    def _start(self) -> None:
+        # A loop, not recursion: with a synchronous runner (tests) each batch ends inside
+        # self._run, and the next one starts here.
+        if self._starting:
+            return
+        self._starting = True
+        try:
+            while self._queue and not self._busy:
+                taken = self._queue[:self.max_batch]
+                del self._queue[:self.max_batch]
+                self._busy = True
+                self.batches += 1
+                self.checks += len(taken)
+                try:
+                    work = self._run(run_batch, self._engine, [job for job, _ in taken])
+                except Exception:
+                    work = Deferred()
+                    work.errback(Failure())
+                work.addBoth(self._finished, [result for _, result in taken])
+        finally:
+            self._starting = False
+
+    def _finished(self, outcome: Any, waiting: list[Deferred[Any]]) -> None:
+        self._busy = False
+        if isinstance(outcome, Failure):
+            for result in waiting:
+                if not result.called:
+                    result.errback(outcome)
+        else:
+            for result, (ok, value) in zip(waiting, outcome, strict=True):
+                if result.called:  # timed out meanwhile (answered with its fallback)
+                    continue
+                if ok:
+                    result.callback(value)
+                else:
+                    result.errback(Failure(value))
+        self._start()
+
+
+def batching_runner(engine: Engine, run: Runner) -> Runner:
+    """The runner for the state checks: group commit on SQLite, ``run`` itself elsewhere."""
+    if engine.dialect.name == "sqlite":
+        return GroupCommit(engine, run).run
+    return run

@@ -1,0 +1,143 @@
+"""Group commit of greylisting and rate-limit checks on SQLite (policyd.batch)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, create_engine, func, select
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.task import Clock
+
+from mailplugins.config.core import DatabaseConfig
+from mailplugins.config.policy_state import Window
+from mailplugins.db import schema
+from mailplugins.db.engine import make_engine
+from mailplugins.db.policy_models import GreylistEntry
+from policyd.batch import GroupCommit, batching_runner, run_batch
+from policyd.state import GreylistTiming, RateKey, greylist_check, rate_check
+
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = make_engine(DatabaseConfig(f"sqlite:///{tmp_path}/state.db", pool_size=2, timeout=5))
+    schema.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+class HeldPool:
+    """A database pool whose work runs only when the test says so (one batch in flight)."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        result: Deferred[Any] = Deferred()
+        self.waiting.append((fn, args, result))
+        return result
+
+    def finish_one(self) -> None:
+        fn, args, result = self.waiting.pop(0)
+        maybeDeferred(fn, *args).chainDeferred(result)
+
+
+def outcomes(ds: list[Deferred[Any]]) -> list[Any]:
+    results: list[Any] = []
+    for d in ds:
+        d.addBoth(results.append)
+    assert len(results) == len(ds), "not every check was answered"
+    return results
+
+
+def limit_key(limit: int) -> RateKey:
+    return RateKey("out", "bob@example.org", (Window(3600, messages=limit),))
+
+
+def triplets(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(GreylistEntry)).scalar_one())
+
+
+def test_checks_arriving_during_a_batch_share_the_next_transaction(engine: Engine) -> None:
+    pool = HeldPool()
+    group = GroupCommit(engine, pool.run)
+    first = group.run(rate_check, engine, [limit_key(3)], T0, messages=1)
+    assert len(pool.waiting) == 1 and not first.called
+    # Five more while the first batch is in the pool: they wait on the reactor, together.
+    rest = [group.run(rate_check, engine, [limit_key(3)], T0, messages=1) for _ in range(5)]
+    assert len(pool.waiting) == 1
+    pool.finish_one()
+    assert first.called and not any(d.called for d in rest)
+    assert len(pool.waiting) == 1  # the next batch went to the pool as the first ended
+    pool.finish_one()
+    # One transaction for the five, each seeing the counts of the ones before it.
+    assert [d.admitted for d in outcomes([first, *rest])] == [True, True, True, False, False,
+                                                                False]
+    assert (group.batches, group.checks) == (2, 6)
+
+
+def test_a_failing_check_is_rolled_back_alone(engine: Engine) -> None:
+    def broken(conn: Connection, key: str) -> None:
+        greylist_check(conn, key, "192.0.2.1", T0, GreylistTiming())
+        raise RuntimeError("bug after a write")
+
+    results = run_batch(engine, [
+        (greylist_check, ("kept-1", "192.0.2.1", T0, GreylistTiming()), {}),
+        (broken, ("dropped",), {}),
+        (greylist_check, ("kept-2", "192.0.2.1", T0, GreylistTiming()), {}),
+    ])
+    assert [ok for ok, _ in results] == [True, False, True]
+    assert isinstance(results[1][1], RuntimeError)
+    assert triplets(engine) == 2  # the broken check's insert was undone, its neighbours kept
+
+
+def test_failures_reach_each_waiting_check(engine: Engine) -> None:
+    group = GroupCommit(engine, lambda fn, *a: fail(RuntimeError("database down")))
+    answers = outcomes([group.run(rate_check, engine, [limit_key(3)], T0, messages=1)
+                        for _ in range(2)])
+    assert all(a.check(RuntimeError) for a in answers)
+    # Nothing stays stuck: the next check is tried again.
+    assert group.batches == 2
+
+    def raises(fn: Any, *args: Any) -> Deferred[Any]:
+        raise RuntimeError("pool stopped")
+
+    stopped = GroupCommit(engine, raises)
+    assert outcomes([stopped.run(rate_check, engine, [limit_key(3)], T0)])[0].check(RuntimeError)
+
+
+def test_a_check_answered_by_its_timeout_is_not_answered_twice(engine: Engine) -> None:
+    pool = HeldPool()
+    clock = Clock()
+    group = GroupCommit(engine, pool.run)
+    late = group.run(greylist_check, engine, "k", "192.0.2.1", T0, GreylistTiming())
+    late.addTimeout(1.0, clock)
+    clock.advance(1.0)
+    assert late.called
+    late.addErrback(lambda _: None)
+    pool.finish_one()  # no AlreadyCalledError; the work itself was done
+    assert triplets(engine) == 1
+
+
+def test_synchronous_runner_runs_every_batch(engine: Engine) -> None:
+    group = GroupCommit(engine, maybeDeferred, max_batch=2)
+    ds = [group.run(greylist_check, engine, f"k{n}", "192.0.2.1", T0, GreylistTiming())
+          for n in range(5)]
+    assert [r.status for r in outcomes(ds)] == ["greylisted"] * 5
+    assert group.batches == 5  # each ran at once: nothing was waiting to join it
+
+
+def test_only_sqlite_batches(engine: Engine) -> None:
+    def run(fn: Any, *args: Any) -> Deferred[Any]:
+        return maybeDeferred(fn, *args)
+
+    assert batching_runner(engine, run) != run
+    server = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    assert batching_runner(server, run) is run
+    with pytest.raises(ValueError, match="own engine"):
+        GroupCommit(engine, run).run(rate_check, server, [limit_key(1)], T0)
