@@ -33,6 +33,7 @@ __all__ = [
     "encode_mutf7",
     "folder_for_detail",
     "maildir_name",
+    "write_all",
 ]
 
 SUBDIRS = ("tmp", "new", "cur")
@@ -176,7 +177,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of ``data`` is written: a write may be short when the disk fills,
+    and only the next one raises ENOSPC."""
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
@@ -202,7 +205,7 @@ def _copy_spool(source: IO[bytes], fd: int, size: int, start: int = 0) -> None:
         chunk = os.pread(src, min(COPY_CHUNK, end - offset), offset)
         if not chunk:
             raise DeliveryError("spool file shorter than expected")
-        _write_all(fd, chunk)
+        write_all(fd, chunk)
         offset += len(chunk)
 
 
@@ -333,7 +336,7 @@ class MaildirWriter:
         base, path, fd = self._create_tmp(directory, os.O_RDWR)  # read back for other copies
         try:
             self._own_fd(fd)
-            _write_all(fd, header)
+            write_all(fd, header)
             file = os.fdopen(fd, "r+b", buffering=0)
         except BaseException:
             os.close(fd)
@@ -347,11 +350,11 @@ class MaildirWriter:
         try:
             try:
                 self._own_fd(fd)
-                _write_all(fd, header)
+                write_all(fd, header)
                 if body.spool is not None:
                     _copy_spool(body.spool, fd, body.size, body.offset)
                 else:
-                    _write_all(fd, body.data)
+                    write_all(fd, body.data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -366,7 +369,10 @@ class MaildirWriter:
         tmp = body.tmp
         if tmp is None or body.spool is None or tmp.header != header or tmp.directory not in directories:
             return None
-        os.fsync(body.spool.fileno())
+        fd = body.spool.fileno()
+        if os.fstat(fd).st_size != body.offset + body.size:
+            raise DeliveryError("spool file is not the size the DATA decoded to")
+        os.fsync(fd)
         directories.remove(tmp.directory)
         directories.insert(0, tmp.directory)
         body.tmp = None  # linked (or unlinked) below, no longer Body.close's business

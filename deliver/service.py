@@ -22,7 +22,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from deliver.lmtp_codec import Reply
-from deliver.maildir import FULL_ERRNOS, Body, DeliveryError, MaildirWriter, TmpFile, folder_for_detail
+from deliver.maildir import (
+    FULL_ERRNOS,
+    Body,
+    DeliveryError,
+    MaildirWriter,
+    TmpFile,
+    folder_for_detail,
+    write_all,
+)
 from deliver.quota import QuotaTracker
 from deliver.recipients import Rejection, Target, resolve_recipient
 from mailplugins.config import Config, DeliverConfig
@@ -161,7 +169,7 @@ class Spool:
     def _write(self, data: bytes) -> None:
         if self._file is None:
             self._file = self._open()
-        self._file.write(data)
+        write_all(self._file.fileno(), data)
 
     def _chain(self, fn: Callable[..., Any], *args: Any) -> Deferred[None]:
         def run(_: object) -> Deferred[None] | None:

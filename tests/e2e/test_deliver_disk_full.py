@@ -240,10 +240,6 @@ def test_full_disk_452_per_recipient_nothing_partial_then_delivery_resumes(rig: 
     assert rig.daemons.process is not None and rig.daemons.process.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "deliver bug: Spool._write (deliver/service.py:164) ignores the count a short write() "
-    "returns on the unbuffered spool file; when the disk fills during the last spool write "
-    "nothing raises, the truncated file is linked into new/ and answered 250"))
 def test_disk_fills_during_the_last_spool_write_452_not_a_truncated_250(rig: Rig) -> None:
     """The space runs out inside the final write of a spooled message (one page short).
 
