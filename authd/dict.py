@@ -16,6 +16,7 @@ the database answers in.
 No idle timeout (Dovecot's dict client keeps its connection and decides when to close it; idle
 clients are bounded by ``max_connections``), but a line must arrive whole within
 ``line_timeout`` of its first byte, so a peer trickling bytes cannot hold a connection forever.
+A peer that half-closes gets the replies to its complete commands, then the connection closes.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from authd import dict_codec as codec
 from authd.metrics import AuthdMetrics
@@ -169,6 +171,7 @@ class _Slot:
         self.data: bytes | None = None
 
 
+@implementer(IHalfCloseableProtocol)
 class DictProtocol(Protocol):
     factory: DictFactory
     transport: Any
@@ -179,6 +182,7 @@ class DictProtocol(Protocol):
         self._transactions: dict[int, list[codec.Change]] = {}
         self._deadline: Any = None
         self._closed = False
+        self._ended = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -202,7 +206,7 @@ class DictProtocol(Protocol):
     def _time_line(self, data: bytes) -> None:
         """Keep a deadline on the incomplete line, counted from its first byte: a line that
         started in ``data`` (after a newline in it) gets a fresh one, a continued line keeps its."""
-        if self._closed or not self.decoder.pending:
+        if self._closed or self._ended or not self.decoder.pending:
             self._stop_deadline()
         elif self._deadline is None or b"\n" in data:
             self._stop_deadline()
@@ -306,6 +310,22 @@ class DictProtocol(Protocol):
             data = self._queue.popleft().data
             if not self._closed and data is not None:
                 self.transport.write(data)
+        self._close_if_ended()
+
+    def readConnectionLost(self) -> None:
+        """The peer will send nothing more (half-close): reply to what came, then close."""
+        self._ended = True
+        self._stop_deadline()
+        self._close_if_ended()
+
+    def writeConnectionLost(self) -> None:
+        self._closed = True
+        self.transport.loseConnection()
+
+    def _close_if_ended(self) -> None:
+        if self._ended and not self._closed and not self._queue:
+            self._closed = True
+            self.transport.loseConnection()
 
     def _drop(self, reason: str) -> None:
         self.factory.metrics.protocol_errors.labels("dict").inc()

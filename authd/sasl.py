@@ -6,6 +6,9 @@ closed one when a write fails, so closing a quiet connection would cost a 454 la
 clients are bounded by ``max_connections``). A *line* however must arrive whole within
 ``line_timeout`` of its first byte: Postfix writes each line in one go, and a peer trickling
 bytes would otherwise hold its connection and buffer forever.
+
+A peer that half-closes gets the answers to the logins being verified, then the connection is
+closed (exchanges waiting for a CONT can no longer finish and are dropped).
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import os
 import secrets
 from typing import Any
 
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from authd.metrics import AuthdMetrics
 from authd.sasl_codec import AuthServerSession, Drop, Send, Verify, handshake
@@ -27,6 +31,7 @@ from mailplugins.config import AuthdConfig
 log = Logger(namespace="authd.sasl")
 
 
+@implementer(IHalfCloseableProtocol)
 class AuthClientProtocol(Protocol):
     """One Postfix smtpd process (or doveadm) talking to us."""
 
@@ -39,6 +44,7 @@ class AuthClientProtocol(Protocol):
         self._sweeper: Any = None
         self._deadline: Any = None
         self._closed = False
+        self._ended = False
 
     def connectionMade(self) -> None:
         self.transport.write(
@@ -53,13 +59,32 @@ class AuthClientProtocol(Protocol):
     def _time_line(self, data: bytes) -> None:
         """Keep a deadline on the incomplete line, counted from its first byte: a line that
         started in ``data`` (after a newline in it) gets a fresh one, a continued line keeps its."""
-        if self._closed or not self.session.pending:
+        if self._closed or self._ended or not self.session.pending:
             self._stop_deadline()
         elif self._deadline is None or b"\n" in data:
             self._stop_deadline()
             self._deadline = self.factory.clock.callLater(
                 self.factory.config.line_timeout, self._too_slow
             )
+
+    def readConnectionLost(self) -> None:
+        """The peer will send nothing more (half-close): answer what is being verified."""
+        self._ended = True
+        self._stop_deadline()
+        self._close_if_ended()
+
+    def writeConnectionLost(self) -> None:
+        self._closed = True
+        self.transport.loseConnection()
+
+    def _close_if_ended(self) -> None:
+        if not self._ended or self._closed:
+            return
+        if any(r.waiting_since is None for r in self.session.requests.values()):
+            return  # a verification is still running; its answer comes first
+        self._closed = True
+        self.session.closed = True
+        self.transport.loseConnection()
 
     def _stop_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -103,6 +128,7 @@ class AuthClientProtocol(Protocol):
             if not self._closed:
                 answer = self.session.verified(action.request_id, verdict.outcome, verdict.user)
                 self._carry_out(answer)
+                self._close_if_ended()
 
         self.factory.verifier.verify(request).addCallback(done)
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IProtocolFactory
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IProtocolFactory
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import alsoProvides
 
 from mailplugins.metrics import DaemonMetrics
 
@@ -25,7 +26,19 @@ class _Counted(ProtocolWrapper):
 
     def connectionMade(self) -> None:
         self.factory.opened(self)
+        if IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
+            # Pass the peer's half-close (EOF) on, instead of Twisted closing at once: after
+            # makeConnection, which replaces what this wrapper directly provides.
+            alsoProvides(self, IHalfCloseableProtocol)
         super().connectionMade()
+
+    def readConnectionLost(self) -> None:
+        wrapped: Any = self.wrappedProtocol
+        wrapped.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        wrapped: Any = self.wrappedProtocol
+        wrapped.writeConnectionLost()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.factory.closed(self)

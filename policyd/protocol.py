@@ -17,6 +17,9 @@ of one byte a second would hold a connection (and its buffer) forever, since eve
 postpone the idle timeout. While a request is being decided neither runs (the service answers
 within its budget), and a request that arrived behind it is timed from that answer, since the
 connection was not read from meanwhile.
+
+A peer that half-closes (``printf '...\\n\\n' | nc -N -U socket``) gets the answers to the
+requests it completed, then the connection is closed; a partial request is dropped.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailplugins.config.policyd import PolicydConfig
 from policyd.codec import CodecError, PolicyRequest, RequestDecoder, encode_reply
@@ -36,6 +40,7 @@ from policyd.service import PolicyService
 log = Logger(namespace="policyd.protocol")
 
 
+@implementer(IHalfCloseableProtocol)
 class PolicyProtocol(Protocol):
     transport: Any
 
@@ -48,6 +53,7 @@ class PolicyProtocol(Protocol):
         self._paused = False
         self._closed = False
         self._draining = False
+        self._ended = False  # the peer half-closed: answer what is complete, then close
         self._idle_timeout = config.idle_timeout
         self._request_timeout = config.request_timeout
         self._idle: Any = None
@@ -68,6 +74,9 @@ class PolicyProtocol(Protocol):
         """
         if self._closed or self._busy:
             self._stop_timers()
+            return
+        if self._ended:
+            self._close()  # every complete request is answered; nothing more can come
             return
         if self._decoder.pending:
             self._stop_idle()
@@ -161,6 +170,14 @@ class PolicyProtocol(Protocol):
         # The service never fails; if it does anyway, never send a half or a wrong reply.
         log.failure("{peer}: internal error, closing connection", failure, peer=self._peer())
         self._busy = False
+        self._close()
+
+    def readConnectionLost(self) -> None:
+        """The peer will send nothing more (half-close)."""
+        self._ended = True
+        self._arm()
+
+    def writeConnectionLost(self) -> None:
         self._close()
 
     def _close(self) -> None:

@@ -6,6 +6,9 @@ and authd's auth-client, dict and HTTP listeners (``line_timeout``) run with a 2
 real socket sends one byte a second and must be disconnected 2 s after its first byte (plus a
 margin for a loaded machine), with exactly the bytes the protocol allows before the close,
 while a normal client on another connection is served throughout.
+
+Half-closed connections are here too, since they are the other way a peer stops sending: the
+line protocols answer what was complete, then close; HTTP closes at once.
 """
 
 from __future__ import annotations
@@ -213,3 +216,54 @@ def test_one_byte_a_second_is_cut_off_while_others_are_served(running: Running, 
     output = running.daemons.output()
     assert case.logged in output
     assert "Traceback" not in output
+
+
+def read_to_close(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes, float]:
+    """Everything received until the server closes, and how long that took."""
+    received = b""
+    start = time.monotonic()
+    sock.settimeout(timeout)
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received, time.monotonic() - start
+
+
+@pytest.mark.parametrize("name", ["policyd", "auth-client", "dict"])
+def test_half_close_gets_the_answer_then_the_close(running: Running, name: str) -> None:
+    """``printf ... | nc -N``: the peer sends its request and shuts its side down."""
+    case = CASES[name]
+    for attempt in range(5):  # the EOF may arrive in the same read as the request or later
+        sock = case.connect(running)
+        try:
+            if case.greeting:
+                read_until(sock, case.greeting)
+            sock.sendall(case.setup + case.request(1))
+            if attempt % 2:
+                sock.sendall(case.request(2)[:5])  # a partial request, dropped at the EOF
+            sock.shutdown(socket.SHUT_WR)
+            received, elapsed = read_to_close(sock)
+        finally:
+            sock.close()
+        assert received == case.answer(1)
+        assert elapsed < 2.0
+    assert "Traceback" not in running.daemons.output()
+
+
+def test_http_half_close_is_closed_at_once(running: Running) -> None:
+    """Twisted's HTTP channel does not support half-close: the connection is closed as soon as
+    the EOF is read, and an answer not yet written is dropped (Dovecot never half-closes)."""
+    sock = CASES["http"].connect(running)
+    try:
+        sock.sendall(http_request())
+        sock.shutdown(socket.SHUT_WR)
+        received, elapsed = read_to_close(sock)
+    finally:
+        sock.close()
+    assert received == b"" or received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert elapsed < 2.0

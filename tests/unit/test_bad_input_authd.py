@@ -158,6 +158,26 @@ def test_sasl_connection_lost_mid_line_and_mid_verification_leaves_nothing() -> 
     assert rig.clock.getDelayedCalls() == []
 
 
+def test_sasl_half_close_answers_the_logins_being_verified_then_closes() -> None:
+    rig, protocol, transport = sasl()
+    protocol.dataReceived(HELLO + auth(resp=plain("alice@example.org", "wrong")))
+    protocol.readConnectionLost()
+    assert transport.value() == b""  # the failure delay (2 s) runs first
+    assert not transport.disconnecting
+    rig.clock.advance(2.0)
+    assert transport.value() == b"FAIL\t1\tuser=alice@example.org\n"
+    assert transport.disconnecting
+
+
+def test_sasl_half_close_drops_exchanges_waiting_for_a_cont() -> None:
+    rig, protocol, transport = sasl()
+    protocol.dataReceived(HELLO + b"AUTH\t1\tLOGIN\tservice=smtp\nAUTH\t2")
+    protocol.readConnectionLost()
+    assert transport.value() == b"CONT\t1\tVXNlcm5hbWU6\n"
+    assert transport.disconnecting
+    assert sasl_errors(rig) == 0
+
+
 def test_sasl_one_byte_a_second_is_dropped_at_line_timeout() -> None:
     rig, protocol, transport = sasl(Rig(line_timeout="5s"))
     data = HELLO + auth()
@@ -283,6 +303,27 @@ def test_dict_connection_lost_mid_line_and_mid_lookup_writes_nothing() -> None:
     assert rig.transport.value() == b""
     rig.clock.advance(10)
     assert rig.clock.getDelayedCalls() == []
+
+
+def test_dict_half_close_replies_to_complete_commands_then_closes() -> None:
+    rig = DictRig()
+    rig.hold = True
+    rig.send(DICT_HELLO + b"Lshared/passdb/nobody@example.org\nLshared/passdb/nob")
+    rig.protocol.readConnectionLost()
+    assert not rig.transport.disconnecting  # the lookup is still running
+    for d, fn, args in rig.pending:
+        d.callback(fn(*args))
+    assert rig.transport.value() == b"N\n"
+    assert rig.transport.disconnecting
+    assert rig.clock.getDelayedCalls() == []
+
+
+def test_dict_half_close_when_idle_closes_at_once() -> None:
+    rig = DictRig()
+    rig.send(DICT_HELLO)
+    rig.protocol.readConnectionLost()
+    assert rig.transport.disconnecting
+    assert rig.transport.value() == b""
 
 
 def test_dict_one_byte_a_second_is_dropped_at_line_timeout() -> None:

@@ -9,15 +9,19 @@ inside a well-formed request) asserts the exact ``action=`` line. Timers run on 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
+from mailplugins.connections import LimitedFactory
 from policyd.codec import encode_request
-from policyd.protocol import PolicyProtocol
+from policyd.protocol import PolicyFactory, PolicyProtocol
 from tests.unit.test_policyd_fixtures import Harness
 from tests.unit.test_policyd_protocol import RELAY, UNKNOWN, connect, wire
 from tests.unit.test_policyd_service import ManualRun
@@ -232,6 +236,59 @@ def test_connection_lost_while_deciding_writes_nothing_later() -> None:
     run.complete_all()
     assert transport.value() == b""
     assert h.clock.getDelayedCalls() == []
+
+
+def test_half_close_after_a_request_answers_it_then_closes() -> None:
+    """``printf 'request=...\\n\\n' | nc -N -U socket``: the answer, then the close."""
+    protocol, transport = connect(Harness())
+    protocol.dataReceived(wire(recipient="x@other.example") + wire(recipient="nobody@example.org"))
+    protocol.readConnectionLost()
+    assert transport.value() == RELAY + UNKNOWN
+    assert transport.disconnecting
+
+
+def test_half_close_while_deciding_answers_first() -> None:
+    run = ManualRun()
+    h = Harness(run=run)
+    protocol, transport = connect(h)
+    protocol.dataReceived(wire(recipient="nobody@example.org"))
+    protocol.readConnectionLost()
+    assert transport.value() == b""
+    assert not transport.disconnecting
+    run.complete_all()
+    assert transport.value() == UNKNOWN
+    assert transport.disconnecting
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_half_close_mid_request_drops_it() -> None:
+    h = Harness()
+    protocol, transport = connect(h)
+    protocol.dataReceived(wire()[:40])
+    protocol.readConnectionLost()
+    assert closed_silently(protocol, transport)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_half_close_passes_through_the_connection_limit_wrapper() -> None:
+    h = Harness()
+    factory = PolicyFactory(h.service, h.config, h.clock)
+    limited = LimitedFactory(cast(IProtocolFactory, factory), listener="policyd.listen",
+                             maximum=10, metrics=h.metrics)
+    wrapper = limited.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport()
+    wrapper.makeConnection(transport)
+    assert IHalfCloseableProtocol.providedBy(wrapper)
+    wrapper.dataReceived(wire(recipient="x@other.example"))
+    IHalfCloseableProtocol(wrapper).readConnectionLost()
+    assert transport.value() == RELAY
+    assert transport.disconnecting
+    # A protocol without half-close support (deliver's) keeps Twisted's close at EOF.
+    plain = LimitedFactory(cast(IProtocolFactory, Factory.forProtocol(Protocol)),
+                           listener="other", maximum=10, metrics=h.metrics)
+    other = plain.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2))
+    other.makeConnection(StringTransport())
+    assert not IHalfCloseableProtocol.providedBy(other)
 
 
 # -- idle and slow peers ------------------------------------------------------------------
