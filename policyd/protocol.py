@@ -72,8 +72,8 @@ class PolicyProtocol(Protocol):
         A running request deadline is kept, not restarted: it counts from the request's first
         byte. Callers stop it when a request completes, so the next one gets its own.
         """
-        if self._closed or self._busy:
-            self._stop_timers()
+        if self._closed or self._busy or self._pending:
+            self._stop_timers()  # deciding, or between two answers of one drain
             return
         if self._ended:
             self._close()  # every complete request is answered; nothing more can come

@@ -261,6 +261,21 @@ def test_half_close_while_deciding_answers_first() -> None:
     assert h.clock.getDelayedCalls() == []
 
 
+def test_half_close_while_deciding_answers_every_queued_request() -> None:
+    run = ManualRun()
+    h = Harness(run=run)
+    protocol, transport = connect(h)
+    cached = wire(recipient="x@other.example")
+    protocol.dataReceived(cached)
+    run.complete_all()  # other.example is now known not to be ours: answered without waiting
+    assert transport.value() == RELAY
+    protocol.dataReceived(wire(recipient="nobody@example.org") + cached + cached)
+    protocol.readConnectionLost()
+    run.complete_all()
+    assert transport.value() == RELAY + UNKNOWN + RELAY + RELAY
+    assert transport.disconnecting
+
+
 def test_half_close_mid_request_drops_it() -> None:
     h = Harness()
     protocol, transport = connect(h)
