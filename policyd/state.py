@@ -31,6 +31,7 @@ from sqlalchemy import (
     Engine,
     and_,
     bindparam,
+    case,
     delete,
     false,
     func,
@@ -254,13 +255,37 @@ def _compiled(conn: Connection, name: str, build: Any) -> _Compiled:
     return found
 
 
+#: Seconds by which ``last_seen`` of a rate subject may lag (it only decides when the purge
+#: drops an idle subject's lock row, which the next check recreates).
+SUBJECT_SEEN_GRANULARITY = 60
+
+
 def _subject_upsert_stmt(conn: Connection) -> Any:
+    """Insert the subject's lock row, or lock the existing one.
+
+    Either way the row stays locked to the end of the transaction: PostgreSQL locks the
+    conflicting row even when the ``WHERE`` of ``DO UPDATE`` is false, MariaDB's ``ON
+    DUPLICATE KEY UPDATE`` locks it before evaluating the assignment, and SQLite holds the
+    database write lock. ``last_seen`` is rewritten only once it is a minute old, so a busy
+    subject does not rewrite its row and its index entry at every message.
+    """
+    table = RateSubject.__table__
+    values: dict[str, Any] = {"rule": bindparam("rule"), "subject": bindparam("subject"),
+                              "last_seen": bindparam("last_seen")}
+    if conn.dialect.name in ("sqlite", "postgresql"):
+        stmt = _insert(conn, table).values(**values)
+        return stmt.on_conflict_do_update(
+            index_elements=["rule", "subject"],
+            set_={"last_seen": stmt.excluded.last_seen},
+            where=table.c.last_seen
+            <= stmt.excluded.last_seen - literal_column(str(SUBJECT_SEEN_GRANULARITY)),
+        )
     return _upsert_stmt(
-        conn, RateSubject.__table__,
-        {"rule": bindparam("rule"), "subject": bindparam("subject"),
-         "last_seen": bindparam("last_seen")},
-        ("rule", "subject"),
-        {"last_seen": lambda c, new: new.last_seen},
+        conn, table, values, ("rule", "subject"),
+        {"last_seen": lambda c, new: case(
+            (c.last_seen <= new.last_seen - literal_column(str(SUBJECT_SEEN_GRANULARITY)),
+             new.last_seen),
+            else_=c.last_seen)},
     )
 
 

@@ -218,6 +218,23 @@ def test_overrides_domain_then_mailbox(any_engine: Engine) -> None:
         set_rate_override(any_engine, "out", "@example.org", 0, messages=1)
 
 
+def test_subject_last_seen_is_rewritten_once_a_minute(any_engine: Engine) -> None:
+    def last_seen() -> int:
+        with any_engine.connect() as conn:
+            return int(conn.execute(select(RateSubject.last_seen)).scalar_one())
+
+    windows = (Window(3600, messages=100),)
+    assert rate_check(any_engine, [key(windows)], T0, messages=1).admitted
+    assert last_seen() == T0
+    # A check within the minute locks the row without rewriting it ...
+    assert rate_check(any_engine, [key(windows)], T0 + 59, messages=1).admitted
+    assert last_seen() == T0
+    # ... and one a minute later moves it on.
+    assert rate_check(any_engine, [key(windows)], T0 + 60, messages=1).admitted
+    assert last_seen() == T0 + 60
+    assert rate_usage(any_engine, key(windows), T0 + 60)[0].messages == 3
+
+
 def test_reset_and_purge(any_engine: Engine) -> None:
     engine = any_engine
     windows = (Window(60, messages=1),)
