@@ -1,8 +1,9 @@
 """Slow senders against the real daemons: one byte a second is cut off at the deadline.
 
 Before the request/line deadlines every received byte postponed the idle timeout, so a peer
-trickling one byte a second held its connection forever. Here policyd (``request_timeout``)
-and authd's auth-client, dict and HTTP listeners (``line_timeout``) run with a 2 s deadline; a
+trickling one byte a second held its connection forever. Here policyd (``request_timeout``),
+authd's auth-client, dict and HTTP listeners (``line_timeout``) and deliver's LMTP
+(``idle_timeout``, counted from the previous reply) run with a 2 s deadline; a
 real socket sends one byte a second and must be disconnected 2 s after its first byte (plus a
 margin for a loaded machine), with exactly the bytes the protocol allows before the close,
 while a normal client on another connection is served throughout.
@@ -49,6 +50,10 @@ def running() -> Iterator[Running]:
                   "dict_listen": f"unix:{root}/dict.sock:mode=600",
                   "http_listen": f"tcp:{http_port}:interface=127.0.0.1",
                   "line_timeout": f"{DEADLINE}s"},
+        # LMTP counts from the previous reply (the greeting here), not from the first byte.
+        "mail": {"location": f"{root}/mail/%d/%n/Maildir"},
+        "deliver": {"listen": f"unix:{root}/lmtp.sock:mode=600", "hostname": "mx.test",
+                    "idle_timeout": f"{DEADLINE}s"},
     })
     daemons.store.add_domain("example.org")
     daemons.store.add_mailbox("alice@example.org", hash_password("s3cret", daemons.config.passwords))
@@ -142,6 +147,16 @@ CASES = {
         request=lambda n: f"Lshared/passdb/nobody{n}@example.org\n".encode(),
         answer=lambda n: b"N\n",
         logged="dropping dict connection: line not complete 2s after its first byte",
+    ),
+    "lmtp": Case(
+        connect=lambda r: open_unix(f"{r.daemons.root}/lmtp.sock"),
+        greeting=b"ready\r\n",
+        setup=b"LHLO normal.test\r\n",
+        slow=b"LHLO slow.test\r\n",
+        before_close=b"421 4.4.2 mx.test Timeout: client too slow, closing connection\r\n",
+        request=lambda n: b"NOOP\r\n",
+        answer=lambda n: b"250 2.0.0 OK\r\n",
+        logged="LMTP client too slow: no complete command or too little DATA in 2.0s",
     ),
     "http": Case(
         connect=lambda r: open_tcp(r.http_port),
