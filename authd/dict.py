@@ -39,6 +39,7 @@ from authd.metrics import AuthdMetrics
 from authd.sasl_codec import ProtocolError
 from mailplugins.addresses import AddressError, parse_address
 from mailplugins.config import AuthdConfig, Config, MailConfig
+from mailplugins.deadline import Deadline
 from mailplugins.maildir_path import expand_location
 from mailplugins.store import MailboxRecord, Store
 
@@ -180,7 +181,7 @@ class DictProtocol(Protocol):
         self.decoder = decoder
         self._queue: deque[_Slot] = deque()
         self._transactions: dict[int, list[codec.Change]] = {}
-        self._deadline: Any = None
+        self._deadline = Deadline(self._too_slow)
         self._closed = False
         self._ended = False
 
@@ -207,20 +208,12 @@ class DictProtocol(Protocol):
         """Keep a deadline on the incomplete line, counted from its first byte: a line that
         started in ``data`` (after a newline in it) gets a fresh one, a continued line keeps its."""
         if self._closed or self._ended or not self.decoder.pending:
-            self._stop_deadline()
-        elif self._deadline is None or b"\n" in data:
-            self._stop_deadline()
-            self._deadline = self.factory.clock.callLater(
-                self.factory.config.line_timeout, self._too_slow
-            )
-
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+            self._deadline.stop()
+        else:
+            self._deadline.start(self.factory.clock, self.factory.config.line_timeout,
+                                 restart=b"\n" in data)
 
     def _too_slow(self) -> None:
-        self._deadline = None
         if not self._closed:
             self._drop(f"line not complete {self.factory.config.line_timeout:g}s after its first byte")
 
@@ -315,7 +308,7 @@ class DictProtocol(Protocol):
     def readConnectionLost(self) -> None:
         """The peer will send nothing more (half-close): reply to what came, then close."""
         self._ended = True
-        self._stop_deadline()
+        self._deadline.stop()
         self._close_if_ended()
 
     def writeConnectionLost(self) -> None:
@@ -331,12 +324,12 @@ class DictProtocol(Protocol):
         self.factory.metrics.protocol_errors.labels("dict").inc()
         log.warn("dropping dict connection: {reason}", reason=reason)
         self._closed = True
-        self._stop_deadline()
+        self._deadline.stop()
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._closed = True
-        self._stop_deadline()
+        self._deadline.stop()
 
 
 class DictFactory(Factory):

@@ -29,6 +29,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from authd.sasl_codec import Outcome
 from authd.verify import Verdict, Verifier, VerifyRequest
+from mailplugins.deadline import Deadline
 
 log = Logger(namespace="authd.http")
 
@@ -109,14 +110,17 @@ class VerifyChannel(HTTPChannel):
     """
 
     site: Any
-    _deadline: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = Deadline(self._too_slow)
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
         self._time_request()
 
     def allContentReceived(self) -> None:
-        self._stop_deadline()  # complete: from here on it is ours to answer
+        self._deadline.stop()  # complete: from here on it is ours to answer
         super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
@@ -131,17 +135,11 @@ class VerifyChannel(HTTPChannel):
 
     def _time_request(self) -> None:
         if not self._receiving():
-            self._stop_deadline()
-        elif self._deadline is None:
-            self._deadline = self.callLater(self.site.line_timeout, self._too_slow)
-
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+            self._deadline.stop()
+        else:
+            self._deadline.start(self, self.site.line_timeout)  # the channel's (site's) callLater
 
     def _too_slow(self) -> None:
-        self._deadline = None
         transport: Any = self.transport
         log.warn("verify request from {peer} not complete {seconds}s after its first byte: closing",
                  peer=transport.getPeer(), seconds=self.site.line_timeout)
@@ -151,7 +149,7 @@ class VerifyChannel(HTTPChannel):
         self.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._stop_deadline()
+        self._deadline.stop()
         super().connectionLost(reason)
 
 

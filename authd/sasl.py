@@ -27,6 +27,7 @@ from authd.metrics import AuthdMetrics
 from authd.sasl_codec import AuthServerSession, Drop, Send, Verify, handshake
 from authd.verify import Verdict, Verifier, VerifyRequest
 from mailplugins.config import AuthdConfig
+from mailplugins.deadline import Deadline
 
 log = Logger(namespace="authd.sasl")
 
@@ -42,7 +43,7 @@ class AuthClientProtocol(Protocol):
         self.session = session
         self.cuid = cuid
         self._sweeper: Any = None
-        self._deadline: Any = None
+        self._deadline = Deadline(self._too_slow)
         self._closed = False
         self._ended = False
 
@@ -60,17 +61,15 @@ class AuthClientProtocol(Protocol):
         """Keep a deadline on the incomplete line, counted from its first byte: a line that
         started in ``data`` (after a newline in it) gets a fresh one, a continued line keeps its."""
         if self._closed or self._ended or not self.session.pending:
-            self._stop_deadline()
-        elif self._deadline is None or b"\n" in data:
-            self._stop_deadline()
-            self._deadline = self.factory.clock.callLater(
-                self.factory.config.line_timeout, self._too_slow
-            )
+            self._deadline.stop()
+        else:
+            self._deadline.start(self.factory.clock, self.factory.config.line_timeout,
+                                 restart=b"\n" in data)
 
     def readConnectionLost(self) -> None:
         """The peer will send nothing more (half-close): answer what is being verified."""
         self._ended = True
-        self._stop_deadline()
+        self._deadline.stop()
         self._close_if_ended()
 
     def writeConnectionLost(self) -> None:
@@ -86,13 +85,7 @@ class AuthClientProtocol(Protocol):
         self.session.closed = True
         self.transport.loseConnection()
 
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
     def _too_slow(self) -> None:
-        self._deadline = None
         if self._closed:
             return
         self.factory.metrics.protocol_errors.labels("sasl").inc()
@@ -142,7 +135,7 @@ class AuthClientProtocol(Protocol):
             log.warn("dropping auth-client connection from {peer}: {reason}",
                      peer=peer, reason=drop.reason)
         self._closed = True
-        self._stop_deadline()
+        self._deadline.stop()
         if drop.temporary:
             # A reset rather than a FIN: Postfix reconnects only when a write fails, so after a
             # FIN one more of its sessions would hit the dead socket and answer 454 for nothing.
@@ -167,7 +160,7 @@ class AuthClientProtocol(Protocol):
         if self._sweeper is not None and self._sweeper.active():
             self._sweeper.cancel()
         self._sweeper = None
-        self._stop_deadline()
+        self._deadline.stop()
 
 
 class AuthClientFactory(Factory):

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplugins.config.policyd import PolicydConfig
+from mailplugins.deadline import Deadline
 from policyd.codec import CodecError, PolicyRequest, RequestDecoder, encode_reply
 from policyd.service import PolicyService
 
@@ -56,8 +57,8 @@ class PolicyProtocol(Protocol):
         self._ended = False  # the peer half-closed: answer what is complete, then close
         self._idle_timeout = config.idle_timeout
         self._request_timeout = config.request_timeout
-        self._idle: Any = None
-        self._deadline: Any = None
+        self._idle = Deadline(self._timed_out)
+        self._deadline = Deadline(self._too_slow)
 
     def _peer(self) -> str:
         peer = self.transport.getPeer() if self.transport is not None else None
@@ -79,39 +80,25 @@ class PolicyProtocol(Protocol):
             self._close()  # every complete request is answered; nothing more can come
             return
         if self._decoder.pending:
-            self._stop_idle()
-            if self._deadline is None:
-                self._deadline = self._clock.callLater(self._request_timeout, self._too_slow)
+            self._idle.stop()
+            self._deadline.start(self._clock, self._request_timeout)
         else:
-            self._stop_deadline()
-            if self._idle is None:
-                self._idle = self._clock.callLater(self._idle_timeout, self._timed_out)
+            self._deadline.stop()
+            self._idle.start(self._clock, self._idle_timeout)
 
     def _timed_out(self) -> None:
-        self._idle = None
         log.info("{peer}: idle for {seconds}s, closing", peer=self._peer(),
                  seconds=self._idle_timeout)
         self._close()
 
     def _too_slow(self) -> None:
-        self._deadline = None
         log.warn("{peer}: request not complete {seconds}s after its first byte, closing",
                  peer=self._peer(), seconds=self._request_timeout)
         self._close()
 
-    def _stop_idle(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
-
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
     def _stop_timers(self) -> None:
-        self._stop_idle()
-        self._stop_deadline()
+        self._idle.stop()
+        self._deadline.stop()
 
     # -- protocol --------------------------------------------------------------------------
 
@@ -129,7 +116,7 @@ class PolicyProtocol(Protocol):
             return
         if requests:
             self._pending.extend(requests)
-            self._stop_deadline()  # a partial request left in the buffer started in this read
+            self._deadline.stop()  # a partial request left in the buffer started in this read
             self._next()
         self._arm()
 

@@ -78,7 +78,7 @@ def test_sasl_protocol_violations_drop_without_a_reply(data: bytes) -> None:
     assert transport.value() == expected
     assert transport.disconnecting
     assert sasl_errors(rig) == 1
-    assert protocol._deadline is None
+    assert not protocol._deadline.running
     rig.clock.advance(60)
     assert transport.value() == expected  # nothing more, ever
 

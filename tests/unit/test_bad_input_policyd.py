@@ -47,8 +47,8 @@ def closed_silently(protocol: PolicyProtocol, transport: StringTransport) -> boo
     return (
         transport.value() == b""
         and transport.disconnecting
-        and protocol._idle is None
-        and protocol._deadline is None
+        and not protocol._idle.running
+        and not protocol._deadline.running
     )
 
 

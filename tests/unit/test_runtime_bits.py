@@ -157,3 +157,26 @@ def test_stdout_is_default_stream() -> None:
 
     LineObserver(stream)({"log_format": "x", "log_namespace": "n", "log_level": LogLevel.info})
     assert stream.getvalue() == "info n: x\n"
+
+
+def test_deadline_counts_from_its_first_start_unless_restarted() -> None:
+    from twisted.internet.task import Clock
+
+    from mailplugins.deadline import Deadline
+
+    clock = Clock()
+    fired: list[float] = []
+    deadline = Deadline(lambda: fired.append(clock.seconds()))
+    deadline.start(clock, 5)
+    clock.advance(3)
+    deadline.start(clock, 5)  # more of the same line: still counted from the first byte
+    clock.advance(2)
+    assert fired == [5] and not deadline.running
+    deadline.start(clock, 5)
+    clock.advance(4)
+    deadline.start(clock, 5, restart=True)  # a new line began
+    clock.advance(4)
+    assert fired == [5]
+    deadline.stop()
+    clock.advance(10)
+    assert fired == [5] and clock.getDelayedCalls() == []
