@@ -35,6 +35,7 @@ from deliver.lmtp_codec import (
     split_line,
 )
 from deliver.service import DeliveryService, Envelope, Recipient, Spool
+from mailplugins.deadline import Deadline
 
 log = Logger(namespace="deliver.lmtp")
 
@@ -58,7 +59,7 @@ class LMTPServer(Protocol):
         self._closed = False
         self._discarding = False
         self._errors = 0
-        self._timer: Any = None
+        self._timer = Deadline(self._timed_out)
         self._helo: str | None = None
         self._envelope: Envelope | None = None
         self._decoder: DataDecoder | None = None
@@ -107,20 +108,14 @@ class LMTPServer(Protocol):
     # min_data_rate bytes/s since the last reset.
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer.stop()
 
     def _reset_timer(self) -> None:
         if self._closed or self._busy:
             return
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.settings.idle_timeout)
-        else:
-            self._timer = self.clock.callLater(self.settings.idle_timeout, self._timed_out)
+        self._timer.start(self.clock, self.settings.idle_timeout, restart=True)
 
     def _timed_out(self) -> None:
-        self._timer = None
         host = self.settings.hostname
         if self._decoder is not None or self._buffer or self._discarding:
             log.info("LMTP client too slow: no complete command or too little DATA in {timeout}s",

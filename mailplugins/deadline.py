@@ -25,9 +25,10 @@ class Deadline:
     def start(self, clock: Any, seconds: float, *, restart: bool = False) -> None:
         """Run from now (``clock`` has ``callLater``); a running deadline is kept, counting from
         the first byte, unless ``restart`` (a new line or request began)."""
-        if self._call is not None and not restart:
+        if self._call is not None:
+            if restart:
+                self._call.reset(seconds)  # cheaper than a new call: LMTP restarts per command
             return
-        self.stop()
         self._call = clock.callLater(seconds, self._fire)
 
     def stop(self) -> None:
