@@ -244,8 +244,9 @@ def test_disk_fills_during_the_last_spool_write_452_not_a_truncated_250(rig: Rig
     """The space runs out inside the final write of a spooled message (one page short).
 
     The kernel then writes what fits and returns a short count instead of ENOSPC; only a
-    further write would fail. Seen: ``250 2.0.0`` and a file of 8192 octets in ``new/`` whose
-    name says ``S=39511``; expected: ``452 4.2.2`` and no file.
+    further write would fail. Before d4bd5d2 deliver ignored the short count: ``250 2.0.0``
+    and a file of 8192 octets in ``new/`` whose name said ``S=39511``; now ``452 4.2.2``
+    and no file.
     """
     assert rig.send(("alice@example.org",), 1_000)[0].startswith("250")  # Maildir exists
     size = 40_000  # > memory_spool_limit: spooled straight into alice's tmp/
