@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from deliver.lmtp_codec import (
     BODY_TYPES,
+    XFORWARD_ATTRIBUTES,
     Command,
     CommandError,
     DataDecoder,
@@ -61,6 +62,8 @@ class LMTPServer(Protocol):
         self._errors = 0
         self._timer = Deadline(self._timed_out)
         self._helo: str | None = None
+        #: XFORWARD attributes for the next transaction (Postfix sends them after LHLO).
+        self._xforward: dict[str, str] = {}
         self._envelope: Envelope | None = None
         self._decoder: DataDecoder | None = None
         self._spool: Spool | None = None
@@ -245,12 +248,14 @@ class LMTPServer(Protocol):
             raise CommandError(Reply(501, "5.5.4", "Syntax: LHLO hostname"))
         self._helo = command.argument
         self._envelope = None
+        self._xforward = {}
         capabilities = [
             self.settings.hostname,
             "ENHANCEDSTATUSCODES",
             "8BITMIME",
             "SMTPUTF8",
             f"SIZE {self.settings.max_message_size}",
+            "XFORWARD " + " ".join(XFORWARD_ATTRIBUTES),
         ]
         if self.settings.advertise_dsn:
             capabilities.append("DSN")
@@ -260,6 +265,22 @@ class LMTPServer(Protocol):
         raise CommandError(Reply(500, "5.5.1", "This is an LMTP server: use LHLO"))
 
     do_EHLO = do_HELO
+
+    def do_XFORWARD(self, command: Command) -> None:
+        """Postfix's XFORWARD (``lmtp_send_xforward_command = yes``): IDENT is its queue ID,
+        which lets a redelivery after a lost reply be recognised (see DeliveryService)."""
+        if self._helo is None:
+            raise CommandError(Reply(503, "5.5.1", "Send LHLO first"))
+        if self._envelope is not None:
+            raise CommandError(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+        values = {}
+        for key, value in command.params.items():
+            try:
+                values[key] = decode_xtext(value)
+            except ValueError:
+                raise CommandError(Reply(501, "5.5.4", f"Bad XFORWARD attribute value for {key}")) from None
+        self._xforward.update(values)
+        self._send(Reply(250, "2.0.0", "Ok"))
 
     def do_MAIL(self, command: Command) -> None:
         if self._helo is None:
@@ -284,7 +305,14 @@ class LMTPServer(Protocol):
                 pass  # DSN is Postfix's job (lmtp_assume_final = yes); accepted, not used
             else:
                 raise CommandError(Reply(555, "5.5.4", f"Unsupported parameter {key[:40]}"))
-        self._envelope = Envelope(self._helo, command.path, size)
+        ident = self._xforward.get("IDENT")
+        if ident in (None, "[UNAVAILABLE]", "[TEMPUNAVAIL]"):
+            ident = None
+        else:
+            # Queue IDs are unique per Postfix host: several MX hosts may hand us mail.
+            peer = self._transport.getPeer() if self._transport is not None else None
+            ident = f"{getattr(peer, 'host', None) or 'local'}/{ident}"
+        self._envelope = Envelope(self._helo, command.path, size, ident=ident)
         self._send(Reply(250, "2.1.0", f"<{command.path}> Sender OK"))
 
     def do_RCPT(self, command: Command) -> None:
@@ -335,6 +363,7 @@ class LMTPServer(Protocol):
 
     def do_RSET(self, command: Command) -> None:
         self._envelope = None
+        self._xforward = {}
         self._send(OK)
 
     def do_NOOP(self, command: Command) -> None:
@@ -390,6 +419,7 @@ class LMTPServer(Protocol):
         assert envelope is not None and spool is not None
         self._spool = None
         self._envelope = None
+        self._xforward = {}  # XFORWARD holds for one transaction
         self.service.metrics.duration.labels("data").observe(time.monotonic() - self._data_started)
         if self._too_big:
             self._send(*self.service.too_big(envelope))

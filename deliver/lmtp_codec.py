@@ -23,8 +23,10 @@ __all__ = [
 
 #: Verbs the server knows; anything else is ``500 5.5.2``.
 VERBS = frozenset(
-    {"LHLO", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"}
+    {"LHLO", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "XFORWARD"}
 )
+#: XFORWARD attributes we take (Postfix's XFORWARD_README); IDENT is Postfix's queue ID.
+XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 #: Longest address inside <> we parse (RFC 5321: 256 for a path; be generous).
 MAX_PATH_LENGTH = 1024
@@ -168,6 +170,14 @@ def parse_command(line: bytes) -> Command:
         return Command(verb, rest, address, _parse_params(params_text))
     if verb in ("DATA", "RSET", "QUIT") and rest:
         raise _error(501, "5.5.4", f"Syntax error: {verb} takes no argument")
+    if verb == "XFORWARD":
+        params = _parse_params(rest)
+        if not params:
+            raise _error(501, "5.5.4", "Syntax: XFORWARD attribute=value ...")
+        for key in params:
+            if key not in XFORWARD_ATTRIBUTES:
+                raise _error(501, "5.5.4", f"Bad XFORWARD attribute name: {key[:40]}")
+        return Command(verb, rest, params=params)
     return Command(verb, rest)
 
 

@@ -37,6 +37,12 @@ __all__ = [
 ]
 
 SUBDIRS = ("tmp", "new", "cur")
+#: Per Maildir, the recent deliveries that came with a Postfix queue ID (see
+#: MaildirWriter.delivered_before); Dovecot ignores files it does not know.
+JOURNAL = "mailplugins-delivered"
+#: Past this size the journal keeps its newer half (thousands of deliveries: Postfix's retries
+#: of one message come within its queue lifetime, far fewer deliveries apart on most mailboxes).
+JOURNAL_LIMIT = 64 * 1024
 #: errno values that mean "the disk or the user's disk quota is full" (-> 452 4.2.2).
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 COPY_CHUNK = 1024 * 1024
@@ -246,6 +252,7 @@ class MaildirWriter:
         self._chown = os.geteuid() == 0
         self._last_clean: dict[str, float] = {}
         self._clean_lock = threading.Lock()
+        self._journal_lock = threading.Lock()
 
     # -- ownership and directories -------------------------------------------------------
 
@@ -432,6 +439,73 @@ class MaildirWriter:
                 del names[directory]
         self.maybe_clean_tmp(tmp_dir)
         return Written(names, size, vsize), failures
+
+    # -- redeliveries -------------------------------------------------------------------
+    #
+    # LMTP is at-least-once where the reply is lost: killed after the file reached new/ but
+    # before Postfix read the 250 (or Postfix timed out), Postfix logs "message may be sent
+    # more than once" and sends it again. A journal line per delivery (key, new/ name, folder)
+    # lets that retry be recognised: if the file it names is still in new/ or cur/, the
+    # message is not saved twice. The line is written without fsync: it only has to survive
+    # the process, not the machine (after a power loss the worst case is the old duplicate).
+
+    def delivered_before(self, maildir: str, key: str) -> bool:
+        try:
+            with open(os.path.join(maildir, JOURNAL), "rb") as journal:
+                lines = journal.read(JOURNAL_LIMIT * 2).decode("utf-8", "replace").splitlines()
+        except FileNotFoundError:
+            return False
+        prefix = key + " "
+        for line in reversed(lines):
+            if line.startswith(prefix):
+                parts = line.split(" ", 2)
+                return len(parts) == 3 and self._still_there(os.path.join(maildir, parts[2]), parts[1])
+        return False
+
+    @staticmethod
+    def _still_there(directory: str, name: str) -> bool:
+        if os.path.exists(os.path.join(directory, "new", name)):
+            return True
+        base = name.split(",", 1)[0].split(":", 1)[0]
+        try:
+            # Dovecot moved it to cur/ and may have added flags (":2,S") or fields.
+            return any(entry.startswith(base) for entry in os.listdir(os.path.join(directory, "cur")))
+        except FileNotFoundError:
+            return False
+
+    def record_delivery(self, maildir: str, key: str, directory: str, name: str) -> None:
+        folder = os.path.relpath(directory, maildir)
+        line = f"{key} {name} {folder}\n".encode("utf-8", "surrogateescape")
+        path = os.path.join(maildir, JOURNAL)
+        with self._journal_lock:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._own_fd(fd)
+                write_all(fd, line)
+                too_long = os.fstat(fd).st_size > JOURNAL_LIMIT
+            finally:
+                os.close(fd)
+            if too_long:
+                self._shorten_journal(path)
+
+    def _shorten_journal(self, path: str) -> None:
+        with open(path, "rb") as journal:
+            data = journal.read()
+        keep = data[len(data) // 2 :]
+        keep = keep[keep.find(b"\n") + 1 :]
+        fd, tmp = self._create_tmp_file(path + ".new")
+        try:
+            write_all(fd, keep)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def _create_tmp_file(self, path: str) -> tuple[int, str]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._own_fd(fd)
+        return fd, path
 
     # -- stale tmp files ---------------------------------------------------------------
 

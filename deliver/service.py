@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import tempfile
 import time
@@ -89,6 +90,8 @@ class Envelope:
     sender: str
     declared_size: int | None = None
     recipients: list[Recipient] = field(default_factory=list)
+    #: Postfix's queue ID from XFORWARD IDENT, when Postfix sends it.
+    ident: str | None = None
 
 
 def _clean_header_value(text: str) -> str:
@@ -120,6 +123,17 @@ class _Member:
     target: Target
     directory: str
     size: int
+    key: str | None = None
+
+
+def redelivery_key(envelope: Envelope, recipient: Recipient, size: int) -> str | None:
+    """What identifies one message for one recipient across Postfix's retries: its queue ID
+    (XFORWARD IDENT), the RCPT address and the size. None without a queue ID: a client that
+    does not say which message this is never has a delivery skipped."""
+    if not envelope.ident:
+        return None
+    text = f"{envelope.ident}\0{envelope.sender}\0{recipient.path}\0{size}"
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 class Spool:
@@ -459,9 +473,17 @@ class DeliveryService:
             size = len(header) + body.size
             outcome: list[tuple[Reply, str] | None] = []
             failures.append(outcome)
+            key = redelivery_key(envelope, recipient, body.size)
             for target in recipient.targets:
                 try:
                     directory = self._directory(target)
+                    if key is not None and self.writer.delivered_before(target.maildir, key):
+                        log.info("{path}: queue ID {ident} already saved in {maildir}: a redelivery "
+                                 "after a lost reply, not saved again", path=recipient.path,
+                                 ident=envelope.ident, maildir=target.maildir)
+                        self.metrics.recipients.labels("redelivery").inc()
+                        outcome.append(None)
+                        continue
                     if target.quota_bytes > 0:
                         check = self.quota.check(target.maildir, target.quota_bytes, size)
                         if not check.fits(size):
@@ -474,7 +496,7 @@ class DeliveryService:
                     outcome.append(_reply_for_error(exc, recipient.path))
                     continue
                 outcome.append(None)
-                groups.setdefault(header, []).append(_Member(index, target, directory, size))
+                groups.setdefault(header, []).append(_Member(index, target, directory, size, key))
         for header, members in groups.items():
             directories = list(dict.fromkeys(m.directory for m in members))
             try:
@@ -492,9 +514,19 @@ class DeliveryService:
                 position = recipient.targets.index(member.target)
                 if error is not None:
                     failures[member.index][position] = _reply_for_error(error, recipient.path)
-                elif written is not None and member.directory not in recorded:
+                    continue
+                if written is None:
+                    continue
+                target = member.target
+                if member.key is not None:
+                    try:
+                        self.writer.record_delivery(target.maildir, member.key, member.directory,
+                                                    written.names[member.directory])
+                    except OSError as exc:
+                        log.warn("cannot record delivery in {maildir}: {error}",
+                                 maildir=target.maildir, error=str(exc))
+                if member.directory not in recorded:
                     recorded.add(member.directory)
-                    target = member.target
                     try:
                         self.quota.record(target.maildir, target.quota_bytes, written.size)
                     except OSError as exc:

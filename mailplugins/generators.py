@@ -343,6 +343,8 @@ def postfix_config(config: Config, options: PostfixOptions | None = None) -> Pos
         lmtp = _first(config.deliver.listen, "deliver.listen")
         transport = "lmtp:" + postfix_endpoint(lmtp, options, "deliver.listen", warnings)
         main.append(Setting("virtual_transport", transport, "deliver writes the Maildirs"))
+        main.append(Setting("lmtp_send_xforward_command", "yes",
+                            "the queue ID lets deliver recognise a retry after a lost reply"))
         if config.deliver.max_message_size < POSTFIX_DEFAULT_MESSAGE_SIZE_LIMIT:
             main.append(Setting("message_size_limit", str(config.deliver.max_message_size),
                                 "deliver.max_message_size is below Postfix's default"))

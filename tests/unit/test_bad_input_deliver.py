@@ -139,7 +139,8 @@ def test_connection_lost_mid_command_and_mid_data_leaves_nothing() -> None:
     protocol.dataReceived(b"LHLO x\r\nNOO")
     protocol.connectionLost(None)
     assert take(transport) == ["250-mx.test", "250-ENHANCEDSTATUSCODES", "250-8BITMIME",
-                               "250-SMTPUTF8", "250-SIZE 2048", "250 PIPELINING"]
+                               "250-SMTPUTF8", "250-SIZE 2048",
+                               "250-XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE", "250 PIPELINING"]
     assert clock.getDelayedCalls() == []
     protocol, transport, service = in_data()
     protocol.dataReceived(b"Subject: cut\r\npart")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
@@ -85,7 +86,7 @@ def test_greeting_and_lhlo_capabilities() -> None:
     protocol.dataReceived(b"LHLO client.example\r\n")
     assert take(transport) == [
         "250-mx.test", "250-ENHANCEDSTATUSCODES", "250-8BITMIME", "250-SMTPUTF8", "250-SIZE 2048",
-        "250 PIPELINING",
+        "250-XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE", "250 PIPELINING",
     ]
 
 
@@ -372,3 +373,46 @@ def test_unexpected_error_in_a_command_is_451(monkeypatch: Any) -> None:
     monkeypatch.setattr(protocol, "do_NOOP", broken)
     protocol.dataReceived(b"NOOP\r\nRSET\r\n")
     assert take(transport) == ["451 4.3.0 Local error in processing", "250 2.0.0 OK"]
+
+
+def test_xforward_ident_reaches_the_envelope_for_one_transaction() -> None:
+    protocol, transport, service, _clock = make()
+    take(transport)
+    protocol.dataReceived(b"LHLO x\r\nXFORWARD NAME=mx.example ADDR=192.0.2.1\r\n"
+                          b"XFORWARD PROTO=ESMTP HELO=h IDENT=4Abc12+2Bx SOURCE=REMOTE\r\n"
+                          b"MAIL FROM:<a@b>\r\nRCPT TO:<a@x>\r\n")
+    accept(service, 0, "a@x")
+    protocol.dataReceived(b"DATA\r\nhi\r\n.\r\n")
+    assert take(transport)[-4:] == ["250 2.0.0 Ok", "250 2.1.0 <a@b> Sender OK", "250 2.1.5 <a@x> OK",
+                                    "354 Start mail input; end with <CRLF>.<CRLF>"]
+    envelope, _body, done = service.deliveries[0]
+    assert envelope.ident == "192.168.1.1/4Abc12+x"  # xtext-decoded, qualified by the client host
+    done.callback([Reply(250, "2.0.0", "<a@x> Saved")])
+    protocol.dataReceived(b"MAIL FROM:<a@b>\r\nRCPT TO:<a@x>\r\n")
+    accept(service, 1, "a@x")
+    protocol.dataReceived(b"DATA\r\nhi\r\n.\r\n")
+    assert service.deliveries[1][0].ident is None  # XFORWARD held for one transaction only
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (b"XFORWARD\r\n", "501 5.5.4 Syntax: XFORWARD attribute=value ..."),
+        (b"XFORWARD COLOR=red\r\n", "501 5.5.4 Bad XFORWARD attribute name: COLOR"),
+        (b"XFORWARD IDENT=a+zz\r\n", "501 5.5.4 Bad XFORWARD attribute value for IDENT"),
+        (b"MAIL FROM:<a@b>\r\nXFORWARD IDENT=x\r\n", "503 5.5.1 Error: MAIL transaction in progress"),
+    ],
+)
+def test_xforward_errors(line: bytes, reply: str) -> None:
+    protocol, transport, _service, _clock = make()
+    protocol.dataReceived(b"LHLO x\r\n")
+    take(transport)
+    protocol.dataReceived(line)
+    assert take(transport)[-1] == reply
+
+
+def test_xforward_before_lhlo_is_503() -> None:
+    protocol, transport, _service, _clock = make()
+    take(transport)
+    protocol.dataReceived(b"XFORWARD IDENT=x\r\n")
+    assert take(transport) == ["503 5.5.1 Send LHLO first"]

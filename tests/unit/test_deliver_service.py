@@ -359,3 +359,65 @@ def test_a_discarded_spool_removes_its_tmp_file(make: Any, tmp_path: Path) -> No
     spool.discard()  # the client went away mid-DATA
     assert not list((maildir(tmp_path, "alice") / "tmp").iterdir())
     assert not list((maildir(tmp_path, "alice") / "new").iterdir())
+
+
+def deliver_with_ident(
+    service: DeliveryService, paths: list[str], data: bytes, ident: str | None
+) -> list[Reply]:
+    envelope = Envelope("client", "s@o.example", ident=ident)
+    for path in paths:
+        envelope.recipients.append(rcpt(service, path))
+    replies: list[Reply] = result_of(service.deliver(envelope, Body(len(data), data.count(b"\n"), data=data)))
+    return replies
+
+
+def saved(tmp_path: Path, user: str) -> list[Path]:
+    box = maildir(tmp_path, user)
+    return sorted(p for sub in ("new", "cur") if (box / sub).exists() for p in (box / sub).iterdir())
+
+
+def test_a_retry_of_a_saved_queue_id_is_answered_250_and_not_saved_twice(make: Any, tmp_path: Path) -> None:
+    service, _ = make()
+    assert [r.code for r in deliver_with_ident(service, ["team@example.org"], b"m\n", "4Abc")] == [250]
+    assert len(saved(tmp_path, "alice")) == len(saved(tmp_path, "bob")) == 1
+    # Postfix lost the 250 (deliver was killed, or its data_done timeout hit) and retries.
+    assert [r.code for r in deliver_with_ident(service, ["team@example.org"], b"m\n", "4Abc")] == [250]
+    assert len(saved(tmp_path, "alice")) == len(saved(tmp_path, "bob")) == 1
+    assert service.metrics.recipients.labels("redelivery")._value.get() == 2
+    # Dovecot moved it to cur/ with flags: still recognised.
+    (only,) = saved(tmp_path, "alice")
+    only.rename(maildir(tmp_path, "alice") / "cur" / (only.name + ":2,S"))
+    deliver_with_ident(service, ["alice@example.org"], b"m\n", "4Abc")
+    deliver_with_ident(service, ["team@example.org"], b"m\n", "4Abc")
+    assert len(saved(tmp_path, "alice")) == 2  # alice@ directly is another recipient: saved once
+    assert len(saved(tmp_path, "bob")) == 1
+
+
+def test_no_queue_id_or_another_one_is_always_saved(make: Any, tmp_path: Path) -> None:
+    service, _ = make()
+    for ident in (None, None, "4Abc", "4Abd"):
+        deliver_with_ident(service, ["alice@example.org"], b"m\n", ident)
+    assert len(saved(tmp_path, "alice")) == 4
+
+
+def test_a_retry_after_the_user_deleted_the_copy_saves_it_again(make: Any, tmp_path: Path) -> None:
+    service, _ = make()
+    deliver_with_ident(service, ["alice@example.org"], b"m\n", "4Abc")
+    (only,) = saved(tmp_path, "alice")
+    only.unlink()
+    deliver_with_ident(service, ["alice@example.org"], b"m\n", "4Abc")
+    assert len(saved(tmp_path, "alice")) == 1  # never lost: the journal only skips what is there
+
+
+def test_the_journal_stays_bounded(make: Any, tmp_path: Path) -> None:
+    from deliver.maildir import JOURNAL, JOURNAL_LIMIT
+
+    service, _ = make()
+    for n in range(1200):
+        deliver_with_ident(service, ["alice@example.org"], b"m\n", f"Q{n}")
+    journal = maildir(tmp_path, "alice") / JOURNAL
+    assert journal.stat().st_mode & 0o777 == 0o600
+    assert journal.stat().st_size <= JOURNAL_LIMIT + 200
+    before = len(saved(tmp_path, "alice"))
+    deliver_with_ident(service, ["alice@example.org"], b"m\n", "Q1199")  # a recent one: recognised
+    assert len(saved(tmp_path, "alice")) == before

@@ -50,6 +50,7 @@ GOOD_N = """\
 compatibility_level = 3.6
 virtual_mailbox_domains = example.org, example.net
 virtual_transport = lmtp:unix:private/mailplugins-deliver
+lmtp_send_xforward_command = yes
 recipient_delimiter = +-
 smtpd_tls_cert_file = /etc/ssl/certs/mx.pem
 smtpd_tls_key_file = /etc/ssl/private/mx.key
