@@ -3,16 +3,18 @@
 
 Every function here is synchronous and takes an Engine: the daemon runs them in the database
 thread pool (never on the reactor), the CLI and tests call them directly. Time is an argument
-(epoch seconds), never read here.
+(epoch seconds), never read here. The two checks, :func:`rate_check` and
+:func:`greylist_check`, also take a Connection inside a transaction its owner commits: that is
+how :mod:`policyd.batch` runs many of them in one transaction on SQLite.
 
 Atomicity across processes and hosts (several MX on one PostgreSQL or MariaDB):
 
 - :func:`rate_check` runs in ONE transaction that first upserts the subject's lock row
   (``INSERT ... ON CONFLICT DO UPDATE`` on PostgreSQL and SQLite, ``INSERT ... ON DUPLICATE
   KEY UPDATE`` on MariaDB). The upsert takes that row's write lock until commit, so every other
-  check of the same subject waits there; the bucket upserts and the ``SUM`` reads that follow
-  see everything the earlier transactions committed (see :func:`_transaction`). Over the
-  limit, the transaction rolls back: a refused message is never counted.
+  check of the same subject waits there; the bucket read that follows sees everything the
+  earlier transactions committed (see :func:`_transaction`), and the buckets are incremented
+  only when every window admits the message: a refused message is never counted.
 - Greylisting reads the triplet with ``SELECT ... FOR UPDATE`` after an insert-if-absent, so
   two hosts seeing the same retry agree on its first pass.
 """
@@ -38,6 +40,7 @@ from sqlalchemy import (
     literal_column,
     select,
     true,
+    union_all,
     update,
 )
 
@@ -289,17 +292,30 @@ def _subject_upsert_stmt(conn: Connection) -> Any:
     )
 
 
-def _bucket_upsert_stmt(conn: Connection) -> Any:
-    return _upsert_stmt(
-        conn, RateBucket.__table__,
-        {name: bindparam(name) for name in ("rule", "subject", "period", "bucket", "messages",
-                                            "recipients", "bytes", "expires")},
-        ("rule", "subject", "period", "bucket"),
-        {
-            "messages": lambda c, new: c.messages + new.messages,
-            "recipients": lambda c, new: c.recipients + new.recipients,
-            "bytes": lambda c, new: c.bytes + new.bytes,
-        },
+def _bucket_upsert_stmt(conn: Connection, rows: int) -> Any:
+    """Add to ``rows`` sub-buckets at once (``rule0``, ``period0``, ... per row)."""
+    table = RateBucket.__table__
+    values: list[dict[str, Any]] = [
+        {"rule": bindparam(f"rule{n}"), "subject": bindparam(f"subject{n}"),
+         "period": bindparam(f"period{n}"), "bucket": bindparam(f"bucket{n}"),
+         "messages": bindparam("messages"), "recipients": bindparam("recipients"),
+         "bytes": bindparam("bytes"), "expires": bindparam(f"expires{n}")}
+        for n in range(rows)
+    ]
+    stmt = _insert(conn, table).values(values)
+    if conn.dialect.name in ("mysql", "mariadb"):
+        new = stmt.inserted
+        return stmt.on_duplicate_key_update(
+            messages=table.c.messages + new.messages,
+            recipients=table.c.recipients + new.recipients,
+            bytes=table.c.bytes + new.bytes,
+        )
+    new = stmt.excluded
+    return stmt.on_conflict_do_update(
+        index_elements=["rule", "subject", "period", "bucket"],
+        set_={"messages": table.c.messages + new.messages,
+              "recipients": table.c.recipients + new.recipients,
+              "bytes": table.c.bytes + new.bytes},
     )
 
 
@@ -317,17 +333,50 @@ def _live_buckets_stmt(conn: Connection) -> Any:
     # leaves its window), for all windows at once: one read instead of one SUM per window.
     return (
         select(RateBucket.period, RateBucket.bucket, RateBucket.messages,
-               RateBucket.recipients, RateBucket.bytes)
+               RateBucket.recipients, RateBucket.bytes, literal_column("0").label("kind"))
         .where(RateBucket.rule == bindparam("rule"), RateBucket.subject == bindparam("subject"),
                RateBucket.expires > bindparam("now"))
     )
+
+
+def _live_and_overrides_stmt(conn: Connection) -> Any:
+    # The live buckets and, in the same read, the overrides of the subject's domain (kind 1)
+    # and mailbox (kind 2): one statement per address subject instead of two.
+    overrides = (
+        select(RateOverride.period, literal_column("NULL"), RateOverride.messages,
+               RateOverride.recipients, RateOverride.bytes,
+               case((RateOverride.subject == bindparam("s1"), literal_column("1")),
+                    else_=literal_column("2")))
+        .where(RateOverride.rule == bindparam("rule"),
+               RateOverride.subject.in_([bindparam("s1"), bindparam("s2")]))
+    )
+    return union_all(_live_buckets_stmt(conn), overrides)
+
+
+def _subject_rows(
+    conn: Connection, key: RateKey, second: int
+) -> tuple[list[Any], list[tuple[int, int | None, int | None, int | None]]]:
+    """The subject's live buckets and its override rows (domain first, then mailbox)."""
+    subjects = key.override_subjects
+    if not subjects:
+        rows = _compiled(conn, "live_buckets", _live_buckets_stmt).run(
+            conn, rule=key.rule, subject=key.subject, now=second).fetchall()
+        return rows, []
+    if len(subjects) > 2:
+        raise ValueError("at most two override subjects (domain, mailbox)")
+    rows = _compiled(conn, "live_and_overrides", _live_and_overrides_stmt).run(
+        conn, rule=key.rule, subject=key.subject, now=second, s1=subjects[0],
+        s2=subjects[-1]).fetchall()
+    buckets = [row for row in rows if int(row[5]) == 0]
+    overrides = sorted((row for row in rows if int(row[5]) != 0), key=lambda row: int(row[5]))
+    return buckets, [(int(r[0]), _int(r[2]), _int(r[3]), _int(r[4])) for r in overrides]
 
 
 def _window_sums(rows: Sequence[Any], window: Window, bucket: int) -> tuple[int, int, int]:
     """Totals of ``window``'s buckets among ``rows`` (the same range as the SUM query)."""
     oldest = bucket - window.buckets
     messages = recipients = size = 0
-    for period, number, m, r, b in rows:
+    for period, number, m, r, b, _kind in rows:
         if period == window.period and oldest < number <= bucket:
             messages += m
             recipients += r
@@ -387,17 +436,13 @@ def _rate_check(
     for key in ordered:
         # The subject's lock row: every concurrent check of this subject waits here.
         subject_upsert.run(conn, rule=key.rule, subject=key.subject, last_seen=second)
-    live = _compiled(conn, "live_buckets", _live_buckets_stmt)
     usage: list[tuple[str, Usage]] = []
     counts: list[tuple[RateKey, Window, int]] = []
     refused: tuple[str, Window] | None = None
     saturated_until = 0
     for key in ordered:
-        effective = effective_windows(
-            key.windows, _overrides(conn, key.rule, key.override_subjects))
-        if not effective:
-            continue
-        rows = live.run(conn, rule=key.rule, subject=key.subject, now=second).fetchall()
+        rows, overrides = _subject_rows(conn, key, second)
+        effective = effective_windows(key.windows, overrides)
         for window in effective:
             bucket = second // window.step
             before = _window_sums(rows, window, bucket)
@@ -411,13 +456,16 @@ def _rate_check(
                     saturated_until = (bucket + 1) * window.step
     if refused is not None:
         return RateDecision(False, refused[0], refused[1], tuple(usage), saturated_until)
-    if counting:
-        bucket_upsert = _compiled(conn, "bucket_upsert", _bucket_upsert_stmt)
-        for key, window, bucket in counts:
-            bucket_upsert.run(
-                conn, rule=key.rule, subject=key.subject, period=window.period, bucket=bucket,
-                messages=messages, recipients=recipients, bytes=size,
-                expires=(bucket + 1) * window.step + window.period)
+    if counting and counts:
+        # Every window's bucket in one multi-row upsert.
+        params: dict[str, Any] = {"messages": messages, "recipients": recipients, "bytes": size}
+        for n, (key, window, bucket) in enumerate(counts):
+            params.update({f"rule{n}": key.rule, f"subject{n}": key.subject,
+                           f"period{n}": window.period, f"bucket{n}": bucket,
+                           f"expires{n}": (bucket + 1) * window.step + window.period})
+        rows_count = len(counts)
+        _compiled(conn, f"bucket_upsert_{rows_count}",
+                  lambda c: _bucket_upsert_stmt(c, rows_count)).run(conn, **params)
     return RateDecision(True, None, None, tuple(usage))
 
 

@@ -188,6 +188,26 @@ def test_bytes_counted_at_end_and_checked_at_data(engine: Engine) -> None:
     assert rate_check(engine, limited, T0 + 1, size=100).admitted
 
 
+def test_several_rules_and_windows_count_together(any_engine: Engine) -> None:
+    # Two rules, three windows: one multi-row bucket upsert per message, on every backend.
+    login = RateKey("login", "bob@example.org",
+                    (Window(3600, messages=3), Window(60, messages=2, recipients=5)))
+    network = RateKey("net", "192.0.2.0/24", (Window(60, recipients=6),))
+    outcomes = [rate_check(any_engine, [login, network], T0 + i, messages=1, recipients=2)
+                for i in range(3)]
+    assert [o.admitted for o in outcomes] == [True, True, False]
+    # The 60 s window is reported first (windows in period order), and refused first.
+    assert (outcomes[2].rule, outcomes[2].window) == ("login", login.windows[1])
+    assert [(rule, u.period, u.messages, u.recipients) for rule, u in outcomes[1].usage] == [
+        ("login", 60, 2, 4), ("login", 3600, 2, 4), ("net", 60, 2, 4)]
+    assert [u.recipients for u in rate_usage(any_engine, network, T0 + 3)] == [4]
+    assert [u.messages for u in rate_usage(any_engine, login, T0 + 3)] == [2, 2]
+    # A minute on, the hour window still holds the two: one more fits, then it refuses.
+    assert rate_check(any_engine, [login, network], T0 + 61, messages=1).admitted
+    refused = rate_check(any_engine, [login, network], T0 + 62, messages=1)
+    assert not refused.admitted and refused.window == login.windows[0]
+
+
 def test_overrides_domain_then_mailbox(any_engine: Engine) -> None:
     windows = (Window(60, messages=1),)
     subjects = ("@example.org", "bob@example.org")
