@@ -115,13 +115,17 @@ def test_a_check_answered_by_its_timeout_is_not_answered_twice(engine: Engine) -
     pool = HeldPool()
     clock = Clock()
     group = GroupCommit(engine, pool.run)
-    late = group.run(greylist_check, engine, "k", "192.0.2.1", T0, GreylistTiming())
+    first = group.run(greylist_check, engine, "k0", "192.0.2.1", T0, GreylistTiming())
+    late = group.run(greylist_check, engine, "k1", "192.0.2.1", T0, GreylistTiming())
+    other = group.run(greylist_check, engine, "k2", "192.0.2.1", T0, GreylistTiming())
     late.addTimeout(1.0, clock)
+    pool.finish_one()  # the first batch; late and other form the second
     clock.advance(1.0)
     assert late.called
     late.addErrback(lambda _: None)
     pool.finish_one()  # no AlreadyCalledError; the work itself was done
-    assert triplets(engine) == 1
+    assert [r.status for r in outcomes([first, other])] == ["greylisted", "greylisted"]
+    assert triplets(engine) == 3
 
 
 def test_synchronous_runner_runs_every_batch(engine: Engine) -> None:
