@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from mailplugins.config.policyd import PolicydConfig
 from mailplugins.deadline import Deadline
+from mailplugins.writethrough import write_now
 from policyd.codec import CodecError, PolicyRequest, RequestDecoder, encode_reply
 from policyd.service import PolicyService
 
@@ -148,7 +149,7 @@ class PolicyProtocol(Protocol):
         self._busy = False
         if self._closed:
             return
-        self.transport.write(encode_reply(action))
+        write_now(self.transport, encode_reply(action))
         self._stop_timers()  # the idle time, or a request behind this one, counts from now
         self._next()
         self._arm()
