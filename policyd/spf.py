@@ -29,6 +29,8 @@ from policyd.codec import PolicyRequest
 from policyd.ratelimit import Clock, Pending
 
 try:  # an optional dependency: pip install 'mailplugins[spf]' (pyspf, dnspython)
+    import dns.nameserver
+    import dns.resolver
     import spf as pyspf
 except ImportError:  # pragma: no cover - the config refuses policyd.spf without it
     pyspf = None
@@ -83,9 +85,29 @@ class SPFOutcome:
     header: str | None
 
 
+_custom_resolver = False
+
+
+def use_nameservers(servers: tuple[tuple[str, int], ...]) -> None:
+    """Point dnspython's default resolver, which pyspf asks, at ``servers`` (empty: back to
+    resolv.conf). Process-wide, which is fine: SPF is policyd's only DNS user."""
+    global _custom_resolver
+    if pyspf is None:  # pragma: no cover
+        return
+    if servers:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in servers]
+        dns.resolver.default_resolver = resolver
+        _custom_resolver = True
+    elif _custom_resolver:
+        dns.resolver.reset_default_resolver()
+        _custom_resolver = False
+
+
 class SPFChecker:
     def __init__(self, config: SPFConfig, run: Runner, clock: Clock,
                  *, max_pending: int = 1000) -> None:
+        use_nameservers(config.nameservers)
         self.config = config
         self._run = run
         self._clock = clock

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import math
 import socket
 from dataclasses import dataclass
@@ -127,6 +128,31 @@ class SPFConfig:
     threads: int = 8
     contexts: tuple[str, ...] | None = None
     fallback_action: str = "DUNNO"
+    #: DNS servers for the SPF lookups as (address, port); empty: the system's resolv.conf.
+    nameservers: tuple[tuple[str, int], ...] = ()
+
+
+def _nameserver(text: str) -> tuple[str, int]:
+    """``192.0.2.53``, ``192.0.2.53:5353``, ``2001:db8::53`` or ``[2001:db8::53]:5353``."""
+    host, port = text, 53
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected [address]:port, got {describe(text)}")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        port_text = ""
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"expected a port 1-65535, got {describe(text)}")
+        port = int(port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected an IP address (optionally :port), got {describe(text)}") from None
+    return host, port
 
 
 def check_action(value: object) -> str:
@@ -274,6 +300,17 @@ def parse_spf(f: Fields | None) -> SPFConfig | None:
         threads=f.integer("threads", 8, minimum=1, maximum=200),
         contexts=_contexts(f),
         fallback_action=f.convert("fallback_action", "DUNNO", check_action),
+        nameservers=tuple(_nameservers(f)),
     )
     f.done()
     return config
+
+
+def _nameservers(f: Fields) -> list[tuple[str, int]]:
+    found = []
+    for index, item in enumerate(f.strings("nameservers", ())):
+        try:
+            found.append(_nameserver(item))
+        except ValueError as exc:
+            raise ConfigError(f.key_path(f"nameservers[{index}]"), str(exc)) from None
+    return found

@@ -154,3 +154,36 @@ def test_through_the_joined_checks_with_real_pyspf() -> None:
     # Authenticated or mynetworks clients are not checked at all.
     assert result_of(Deferred.fromCoroutine(checks.at_rcpt(
         request(instance="i.3", client_address="203.0.113.9"), True))) is None
+
+
+def test_nameservers_parse_with_optional_ports() -> None:
+    config = parse_spf(Fields({"nameservers": ["192.0.2.53", "127.0.0.1:5353", "2001:db8::53",
+                                               "[2001:db8::54]:5300"]}, "policyd.spf"))
+    assert config is not None
+    assert config.nameservers == (("192.0.2.53", 53), ("127.0.0.1", 5353), ("2001:db8::53", 53),
+                                  ("2001:db8::54", 5300))
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [("dns.example", "expected an IP address"), ("127.0.0.1:0", "expected a port"),
+     ("127.0.0.1:x", "expected a port"), ("[2001:db8::1", "expected [address]:port")],
+)
+def test_bad_nameservers_name_the_item(item: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_spf(Fields({"nameservers": ["192.0.2.1", item]}, "policyd.spf"))
+    assert "policyd.spf.nameservers[1]" in str(caught.value) and message in str(caught.value)
+
+
+def test_configured_nameservers_become_the_resolver_pyspf_asks() -> None:
+    import dns.resolver
+
+    from policyd.spf import use_nameservers
+
+    try:
+        use_nameservers((("127.0.0.1", 5353),))
+        servers = dns.resolver.get_default_resolver().nameservers
+        assert [(s.address, s.port) for s in servers] == [("127.0.0.1", 5353)]  # type: ignore[union-attr]
+    finally:
+        use_nameservers(())
+    assert dns.resolver.get_default_resolver().nameservers != servers
