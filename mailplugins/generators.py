@@ -419,15 +419,22 @@ def postfix_config(config: Config, options: PostfixOptions | None = None) -> Pos
             "used by the submission service in master.cf (policy_context=submission)",
         ))
         overrides.append(("smtpd_recipient_restrictions", "$mailplugins_submission_recipient_restrictions"))
+        stages = []
+        if any(getattr(config.policyd, name, None) is not None for name in ("ratelimit", "greylist", "spf")):
+            # Rate limits count messages at DATA; the second of the Received-SPF / X-Greylist
+            # headers goes out on the DATA reply (one PREPEND per reply).
+            stages.append("data")
         if getattr(config.policyd, "ratelimit", None) is not None:
-            # Rate limits count messages at DATA and bytes at END-OF-MESSAGE. These fail open
-            # (DUNNO): the RCPT check above already fails closed when policyd is unreachable.
-            for stage in ("data", "end_of_data"):
+            stages.append("end_of_data")  # byte limits
+        if stages:
+            # These fail open (DUNNO): the RCPT check above already fails closed when policyd
+            # is unreachable.
+            for stage in stages:
                 for context, name in (("smtp", f"smtpd_{stage}_restrictions"),
                                       ("submission", f"mailplugins_submission_{stage}_restrictions")):
                     main.append(Setting(
                         name, _policy_spec(policy, options, context, "DUNNO"),
-                        f"policyd rate limits (policy_context={context})", check="contains",
+                        f"policyd rate limits and headers (policy_context={context})", check="contains",
                     ))
                 overrides.append((f"smtpd_{stage}_restrictions",
                                   f"$mailplugins_submission_{stage}_restrictions"))

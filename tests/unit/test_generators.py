@@ -312,6 +312,21 @@ def test_rate_limits_add_data_and_end_of_data_checks() -> None:
         config, PostfixOptions(domain_names=("a.example",))).main_dict()
 
 
+@pytest.mark.parametrize("check", ["greylist", "spf"])
+def test_greylisting_or_spf_alone_adds_the_data_check_for_their_headers(check: str) -> None:
+    """One PREPEND per policy reply: with one recipient the second header needs the DATA call."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    config = make_config()
+    assert config.policyd is not None
+    policyd = SimpleNamespace(listen=config.policyd.listen, mynetworks=(), **{check: object()})
+    checked = dataclasses.replace(config, policyd=policyd)  # type: ignore[arg-type]
+    main = postfix_config(checked, PostfixOptions(domain_names=("a.example",))).main_dict()
+    assert "policy_context=smtp" in main["smtpd_data_restrictions"]
+    assert "smtpd_end_of_data_restrictions" not in main  # PREPEND is not allowed there anyway
+
+
 # -- the Grafana dashboard (docs/grafana-dashboard.json) -----------------------------------------------
 
 
