@@ -26,10 +26,21 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+_given_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port free right now, never one this process was given before: the port
+    is released at once, so two calls in a row could otherwise return the same one (seen: a
+    daemon's two listeners on one port)."""
+    for _attempt in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _given_ports:
+            _given_ports.add(port)
+            return port
+    raise RuntimeError("no free loopback port this process has not handed out already")
 
 
 def short_tempdir(prefix: str = "mp-") -> Path:
