@@ -200,18 +200,10 @@ class DictProtocol(Protocol):
                 self._handle(command)
             except ProtocolError as exc:
                 self._drop(str(exc))
-        self._time_line(data)
-
-    # -- line deadline ---------------------------------------------------------------------
-
-    def _time_line(self, data: bytes) -> None:
-        """Keep a deadline on the incomplete line, counted from its first byte: a line that
-        started in ``data`` (after a newline in it) gets a fresh one, a continued line keeps its."""
-        if self._closed or self._ended or not self.decoder.pending:
-            self._deadline.stop()
-        else:
-            self._deadline.start(self.factory.clock, self.factory.config.line_timeout,
-                                 restart=b"\n" in data)
+        self._deadline.follow_line(
+            self.factory.clock, self.factory.config.line_timeout, data=data,
+            pending=not (self._closed or self._ended) and self.decoder.pending,
+        )
 
     def _too_slow(self) -> None:
         if not self._closed:

@@ -55,16 +55,10 @@ class AuthClientProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._carry_out(self.session.receive(data, self.factory.clock.seconds()))
-        self._time_line(data)
-
-    def _time_line(self, data: bytes) -> None:
-        """Keep a deadline on the incomplete line, counted from its first byte: a line that
-        started in ``data`` (after a newline in it) gets a fresh one, a continued line keeps its."""
-        if self._closed or self._ended or not self.session.pending:
-            self._deadline.stop()
-        else:
-            self._deadline.start(self.factory.clock, self.factory.config.line_timeout,
-                                 restart=b"\n" in data)
+        self._deadline.follow_line(
+            self.factory.clock, self.factory.config.line_timeout, data=data,
+            pending=not (self._closed or self._ended) and self.session.pending,
+        )
 
     def readConnectionLost(self) -> None:
         """The peer will send nothing more (half-close): answer what is being verified."""

@@ -31,6 +31,15 @@ class Deadline:
             return
         self._call = clock.callLater(seconds, self._fire)
 
+    def follow_line(self, clock: Any, seconds: float, *, pending: bool, data: bytes) -> None:
+        """For a line protocol after each read of ``data``: stopped when no line is pending;
+        a line begun in ``data`` (after a newline in it) gets a fresh deadline, a continued
+        line keeps its own."""
+        if pending:
+            self.start(clock, seconds, restart=b"\n" in data)
+        else:
+            self.stop()
+
     def stop(self) -> None:
         if self._call is not None and self._call.active():
             self._call.cancel()

@@ -250,3 +250,25 @@ def test_free_port_never_hands_out_a_port_twice() -> None:
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
+
+
+def test_deadline_follow_line_restarts_only_for_a_new_line() -> None:
+    from twisted.internet.task import Clock
+
+    from mailplugins.deadline import Deadline
+
+    clock = Clock()
+    fired: list[float] = []
+    deadline = Deadline(lambda: fired.append(clock.seconds()))
+    deadline.follow_line(clock, 5, pending=True, data=b"AUTH\t1")
+    clock.advance(3)
+    deadline.follow_line(clock, 5, pending=True, data=b"\tPLAIN")  # the same line trickles on
+    clock.advance(2)
+    assert fired == [5]
+    deadline.follow_line(clock, 5, pending=True, data=b"x")
+    clock.advance(4)
+    deadline.follow_line(clock, 5, pending=True, data=b"end\nnext")  # a new line began
+    clock.advance(4)
+    deadline.follow_line(clock, 5, pending=False, data=b"\n")  # complete: nothing pending
+    clock.advance(10)
+    assert fired == [5]
