@@ -486,26 +486,26 @@ class MaildirWriter:
             finally:
                 os.close(fd)
             if too_long:
-                self._shorten_journal(path)
+                self._shorten_journal(maildir, path)
 
-    def _shorten_journal(self, path: str) -> None:
+    def _shorten_journal(self, maildir: str, path: str) -> None:
+        """Keep the newer half, written to a unique file in the Maildir's tmp/ and renamed
+        over the journal (two processes trimming at once cannot clobber each other's file)."""
         with open(path, "rb") as journal:
             data = journal.read()
         keep = data[len(data) // 2 :]
         keep = keep[keep.find(b"\n") + 1 :]
-        fd, tmp = self._create_tmp_file(path + ".new")
+        _base, tmp, fd = self._create_tmp(maildir)
         try:
-            write_all(fd, keep)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-
-    def _create_tmp_file(self, path: str) -> tuple[int, str]:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._own_fd(fd)
-        return fd, path
+            try:
+                self._own_fd(fd)
+                write_all(fd, keep)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
 
     # -- stale tmp files ---------------------------------------------------------------
 

@@ -418,6 +418,7 @@ def test_the_journal_stays_bounded(make: Any, tmp_path: Path) -> None:
     journal = maildir(tmp_path, "alice") / JOURNAL
     assert journal.stat().st_mode & 0o777 == 0o600
     assert journal.stat().st_size <= JOURNAL_LIMIT + 200
+    assert not list((maildir(tmp_path, "alice") / "tmp").iterdir())  # the trims' files renamed away
     before = len(saved(tmp_path, "alice"))
     deliver_with_ident(service, ["alice@example.org"], b"m\n", "Q1199")  # a recent one: recognised
     assert len(saved(tmp_path, "alice")) == before
