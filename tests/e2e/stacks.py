@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import ssl
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from mailplugins.instances import ServeProcess, short_tempdir
-from mailplugins.localstack import LocalStack, Ports
+from mailplugins.instances import short_tempdir
+from mailplugins.localstack import DaemonsApart, LocalStack, Ports
 
 
 def insecure_tls() -> ssl.SSLContext:
@@ -37,38 +35,6 @@ def running_stacks(count: int = 1, **options: Any) -> Iterator[list[LocalStack]]
             stack.stop()
         for root in roots:
             shutil.rmtree(root, ignore_errors=True)
-
-
-class DaemonsApart(ServeProcess):
-    """policyd, authd and deliver as three ``mailplugins serve`` processes on one config (as
-    the systemd units run them), so a test can kill and restart one daemon alone.
-
-    Stands in for LocalStack's single ``mailplugins serve`` (same start/stop/output); each
-    daemon logs to ``<name>.log`` in ``log_dir``.
-    """
-
-    NAMES = ("policyd", "authd", "deliver")
-
-    def __init__(self, config_path: Path, log_dir: Path) -> None:
-        super().__init__(config_path, log_path=log_dir / "daemons.log")
-        self.each = {name: ServeProcess(config_path, [name], log_dir / f"{name}.log")
-                     for name in self.NAMES}
-
-    def start(self, timeout: float = 30.0) -> DaemonsApart:
-        for serve in self.each.values():
-            serve.start(timeout)
-        return self
-
-    def output(self) -> str:
-        return "".join(f"--- {name}\n{serve.output()}" for name, serve in self.each.items())
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        for serve in self.each.values():
-            serve.kill(sig)
-
-    def stop(self) -> int | None:
-        statuses = [serve.stop() for serve in reversed(self.each.values())]
-        return next((status for status in statuses if status), statuses[-1])
 
 
 @contextmanager
