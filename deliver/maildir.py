@@ -33,6 +33,7 @@ __all__ = [
     "encode_mutf7",
     "folder_for_detail",
     "maildir_name",
+    "replace_file",
     "write_all",
 ]
 
@@ -213,6 +214,24 @@ def _copy_spool(source: IO[bytes], fd: int, size: int, start: int = 0) -> None:
             raise DeliveryError("spool file shorter than expected")
         write_all(fd, chunk)
         offset += len(chunk)
+
+
+def replace_file(maildir: str, name: str, data: bytes, owner: tuple[int, int] | None) -> None:
+    """Replace ``maildir/name`` atomically: a new file in the Maildir's ``tmp/``, then a rename
+    (the Maildir++ way for ``maildirsize``), owned by ``owner`` when given."""
+    tmp = os.path.join(maildir, "tmp", f"{name}.{os.getpid()}.{time.monotonic_ns()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            if owner is not None:
+                os.fchown(fd, *owner)
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(maildir, name))
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
 
 
 def error_text(exc: OSError) -> str:
@@ -486,26 +505,13 @@ class MaildirWriter:
             finally:
                 os.close(fd)
             if too_long:
-                self._shorten_journal(maildir, path)
-
-    def _shorten_journal(self, maildir: str, path: str) -> None:
-        """Keep the newer half, written to a unique file in the Maildir's tmp/ and renamed
-        over the journal (two processes trimming at once cannot clobber each other's file)."""
-        with open(path, "rb") as journal:
-            data = journal.read()
-        keep = data[len(data) // 2 :]
-        keep = keep[keep.find(b"\n") + 1 :]
-        _base, tmp, fd = self._create_tmp(maildir)
-        try:
-            try:
-                self._own_fd(fd)
-                write_all(fd, keep)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
+                # Keep the newer half (two processes trimming at once each write their own
+                # tmp/ file; the later rename wins).
+                with open(path, "rb") as journal:
+                    data = journal.read()
+                keep = data[len(data) // 2 :]
+                owner = (self.uid, self.gid) if self._chown else None
+                replace_file(maildir, JOURNAL, keep[keep.find(b"\n") + 1 :], owner)
 
     # -- stale tmp files ---------------------------------------------------------------
 

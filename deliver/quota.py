@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from deliver.maildir import replace_file
+
 __all__ = ["QuotaCheck", "add_usage", "check_quota", "count_usage", "read_usage"]
 
 MAILDIRSIZE = "maildirsize"
@@ -100,15 +102,7 @@ def _write_fresh(
     maildir: str, limit: int, used: int, count: int, writer_uid_gid: tuple[int, int] | None
 ) -> None:
     """Replace ``maildirsize`` atomically (tmp file + rename), as the spec asks."""
-    tmp = os.path.join(maildir, "tmp", f"maildirsize.{os.getpid()}.{time.monotonic_ns()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        if writer_uid_gid is not None:
-            os.fchown(fd, *writer_uid_gid)
-        os.write(fd, f"{limit}S\n{used} {count}\n".encode("ascii"))
-    finally:
-        os.close(fd)
-    os.rename(tmp, os.path.join(maildir, MAILDIRSIZE))
+    replace_file(maildir, MAILDIRSIZE, f"{limit}S\n{used} {count}\n".encode("ascii"), writer_uid_gid)
 
 
 def read_usage(
