@@ -34,6 +34,7 @@ __all__ = [
     "folder_for_detail",
     "maildir_name",
     "replace_file",
+    "unlink_quietly",
     "write_all",
 ]
 
@@ -164,7 +165,7 @@ class Body:
             self.spool.close()
             self.spool = None
         if self.tmp is not None:
-            _unlink_quietly(self.tmp.path)
+            unlink_quietly(self.tmp.path)
             self.tmp = None
 
 
@@ -230,7 +231,7 @@ def replace_file(maildir: str, name: str, data: bytes, owner: tuple[int, int] | 
             os.close(fd)
         os.replace(tmp, os.path.join(maildir, name))
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
 
 
@@ -366,7 +367,7 @@ class MaildirWriter:
             file = os.fdopen(fd, "r+b", buffering=0)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(path)
+            unlink_quietly(path)
             raise
         return TmpFile(directory, header, base, path), file
 
@@ -385,7 +386,7 @@ class MaildirWriter:
             finally:
                 os.close(fd)
         except BaseException:
-            _unlink_quietly(path)
+            unlink_quietly(path)
             raise
         return base, path
 
@@ -445,11 +446,11 @@ class MaildirWriter:
                         try:
                             names[directory] = self._link_new(own_tmp, directory, own_base, size, vsize)
                         finally:
-                            _unlink_quietly(own_tmp)
+                            unlink_quietly(own_tmp)
                 except (OSError, DeliveryError) as exc:
                     failures[directory] = exc
         finally:
-            _unlink_quietly(tmp_path)
+            unlink_quietly(tmp_path)
         for directory in list(names):
             try:
                 _fsync_dir(os.path.join(directory, "new"))
@@ -544,11 +545,11 @@ def clean_stale(directory: str, before: float) -> int:
         except OSError:
             continue
         if entry.is_file(follow_symlinks=False) and info.st_mtime < before:
-            _unlink_quietly(entry.path)
+            unlink_quietly(entry.path)
             removed += 1
     return removed
 
 
-def _unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)

@@ -30,6 +30,7 @@ from deliver.maildir import (
     MaildirWriter,
     TmpFile,
     folder_for_detail,
+    unlink_quietly,
     write_all,
 )
 from deliver.quota import QuotaTracker
@@ -137,10 +138,13 @@ def redelivery_key(envelope: Envelope, recipient: Recipient, size: int) -> str |
 
 
 class Spool:
-    """DATA while it streams: in memory up to a limit, then in an unnamed file on the mail disk.
+    """DATA while it streams: in memory up to a limit, then in a file on the mail disk.
 
-    The spool file is created with ``O_TMPFILE`` where available (``tempfile.TemporaryFile``),
-    so a crash leaves nothing behind. Every disk operation runs in the disk pool, one after the
+    That file is a Maildir ``tmp/`` file of the first destination, after its trace headers
+    (``destination``), so the delivery can link it instead of copying it; a crash leaves a
+    partial tmp file for the stale-tmp sweep, never anything in ``new/``. When that Maildir
+    cannot be prepared, an unnamed file in ``directory`` (``O_TMPFILE``) is used instead.
+    Every disk operation runs in the disk pool, one after the
     other; :meth:`add` returns a Deferred when the disk falls behind (a batch is still queued
     behind the one being written), and the protocol stops reading until it fires: backpressure
     instead of buffering, without a pause and resume for every batch.
@@ -243,8 +247,7 @@ class Spool:
             self._file.close()
             self._file = None
         if self._tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self._tmp.path)
+            unlink_quietly(self._tmp.path)
             self._tmp = None
 
     def finish(self, size: int, bare_newlines: int) -> Deferred[Body]:
