@@ -235,10 +235,6 @@ def replace_file(maildir: str, name: str, data: bytes, owner: tuple[int, int] | 
         raise
 
 
-def error_text(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
-
-
 @dataclass(frozen=True)
 class Written:
     """Where one message landed: ``new/`` file names by folder directory."""
