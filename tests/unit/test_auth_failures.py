@@ -11,18 +11,13 @@ from sqlalchemy import Engine
 from authd import failures
 from authd.sasl_codec import Outcome
 from authd.verify import Verifier
-from mailplugins.config.core import DatabaseConfig
-from mailplugins.db import schema
-from mailplugins.db.engine import make_engine
+from tests.support.sync import migrated_engine
 from tests.unit.test_authd_verify import Rig
 
 
 @pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(DatabaseConfig(database_url, pool_size=8, timeout=5))
-    schema.upgrade(engine)
-    yield engine
-    engine.dispose()
+    yield from migrated_engine(database_url, pool_size=8)
 
 
 def test_counts_window_fingerprint_clear_purge(engine: Engine) -> None:

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
 from authd.metrics import AuthdMetrics
@@ -19,6 +19,7 @@ from mailplugins.db.engine import make_engine
 from mailplugins.hashing import hash_password
 from mailplugins.metrics import DaemonMetrics
 from mailplugins.store import Store
+from tests.support.sync import sync_run
 
 FAST = {"scheme": "SHA512-CRYPT", "sha_crypt_rounds": 5000}
 
@@ -26,13 +27,6 @@ FAST = {"scheme": "SHA512-CRYPT", "sha_crypt_rounds": 5000}
 def make_config(**authd: Any) -> Any:
     section = {"sasl_listen": "tcp:0:interface=127.0.0.1", **authd}
     return parse_config({"database": {"url": "sqlite://"}, "passwords": FAST, "authd": section})
-
-
-def sync_run(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    try:
-        return succeed(fn(*args))
-    except Exception as exc:
-        return fail(exc)
 
 
 class Rig:

@@ -20,6 +20,7 @@ from mailplugins.db import schema
 from mailplugins.db.engine import make_engine
 from mailplugins.metrics import DaemonMetrics
 from mailplugins.store import Store
+from tests.support.sync import result_of
 
 
 class SyncPool:
@@ -30,13 +31,6 @@ class SyncPool:
             d: Deferred[Any] = Deferred()
             d.errback(exc)
             return d
-
-
-def result_of(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "Deferred did not fire"
-    return results[0]
 
 
 @pytest.fixture

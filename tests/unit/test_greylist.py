@@ -10,7 +10,6 @@ from sqlalchemy import Engine, func, select
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
 
-from mailplugins.config.core import DatabaseConfig
 from mailplugins.config.fields import ConfigError, Fields
 from mailplugins.config.policy_state import (
     GreylistConfig,
@@ -20,8 +19,6 @@ from mailplugins.config.policy_state import (
     Window,
     parse_greylist,
 )
-from mailplugins.db import schema
-from mailplugins.db.engine import make_engine
 from mailplugins.db.policy_models import GreylistClient, GreylistEntry
 from policyd.codec import PolicyRequest
 from policyd.greylist import (
@@ -34,6 +31,7 @@ from policyd.greylist import (
 from policyd.spf import SPFResult
 from policyd.state import GreylistTiming, greylist_check, purge
 from policyd.stateful import StatefulChecks
+from tests.support.sync import migrated_engine, result_of, sync_run
 
 T0 = 1_800_000_000.0
 DAY = 86400
@@ -41,18 +39,12 @@ DAY = 86400
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    engine = make_engine(DatabaseConfig("sqlite://", pool_size=1, timeout=5))
-    schema.upgrade(engine)
-    yield engine
-    engine.dispose()
+    yield from migrated_engine("sqlite://", pool_size=1)
 
 
 @pytest.fixture
 def any_engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(DatabaseConfig(database_url, pool_size=2, timeout=5))
-    schema.upgrade(engine)
-    yield engine
-    engine.dispose()
+    yield from migrated_engine(database_url, pool_size=2)
 
 
 def request(**attrs: str) -> PolicyRequest:
@@ -62,17 +54,6 @@ def request(**attrs: str) -> PolicyRequest:
             "recipient": "bob@example.org", "sasl_username": "", "instance": "i.1"}
     base.update(attrs)
     return PolicyRequest(base)
-
-
-def sync_run(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-    return maybeDeferred(fn, *args, **kwargs)
-
-
-def result_of(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "deferred has not fired"
-    return results[0]
 
 
 # -- keys and lists ----------------------------------------------------------------------------

@@ -11,23 +11,18 @@ from sqlalchemy import Connection, Engine, create_engine, func, select
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
 
-from mailplugins.config.core import DatabaseConfig
 from mailplugins.config.policy_state import Window
-from mailplugins.db import schema
-from mailplugins.db.engine import make_engine
 from mailplugins.db.policy_models import GreylistEntry
 from policyd.batch import GroupCommit, batching_runner, run_batch
 from policyd.state import GreylistTiming, RateKey, greylist_check, rate_check
+from tests.support.sync import migrated_engine
 
 T0 = 1_800_000_000.0
 
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = make_engine(DatabaseConfig(f"sqlite:///{tmp_path}/state.db", pool_size=2, timeout=5))
-    schema.upgrade(engine)
-    yield engine
-    engine.dispose()
+    yield from migrated_engine(f"sqlite:///{tmp_path}/state.db", pool_size=2)
 
 
 class HeldPool:

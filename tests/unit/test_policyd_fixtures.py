@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.pool import StaticPool
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from mailplugins.config.fields import Fields
@@ -19,6 +19,7 @@ from mailplugins.store import Store
 from policyd.codec import PolicyRequest
 from policyd.lookups import Lookups
 from policyd.service import PolicyMetrics, PolicyService
+from tests.support.sync import sync_run
 
 CAPTURE = Path("/work/shared/reference/postfix-3.7-policy-requests.jsonl")
 
@@ -68,14 +69,6 @@ def policyd_config(**overrides: Any) -> PolicydConfig:
     }
     section.update(overrides)
     return parse_policyd(Fields(section, "policyd"))
-
-
-def sync_run(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    """Run a store call at once, like the DB pool would, but on this thread."""
-    try:
-        return succeed(fn(*args))
-    except Exception:
-        return fail()
 
 
 class Harness:

@@ -9,7 +9,8 @@ from sqlalchemy.exc import OperationalError
 from twisted.internet.defer import Deferred, fail
 
 from policyd.lookups import TTLCache
-from tests.unit.test_policyd_fixtures import Harness, sync_run
+from tests.support.sync import sync_run
+from tests.unit.test_policyd_fixtures import Harness
 
 FALLBACK = "DEFER_IF_PERMIT Service temporarily unavailable"
 

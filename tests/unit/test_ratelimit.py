@@ -10,11 +10,8 @@ from sqlalchemy import Engine, func, select
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
 
-from mailplugins.config.core import DatabaseConfig
 from mailplugins.config.fields import ConfigError, Fields
 from mailplugins.config.policy_state import RateLimitConfig, RateRule, Window, parse_ratelimit
-from mailplugins.db import schema
-from mailplugins.db.engine import make_engine
 from mailplugins.db.policy_models import RateBucket, RateSubject
 from policyd.codec import PolicyRequest
 from policyd.ratelimit import RateLimiter, client_network, rate_keys, subject_for
@@ -30,24 +27,19 @@ from policyd.state import (
     reset_rate_counters,
     set_rate_override,
 )
+from tests.support.sync import migrated_engine, result_of, sync_run
 
 T0 = 1_800_000_000.0
 
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    engine = make_engine(DatabaseConfig("sqlite://", pool_size=1, timeout=5))
-    schema.upgrade(engine)
-    yield engine
-    engine.dispose()
+    yield from migrated_engine("sqlite://", pool_size=1)
 
 
 @pytest.fixture
 def any_engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(DatabaseConfig(database_url, pool_size=2, timeout=5))
-    schema.upgrade(engine)
-    yield engine
-    engine.dispose()
+    yield from migrated_engine(database_url, pool_size=2)
 
 
 def request(**attrs: str) -> PolicyRequest:
@@ -56,17 +48,6 @@ def request(**attrs: str) -> PolicyRequest:
             "recipient_count": "1", "instance": "a.1"}
     base.update(attrs)
     return PolicyRequest(base)
-
-
-def sync_run(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-    return maybeDeferred(fn, *args, **kwargs)
-
-
-def result_of(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "deferred has not fired"
-    return results[0]
 
 
 def key(windows: tuple[Window, ...], subject: str = "bob@example.org",

@@ -6,13 +6,14 @@ from typing import Any
 
 import pytest
 import spf as pyspf
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from mailplugins.config.fields import ConfigError, Fields
 from mailplugins.config.policy_state import SPFConfig, parse_spf
 from policyd.codec import PolicyRequest
 from policyd.spf import SPFChecker, spf_lookup
+from tests.support.sync import result_of, sync_run
 
 RECORDS = {
     "sender.example": "v=spf1 ip4:192.0.2.0/24 -all",
@@ -49,17 +50,6 @@ def request(**attrs: str) -> PolicyRequest:
             "recipient": "bob@example.org", "instance": "i.1"}
     base.update(attrs)
     return PolicyRequest(base)
-
-
-def sync_run(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-    return maybeDeferred(fn, *args, **kwargs)
-
-
-def result_of(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "deferred has not fired"
-    return results[0]
 
 
 @pytest.mark.parametrize(("sender", "client", "result"), [

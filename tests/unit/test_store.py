@@ -10,19 +10,15 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine
 
 from mailplugins.addresses import parse_address
-from mailplugins.config.core import DatabaseConfig
 from mailplugins.db import schema
-from mailplugins.db.engine import make_engine
 from mailplugins.db.models import Base
 from mailplugins.store import AlreadyExists, NotFound, Store, StoreError
+from tests.support.sync import migrated_engine
 
 
 @pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(DatabaseConfig(database_url, pool_size=2, timeout=5))
-    schema.upgrade(engine)
-    yield engine
-    engine.dispose()
+    yield from migrated_engine(database_url, pool_size=2)
 
 
 @pytest.fixture
