@@ -14,7 +14,8 @@ from typing import Any
 
 from mailplugins.cli import App, CommandError, print_json, print_table
 from mailplugins.config.fields import parse_duration, parse_size
-from policyd.ratelimit import address_subject, client_network
+from policyd.clients import client_network
+from policyd.ratelimit import address_subject
 from policyd.state import (
     OverrideError,
     RateKey,

@@ -28,8 +28,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplugins.config.policy_state import GreylistConfig
+from policyd.clients import client_ip, client_network
 from policyd.codec import PolicyRequest
-from policyd.ratelimit import Clock, Pending, client_ip, client_network
+from policyd.ratelimit import Clock, Pending
 from policyd.state import GreylistResult, GreylistTiming, greylist_check
 
 log = Logger(namespace="policyd.greylist")

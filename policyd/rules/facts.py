@@ -10,13 +10,13 @@ last one) are never ours.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from functools import lru_cache
 
 from mailplugins.addresses import Address, AddressError, normalise_domain, parse_address
 from mailplugins.config.fields import IPNetwork
 from mailplugins.store import Resolution
+from policyd.clients import client_ip
 from policyd.codec import PolicyRequest
 from policyd.lookups import Lookups
 
@@ -44,19 +44,8 @@ def domain_of(text: str) -> str | None:
         return None
 
 
-@lru_cache(maxsize=4096)
-def _client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def in_networks(client: str, networks: Sequence[IPNetwork]) -> bool:
-    address = _client_ip(client)
+    address = client_ip(client)
     if address is None:
         return False
     return any(address in network for network in networks if network.version == address.version)

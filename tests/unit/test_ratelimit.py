@@ -13,8 +13,9 @@ from twisted.internet.task import Clock
 from mailplugins.config.fields import ConfigError, Fields
 from mailplugins.config.policy_state import RateLimitConfig, RateRule, Window, parse_ratelimit
 from mailplugins.db.policy_models import RateBucket, RateSubject
+from policyd.clients import client_network
 from policyd.codec import PolicyRequest
-from policyd.ratelimit import RateLimiter, client_network, rate_keys, subject_for
+from policyd.ratelimit import RateLimiter, rate_keys, subject_for
 from policyd.state import (
     GreylistTiming,
     OverrideError,
