@@ -21,10 +21,10 @@ ensure_packages() {
 }
 
 # ensure_venv EXTRAS: ./.venv with mailplugins[EXTRAS] installed editable; rebuilt when the
-# packaging files change.
+# packaging metadata (pyproject.toml: PEP 621 [project], dependencies and extras) changes.
 ensure_venv() {
     local extras="$1" python="${PYTHON:-python3}" stamp=".venv/.mailplugins-deps" want
-    want="$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)-$extras"
+    want="$(sha256sum pyproject.toml | cut -d' ' -f1)-$extras"
     if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
         return 0
     fi
