@@ -1,6 +1,6 @@
 """End-to-end test rig: private stock Postfix and Dovecot, and mailplugins daemons.
 
-The instances come from :mod:`mailplugins.instances` (also used by the local demo stack); this
+The instances come from :mod:`devrig.instances` (also used by the local demo stack); this
 module adds the daemons run as ``mailplugins serve`` subprocesses with a ready database.
 """
 
@@ -12,10 +12,7 @@ from typing import Any
 
 import yaml
 
-from mailplugins.config import parse_config
-from mailplugins.db import schema
-from mailplugins.db.engine import make_engine
-from mailplugins.instances import (  # noqa: F401 - the rig's public API
+from devrig.instances import (  # noqa: F401 - the rig's public API
     Dovecot,
     Postfix,
     ServeProcess,
@@ -26,6 +23,9 @@ from mailplugins.instances import (  # noqa: F401 - the rig's public API
     unix_socket_open,
     wait_until,
 )
+from mailplugins.config import parse_config
+from mailplugins.db import schema
+from mailplugins.db.engine import make_engine
 from mailplugins.store import Store
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from mailplugins.instances import short_tempdir
-from mailplugins.localstack import DaemonsApart, LocalStack, Ports
+from devrig.instances import short_tempdir
+from devrig.localstack import DaemonsApart, LocalStack, Ports
 
 
 def insecure_tls() -> ssl.SSLContext:

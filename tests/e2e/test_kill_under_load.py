@@ -30,8 +30,8 @@ from functools import partial
 
 import pytest
 
-from mailplugins.instances import run, wait_until
-from mailplugins.localstack import DEMO_DOMAIN, DaemonsApart, LocalStack
+from devrig.instances import run, wait_until
+from devrig.localstack import DEMO_DOMAIN, DaemonsApart, LocalStack
 from tests.e2e.stacks import insecure_tls, running_stack_apart
 
 pytestmark = pytest.mark.e2e

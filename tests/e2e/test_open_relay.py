@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailplugins.localstack import LocalStack
+from devrig.localstack import LocalStack
 from tests.e2e.stacks import running_stacks
 
 pytestmark = pytest.mark.e2e

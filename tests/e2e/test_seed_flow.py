@@ -17,8 +17,8 @@ from email.utils import formatdate
 
 import pytest
 
-from mailplugins.instances import wait_until
-from mailplugins.localstack import LocalStack
+from devrig.instances import wait_until
+from devrig.localstack import LocalStack
 from tests.e2e.stacks import insecure_tls, running_stacks
 
 pytestmark = pytest.mark.e2e

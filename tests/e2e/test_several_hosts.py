@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from mailplugins.instances import wait_until
-from mailplugins.localstack import LocalStack
+from devrig.instances import wait_until
+from devrig.localstack import LocalStack
 from tests.conftest import PG_ADMIN_URL, _server_database
 from tests.e2e.stacks import insecure_tls, running_stacks
 

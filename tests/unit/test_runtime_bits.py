@@ -246,7 +246,7 @@ def test_write_now_relies_on_attributes_twisted_still_has() -> None:
 
 
 def test_free_port_never_hands_out_a_port_twice() -> None:
-    from mailplugins.instances import free_port
+    from devrig.instances import free_port
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)

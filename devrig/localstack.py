@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.e2e.test_seed_flow -*-
 """The whole mail system on one machine: the daemons wired to private stock Postfix and Dovecot.
 
-``scripts/run`` (``python -m mailplugins.localstack DIR``) builds it from nothing in ``DIR``:
+``scripts/run`` (``python -m devrig.localstack DIR``) builds it from nothing in ``DIR``:
 a SQLite database with a demo domain and two users, a self-signed certificate, the daemons, and
 Postfix (SMTP and submission with STARTTLS) and Dovecot (IMAP and POP3 with STARTTLS) configured
 by the same generators operators use (``mailplugins postfix-config`` / ``dovecot-config``).
@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from devrig.instances import Dovecot, Postfix, ServeProcess, free_port
 from mailplugins.config import Config, load_config
 from mailplugins.db import schema
 from mailplugins.db.engine import make_engine
@@ -37,7 +38,6 @@ from mailplugins.generators import (
     postfix_config,
 )
 from mailplugins.hashing import hash_password
-from mailplugins.instances import Dovecot, Postfix, ServeProcess, free_port
 from mailplugins.store import Store
 
 DEMO_DOMAIN = "example.test"
@@ -301,7 +301,7 @@ def _write_generated(path: str, text: str, mode: int, group: str | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mailplugins.localstack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devrig.localstack", description=__doc__)
     parser.add_argument("root", type=Path, help="directory for all state (created if absent)")
     parser.add_argument("--database-url", help="a shared database instead of SQLite in ROOT "
                         "(used when ROOT has no config yet)")

@@ -1,10 +1,11 @@
-# -*- test-case-name: tests.unit.test_instances -*-
+# -*- test-case-name: tests.unit.test_devrig -*-
 """Private stock Postfix and Dovecot instances on loopback ports, in one scratch directory.
 
 Used by the end-to-end tests and by the local demo stack (``scripts/run``): each instance has
 its own config, queue, state and log files under its root, listens only on 127.0.0.1, and is
 stopped with its own stop command, so it never touches the system's mail setup and can run
-beside other instances. Recipes follow shared/reference/test-rig.md (as root, no chroot).
+beside other instances. Runs as root, without Postfix's chroot; README's Development section
+describes the rig.
 """
 
 from __future__ import annotations
