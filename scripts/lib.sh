@@ -16,8 +16,8 @@ ensure_packages() {
     export DEBIAN_FRONTEND=noninteractive
     # No system mail service: mailplugins runs private instances on loopback ports.
     echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
-    $SUDO apt-get update -q
-    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+    $SUDO apt-get -o DPkg::Lock::Timeout=300 update -q
+    $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${missing[@]}"
 }
 
 # ensure_venv EXTRAS: ./.venv with mailplugins[EXTRAS] installed editable; rebuilt when the
@@ -40,12 +40,14 @@ ensure_venv() {
     echo "$want" > "$stamp"
 }
 
+# python3-venv: Debian 13 ships python3 without venv's ensurepip. swaks --tls (the line
+# scripts/run prints) needs Net::SSLeay and IO::Socket::SSL.
 MAIL_PACKAGES=(postfix postfix-pgsql postfix-mysql dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-auth-lua swaks
-               systemd openssl)
+               systemd openssl python3-venv libnet-ssleay-perl libio-socket-ssl-perl)
 
-# Debian 12 gets ensure_packages; the other release the e2e tests cover runs from a root built
+# The e2e tests run the host's Postfix/Dovecot and the other Debian release's from a root built
 # with mmdebstrap (see ensure_release_root).
-RIG_TOOLS=(mmdebstrap python3-venv libnet-ssleay-perl libio-socket-ssl-perl)
+RIG_TOOLS=(mmdebstrap)
 
 # What the other release's root holds: the mail servers the e2e tests run, and OpenDKIM (the
 # oracle milterd's tests compare with). Postfix goes in after its debconf question is answered.
