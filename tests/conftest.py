@@ -10,12 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from devrig.leftovers import stop_dead_runs
 from devrig.release import NAMES, Release
 from devrig.release import release as find_release
 from tests.rig import RigFactory, short_tempdir
 
 PG_ADMIN_URL = os.environ.get("MAILPLUGINS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_ADMIN_URL = os.environ.get("MAILPLUGINS_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop the Postfix/Dovecot instances a killed earlier run left behind (its own live
+    instances and other sessions' are left alone)."""
+    stop_dead_runs()
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from devrig.instances import (  # noqa: F401 - the rig's public API
     unix_socket_open,
     wait_until,
 )
+from devrig.leftovers import mark_owner
 from devrig.release import Release
 from mailplugins.config import parse_config
 from mailplugins.db import schema
@@ -95,6 +96,7 @@ class RigFactory:
     def __init__(self, release: Release, prefix: str = "mp-") -> None:
         self.release = release
         self.root = short_tempdir(prefix)
+        mark_owner(self.root)  # a later session stops what this one leaves if it is killed
         self.started: list[Stoppable] = []
 
     def postfix(self, **options: Any) -> Postfix:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from devrig.instances import short_tempdir
+from devrig.leftovers import mark_owner
 from devrig.localstack import DaemonsApart, LocalStack, Ports
 from devrig.release import Release
 
@@ -29,6 +30,8 @@ def running_stacks(
     ``options`` go to LocalStack (e.g. a shared ``database_url``). All are stopped and removed
     afterwards, even when one fails to start."""
     roots = [short_tempdir() for _ in range(count)]
+    for root in roots:
+        mark_owner(root)
     stacks = [LocalStack(root, Ports.free(), release=release, **options) for root in roots]
     try:
         for stack in stacks:
@@ -49,6 +52,7 @@ def running_stack_apart(
     processes (see DaemonsApart), with extra main.cf settings ``postfix_main`` (those the
     generators do not set survive LocalStack.start); stopped and removed afterwards."""
     root = short_tempdir()
+    mark_owner(root)
     stack = LocalStack(root, Ports.free(), release=release, **options)
     stack.daemons = DaemonsApart(stack.config_path, stack.root)
     stack.postfix.main.update(postfix_main or {})

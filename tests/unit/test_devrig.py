@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from devrig.instances import dovecot_mail_location, dovecot_static_auth, short_tempdir
+from devrig.leftovers import mark_owner, stop_dead_runs
 from devrig.release import Release, bind_paths, host_debian, shown
 from devrig.rootfs import align, renumber
 
@@ -96,3 +98,15 @@ def test_dovecot_fragments_per_release() -> None:
     new_auth = dovecot_static_auth(new, "pw", uid="1", home="/h/%u")
     assert "passdb static {\n  password = pw\n}" in new_auth
     assert "    home = /h/%{user}\n" in new_auth
+
+
+def test_a_dead_runs_directory_goes_and_a_live_ones_stays(tmp_path: Path) -> None:
+    dead, live, foreign = tmp_path / "mp-dead", tmp_path / "mp-live", tmp_path / "other"
+    for root in (dead, live, foreign):
+        root.mkdir()
+    child = subprocess.Popen(["true"])
+    child.wait()  # its pid now names no process (or a newer one with another start time)
+    mark_owner(dead, child.pid)
+    mark_owner(live)
+    assert stop_dead_runs(tmp_path) == [dead]
+    assert not dead.exists() and live.exists() and foreign.exists()
