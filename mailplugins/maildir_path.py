@@ -148,7 +148,10 @@ def dovecot24_template(template: str) -> str:
         filters = [_V24[name], "lower"]
         if offset or width:
             filters.append(f"substr({offset}, {width})" if width else f"substr({offset})")
-        filters += ["lower" if modifier == "L" else "upper" for modifier in modifiers]
+        for modifier in modifiers:
+            wanted = "lower" if modifier == "L" else "upper"
+            if filters[-1] != wanted:  # "%Ln" is already lower-case
+                filters.append(wanted)
         out.append("%{" + " | ".join(filters) + "}")
     return "".join(out)
 
