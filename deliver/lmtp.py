@@ -247,7 +247,8 @@ class LMTPServer(Protocol):
 
     def do_LHLO(self, command: Command) -> None:
         if not command.argument:
-            raise CommandError(Reply(501, "5.5.4", "Syntax: LHLO hostname"))
+            # No enhanced code yet: ENHANCEDSTATUSCODES holds after a successful LHLO (as Dovecot).
+            raise CommandError(Reply(501, "", "Syntax: LHLO hostname"))
         self._helo = command.argument
         self._envelope = None
         self._xforward = {}

@@ -21,7 +21,7 @@ __all__ = [
     "parse_path",
 ]
 
-#: Verbs the server knows; anything else is ``500 5.5.2``.
+#: Verbs the server knows; anything else is ``500 5.5.1`` (RFC 3463: invalid command, as Dovecot).
 VERBS = frozenset(
     {"LHLO", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "XFORWARD"}
 )
@@ -160,7 +160,7 @@ def parse_command(line: bytes) -> Command:
     verb, _, rest = text.strip(" \t").partition(" ")
     verb = verb.upper()
     if verb not in VERBS:
-        raise _error(500, "5.5.2", "Syntax error: command unrecognized")
+        raise _error(500, "5.5.1", "Command unrecognized")
     rest = rest.strip(" \t")
     if verb in ("MAIL", "RCPT"):
         keyword = "FROM:" if verb == "MAIL" else "TO:"

@@ -464,3 +464,11 @@ def test_mail_records_the_transaction_time_and_client() -> None:
     assert envelope.timestamp == 5
     assert envelope.client_ip == "192.168.1.1"  # StringTransport's peer
     assert envelope.helo == "x"
+
+
+def test_lhlo_without_a_name_has_no_enhanced_code_yet() -> None:
+    """ENHANCEDSTATUSCODES is in force only after a successful LHLO (Dovecot answers alike)."""
+    protocol, transport, _service, _clock = make()
+    take(transport)
+    protocol.dataReceived(b"LHLO\r\nFROB\r\n")
+    assert take(transport) == ["501 Syntax: LHLO hostname", "500 5.5.1 Command unrecognized"]
