@@ -23,8 +23,9 @@ import dns.resolver
 
 from mailplugins.config.fields import describe
 
-__all__ = ["DnsTempError", "mx_records", "parse_nameserver", "txt_records"]
+__all__ = ["DnsTempError", "Nameserver", "mx_records", "parse_nameserver", "resolver_for", "txt_records"]
 
+#: A nameserver as the config writes it (``192.0.2.53``, ``[::1]:5353``) or (address, port).
 Nameserver = str | tuple[str, int]
 
 
@@ -58,9 +59,11 @@ def parse_nameserver(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _servers(nameservers: Sequence[Nameserver]) -> tuple[tuple[str, int], ...]:
-    return tuple(parse_nameserver(s) if isinstance(s, str) else (s[0], int(s[1]))
-                 for s in nameservers)
+def resolver_for(nameservers: Sequence[Nameserver]) -> dns.resolver.Resolver:
+    """The dnspython resolver for ``nameservers`` (config strings or (address, port) pairs;
+    empty: the system's resolv.conf), built once per list and shared."""
+    return _resolver(tuple(parse_nameserver(s) if isinstance(s, str) else (s[0], int(s[1]))
+                           for s in nameservers))
 
 
 @functools.lru_cache(maxsize=16)
@@ -83,7 +86,7 @@ def _answer(name: str, rdtype: dns.rdatatype.RdataType, nameservers: Sequence[Na
         qname = dns.name.from_text(name.rstrip(".") + ".")
     except dns.exception.DNSException as exc:
         raise ValueError(f"not a DNS name: {name!r} ({exc})") from None
-    resolver = _resolver(_servers(nameservers))
+    resolver = resolver_for(nameservers)
     try:
         # Only this name: a relative name must never be completed with resolv.conf's search list.
         return resolver.resolve(qname, rdtype, lifetime=timeout, search=False)
