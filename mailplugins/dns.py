@@ -21,8 +21,6 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from mailplugins.config.fields import describe
-
 __all__ = ["DnsTempError", "Nameserver", "mx_records", "parse_nameserver", "resolver_for", "txt_records"]
 
 #: A nameserver as the config writes it (``192.0.2.53``, ``[::1]:5353``) or (address, port).
@@ -42,7 +40,7 @@ def parse_nameserver(text: str) -> tuple[str, int]:
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"expected [address]:port, got {describe(text)}")
+            raise ValueError(f"expected [address]:port, got {_quote(text)}")
         port_text = rest[1:]
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
@@ -50,13 +48,19 @@ def parse_nameserver(text: str) -> tuple[str, int]:
         port_text = ""
     if port_text:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"expected a port 1-65535, got {describe(text)}")
+            raise ValueError(f"expected a port 1-65535, got {_quote(text)}")
         port = int(port_text)
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"expected an IP address (optionally :port), got {describe(text)}") from None
+        raise ValueError(f"expected an IP address (optionally :port), got {_quote(text)}") from None
     return host, port
+
+
+def _quote(text: str) -> str:
+    """As the config's errors quote a bad value (this module must not import the config,
+    which imports it)."""
+    return '"' + (text if len(text) <= 60 else text[:57] + "...") + '"'
 
 
 def resolver_for(nameservers: Sequence[Nameserver]) -> dns.resolver.Resolver:

@@ -41,4 +41,5 @@ ensure_venv() {
 }
 
 MAIL_PACKAGES=(postfix postfix-pgsql postfix-mysql dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-auth-lua swaks
+               opendkim opendkim-tools
                systemd openssl)
