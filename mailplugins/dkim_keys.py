@@ -56,7 +56,7 @@ STATES = ("pending", "active", "retired")
 DEFAULT_RSA_BITS = 2048
 #: RFC 8301 lets signers use 1024 bits; the issue (and every large receiver's advice) says no.
 MIN_RSA_BITS = 2048
-#: RFC 8301 verifiers need not accept more; records grow past four 255-character strings.
+#: RFC 8301 verifiers need not accept more (a 4096-bit record is already three TXT strings).
 MAX_RSA_BITS = 4096
 #: The order in which a domain's signatures are made (and so listed).
 _TYPE_ORDER = {name: index for index, name in enumerate(KEY_TYPES)}
