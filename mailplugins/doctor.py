@@ -51,6 +51,9 @@ class Finding:
     fix: str
 
     def render(self) -> str:
+        """Two lines (what is wrong, the fix), or one when the problem says it all (DNS)."""
+        if not self.fix:
+            return f"{self.where}: {self.problem}"
         return f"{self.where}: {self.problem}\n    fix: {self.fix}"
 
 

@@ -8,7 +8,7 @@ can print it and exit 2, and a SIGHUP reload can log it and keep the old config.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -22,6 +22,7 @@ from mailplugins.config.core import (
     parse_passwords,
 )
 from mailplugins.config.deliver import DeliverConfig, parse_deliver
+from mailplugins.config.dnsrecords import DnsConfig, parse_dns
 from mailplugins.config.fields import ConfigError, Fields
 from mailplugins.config.policyd import PolicydConfig, parse_policyd
 
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigError",
     "DatabaseConfig",
     "DeliverConfig",
+    "DnsConfig",
     "MailConfig",
     "PasswordConfig",
     "PolicydConfig",
@@ -56,6 +58,8 @@ class Config:
     policyd: PolicydConfig | None
     authd: AuthdConfig | None
     deliver: DeliverConfig | None
+    #: What ``dns-records`` tells each domain to publish (and ``doctor --dns`` checks).
+    dns: DnsConfig = field(default_factory=DnsConfig)
 
     def configured_daemons(self) -> tuple[str, ...]:
         return tuple(name for name in DAEMON_NAMES if getattr(self, name) is not None)
@@ -79,6 +83,7 @@ def parse_config(raw: object, source: str = "<memory>") -> Config:
         policyd=parse_policyd(policyd) if policyd is not None else None,
         authd=parse_authd(authd) if authd is not None else None,
         deliver=parse_deliver(deliver) if deliver is not None else None,
+        dns=parse_dns(top.section("dns")),
     )
     top.done()
     return config
