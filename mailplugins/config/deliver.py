@@ -67,6 +67,11 @@ class DeliverConfig:
     #: Advertise DSN so Postfix sends ORCPT (-> X-Original-To); needs Postfix's
     #: ``lmtp_assume_final = yes`` so Postfix itself sends "delivered" notifications.
     advertise_dsn: bool
+    #: Folder for mail milterd marked ``dis=quarantine`` (DMARC); "" files it into INBOX.
+    junk_folder: str = "Junk"
+    #: Whose Authentication-Results to trust for that; None: ``milterd.authserv_id`` when
+    #: milterd is configured in the same file, else this host's FQDN (milterd's default).
+    authserv_id: str | None = None
 
 
 def _hostname(value: object) -> str:
@@ -113,6 +118,8 @@ def parse_deliver(f: Fields) -> DeliverConfig:
         memory_spool_limit=f.size("memory_spool_limit", 256 * 1024, minimum=4096),
         lookup_cache_ttl=f.duration("lookup_cache_ttl", 10.0, minimum=0, maximum=3600),
         advertise_dsn=f.boolean("advertise_dsn", False),
+        junk_folder=f.convert("junk_folder", "Junk", lambda v: "" if v == "" else _folder(v)),
+        authserv_id=f.convert("authserv_id", None, _hostname),
     )
     f.done()
     return config
