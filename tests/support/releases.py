@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from mailplugins.instances import Dovecot, port_open, wait_until
+from devrig.instances import Dovecot, port_open, wait_until
 
 #: Where scripts/test keeps the Debian 13 root (Postfix 3.10, Dovecot 2.4).
 TRIXIE_ROOT = Path(os.environ.get("MAILPLUGINS_TRIXIE_ROOT",
