@@ -38,6 +38,7 @@ from devrig.instances import dovecot_mail_location
 from devrig.release import Release
 from tests.rig import Daemons, Dovecot, RigFactory, free_port, port_open, wait_until
 from tests.support.differences import allowed_differences, unexpected, unused
+from tests.support.exim import Exim
 
 pytestmark = pytest.mark.e2e
 
@@ -366,3 +367,47 @@ def test_every_listed_case_exists() -> None:
     optionally for one Dovecot release (``.dovecot2.4``)."""
     rows = {re.sub(r"\.dovecot\d+\.\d+$", "", row) for row in allowed_differences(SECTION)}
     assert rows <= {case.id for case in CASES}
+
+
+# -- Exim as a second LMTP client ----------------------------------------------------------
+
+#: With From:, Date: and Message-ID: given, Exim adds only its Received: line.
+EXIM_HEADER = b"From: s@origin.test\nDate: Fri, 04 Dec 2026 12:00:00 +0000\nMessage-ID: <exim@origin.test>\n"
+EXIM_MESSAGES = [
+    ("plain", [at("frank")], EXIM_HEADER + b"Subject: exim\n\nhello\n.dot\n..two\n.\nend\n"),
+    ("mixed", [at("frank"), at("nobody"), at(DISABLED), at("erin")],
+     EXIM_HEADER + b"Subject: exim mixed\n\nbody\n"),
+    ("detail-8bit", [at("bob+Lists")], EXIM_HEADER + "Subject: Grüße\n\nÖl\n".encode()),
+]
+#: What Exim itself adds (its Received: line with its queue ID and the date): not compared.
+_EXIM_RECEIVED = re.compile(rb"\nReceived: from \S+ by exim\.test with local \(Exim [^)]*\)\n(?:\t[^\n]*\n)*")
+
+
+@pytest.fixture(scope="module")
+def exim(pair: Pair) -> Exim:
+    return Exim(pair.dovecot.mail_root.parent / "exim")
+
+
+@pytest.mark.parametrize(("name", "recipients", "message"), EXIM_MESSAGES,
+                         ids=[name for name, _, _ in EXIM_MESSAGES])
+def test_exim_as_lmtp_client_gets_the_same_outcome(
+    pair: Pair, exim: Exim, name: str, recipients: list[str], message: bytes
+) -> None:
+    """Exim's lmtp transport (a real client: its own pipelining and dot-stuffing) delivers the
+    same message through Dovecot and through deliver: each recipient's result in Exim's log
+    (delivered, bounced with which code) and the stored files must agree, apart from the
+    deliberate differences (a disabled mailbox gets 5.2.1, see the table)."""
+    outcomes = {}
+    for server in (pair.dovecot, pair.deliver):
+        before = snapshot(server)
+        results = exim.send(server.port, "s@origin.test", recipients, message)
+        files = sorted(stored_file(server, path) for path in snapshot(server) - before)
+        outcomes[server.name] = (
+            {rcpt: (r.marker, r.code) for rcpt, r in results.items()},
+            [(user, folder, _EXIM_RECEIVED.sub(b"\n", content), mode, links, exact)
+             for user, folder, content, mode, links, exact in files],
+        )
+    theirs, ours = outcomes["dovecot"], outcomes["deliver"]
+    assert any(marker == "=>" for marker, _code in theirs[0].values()), theirs
+    assert ours == theirs, f"\ndovecot {theirs}\ndeliver {ours}"
+    assert all(b"(Exim" not in content for _u, _f, content, *_ in ours[1])  # compared without it
