@@ -121,7 +121,8 @@ class Checks(Protocol):
         results (``spf_domain``: the MAIL FROM domain, "" for the null sender)."""
 
     def authentication_results(
-        self, dkim: Sequence[DkimLike], spf: SpfLike, dmarc: DmarcLike, disposition: str
+        self, dkim: Sequence[DkimLike], spf: SpfLike, dmarc: DmarcLike, disposition: str, *,
+        mailfrom: str, helo: str
     ) -> str:
         """The value of our Authentication-Results header (leading space, folded), with
         ``disposition`` (what we do: the domain's wish after milterd.dmarc's downgrades)."""

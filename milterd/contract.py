@@ -89,11 +89,13 @@ def dmarc(from_values: Sequence[str], dkim: Sequence[DkimLike], spf: SpfLike, sp
 
 
 def compose(authserv_id: str, dkim: Sequence[DkimLike], spf: SpfLike, verdict: DmarcLike,
-            disposition: str) -> str:
+            disposition: str, *, mailfrom: str, helo: str) -> str:
     """``milterd.authresults.compose`` with our disposition (after milterd.dmarc's downgrade)."""
     if dataclasses.is_dataclass(verdict) and getattr(verdict, "disposition", None) != disposition:
         verdict = dataclasses.replace(verdict, disposition=disposition)
-    value: str = _module("milterd.authresults").compose(authserv_id, dkim, spf, verdict)
+    module = _module("milterd.authresults")
+    auth = module.SpfAuth(spf.result, mailfrom, helo)
+    value: str = module.compose(authserv_id, list(dkim), auth, verdict)
     return value
 
 

@@ -159,8 +159,9 @@ class LiveChecks:
                              self._exists)
 
     def authentication_results(self, dkim: Sequence[DkimLike], spf: SpfLike, dmarc: DmarcLike,
-                               disposition: str) -> str:
-        return contract.compose(self.config.authserv_id, dkim, spf, dmarc, disposition)
+                               disposition: str, *, mailfrom: str, helo: str) -> str:
+        return contract.compose(self.config.authserv_id, dkim, spf, dmarc, disposition,
+                                mailfrom=mailfrom, helo=helo)
 
     def claims_our_id(self, value: str) -> bool:
         return contract.claims_authserv_id(value, self.config.authserv_id)

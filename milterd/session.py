@@ -378,7 +378,8 @@ class MilterSession:
             if len(from_values) > 1:
                 return codec.reply_code("550", "5.7.1 Message has several From: header fields")
             return codec.reply_code("550", f"5.7.1 {self.config.dmarc.reject_text}")
-        value = self._checks.authentication_results(dkim, spf, verdict, disposition)
+        value = self._checks.authentication_results(dkim, spf, verdict, disposition,
+                                                    mailfrom=message.sender, helo=self.helo)
         self._count(INCOMING, "quarantined" if disposition == "quarantine" else "accepted")
         return removals + codec.insert_header(0, AR_NAME, value) + codec.CONTINUE
 

@@ -124,7 +124,7 @@ class FakeChecks:
         return self._answer("dmarc", verdict)
 
     def authentication_results(self, dkim: Sequence[DkimLike], spf: SpfLike, dmarc: DmarcLike,
-                               disposition: str) -> str:
+                               disposition: str, *, mailfrom: str, helo: str) -> str:
         parts = [f"dkim={d.result} header.d={d.domain}" for d in dkim] or ["dkim=none"]
         return (f" {self.authserv_id}; " + "; ".join(parts) + f"; spf={spf.result}; dmarc={dmarc.result}"
                 f" (p={dmarc.policy} dis={disposition}) header.from={dmarc.header_from}")
