@@ -41,6 +41,7 @@ from mailplugins.generators import (
     render_postfix,
 )
 from mailplugins.hashing import hash_password
+from mailplugins.releases import detect_dovecot, detect_postfix, dovecot_release, postfix_release
 from mailplugins.store import SERVICES, AlreadyExists, Store, StoreError
 
 COMMANDS_GROUP = "mailplugins.commands"
@@ -445,6 +446,7 @@ class App:
             queue_directory=a.queue_directory, config_directory=a.postfix_directory,
             submission=a.submission, chroot=not a.no_chroot, tls_cert=a.tls_cert,
             tls_key=a.tls_key, domains=mode, domain_names=names,
+            version=_release(a.postfix_version, postfix_release, detect_postfix),
         )
 
     def _dovecot_options(self) -> DovecotOptions:
@@ -460,6 +462,7 @@ class App:
         return DovecotOptions(
             config_directory=a.dovecot_directory, lua=a.lua, lua_script=script, lua_script_text=text,
             tls_cert=a.tls_cert, tls_key=a.tls_key, postfix_queue_directory=a.queue_directory,
+            version=_release(a.dovecot_version, dovecot_release, detect_dovecot),
         )
 
     def _write_files(self, files: Sequence[GeneratedFile]) -> None:
@@ -532,6 +535,14 @@ class App:
             raise CommandError(str(exc), exc.status) from None
 
 
+def _release(given: str | None, parse: Callable[[str], str], detect: Callable[[], str]) -> str:
+    """The release named on the command line, else the installed one; CommandError (2) if neither."""
+    try:
+        return parse(given) if given else detect()
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+
+
 def _packaged_lua_script() -> str:
     """authd's Lua script as installed, found without importing authd (the core imports no daemon)."""
     spec = importlib.util.find_spec("authd")
@@ -573,6 +584,9 @@ def _wiring_options(sub: argparse.ArgumentParser, postfix: bool, dovecot: bool) 
     sub.add_argument("--queue-directory", default="/var/spool/postfix", metavar="DIR",
                      help="Postfix's queue_directory (default /var/spool/postfix)")
     if postfix:
+        sub.add_argument("--postfix-version", metavar="X.Y",
+                         help="Postfix release to write for (default: the installed one, "
+                         "postconf -d mail_version)")
         sub.add_argument("--postfix-directory", default="/etc/postfix", metavar="DIR",
                          help="where companion map files go (default /etc/postfix)")
         sub.add_argument("--submission", default="submission", metavar="SERVICE",
@@ -582,6 +596,8 @@ def _wiring_options(sub: argparse.ArgumentParser, postfix: bool, dovecot: bool) 
                          help="virtual_mailbox_domains as a list from the database or a live SQL "
                          "map (default: list with SQLite, sql with PostgreSQL/MySQL)")
     if dovecot:
+        sub.add_argument("--dovecot-version", metavar="2.3|2.4",
+                         help="Dovecot release to write for (default: the installed one, dovecot --version)")
         sub.add_argument("--dovecot-directory", default="/etc/dovecot", metavar="DIR",
                          help="where the companion files go (default /etc/dovecot)")
         sub.add_argument("--lua", action="store_true",

@@ -30,8 +30,9 @@ from functools import partial
 
 import pytest
 
-from mailplugins.instances import run, wait_until
-from mailplugins.localstack import DEMO_DOMAIN, DaemonsApart, LocalStack
+from devrig.instances import wait_until
+from devrig.localstack import DEMO_DOMAIN, DaemonsApart, LocalStack
+from devrig.release import Release
 from tests.e2e.stacks import insecure_tls, running_stack_apart
 
 pytestmark = pytest.mark.e2e
@@ -56,8 +57,8 @@ POSTFIX_MAIN = {"service_throttle_time": "2s"}
 
 
 @pytest.fixture
-def stack() -> Iterator[LocalStack]:
-    with running_stack_apart(postfix_main=POSTFIX_MAIN) as local:
+def stack(release: Release) -> Iterator[LocalStack]:
+    with running_stack_apart(release, postfix_main=POSTFIX_MAIN) as local:
         yield local
 
 
@@ -140,7 +141,7 @@ def sender_loop(stack: LocalStack, worker: int, outcome: Outcome, stop_at: float
 
 
 def queue_empty(stack: LocalStack) -> bool:
-    listed = run(["postqueue", "-c", str(stack.postfix.etc), "-j"]).stdout
+    listed = stack.postfix.command("postqueue", "-c", str(stack.postfix.etc), "-j").stdout
     return not listed.strip()
 
 
