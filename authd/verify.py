@@ -329,6 +329,8 @@ class Verifier:
         self.wallclock = wallclock
         self.config = config
         self.passwords = passwords
+        #: The injected cache key (tests); kept so a reload's new cache uses it too.
+        self._cache_secret = secret
         self.cache = SuccessCache(config.cache_ttl, config.cache_size, secret)
         self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
         self.throttle = self._new_throttle(config)
@@ -349,7 +351,7 @@ class Verifier:
     def reload(self, config: AuthdConfig, passwords: PasswordConfig) -> None:
         """New settings; counters and cached successes stay unless their sizing changed."""
         if (config.cache_ttl, config.cache_size) != (self.config.cache_ttl, self.config.cache_size):
-            self.cache = SuccessCache(config.cache_ttl, config.cache_size)
+            self.cache = SuccessCache(config.cache_ttl, config.cache_size, self._cache_secret)
         self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
         if (
             config.penalty_threshold, config.penalty_initial, config.penalty_max,
