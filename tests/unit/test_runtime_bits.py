@@ -183,7 +183,7 @@ def test_deadline_counts_from_its_first_start_unless_restarted() -> None:
 
 
 def test_free_port_never_hands_out_a_port_twice() -> None:
-    from mailplugins.instances import free_port
+    from devrig.instances import free_port
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
