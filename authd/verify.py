@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
-import ipaddress
 import os
 import threading
 import time
@@ -50,6 +49,7 @@ from authd import failures
 from authd.metrics import AuthdMetrics
 from authd.sasl_codec import Outcome
 from mailplugins.addresses import AddressError, parse_address
+from mailplugins.clients import client_in, client_ip, client_network
 from mailplugins.config import AuthdConfig, PasswordConfig
 from mailplugins.hashing import HashError, check_password, split_scheme, verify_password
 from mailplugins.store import AppPasswordRecord, MailboxRecord, Store, utcnow
@@ -174,16 +174,11 @@ class Throttle:
 
 def network_key(remote_ip: str | None, ipv6_prefix: int) -> str | None:
     """The counter key of a client: its IPv4 address, or its IPv6 network."""
-    if not remote_ip:
+    address = client_ip(remote_ip) if remote_ip else None
+    if address is None or remote_ip is None:
         return None
-    try:
-        address = ipaddress.ip_address(remote_ip)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return f"ip:{address.ipv4_mapped}"
-        return f"ip:{ipaddress.IPv6Network((address, ipv6_prefix), strict=False)}"
+    if address.version == 6:
+        return f"ip:{client_network(remote_ip, 32, ipv6_prefix)}"
     return f"ip:{address}"
 
 
@@ -333,15 +328,7 @@ class Verifier:
         self.passwords = passwords
 
     def trusted(self, remote_ip: str | None) -> bool:
-        if not remote_ip or not self.config.trusted_networks:
-            return False
-        try:
-            address = ipaddress.ip_address(remote_ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.config.trusted_networks)
+        return client_in(remote_ip, self.config.trusted_networks)
 
     def verify(
         self, request: VerifyRequest, failure_delay: float | None = None

@@ -26,9 +26,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mailplugins.clients import client_ip, client_network
 from mailplugins.config.policy_state import GreylistConfig
 from mailplugins.ttlcache import TTLCache
-from policyd.clients import client_ip, client_network
 from policyd.codec import PolicyRequest
 from policyd.ratelimit import Clock, Pending
 from policyd.state import GreylistResult, GreylistTiming, greylist_check

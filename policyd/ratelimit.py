@@ -28,9 +28,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplugins.addresses import AddressError, parse_address
+from mailplugins.clients import client_network
 from mailplugins.config.policy_state import RateLimitConfig, RateRule
 from mailplugins.ttlcache import TTLCache
-from policyd.clients import client_network
 from policyd.codec import PolicyRequest
 from policyd.state import RateDecision, RateKey, rate_check
 
