@@ -51,8 +51,6 @@ def auth(request_id: int = 1, resp: str = GOOD, extra: str = "") -> bytes:
         HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\tresp=" + b"A" * 17000 + b"\n",
         HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\0\tresp=" + GOOD.encode() + b"\n",
         b"\0VERSION\t1\t0\n",
-        HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\trip=\xff\n",  # invalid UTF-8
-        HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\x011x\tresp=" + GOOD.encode() + b"\n",  # escaped ^A
         HELLO + b"FOO\t1\n",  # unknown command
         HELLO + b"\n",  # empty line
         b"GET / HTTP/1.0\r\n\r\n",
@@ -65,8 +63,8 @@ def auth(request_id: int = 1, resp: str = GOOD, extra: str = "") -> bytes:
         HELLO + b"AUTH\t1\tLOGIN\tservice=smtp\nAUTH\t1\tLOGIN\tservice=smtp\n",  # duplicate id
     ],
     ids=[
-        "overlong-partial", "overlong-complete", "nul-in-field", "nul-first", "invalid-utf8",
-        "control-char-in-service", "unknown-command", "empty-line", "http", "auth-before-version",
+        "overlong-partial", "overlong-complete", "nul-in-field", "nul-first", "unknown-command",
+        "empty-line", "http", "auth-before-version",
         "auth-before-cpid", "bad-version", "unknown-mechanism", "malformed-id", "no-service",
         "duplicate-id",
     ],
@@ -107,11 +105,20 @@ def test_sasl_protocol_violations_drop_without_a_reply(data: bytes) -> None:
         (HELLO + b"CONT\t7\tAAAA\n", b"FAIL\t7\treason=Authentication request timed out\n"),
         # Unknown AUTH parameters are ignored, as Dovecot does.
         (HELLO + auth(extra="x-future=1\t"), AUTH_OK),
+        # A malformed request whose id is readable fails alone (issue #15 item 8).
+        (HELLO + b"AUTH\t1\tPLAIN\tservice=\tresp=" + GOOD.encode() + b"\n",
+         b"FAIL\t1\treason=Invalid service\n"),
+        (HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\x011x\tresp=" + GOOD.encode() + b"\n",
+         b"FAIL\t1\treason=Invalid service\n"),
+        (HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\trip=\xff\tresp=" + GOOD.encode() + b"\n", AUTH_OK),
+        (HELLO + b"AUTH\t1\tPLAIN\tservice=sm\xfftp\tresp=" + GOOD.encode() + b"\n",
+         b"FAIL\t1\treason=Invalid service\n"),
     ],
     ids=[
         "bad-base64", "bad-base64-padding", "bad-base64-space", "bad-base64-cont", "plain-without-nul",
         "plain-invalid-utf8", "plain-three-nuls", "plain-empty-cont", "login-abort",
-        "cont-unknown-id", "unknown-parameter",
+        "cont-unknown-id", "unknown-parameter", "empty-service", "control-char-in-service",
+        "invalid-utf8-rip", "invalid-utf8-service",
     ],
 )
 def test_sasl_failed_exchanges_are_answered_and_keep_the_connection(
