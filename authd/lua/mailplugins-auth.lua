@@ -11,6 +11,10 @@
 -- authd answers 200 (good), 403 (bad password or service not allowed), 404 (unknown user),
 -- 423 (disabled) and 5xx (temporary failure). App passwords, per-service flags, rehashing and
 -- brute-force penalties all happen in authd. Needs Debian's dovecot-auth-lua package.
+--
+-- Master users: the same script as a master passdb (`master = yes`, without
+-- result_success = continue) sends Dovecot's login_user (the mailbox a master user logs in as);
+-- authd checks the master flag, the master's password and that mailbox.
 
 local url = "http://127.0.0.1:9643/verify"
 -- authd always answers within 10 s (its request_timeout is at most 9.5 s).
@@ -27,7 +31,8 @@ function auth_password_verify(req, pass)
   local r = http:request({ url = url, method = "POST" })
   r:add_header("Content-Type", "application/x-www-form-urlencoded")
   r:set_payload("user=" .. enc(req.user) .. "&service=" .. enc(req.service) ..
-                "&rip=" .. enc(req.rip) .. "&secured=" .. secured .. "&password=" .. enc(pass))
+                "&rip=" .. enc(req.rip) .. "&secured=" .. secured ..
+                "&authzid=" .. enc(req.login_user) .. "&password=" .. enc(pass))
   local s = r:submit():status()
   if s == 200 then return dovecot.auth.PASSDB_RESULT_OK, "" end
   if s == 403 then return dovecot.auth.PASSDB_RESULT_PASSWORD_MISMATCH, "" end
