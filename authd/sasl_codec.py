@@ -400,7 +400,8 @@ class AuthServerSession:
         if initial is not None:
             decoded = b"" if initial == "=" else decode_base64(initial)
             if decoded is None:
-                return self._fail(request, MechFailure("Invalid base64 data in initial response"))
+                return self._fail(request, MechFailure("Invalid base64 data in initial response",
+                                                       "invalid_base64"))
         return self._result(request, mechanism.start(decoded), now)
 
     def _cont(self, fields: list[str], now: float) -> list[Action]:
@@ -414,11 +415,11 @@ class AuthServerSession:
             # Dovecot: "Unexpected continuation" fails that request (the answer of the
             # verification still running is then thrown away); the connection stays.
             return self._fail(request, MechFailure("Unexpected continuation"))
-        if fields[2] == "*":
-            return self._fail(request, MechFailure("Authentication aborted by client"))
+        # "*" (a client's abort, which Postfix never forwards) is invalid base64 to Dovecot too.
         decoded = decode_base64(fields[2])
         if decoded is None:
-            return self._fail(request, MechFailure("Invalid base64 data in continued response"))
+            return self._fail(request, MechFailure("Invalid base64 data in continued response",
+                                                   "invalid_base64"))
         return self._result(request, request.mechanism.step(decoded), now)
 
     def _result(self, request: _Request, result: MechResult, now: float) -> list[Action]:

@@ -100,7 +100,7 @@ def test_login_with_initial_response_goes_to_password() -> None:
 def test_bad_base64_fails_the_request_only() -> None:
     s = session()
     out = sent(feed(s, HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\tresp=!!!!\n"))
-    assert out == b"FAIL\t1\treason=Invalid base64 data in initial response\n"
+    assert out == b"FAIL\t1\tcode=invalid_base64\treason=Invalid base64 data in initial response\n"
     assert not s.closed
     feed(s, b"AUTH\t2\tPLAIN\tservice=smtp\n")
     assert sent(feed(s, b"CONT\t2\t%%%\n")).startswith(b"FAIL\t2\t")
@@ -210,7 +210,7 @@ def test_cont_while_verifying_fails_that_request_like_dovecot() -> None:
         (b"AUTH\t4\tPLAIN\tservice=smtp\tsession=\xff\n", b"CONT\t4\t\n"),
         (b"AUTH\t4\tPLAIN\tservice=smtp\trip=\xff\n", b"CONT\t4\t\n"),
         (b"AUTH\t4\tPLAIN\tservice=smtp\tresp=\xff\n",
-         b"FAIL\t4\treason=Invalid base64 data in initial response\n"),
+         b"FAIL\t4\tcode=invalid_base64\treason=Invalid base64 data in initial response\n"),
     ],
     ids=["empty-service", "0xff-service", "control-service", "empty-protocol", "0xff-session",
          "0xff-rip", "0xff-resp"],
