@@ -103,6 +103,7 @@ class AuthdPlugin:
         http = VerifySite(
             verifier, section.http_failure_delay, section.http_max_body,
             line_timeout=section.line_timeout, reactor=runtime.reactor,
+            backend=backend, db_run=db.run, db_timeout=db.timeout,
         )
 
         limited_factories: list[LimitedFactory] = []

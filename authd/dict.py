@@ -44,7 +44,7 @@ from authd.sasl_codec import ProtocolError
 from mailplugins.addresses import AddressError, parse_address
 from mailplugins.config import AuthdConfig, Config, MailConfig
 from mailplugins.deadline import Deadline
-from mailplugins.maildir_path import expand_location
+from mailplugins.maildir_path import canonical, expand_location
 from mailplugins.store import MailboxRecord, Store
 
 log = Logger(namespace="authd.dict")
@@ -55,25 +55,37 @@ MAX_PIPELINE = 256
 _SERVICE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
-def userdb_fields(mailbox: MailboxRecord, mail: MailConfig) -> dict[str, Any]:
-    """The userdb answer: where the mail lives, as deliver writes it, and who owns it."""
+def canonical_user(mailbox: MailboxRecord) -> str:
+    """The one login name Dovecot knows a mailbox by: its address, lower-cased (docs/authd.md)."""
+    return canonical(mailbox.address)
+
+
+def userdb_fields(mailbox: MailboxRecord, mail: MailConfig, release: str = "2.3") -> dict[str, Any]:
+    """The userdb answer: where the mail lives, as deliver writes it, and who owns it.
+
+    In Dovecot 2.3's names (``mail = maildir:...``, ``quota_rule``) or 2.4's (``mail_driver``,
+    ``mail_path``, ``quota_storage_size``); ``user`` is the canonical (lower-case) login.
+    """
     location = expand_location(mail.location, mailbox.local_part, mailbox.domain)
     stripped = location.rstrip("/")
     home = stripped.rsplit("/", 1)[0] if stripped.endswith("/Maildir") else stripped
-    fields: dict[str, Any] = {
-        "home": home,
-        "mail": "maildir:" + location,
-        "uid": mail.uid,
-        "gid": mail.gid,
-    }
+    fields: dict[str, Any] = {"user": canonical_user(mailbox), "home": home}
+    if release == "2.4":
+        fields.update({"mail_driver": "maildir", "mail_path": location})
+    else:
+        fields["mail"] = "maildir:" + location
+    fields.update({"uid": mail.uid, "gid": mail.gid})
     if mailbox.quota_bytes > 0:
-        fields["quota_rule"] = f"*:bytes={mailbox.quota_bytes}"
+        if release == "2.4":
+            fields["quota_storage_size"] = str(mailbox.quota_bytes)
+        else:
+            fields["quota_rule"] = f"*:bytes={mailbox.quota_bytes}"
     return fields
 
 
 def passdb_fields(mailbox: MailboxRecord) -> dict[str, Any]:
     """The passdb answer: Dovecot verifies the ``{SCHEME}`` hash itself; ``user`` canonicalises."""
-    return {"password": mailbox.password, "user": mailbox.address}
+    return {"password": mailbox.password, "user": canonical_user(mailbox)}
 
 
 def split_key(key: str) -> tuple[str, str | None, str] | None:
@@ -142,6 +154,27 @@ class DictBackend:
             log.warn("mailbox {id} has no safe mail location: {error}",
                      id=mailbox.id, error=str(exc))
             return None
+
+    def userdb(self, user: str, release: str) -> dict[str, Any] | None:
+        """Dovecot's userdb fields for ``user`` (any spelling), or None (unknown or disabled).
+
+        For the Lua userdb (``POST /userdb``): the same answer as the dict userdb's, in the
+        field names of Dovecot ``release``. ValueError when the mailbox has no safe path.
+        """
+        try:
+            address = parse_address(user)
+        except AddressError:
+            return None
+        if address.routing:
+            return None
+        mailbox = self.store.get_mailbox(address)
+        if mailbox is None or not mailbox.enabled:
+            return None
+        return userdb_fields(mailbox, self.config.mail, release)
+
+    def users(self) -> list[str]:
+        """Every enabled mailbox's canonical login, for ``doveadm user '*'`` and ``-A``."""
+        return [canonical_user(m) for m in self.store.iter_mailboxes() if m.enabled]
 
     def record_last_login(self, user: str, value: str) -> bool:
         """Store the time Dovecot's last_login plugin reports (unix seconds) for ``user``."""

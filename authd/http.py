@@ -1,10 +1,17 @@
 # -*- test-case-name: tests.unit.test_authd_http -*-
-"""``POST /verify`` for Dovecot's Lua passdb (authd/lua/mailplugins-auth.lua).
+"""authd's HTTP listener for Dovecot's Lua passdb and userdb (authd/lua/mailplugins-auth.lua).
 
-Form fields ``user``, ``password``, ``service``, ``rip``, ``secured`` and, from a master passdb
-(Dovecot's ``login_user``), ``authzid``: the mailbox a master user logs in as. The status says it all:
-200 good, 403 bad password (or service not allowed), 404 unknown user, 423 disabled, 503 backend
-trouble (Dovecot answers the client with a temporary failure). The body is never needed.
+``POST /verify``: form fields ``user``, ``password``, ``service``, ``rip``, ``secured`` and, from
+a master passdb (Dovecot's ``login_user``), ``authzid``: the mailbox a master user logs in as.
+The status says it all: 200 good, 403 bad password (or service not allowed), 404 unknown user, 423 disabled,
+503 backend trouble (Dovecot answers the client with a temporary failure). The body is never
+needed.
+
+``POST /userdb`` (fields ``user``, ``dovecot`` = ``2.3`` or ``2.4``): 200 with one
+``field=value`` line per userdb field (the dict userdb's answer, in that release's names), 404
+for an unknown or disabled user, 503 when the database does not answer. ``POST /users``: 200
+with every enabled mailbox's login, one per line. These replace the dict userdb on Dovecot 2.4,
+which has no dict driver. The same limits apply to all three (body size, request deadline).
 
 Twisted Web answers ``Expect: 100-continue`` on HTTP/1.1 by itself (``HTTPChannel``
 ``_send100Continue``), which matters: Dovecot's HTTP client waits 2 s for it otherwise. The
@@ -18,8 +25,10 @@ whole), else the peer gets ``408 Request Timeout`` and the connection is closed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -28,6 +37,7 @@ from twisted.web.http import HTTPChannel, HTTPFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from authd.dict import DictBackend
 from authd.sasl_codec import Outcome
 from authd.verify import Verdict, Verifier, VerifyRequest
 from mailplugins.deadline import Deadline
@@ -208,6 +218,81 @@ class VerifyResource(Resource):
         return b"use POST\n"
 
 
+class LookupResource(Resource):
+    """``POST /userdb`` and ``POST /users``: the Lua userdb's lookups, run in the DB pool."""
+
+    isLeaf = True
+
+    def __init__(self, kind: str, backend: DictBackend, db_run: Callable[..., Deferred[Any]],
+                 timeout: float, clock: IReactorTime) -> None:
+        super().__init__()
+        self.kind = kind
+        self.backend = backend
+        self.db_run = db_run
+        self.timeout = timeout
+        self.clock = clock
+
+    def render_POST(self, request: Request) -> bytes | int:
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        release = _field(request, "dovecot") or "2.4"
+        if release not in ("2.3", "2.4"):
+            request.setResponseCode(400)
+            return b"dovecot must be 2.3 or 2.4\n"
+        work: Deferred[Any]
+        if self.kind == "userdb":
+            user = _field(request, "user")
+            if not user:
+                request.setResponseCode(400)
+                return b"user is required\n"
+            work = self.db_run(self.backend.userdb, user, release)
+        else:
+            work = self.db_run(self.backend.users)
+        work.addTimeout(self.timeout, self.clock)
+        finished = [False]
+        request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
+
+        def reply(code: int, body: bytes) -> None:
+            if finished[0]:
+                return
+            request.setResponseCode(code)
+            request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+            request.write(body)
+            request.finish()
+
+        def answer(found: Any) -> None:
+            if found is None:
+                reply(404, b"unknown\n")
+                return
+            body = _lines(found)
+            if body is None:
+                log.warn("{kind} lookup: a value holds a line break; answering tempfail", kind=self.kind)
+                reply(503, b"unsafe value\n")
+            else:
+                reply(200, body)
+
+        def failed(failure: Failure) -> None:
+            log.warn("{kind} lookup failed: {error}", kind=self.kind,
+                     error=failure.type.__name__ if failure.type else "error")
+            reply(503, b"tempfail\n")
+
+        work.addCallbacks(answer, failed)
+        return NOT_DONE_YET
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setResponseCode(405)
+        request.setHeader(b"Allow", b"POST")
+        return b"use POST\n"
+
+
+def _lines(found: dict[str, Any] | list[str]) -> bytes | None:
+    """``field=value`` lines (a dict) or one item per line (a list); None if a value has a newline."""
+    items = ([f"{key}={value}" for key, value in found.items()] if isinstance(found, dict)
+             else list(found))
+    if any("\n" in item or "\r" in item or "\0" in item for item in items):
+        return None
+    return "".join(item + "\n" for item in items).encode("utf-8")
+
+
 def _verify_channel(factory: HTTPFactory) -> Any:
     """The site's protocol factory (HTTP/1.1 only: no h2 negotiation wrapper needed)."""
     return VerifyChannel()
@@ -225,10 +310,20 @@ class VerifySite(Site):
         *,
         line_timeout: float = REQUEST_DEADLINE,
         reactor: IReactorTime | None = None,
+        backend: DictBackend | None = None,
+        db_run: Callable[..., Deferred[Any]] | None = None,
+        db_timeout: float = 10.0,
     ) -> None:
         root = Resource()
         verify: Any = VerifyResource(verifier, failure_delay)
         root.putChild(b"verify", verify)
+        if backend is not None and db_run is not None:
+            clock: Any = reactor
+            if clock is None:
+                from twisted.internet import reactor as clock
+            for kind, path in (("userdb", b"userdb"), ("users", b"users")):
+                lookup: Any = LookupResource(kind, backend, db_run, db_timeout, clock)
+                root.putChild(path, lookup)
         # Dovecot's HTTP client keeps idle connections only briefly; do not hold ours for hours.
         super().__init__(root, timeout=IDLE_TIMEOUT, reactor=reactor)
         self.max_body = max_body

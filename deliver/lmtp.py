@@ -47,6 +47,8 @@ MAX_ERRORS = 50
 
 OK = Reply(250, "2.0.0", "OK")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
+#: RFC 6531 3.4: a UTF-8 address in a transaction whose MAIL did not say SMTPUTF8.
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "UTF-8 in an address needs MAIL FROM:<...> SMTPUTF8")
 
 
 class LMTPServer(Protocol):
@@ -245,7 +247,8 @@ class LMTPServer(Protocol):
 
     def do_LHLO(self, command: Command) -> None:
         if not command.argument:
-            raise CommandError(Reply(501, "5.5.4", "Syntax: LHLO hostname"))
+            # No enhanced code yet: ENHANCEDSTATUSCODES holds after a successful LHLO (as Dovecot).
+            raise CommandError(Reply(501, "", "Syntax: LHLO hostname"))
         self._helo = command.argument
         self._envelope = None
         self._xforward = {}
@@ -288,6 +291,9 @@ class LMTPServer(Protocol):
         if self._envelope is not None:
             raise CommandError(Reply(503, "5.5.1", "Nested MAIL command"))
         size: int | None = None
+        smtputf8 = "SMTPUTF8" in command.params
+        if not smtputf8 and not command.path.isascii():
+            raise CommandError(NEEDS_SMTPUTF8)
         for key, value in command.params.items():
             if key == "SIZE":
                 if not value.isdigit() or len(value) > 20:
@@ -306,13 +312,15 @@ class LMTPServer(Protocol):
             else:
                 raise CommandError(Reply(555, "5.5.4", f"Unsupported parameter {key[:40]}"))
         ident = self._xforward.get("IDENT")
+        peer = self._transport.getPeer() if self._transport is not None else None
+        client_ip = getattr(peer, "host", None)
         if ident in (None, "[UNAVAILABLE]", "[TEMPUNAVAIL]"):
             ident = None
         else:
             # Queue IDs are unique per Postfix host: several MX hosts may hand us mail.
-            peer = self._transport.getPeer() if self._transport is not None else None
-            ident = f"{getattr(peer, 'host', None) or 'local'}/{ident}"
-        self._envelope = Envelope(self._helo, command.path, size, ident=ident)
+            ident = f"{client_ip or 'local'}/{ident}"
+        self._envelope = Envelope(self._helo, command.path, size, ident=ident, smtputf8=smtputf8,
+                                  client_ip=client_ip, timestamp=self.clock.seconds())
         self._send(Reply(250, "2.1.0", f"<{command.path}> Sender OK"))
 
     def do_RCPT(self, command: Command) -> None:
@@ -321,9 +329,18 @@ class LMTPServer(Protocol):
             raise CommandError(Reply(503, "5.5.1", "Send MAIL first"))
         if len(envelope.recipients) >= MAX_RECIPIENTS:
             raise CommandError(Reply(452, "4.5.3", "Too many recipients"))
+        if not envelope.smtputf8 and not command.path.isascii():
+            raise CommandError(NEEDS_SMTPUTF8)
         original: str | None = None
         for key, value in command.params.items():
-            if key == "ORCPT":
+            if key in ("ORCPT", "NOTIFY") and not self.settings.advertise_dsn:
+                # RFC 5321 4.1.1.11: parameters of an extension not advertised are refused.
+                raise CommandError(Reply(555, "5.5.4", f"Unsupported parameter {key} (no DSN)"))
+            if key == "NOTIFY":
+                words = value.upper().split(",")
+                if words != ["NEVER"] and not set(words) <= {"SUCCESS", "FAILURE", "DELAY"}:
+                    raise CommandError(Reply(501, "5.5.4", "Invalid NOTIFY parameter"))
+            elif key == "ORCPT":
                 kind, sep, text = value.partition(";")
                 if not sep or not kind:
                     raise CommandError(Reply(501, "5.5.4", "Invalid ORCPT parameter"))
@@ -333,7 +350,7 @@ class LMTPServer(Protocol):
                     raise CommandError(Reply(501, "5.5.4", "Invalid ORCPT parameter")) from None
                 if kind.lower() in ("rfc822", "utf-8"):
                     original = decoded
-            elif key != "NOTIFY":
+            else:
                 raise CommandError(Reply(555, "5.5.4", f"Unsupported parameter {key[:40]}"))
         if not command.path:
             raise CommandError(Reply(501, "5.1.3", "Empty recipient address"))

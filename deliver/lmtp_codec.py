@@ -21,7 +21,7 @@ __all__ = [
     "parse_path",
 ]
 
-#: Verbs the server knows; anything else is ``500 5.5.2``.
+#: Verbs the server knows; anything else is ``500 5.5.1`` (RFC 3463: invalid command, as Dovecot).
 VERBS = frozenset(
     {"LHLO", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "XFORWARD"}
 )
@@ -160,7 +160,7 @@ def parse_command(line: bytes) -> Command:
     verb, _, rest = text.strip(" \t").partition(" ")
     verb = verb.upper()
     if verb not in VERBS:
-        raise _error(500, "5.5.2", "Syntax error: command unrecognized")
+        raise _error(500, "5.5.1", "Command unrecognized")
     rest = rest.strip(" \t")
     if verb in ("MAIL", "RCPT"):
         keyword = "FROM:" if verb == "MAIL" else "TO:"
@@ -218,8 +218,11 @@ def split_line(buffer: bytearray, limit: int) -> bytes | None:
 class DataDecoder:
     """The DATA stream -> message bytes: dot-unstuffed, CRLF -> LF, ending at CRLF.CRLF.
 
-    Only CRLF ends a line (RFC 5321); a lone LF or CR is message content and kept. Feed chunks
-    as they arrive; each :meth:`feed` returns the decoded bytes it could finish. When the
+    Only CRLF.CRLF ends the data (RFC 5321 4.1.1.4); a lone LF or CR is message content and
+    kept. A leading ``.`` is removed at every line start, after CRLF or after a lone LF: a
+    client that sends LF line ends (``smtplib.sendmail`` with such a message) still
+    dot-stuffs every line, and Dovecot unstuffs them too (issue #15, item 1). Feed chunks as
+    they arrive; each :meth:`feed` returns the decoded bytes it could finish. When the
     terminator is seen :attr:`done` is True and :attr:`leftover` holds what followed it
     (pipelined commands). At most two bytes are held back between calls.
 
@@ -230,6 +233,9 @@ class DataDecoder:
     def __init__(self) -> None:
         self._pending = b""
         self._at_line_start = True
+        #: Whether the current line start follows CRLF (or the start of DATA): only then can a
+        #: "." line be the terminator.
+        self._after_crlf = True
         self._last = 0
         self.done = False
         self.leftover = b""
@@ -280,31 +286,36 @@ class DataDecoder:
         length = len(data)
         while True:
             if self._at_line_start:
-                # A line starting with "." is either the terminator or dot-stuffed.
+                # A line starting with "." is the terminator (after CRLF) or dot-stuffed.
                 if pos >= length:
                     break
                 if data[pos] == 0x2E:  # "."
-                    if length - pos < 3 and data[pos:length] in (b".", b".\r"):
-                        self._pending = data[pos:]  # cannot tell yet
-                        break
-                    if data[pos : pos + 3] == b".\r\n":
-                        self.done = True
-                        self.leftover = data[pos + 3 :]
-                        break
+                    if self._after_crlf:
+                        if length - pos < 3 and data[pos:length] in (b".", b".\r"):
+                            self._pending = data[pos:]  # cannot tell yet
+                            break
+                        if data[pos : pos + 3] == b".\r\n":
+                            self.done = True
+                            self.leftover = data[pos + 3 :]
+                            break
                     pos += 1  # unstuff
                 self._at_line_start = False
             # Most large bodies (base64 attachments) hold no "." at all: memchr says so quickly
-            # and the CRLF "." search starts at the first dot instead of the run's start.
+            # and the LF "." search starts at the first dot instead of the run's start.
             dot = data.find(b".", pos)
-            index = -1 if dot < 0 else data.find(b"\r\n.", max(pos, dot - 2))
+            index = -1 if dot < 0 else data.find(b"\n.", max(pos, dot - 1))
             if index < 0:
-                # Hold back a trailing CR or CRLF: the next chunk may make it CRLF or CRLF ".".
-                keep = 2 if data.endswith(b"\r\n") else 1 if data.endswith(b"\r") else 0
+                # Hold back a trailing CR, LF or CRLF: the next chunk may start with the "." of
+                # a line start (or the LF of a CRLF).
+                keep = 2 if data.endswith(b"\r\n") else 1 if data.endswith((b"\r", b"\n")) else 0
                 end = max(pos, length - keep)
                 runs.append(data[pos:end])
                 self._pending = data[end:]
                 break
-            runs.append(data[pos : index + 2])
-            pos = index + 2
+            runs.append(data[pos : index + 1])
+            # The byte before the LF is in this feed's data whenever it was a CR: a trailing CR
+            # is always held back for the next feed.
+            self._after_crlf = index > 0 and data[index - 1] == 0x0D
+            pos = index + 1
             self._at_line_start = True
         return self._decode(runs[0] if len(runs) == 1 else b"".join(runs))

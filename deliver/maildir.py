@@ -401,10 +401,24 @@ class MaildirWriter:
         body.tmp = None  # linked (or unlinked) below, no longer Body.close's business
         return tmp.base, tmp.path
 
-    def _link_new(self, tmp_path: str, directory: str, base: str, size: int, vsize: int) -> str:
-        """Link into ``directory/new`` (a fresh name on EEXIST); returns the new/ name."""
+    def _link_new(
+        self,
+        tmp_path: str,
+        directory: str,
+        base: str,
+        size: int,
+        vsize: int,
+        before_link: Callable[[str, str], None] | None = None,
+    ) -> str:
+        """Link into ``directory/new`` (a fresh name on EEXIST); returns the new/ name.
+
+        ``before_link(directory, name)`` runs before every link attempt: whatever it records
+        (the redelivery journal) knows the name before the file can appear in ``new/``.
+        """
         for _attempt in range(100):
             name = maildir_name(base, size, vsize)
+            if before_link is not None:
+                before_link(directory, name)
             try:
                 os.link(tmp_path, os.path.join(directory, "new", name))
             except FileExistsError:
@@ -414,12 +428,18 @@ class MaildirWriter:
         raise DeliveryError("cannot create a unique file name in new/")
 
     def write(
-        self, header: bytes, body: Body, directories: Sequence[str]
+        self,
+        header: bytes,
+        body: Body,
+        directories: Sequence[str],
+        before_link: Callable[[str, str], None] | None = None,
     ) -> tuple[Written, dict[str, OSError | DeliveryError]]:
         """One file (header + body) into ``new/`` of every directory, hard-linked.
 
         Returns the names written and, per directory that failed, the error. Raises only if the
         file could not be written at all (then every directory failed the same way).
+        ``before_link(directory, name)`` is called before each link into ``directory/new``
+        (see :meth:`_link_new`); an exception from it fails that directory.
         """
         size = len(header) + body.size
         vsize = size + header.count(b"\n") - header.count(b"\r\n") + body.bare_newlines
@@ -433,14 +453,16 @@ class MaildirWriter:
             for directory in directories:
                 try:
                     try:
-                        names[directory] = self._link_new(tmp_path, directory, base, size, vsize)
+                        names[directory] = self._link_new(tmp_path, directory, base, size, vsize,
+                                                          before_link)
                     except OSError as exc:
                         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                             raise
                         # Another filesystem (or no hard links): a copy of its own.
                         own_base, own_tmp = self._write_file(directory, header, body)
                         try:
-                            names[directory] = self._link_new(own_tmp, directory, own_base, size, vsize)
+                            names[directory] = self._link_new(own_tmp, directory, own_base, size,
+                                                              vsize, before_link)
                         finally:
                             unlink_quietly(own_tmp)
                 except (OSError, DeliveryError) as exc:
@@ -462,8 +484,10 @@ class MaildirWriter:
     # before Postfix read the 250 (or Postfix timed out), Postfix logs "message may be sent
     # more than once" and sends it again. A journal line per delivery (key, new/ name, folder)
     # lets that retry be recognised: if the file it names is still in new/ or cur/, the
-    # message is not saved twice. The line is written without fsync: it only has to survive
-    # the process, not the machine (after a power loss the worst case is the old duplicate).
+    # message is not saved twice. The line is written before the link into new/ (a kill
+    # between the two leaves a line naming a file that is not there: the retry stores it),
+    # without fsync: it only has to survive the process, not the machine (after a power loss
+    # the worst case is the old duplicate).
 
     def delivered_before(self, maildir: str, key: str) -> bool:
         try:

@@ -14,7 +14,7 @@ from mailplugins.addresses import AddressError, parse_address
 from mailplugins.maildir_path import expand_location
 from mailplugins.store import Store
 
-__all__ = ["Target", "resolve_recipient"]
+__all__ = ["Target", "is_postmaster", "postmaster_address", "resolve_recipient"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,20 @@ class Rejection:
     result: str
 
 
+def is_postmaster(path: str) -> bool:
+    """``<postmaster>`` without a domain, in any case (RFC 5321 4.5.1: MUST be accepted)."""
+    return path.casefold() == "postmaster"
+
+
+def postmaster_address(store: Store, configured: str | None) -> str | None:
+    """Where ``<postmaster>`` goes: ``deliver.postmaster``, else postmaster@ the first local
+    domain (alphabetically); None when there is no local domain at all."""
+    if configured:
+        return configured
+    domains = store.list_domains()
+    return f"postmaster@{domains[0].name}" if domains else None
+
+
 def resolve_recipient(
     store: Store,
     path: str,
@@ -44,8 +58,24 @@ def resolve_recipient(
     location: str,
     delimiters: str,
     disabled_action: str,
+    postmaster: str | None = None,
 ) -> tuple[Target, ...] | Rejection:
-    """Resolve one RCPT path through the store (aliases, ``+detail``, catch-all)."""
+    """Resolve one RCPT path through the store (aliases, ``+detail``, catch-all).
+
+    ``<postmaster>`` resolves as ``postmaster`` (the ``deliver.postmaster`` setting) or its
+    default, see :func:`postmaster_address`.
+    """
+    if is_postmaster(path):
+        target = postmaster_address(store, postmaster)
+        if target is None:
+            return Rejection(Reply(550, "5.1.1", "<postmaster> has no address: set deliver.postmaster "
+                                   "(there is no local domain to default to)"), "unknown")
+        result = resolve_recipient(store, target, location=location, delimiters=delimiters,
+                                   disabled_action=disabled_action)
+        if isinstance(result, Rejection) and result.reply.code == 550:
+            return Rejection(Reply(550, result.reply.enhanced, f"<postmaster> goes to <{target}>, which "
+                                   f"cannot receive mail: {result.reply.text}"), result.result)
+        return result
     try:
         address = parse_address(path)
     except AddressError:

@@ -8,10 +8,13 @@ calls go to the database pool, disk work to the disk pool; nothing here blocks t
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import email.utils
 import functools
 import hashlib
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +25,7 @@ from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from deliver.junk import HEAD_LIMIT, quarantined
 from deliver.lmtp_codec import Reply
 from deliver.maildir import (
     FULL_ERRNOS,
@@ -73,6 +77,9 @@ class DeliverMetrics:
             "quota_rejections_total", "Recipients refused for quota, by stage (rcpt, data).",
             ["stage"],
         )
+        self.junk = metrics.counter(
+            "junk_total", "Messages filed into Junk for milterd's DMARC quarantine verdict."
+        )
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,11 @@ class Recipient:
     targets: tuple[Target, ...]
 
 
+def transaction_id() -> str:
+    """22 characters of base64 (128 random bits), the length of Dovecot's LMTP IDs."""
+    return base64.b64encode(os.urandom(16)).decode("ascii").rstrip("=")
+
+
 @dataclass
 class Envelope:
     helo: str
@@ -93,19 +105,43 @@ class Envelope:
     recipients: list[Recipient] = field(default_factory=list)
     #: Postfix's queue ID from XFORWARD IDENT, when Postfix sends it.
     ident: str | None = None
+    #: MAIL said SMTPUTF8 (RFC 6531): UTF-8 addresses are allowed in this transaction.
+    smtputf8: bool = False
+    #: The LMTP client's IP address (None on a UNIX socket), for the Received: line.
+    client_ip: str | None = None
+    #: When MAIL was accepted (seconds since the epoch): the Received: line's date, fixed
+    #: for the whole transaction so every recipient's header is the same bytes.
+    timestamp: float = 0.0
+    #: The transaction's ID, in the Received: line and the 250 replies (as Dovecot does).
+    id: str = field(default_factory=transaction_id)
 
 
 def _clean_header_value(text: str) -> str:
     return "".join(c for c in text if ord(c) >= 32 and ord(c) != 127)
 
 
-def build_header(sender: str, recipient: Recipient, delivered_to: bool) -> bytes:
+def received_line(envelope: Envelope, hostname: str, recipient: str | None) -> str:
+    """Dovecot's LMTP trace record (``smtp_server_transaction_write_trace_record``): from the
+    LHLO name and client IP, by us with LMTP, the transaction ID, the envelope sender, the
+    recipient only when the transaction has one, the time of MAIL."""
+    text = "Received: from " + _clean_header_value(envelope.helo)
+    if envelope.client_ip:
+        text += f" ([{envelope.client_ip}])"
+    text += f"\n\tby {hostname} with LMTP\n\tid {envelope.id}"
+    text += f"\n\t(envelope-from <{_clean_header_value(envelope.sender)}>)"
+    if recipient is not None:
+        text += f"\n\tfor <{_clean_header_value(recipient)}>"
+    return text + "; " + email.utils.formatdate(envelope.timestamp, localtime=True) + "\n"
+
+
+def build_header(sender: str, recipient: Recipient, delivered_to: bool, received: str = "") -> bytes:
     """Trace headers prepended to the message (LF line ends, like the rest of the file)."""
     lines = [f"Return-Path: <{_clean_header_value(sender)}>\n"]
     if delivered_to:
         lines.append(f"Delivered-To: {_clean_header_value(recipient.path)}\n")
     if recipient.original:
         lines.append(f"X-Original-To: {_clean_header_value(recipient.original)}\n")
+    lines.append(received)
     return "".join(lines).encode("utf-8")
 
 
@@ -311,6 +347,10 @@ class DeliveryService:
             stale_tmp_interval=self.settings.stale_tmp_interval,
         )
         self.quota = QuotaTracker(owner if os.geteuid() == 0 else None)
+        milterd = getattr(config, "milterd", None)
+        self.authserv_id = self.settings.authserv_id or (
+            milterd.authserv_id if milterd is not None else socket.getfqdn()
+        )
         self._cache: dict[str, tuple[float, tuple[Target, ...]]] = {}
 
     @property
@@ -334,12 +374,18 @@ class DeliveryService:
 
     def _header(self, envelope: Envelope, recipient: Recipient) -> bytes:
         mode = self.settings.delivered_to
-        delivered_to = mode == "always" or (mode == "single" and len(envelope.recipients) == 1)
-        return build_header(envelope.sender, recipient, delivered_to)
+        single = len(envelope.recipients) == 1
+        delivered_to = mode == "always" or (mode == "single" and single)
+        received = ""
+        if self.settings.received_header:
+            received = received_line(envelope, self.settings.hostname, recipient.path if single else None)
+        return build_header(envelope.sender, recipient, delivered_to, received)
 
-    def _directory(self, target: Target) -> str:
+    def _directory(self, target: Target, junk: bool = False) -> str:
         """The folder directory a target's copy goes to, creating the Maildir on first use."""
         self.writer.ensure_maildir(target.maildir)
+        if junk:
+            return self.writer.folder_dir(target.maildir, self.settings.junk_folder, create=True)
         folder = None
         if self.settings.detail_folders and target.detail:
             folder = folder_for_detail(target.detail)
@@ -373,6 +419,7 @@ class DeliveryService:
                 location=self.config.mail.location,
                 delimiters=self.config.mail.recipient_delimiter,
                 disabled_action=self.settings.disabled,
+                postmaster=self.settings.postmaster,
             )
             d.addTimeout(self.db.timeout, self.reactor)
             d.addCallback(self._remember, path)
@@ -467,7 +514,20 @@ class DeliveryService:
         finally:
             body.close()
 
+    def _is_junk(self, body: Body) -> bool:
+        """milterd's DMARC verdict says quarantine (see deliver.junk): file into Junk."""
+        if not self.settings.junk_folder:
+            return False
+        if body.spool is None:
+            head = body.data[:HEAD_LIMIT]
+        else:
+            head = os.pread(body.spool.fileno(), HEAD_LIMIT, body.offset)
+        return quarantined(head, self.authserv_id)
+
     def _deliver_blocking(self, envelope: Envelope, body: Body) -> list[Reply]:
+        junk = self._is_junk(body)
+        if junk:
+            self.metrics.junk.inc()
         # Per recipient, per target: None (fine so far) or a (reply, metric result) failure.
         failures: list[list[tuple[Reply, str] | None]] = []
         groups: dict[bytes, list[_Member]] = {}
@@ -479,7 +539,7 @@ class DeliveryService:
             key = redelivery_key(envelope, recipient, body.size)
             for target in recipient.targets:
                 try:
-                    directory = self._directory(target)
+                    directory = self._directory(target, junk)
                     if key is not None and self.writer.delivered_before(target.maildir, key):
                         log.info("{path}: queue ID {ident} already saved in {maildir}: a redelivery "
                                  "after a lost reply, not saved again", path=recipient.path,
@@ -503,7 +563,8 @@ class DeliveryService:
         for header, members in groups.items():
             directories = list(dict.fromkeys(m.directory for m in members))
             try:
-                written, errors = self.writer.write(header, body, directories)
+                written, errors = self.writer.write(header, body, directories,
+                                                    functools.partial(self._journal, members))
             except (OSError, DeliveryError) as exc:
                 log.error("cannot write message: {error}", error=str(exc))
                 errors = dict.fromkeys(directories, exc)
@@ -521,13 +582,6 @@ class DeliveryService:
                 if written is None:
                     continue
                 target = member.target
-                if member.key is not None:
-                    try:
-                        self.writer.record_delivery(target.maildir, member.key, member.directory,
-                                                    written.names[member.directory])
-                    except OSError as exc:
-                        log.warn("cannot record delivery in {maildir}: {error}",
-                                 maildir=target.maildir, error=str(exc))
                 if member.directory not in recorded:
                     recorded.add(member.directory)
                     try:
@@ -547,12 +601,25 @@ class DeliveryService:
                              path=recipient.path, ok=len(outcome) - len(bad), total=len(outcome),
                              reason=bad[0][0].text)
                 self.metrics.recipients.labels("delivered").inc()
-                replies.append(Reply(250, "2.0.0", f"<{recipient.path}> Saved"))
+                replies.append(Reply(250, "2.0.0", f"<{recipient.path}> {envelope.id} Saved"))
                 continue
             reply, result = (temporary or bad)[0]
             self.metrics.recipients.labels(result).inc()
             replies.append(reply)
         return replies
+
+    def _journal(self, members: Sequence[_Member], directory: str, name: str) -> None:
+        """Record ``name`` for every member delivering into ``directory`` with a redelivery
+        key, before the link makes it visible (MaildirWriter.write calls this): a kill at any
+        point leaves a retry either nothing in ``new/`` or the file its line names."""
+        for member in members:
+            if member.key is None or member.directory != directory:
+                continue
+            try:
+                self.writer.record_delivery(member.target.maildir, member.key, directory, name)
+            except OSError as exc:
+                log.warn("cannot record delivery in {maildir}: {error}",
+                         maildir=member.target.maildir, error=str(exc))
 
     def too_big(self, envelope: Envelope) -> list[Reply]:
         self.metrics.recipients.labels("too_big").inc(len(envelope.recipients))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from importlib.metadata import entry_points
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from mailplugins import __version__
 from mailplugins.config import Config, ConfigError, config_path, load_config
@@ -41,7 +41,11 @@ from mailplugins.generators import (
     render_postfix,
 )
 from mailplugins.hashing import HashError, check_password, hash_password
+from mailplugins.releases import detect_dovecot, detect_postfix, dovecot_release, postfix_release
 from mailplugins.store import SERVICES, AlreadyExists, Store, StoreError
+
+if TYPE_CHECKING:
+    from mailplugins.doctor import Finding
 
 COMMANDS_GROUP = "mailplugins.commands"
 EXIT_FAILED = 1
@@ -233,6 +237,16 @@ class App:
 
     def hash(self, password: str) -> str:
         return hash_password(password, self.config.passwords)
+
+    def dns_servers(self) -> tuple[tuple[str, ...] | tuple[tuple[str, int], ...], float]:
+        """(nameservers, timeout) for the CLI's lookups: ``--nameserver`` if given, else milterd's
+        ``nameservers`` and ``dns_timeout``, else the system resolver and 5 seconds."""
+        given = tuple(getattr(self.args, "nameserver", None) or ())
+        milterd = getattr(self.config, "milterd", None)
+        timeout = float(getattr(milterd, "dns_timeout", 5.0))
+        if given:
+            return given, timeout
+        return tuple(getattr(milterd, "nameservers", ()) or ()), timeout
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -480,6 +494,7 @@ class App:
             queue_directory=a.queue_directory, config_directory=a.postfix_directory,
             submission=a.submission, chroot=not a.no_chroot, tls_cert=a.tls_cert,
             tls_key=a.tls_key, domains=mode, domain_names=names,
+            version=_release(a.postfix_version, postfix_release, detect_postfix),
         )
 
     def _dovecot_options(self) -> DovecotOptions:
@@ -495,6 +510,7 @@ class App:
         return DovecotOptions(
             config_directory=a.dovecot_directory, lua=a.lua, lua_script=script, lua_script_text=text,
             tls_cert=a.tls_cert, tls_key=a.tls_key, postfix_queue_directory=a.queue_directory,
+            version=_release(a.dovecot_version, dovecot_release, detect_dovecot),
         )
 
     def _write_files(self, files: Sequence[GeneratedFile]) -> None:
@@ -544,6 +560,9 @@ class App:
             if self.args.probe:
                 findings += doctor.probe_daemons(self.config)
                 checked.append("the daemons' sockets")
+            if self.args.dns:
+                findings += self._dns_findings()
+                checked.append("DNS")
         except (ValueError, RuntimeError) as exc:
             raise CommandError(str(exc), EXIT_USAGE) from None
         for finding in findings:
@@ -555,6 +574,29 @@ class App:
         self.out.write(f"OK: {what or 'nothing'} wired as {self.config.source} says\n")
         return 0
 
+    def _dns_findings(self) -> list[Finding]:
+        """Every domain's records (those of the database's domains and of its DKIM keys)."""
+        from mailplugins import dns
+        from mailplugins.dkim_keys import DkimKeys, signing_ids
+        from mailplugins.dns_records import check_domain, expected_records
+        from mailplugins.doctor import Finding
+
+        servers, timeout = self.dns_servers()
+        keys = DkimKeys(self.store.engine)
+        all_keys = keys.list_keys()
+        signing = signing_ids(all_keys)
+        domains = sorted({d.name for d in self.store.list_domains()} | {k.domain for k in all_keys})
+        findings: list[Finding] = []
+        for domain in domains:
+            expected = expected_records(domain, self.config.dns, all_keys, sorted(signing))
+            retired = [k for k in all_keys if k.domain == domain and k.state == "retired"]
+            findings += [Finding("dns", problem, "") for problem in check_domain(
+                domain, expected, retired,
+                lambda name: dns.txt_records(name, nameservers=servers, timeout=timeout),
+                lambda name: dns.mx_records(name, nameservers=servers, timeout=timeout),
+            )]
+        return findings
+
     def cmd_serve(self) -> int:
         from mailplugins.logs import start_logging
         from mailplugins.runner import StartupError, serve
@@ -565,6 +607,14 @@ class App:
             return serve(config_path(self.args.config), config, self.args.daemons)
         except StartupError as exc:
             raise CommandError(str(exc), exc.status) from None
+
+
+def _release(given: str | None, parse: Callable[[str], str], detect: Callable[[], str]) -> str:
+    """The release named on the command line, else the installed one; CommandError (2) if neither."""
+    try:
+        return parse(given) if given else detect()
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
 
 
 def _packaged_lua_script() -> str:
@@ -602,12 +652,32 @@ def snippet_domains(snippet: PostfixSnippet) -> list[str]:
     return [d.strip() for d in value.split(",") if d.strip()]
 
 
+def _nameserver(text: str) -> str:
+    from mailplugins.dns import parse_nameserver
+
+    try:
+        parse_nameserver(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def nameserver_option(sub: argparse.ArgumentParser) -> None:
+    """``--nameserver ADDR[:PORT]`` (repeatable): ask this server instead of milterd.nameservers."""
+    sub.add_argument("--nameserver", action="append", type=_nameserver, metavar="ADDR[:PORT]",
+                     help="DNS server to ask (repeatable; default: milterd.nameservers, else the "
+                     "system resolver); e.g. the zone's own server, to skip caches")
+
+
 def _wiring_options(sub: argparse.ArgumentParser, postfix: bool, dovecot: bool) -> None:
     sub.add_argument("--tls-cert", default=DEBIAN_CERT, metavar="FILE", help=f"default {DEBIAN_CERT}")
     sub.add_argument("--tls-key", default=DEBIAN_KEY, metavar="FILE", help=f"default {DEBIAN_KEY}")
     sub.add_argument("--queue-directory", default="/var/spool/postfix", metavar="DIR",
                      help="Postfix's queue_directory (default /var/spool/postfix)")
     if postfix:
+        sub.add_argument("--postfix-version", metavar="X.Y",
+                         help="Postfix release to write for (default: the installed one, "
+                         "postconf -d mail_version)")
         sub.add_argument("--postfix-directory", default="/etc/postfix", metavar="DIR",
                          help="where companion map files go (default /etc/postfix)")
         sub.add_argument("--submission", default="submission", metavar="SERVICE",
@@ -617,6 +687,8 @@ def _wiring_options(sub: argparse.ArgumentParser, postfix: bool, dovecot: bool) 
                          help="virtual_mailbox_domains as a list from the database or a live SQL "
                          "map (default: list with SQLite, sql with PostgreSQL/MySQL)")
     if dovecot:
+        sub.add_argument("--dovecot-version", metavar="2.3|2.4",
+                         help="Dovecot release to write for (default: the installed one, dovecot --version)")
         sub.add_argument("--dovecot-directory", default="/etc/dovecot", metavar="DIR",
                          help="where the companion files go (default /etc/dovecot)")
         sub.add_argument("--lua", action="store_true",
@@ -754,6 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-dovecot", action="store_true", help="skip the Dovecot checks")
     sub.add_argument("--probe", action="store_true",
                      help="also connect to each daemon where Postfix and Dovecot will")
+    sub.add_argument("--dns", action="store_true",
+                     help="also look up every domain's MX, SPF, DKIM and DMARC records")
+    nameserver_option(sub)
     return parser
 
 

@@ -21,7 +21,9 @@ from mailplugins.metrics import DaemonMetrics
 log = Logger()
 
 
-class _Counted(ProtocolWrapper):
+class CountedProtocol(ProtocolWrapper):
+    """The wrapper LimitedFactory puts around each protocol: counts it open and closed."""
+
     factory: LimitedFactory
 
     def connectionMade(self) -> None:
@@ -57,7 +59,7 @@ class _Refuse(Protocol):
 
 
 class LimitedFactory(WrappingFactory):
-    protocol = _Counted
+    protocol = CountedProtocol
 
     def __init__(
         self,

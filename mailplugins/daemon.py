@@ -62,7 +62,7 @@ class DaemonPlugin(Protocol):
 
 def daemon_names() -> list[str]:
     """Installed daemons, in the order the runner starts them."""
-    order = {"policyd": 0, "authd": 1, "deliver": 2}
+    order = {"policyd": 0, "authd": 1, "deliver": 2, "milterd": 3}
     names = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
     return sorted(names, key=lambda n: (order.get(n, 9), n))
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from mailplugins.config import Config
 from mailplugins.generators import DovecotSnippet, PostfixSnippet, Setting, parse_endpoint
+from mailplugins.maildir_path import dovecot24_template
 
 __all__ = [
     "DovecotLive",
@@ -32,6 +33,7 @@ __all__ = [
     "check_dovecot",
     "check_dovecot_files",
     "check_postfix",
+    "literal_variables",
     "parse_doveconf",
     "parse_postconf",
     "parse_postconf_master",
@@ -49,6 +51,9 @@ class Finding:
     fix: str
 
     def render(self) -> str:
+        """Two lines (what is wrong, the fix), or one when the problem says it all (DNS)."""
+        if not self.fix:
+            return f"{self.where}: {self.problem}"
         return f"{self.where}: {self.problem}\n    fix: {self.fix}"
 
 
@@ -108,40 +113,68 @@ class DovecotLive:
     settings: Mapping[str, str]
     passdbs: tuple[Mapping[str, str], ...]
     userdbs: tuple[Mapping[str, str], ...]
+    #: Every ``name = value`` at any depth (a userdb's ``fields { home = ... }`` too), in order.
+    everywhere: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def release(self) -> str:
+        """``2.4`` when the configuration is 2.4's (it must start with dovecot_config_version)."""
+        return "2.4" if "dovecot_config_version" in self.settings else "2.3"
+
+
+#: Blocks whose settings are not flattened into ``section_name`` settings.
+_NAMED_KINDS = frozenset({"passdb", "userdb", "service", "protocol", "namespace", "remote", "local",
+                          "local_name", "mailbox", "plugin", "dict", "dict_server", "unix_listener",
+                          "inet_listener", "fifo_listener", "quota", "sql_driver", "fs"})
 
 
 def parse_doveconf(text: str) -> DovecotLive:
-    """Top-level settings and the top-level passdb/userdb blocks of ``doveconf -n`` or ``-a``."""
+    """Top-level settings and passdb/userdb blocks of ``doveconf -n`` or ``-a``, 2.3 or 2.4.
+
+    2.4 writes named blocks (``passdb lua { lua_file = ... }``: the driver defaults to the
+    name) and groups some settings in a block named after their prefix (``ssl_server {
+    cert_file = ... }`` is ``ssl_server_cert_file``), which is how they are reported here.
+    """
     settings: dict[str, str] = {}
     passdbs: list[dict[str, str]] = []
     userdbs: list[dict[str, str]] = []
-    depth = 0
+    everywhere: list[tuple[str, str]] = []
+    stack: list[str] = []  # the header word of each open block
     current: dict[str, str] | None = None
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.endswith("{"):
-            if depth == 0:
-                kind = line.split()[0]
+            words = line[:-1].split()
+            kind = words[0] if words else ""
+            if not stack:
                 current = {} if kind in ("passdb", "userdb") else None
                 if current is not None:
+                    if len(words) > 1:  # 2.4: passdb NAME { }
+                        current["name"] = words[1]
+                        current["driver"] = words[1]
                     (passdbs if kind == "passdb" else userdbs).append(current)
-            depth += 1
+            stack.append(kind if len(words) == 1 else "")
             continue
         if line == "}":
-            depth = max(0, depth - 1)
-            if depth == 0:
+            if stack:
+                stack.pop()
+            if not stack:
                 current = None
             continue
         name, sep, value = line.partition("=")
         if not sep:
             continue
-        if depth == 0:
-            settings[name.strip()] = value.strip()
-        elif depth == 1 and current is not None:
-            current[name.strip()] = value.strip()
-    return DovecotLive(settings, tuple(passdbs), tuple(userdbs))
+        name, value = name.strip(), value.strip()
+        everywhere.append((name, value))
+        if not stack:
+            settings[name] = value
+        elif len(stack) == 1 and current is not None:
+            current[name] = value
+        elif len(stack) == 1 and stack[0] and stack[0] not in _NAMED_KINDS:
+            settings[f"{stack[0]}_{name}"] = value  # 2.4: ssl_server { cert_file } and friends
+    return DovecotLive(settings, tuple(passdbs), tuple(userdbs), tuple(everywhere))
 
 
 # -- Postfix -----------------------------------------------------------------------------------------
@@ -233,6 +266,35 @@ def _contains(expected: str, live: str, main: Mapping[str, str]) -> list[str]:
     return missing
 
 
+def _milters(value: str) -> dict[str, str]:
+    """A Postfix milter list as endpoint -> default_action ("" when not given per milter)."""
+    found: dict[str, str] = {}
+    for item in split_restrictions(value):
+        parts = [p.strip() for p in item.strip("{} ").split(",") if p.strip()]
+        if not parts:
+            continue
+        options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        found[parts[0]] = options.get("default_action", "").strip()
+    return found
+
+
+def milter_problem(expected: str, live: str, main: Mapping[str, str]) -> str | None:
+    """Why the live milter list lacks milterd with the expected default action, or None.
+
+    Other milters in the list, other timeouts and spacing are the operator's business; the
+    endpoint and the per-direction ``default_action`` are what keep mail safe.
+    """
+    have = _milters(_expand(live, main))
+    fallback = main.get("milter_default_action", "tempfail")
+    for endpoint, action in _milters(_expand(expected, main)).items():
+        if endpoint not in have:
+            return f"lacks {endpoint}"
+        actual = have[endpoint] or fallback
+        if actual != action:
+            return f"has {endpoint} with default_action={actual} (want {action})"
+    return None
+
+
 def _networks(value: str) -> set[str] | None:
     """A Postfix network list as a set of normalised networks; None if it holds other things."""
     found: set[str] = set()
@@ -257,6 +319,9 @@ def _compare(setting: Setting, live: str | None, main: Mapping[str, str]) -> str
         return None if live else f"{setting.name} is {shown}"
     if live is None:
         return None if setting.value == "" else f"{setting.name} is unset"
+    if setting.check == "milter":
+        problem = milter_problem(setting.value, live, main)
+        return f"{setting.name} {problem} (now {live!r})" if problem else None
     if setting.check == "contains":
         missing = _contains(setting.value, live, main)
         return f"{setting.name} lacks {', '.join(missing)} (now {live!r})" if missing else None
@@ -296,6 +361,8 @@ def check_postfix(expected: PostfixSnippet, live: PostfixLive) -> list[Finding]:
             if name.startswith("smtpd_") and name.endswith("_restrictions") and value.startswith("$"):
                 missing = _contains(_expand(value, main), effective or "", main)
                 problem = f"lacks {', '.join(missing)}" if missing else None
+            elif name.endswith("_milters"):
+                problem = milter_problem(value, effective or "", main)
             elif name in ("syslog_name", "milter_macro_daemon_name"):
                 problem = None
             elif effective is None or _normal(_expand(effective, main)) != _normal(_expand(value, main)):
@@ -343,11 +410,51 @@ def _same_owner(expected: str, live: str, lookup: str) -> bool:
 
 
 def _db_text(values: Mapping[str, str]) -> str:
-    return "{ " + "  ".join(f"{k} = {v}" for k, v in values.items()) + " }"
+    name = values.get("name")
+    inner = "  ".join(f"{k} = {v}" for k, v in values.items()
+                      if k != "name" and not (k == "driver" and v == name))
+    return (f"{name} " if name else "") + "{ " + inner + " }"
+
+
+#: A Dovecot 2.3 variable (``%d``, ``%Ln``, ``%1n``); 2.4 leaves it as it is, silently.
+_OLD_VARIABLE = re.compile(r"%(?![%{])-?[0-9.]*[LU]*[A-Za-z]")
+
+
+def _path_setting(name: str) -> bool:
+    return name in ("home", "mail_home", "mail", "mail_location") or (
+        name.startswith("mail_") and name.endswith("_path"))
+
+
+def literal_variables(live: DovecotLive) -> list[Finding]:
+    """In a 2.4 configuration, mail paths holding 2.3 variables that 2.4 takes literally."""
+    if live.release != "2.4":
+        return []
+    findings: list[Finding] = []
+    for name, value in dict.fromkeys(live.everywhere):
+        found = _OLD_VARIABLE.findall(value)
+        if not found or not _path_setting(name):
+            continue
+        try:
+            fix = f"{name} = {dovecot24_template(value)}"
+        except ValueError:
+            fix = f"{name} with 2.4 variables: %{{user | domain}}, %{{user | username}}, %{{user}}"
+        findings.append(Finding(
+            "dovecot",
+            f"{name} = {value}: Dovecot 2.4 takes {', '.join(dict.fromkeys(found))} literally "
+            "(every user would share one directory)",
+            fix,
+        ))
+    return findings
 
 
 def check_dovecot(expected: DovecotSnippet, live: DovecotLive) -> list[Finding]:
-    findings: list[Finding] = []
+    findings: list[Finding] = literal_variables(live)
+    if expected.version != live.release:
+        return [*findings, Finding(
+            "dovecot",
+            f"the configuration is Dovecot {live.release}'s, the expected one {expected.version}'s",
+            f"mailplugins dovecot-config --dovecot-version {live.release} (or upgrade the config)",
+        )]
     for setting in expected.settings:
         actual = live.settings.get(setting.name)
         kind = "user" if setting.name == "mail_uid" else "group"
@@ -378,8 +485,9 @@ def check_dovecot(expected: DovecotSnippet, live: DovecotLive) -> list[Finding]:
 
 
 def _same_db(expected: Mapping[str, str], live: Mapping[str, str]) -> bool:
-    return (expected.get("driver") == live.get("driver")
-            and _normal(expected.get("args", "")) == _normal(live.get("args", "")))
+    """Same driver and the same value for each generated key (2.3's ``args`` both ways)."""
+    keys = (set(expected) - {"name"}) | {"driver", "args"}
+    return all(_normal(expected.get(key, "")) == _normal(live.get(key, "")) for key in keys)
 
 
 def _significant(text: str) -> list[str]:
@@ -496,4 +604,5 @@ def run_doveconf(config_file: str | None = None) -> DovecotLive:
     base = ["doveconf"] + (["-c", config_file] if config_file else [])
     effective = parse_doveconf(_run([*base, "-a"]))
     configured = parse_doveconf(_run([*base, "-n"]))
-    return DovecotLive(effective.settings, configured.passdbs, configured.userdbs)
+    return DovecotLive(effective.settings, configured.passdbs, configured.userdbs,
+                       configured.everywhere)

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from sqlalchemy.engine import make_url
 
 from mailplugins.config import Config
+from mailplugins.maildir_path import dovecot24_template, split_home
+from mailplugins.releases import dovecot_release, postfix_release
 
 __all__ = [
     "DEBIAN_CERT",
@@ -71,6 +73,7 @@ SHIPPED_SOCKETS: Mapping[str, str] = {
     "dict": "unix:/run/mailplugins/dict.sock",
     "http": "tcp:9643:interface=127.0.0.1",
     "lmtp": "unix:/var/spool/postfix/private/mailplugins-deliver",
+    "milter": "unix:/var/spool/postfix/private/mailplugins-milter",
 }
 
 DEBIAN_CERT = "/etc/ssl/certs/ssl-cert-snakeoil.pem"
@@ -177,7 +180,8 @@ class Setting:
     value: str
     comment: str = ""
     #: ``exact``: same value; ``contains``: the value must contain ``value`` (a restriction in
-    #: a list); ``nonempty``: operator-specific (certificate paths); ``none``: not checked.
+    #: a list); ``nonempty``: operator-specific (certificate paths); ``milter``: the milter list
+    #: holds this endpoint with this ``default_action``; ``none``: not checked.
     check: str = "exact"
 
 
@@ -217,6 +221,8 @@ class PostfixOptions:
     domains: str = "auto"
     domain_names: tuple[str, ...] = ()
     policy_timeout: str = POLICY_TIMEOUT
+    #: Postfix major.minor the settings are for (3.7 on Debian 12, 3.10 on Debian 13).
+    version: str = "3.7"
 
 
 @dataclass(frozen=True)
@@ -248,6 +254,7 @@ class PostfixSnippet:
     warnings: tuple[str, ...] = ()
     #: How virtual_mailbox_domains is served: ``list`` or ``sql``.
     domains_mode: str = "list"
+    version: str = "3.7"
 
     def main_dict(self) -> dict[str, str]:
         return {setting.name: setting.value for setting in self.main}
@@ -309,6 +316,7 @@ def _policy_spec(endpoint: str, options: PostfixOptions, context: str,
 def postfix_config(config: Config, options: PostfixOptions | None = None) -> PostfixSnippet:
     """main.cf settings and master.cf services for ``config``; ValueError if it cannot be wired."""
     options = options or PostfixOptions()
+    postfix_release(options.version)
     warnings: list[str] = []
     main: list[Setting] = []
 
@@ -440,6 +448,9 @@ def postfix_config(config: Config, options: PostfixOptions | None = None) -> Pos
                                   f"$mailplugins_submission_{stage}_restrictions"))
     else:
         warnings.append("policyd is not configured: Postfix does no recipient validation")
+    milter_main, milter_overrides = _milter_settings(config, options, warnings)
+    main += milter_main
+    overrides += milter_overrides
     overrides.append(("milter_macro_daemon_name", "ORIGINATING"))
     submission = Service(
         options.submission, "inet", "n", "-", "y" if options.chroot else "n", "-", "-", "smtpd",
@@ -459,7 +470,50 @@ def postfix_config(config: Config, options: PostfixOptions | None = None) -> Pos
         files=tuple(files),
         warnings=tuple(dict.fromkeys(warnings)),
         domains_mode=mode,
+        version=options.version,
     )
+
+
+#: How long Postfix waits for milterd per command and per message content step; milterd answers
+#: within ``milterd.budget`` (20 s by default) or gives the direction's safe answer itself.
+MILTER_COMMAND_TIMEOUT = "30s"
+MILTER_CONTENT_TIMEOUT = "60s"
+
+
+def _milter_spec(endpoint: str, default_action: str) -> str:
+    return (f"{{ {endpoint}, connect_timeout=10s, command_timeout={MILTER_COMMAND_TIMEOUT}, "
+            f"content_timeout={MILTER_CONTENT_TIMEOUT}, default_action={default_action} }}")
+
+
+def _milter_settings(
+    config: Config, options: PostfixOptions, warnings: list[str]
+) -> tuple[list[Setting], list[tuple[str, str]]]:
+    """milterd for port 25 (incoming: checked), submission and sendmail (outgoing: signed).
+
+    One listener, three Postfix milter lists, each with its own ``default_action`` for when
+    milterd is down or too slow: port 25 ``accept`` (mail is never lost for want of a check),
+    submission and ``non_smtpd_milters`` ``tempfail`` (mail waits in the client or the queue
+    rather than leaving unsigned). The submission service takes its list from
+    ``mailplugins_submission_milters`` (no spaces inside a master.cf ``-o``).
+    """
+    milterd = getattr(config, "milterd", None)
+    if milterd is None:
+        return [], []
+    endpoint = postfix_endpoint(_first(milterd.listen, "milterd.listen"), options,
+                                "milterd.listen", warnings)
+    main = [
+        Setting("milter_protocol", "6", "milterd speaks milter protocol 6"),
+        Setting("smtpd_milters", _milter_spec(endpoint, "accept"),
+                "milterd checks incoming mail (DKIM, SPF, DMARC); if it is down, mail is accepted "
+                "unchecked rather than lost", check="milter"),
+        Setting("non_smtpd_milters", _milter_spec(endpoint, "tempfail"),
+                "milterd signs mail from sendmail; if it is down, the mail waits in the queue",
+                check="milter"),
+        Setting("mailplugins_submission_milters", _milter_spec(endpoint, "tempfail"),
+                "used by the submission service: signing; if milterd is down, the client retries "
+                "rather than the mail leaving unsigned", check="milter"),
+    ]
+    return main, [("smtpd_milters", "$mailplugins_submission_milters")]
 
 
 def _daemon_endpoints(config: Config) -> Iterable[str]:
@@ -471,6 +525,9 @@ def _daemon_endpoints(config: Config) -> Iterable[str]:
         yield from config.authd.http_listen
     if config.deliver is not None:
         yield from config.deliver.listen
+    milterd = getattr(config, "milterd", None)
+    if milterd is not None:
+        yield from milterd.listen
 
 
 def _header(tool: str, source: str) -> list[str]:
@@ -482,6 +539,7 @@ def _header(tool: str, source: str) -> list[str]:
 
 def render_postfix(snippet: PostfixSnippet) -> str:
     out = _header("postfix-config", snippet.source)
+    out.append(f"# For Postfix {snippet.version} (postfix-config --postfix-version picks another).")
     out += [f"# WARNING: {text}" for text in snippet.warnings]
     out += ["", "# ---- main.cf (or: postconf -e 'name = value' for each line) ----"]
     for setting in snippet.main:
@@ -516,18 +574,25 @@ class DovecotOptions:
     tls_key: str = DEBIAN_KEY
     ssl: str = "required"
     postfix_queue_directory: str = "/var/spool/postfix"
+    #: Dovecot major.minor to write for: ``2.3`` (Debian 12) or ``2.4`` (Debian 13).
+    version: str = "2.3"
+    #: 2.4's ``dovecot_config_version``: it must equal the value at the top of dovecot.conf
+    #: (Dovecot refuses to change it once set), and Debian 13's dovecot.conf says 2.4.0.
+    config_version: str = "2.4.0"
 
 
 @dataclass(frozen=True)
 class DovecotSnippet:
     source: str
     settings: tuple[Setting, ...]
-    #: passdb/userdb/service blocks as (kind, {"driver":..., "args":...}) for the doctor.
+    #: passdb/userdb blocks for the doctor: 2.3 ``{"driver", "args"}``; 2.4 ``{"name", "driver",
+    #: "lua_file"}`` (a named block, its driver defaulting to its name).
     passdbs: tuple[Mapping[str, str], ...]
     userdbs: tuple[Mapping[str, str], ...]
     blocks: tuple[str, ...]
     files: tuple[GeneratedFile, ...] = ()
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    version: str = "2.3"
 
 
 _LUA_URL = re.compile(r"http://(?:127\.0\.0\.1|localhost|\[::1\]):\d+")
@@ -595,8 +660,96 @@ def _static_userdb(config: Config) -> dict[str, str]:
 
 
 def _block(kind: str, values: Mapping[str, str]) -> str:
-    inner = "".join(f"  {key} = {value}\n" for key, value in values.items())
-    return f"{kind} {{\n{inner}}}"
+    name = values.get("name")
+    head = f"{kind} {name}" if name else kind
+    inner = "".join(f"  {key} = {value}\n" for key, value in values.items()
+                    if key != "name" and not (key == "driver" and value == name))
+    return f"{head} {{\n{inner}}}"
+
+
+def _listener_blocks(config: Config, options: DovecotOptions) -> list[str]:
+    """Dovecot's own auth socket for Postfix (no authd SASL) and LMTP socket (no deliver)."""
+    blocks = []
+    if config.authd is not None and not config.authd.sasl_listen:
+        auth_socket = os.path.join(options.postfix_queue_directory, "private", "auth")
+        blocks.append(
+            "service auth {\n"
+            f"  unix_listener {auth_socket} {{\n"
+            "    mode = 0660\n    user = postfix\n    group = postfix\n  }\n}"
+        )
+    if config.deliver is None:
+        lmtp_socket = os.path.join(options.postfix_queue_directory, "private", "dovecot-lmtp")
+        blocks.append(
+            "service lmtp {\n"
+            f"  unix_listener {lmtp_socket} {{\n"
+            "    mode = 0600\n    user = postfix\n    group = postfix\n  }\n}"
+        )
+    return blocks
+
+
+def _dovecot24(config: Config, options: DovecotOptions) -> DovecotSnippet:
+    """Dovecot 2.4: new setting names, named blocks, ``%{user | domain}`` variables, Lua only.
+
+    2.4 has no dict passdb/userdb, so the Lua script asks authd over HTTP for everything: the
+    password check, the userdb (home, Maildir, uid/gid, quota, canonical name) and the user
+    list (``doveadm -A``). Unknown users stay unknown: no ``allow_all_users`` catch-all.
+    """
+    assert config.authd is not None
+    warnings: list[str] = []
+    files: list[GeneratedFile] = []
+    if not config.authd.http_listen:
+        raise ValueError("authd.http_listen is not set: Dovecot 2.4 has no dict passdb, "
+                         "it asks authd over HTTP (Lua)")
+    location = config.mail.location
+    try:
+        home, maildir = (dovecot24_template(part) for part in split_home(location))
+    except ValueError as exc:
+        raise ValueError(f"mail.location: {exc}") from None
+    settings = [
+        Setting("dovecot_config_version", options.config_version,
+                "must equal the value at the top of dovecot.conf (Debian 13's says 2.4.0)",
+                check="none"),
+        Setting("dovecot_storage_version", options.config_version, check="none"),
+        Setting("auth_mechanisms", "plain login", "hashed passwords allow PLAIN and LOGIN only"),
+        Setting("auth_allow_cleartext", "no", "no password before STARTTLS"),
+        Setting("ssl", options.ssl),
+        Setting("ssl_server_cert_file", options.tls_cert, check="nonempty"),
+        Setting("ssl_server_key_file", options.tls_key, check="nonempty"),
+        Setting("ssl_min_protocol", "TLSv1.2", check="none"),
+        Setting("mail_driver", "maildir", "mail.location: where deliver writes"),
+        Setting("mail_home", home),
+        Setting("mail_path", maildir),
+        Setting("mail_inbox_path", "", "the Maildir is the INBOX (Debian's 10-mail.conf says /var/mail)"),
+        Setting("mail_uid", str(config.mail.uid), "owner of the Maildirs (deliver runs as this user)"),
+        Setting("mail_gid", str(config.mail.gid)),
+        Setting("first_valid_uid", str(min(config.mail.uid, 500)), check="none"),
+    ]
+    script, extra = _lua_script(config, options, warnings)
+    files += extra
+    lua = {"name": "lua", "driver": "lua", "lua_file": script}
+    blocks = [_block("passdb", lua), _block("userdb", lua)]
+    if config.authd.dict_listen:
+        endpoint = _first(config.authd.dict_listen, "authd.dict_listen")
+        if endpoint.kind != "unix":
+            raise ValueError("authd.dict_listen: Dovecot's dict proxy client needs a unix socket")
+        blocks += [
+            "# last_login records each login's time through authd's dict socket",
+            "mail_plugins {\n  last_login = yes\n}",
+            "last_login {\n  dict proxy {\n"
+            f"    dict_proxy_socket_path = {endpoint.path}\n"
+            "    dict_proxy_name = lastlogin\n  }\n}",
+        ]
+    blocks += _listener_blocks(config, options)
+    return DovecotSnippet(
+        source=config.source,
+        settings=tuple(settings),
+        passdbs=(lua,),
+        userdbs=(lua,),
+        blocks=tuple(blocks),
+        files=tuple(files),
+        warnings=tuple(warnings),
+        version="2.4",
+    )
 
 
 def dovecot_config(config: Config, options: DovecotOptions | None = None) -> DovecotSnippet:
@@ -604,6 +757,8 @@ def dovecot_config(config: Config, options: DovecotOptions | None = None) -> Dov
     options = options or DovecotOptions()
     if config.authd is None:
         raise ValueError("authd is not configured: Dovecot needs authd's dict or HTTP listener")
+    if dovecot_release(options.version) == "2.4":
+        return _dovecot24(config, options)
     warnings: list[str] = []
     files: list[GeneratedFile] = []
     settings = [
@@ -642,20 +797,7 @@ def dovecot_config(config: Config, options: DovecotOptions | None = None) -> Dov
         )
         userdbs.append(_static_userdb(config))
     blocks = [_block("passdb", p) for p in passdbs] + [_block("userdb", u) for u in userdbs]
-    if not config.authd.sasl_listen:
-        auth_socket = os.path.join(options.postfix_queue_directory, "private", "auth")
-        blocks.append(
-            "service auth {\n"
-            f"  unix_listener {auth_socket} {{\n"
-            "    mode = 0660\n    user = postfix\n    group = postfix\n  }\n}"
-        )
-    if config.deliver is None:
-        lmtp_socket = os.path.join(options.postfix_queue_directory, "private", "dovecot-lmtp")
-        blocks.append(
-            "service lmtp {\n"
-            f"  unix_listener {lmtp_socket} {{\n"
-            "    mode = 0600\n    user = postfix\n    group = postfix\n  }\n}"
-        )
+    blocks += _listener_blocks(config, options)
     return DovecotSnippet(
         source=config.source,
         settings=tuple(settings),
@@ -669,6 +811,7 @@ def dovecot_config(config: Config, options: DovecotOptions | None = None) -> Dov
 
 def render_dovecot(snippet: DovecotSnippet, *, with_files: bool = True) -> str:
     out = _header("dovecot-config", snippet.source)
+    out.append(f"# For Dovecot {snippet.version} (dovecot-config --dovecot-version picks another).")
     out += [f"# WARNING: {text}" for text in snippet.warnings]
     out += [
         "# Put it in /etc/dovecot/conf.d/99-mailplugins.conf and comment out",
@@ -678,7 +821,7 @@ def render_dovecot(snippet: DovecotSnippet, *, with_files: bool = True) -> str:
     for setting in snippet.settings:
         if setting.comment:
             out.append(f"# {setting.comment}")
-        out.append(f"{setting.name} = {setting.value}")
+        out.append(f"{setting.name} = {setting.value}".rstrip())
     out += ["", *list(snippet.blocks)]
     if with_files:
         for generated in snippet.files:

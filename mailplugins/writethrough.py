@@ -7,20 +7,31 @@ all of that per request: about a third of its CPU in the rate-limit benchmark (p
 nothing is queued ahead of the answer, sending it at once keeps the order of the bytes and
 costs one ``send``; anything else (bytes already queued, a short send, an error) goes through
 Twisted's own buffering, which then reports errors and flow control as always.
+
+Only our own connection-counting wrapper is looked through, and only onto a plain TCP or unix
+socket connection. Any other wrapper transforms the bytes (Twisted's TLS wrapper encrypts
+them), so its ``write`` is the only way out: sending under it put answers on a TLS connection
+in clear text. ``ProtocolWrapper`` forwards unknown attributes to its transport, so the check
+is on the class, never on attributes such as ``socket``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.protocols.policies import ProtocolWrapper
+from twisted.internet.tcp import Connection
+
+from mailplugins.connections import CountedProtocol
 
 
-def _socket_transport(transport: Any) -> Any:
-    """The transport under any ProtocolWrappers (connection limits), if it has a plain socket."""
-    while isinstance(transport, ProtocolWrapper):
+def _socket_transport(transport: Any) -> Connection | None:
+    """The plain socket connection under our connection-counting wrapper, if that is all there is.
+
+    ``unix:`` and ``systemd:`` listeners give ``tcp.Connection`` subclasses too.
+    """
+    while isinstance(transport, CountedProtocol):
         transport = transport.transport
-    return transport if hasattr(transport, "socket") and hasattr(transport, "dataBuffer") else None
+    return transport if isinstance(transport, Connection) else None
 
 
 def write_now(transport: Any, data: bytes) -> None:

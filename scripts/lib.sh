@@ -16,15 +16,15 @@ ensure_packages() {
     export DEBIAN_FRONTEND=noninteractive
     # No system mail service: mailplugins runs private instances on loopback ports.
     echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
-    $SUDO apt-get update -q
-    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+    $SUDO apt-get -o DPkg::Lock::Timeout=300 update -q
+    $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${missing[@]}"
 }
 
 # ensure_venv EXTRAS: ./.venv with mailplugins[EXTRAS] installed editable; rebuilt when the
-# packaging files change.
+# packaging metadata (pyproject.toml: PEP 621 [project], dependencies and extras) changes.
 ensure_venv() {
     local extras="$1" python="${PYTHON:-python3}" stamp=".venv/.mailplugins-deps" want
-    want="$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)-$extras"
+    want="$(sha256sum pyproject.toml | cut -d' ' -f1)-$extras"
     if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
         return 0
     fi
@@ -40,5 +40,80 @@ ensure_venv() {
     echo "$want" > "$stamp"
 }
 
+# python3-venv: Debian 13 ships python3 without venv's ensurepip. swaks --tls (the line
+# scripts/run prints) needs Net::SSLeay and IO::Socket::SSL.
 MAIL_PACKAGES=(postfix postfix-pgsql postfix-mysql dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-auth-lua swaks
-               systemd openssl)
+               opendkim opendkim-tools
+               systemd openssl python3-venv libnet-ssleay-perl libio-socket-ssl-perl)
+
+# The e2e tests run the host's Postfix/Dovecot and the other Debian release's from a root built
+# with mmdebstrap (see ensure_release_root).
+RIG_TOOLS=(mmdebstrap)
+
+# What the other release's root holds: the mail servers the e2e tests run, and OpenDKIM (the
+# oracle milterd's tests compare with). Postfix goes in after its debconf question is answered.
+ROOT_PACKAGES=(dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-auth-lua ca-certificates
+               opendkim opendkim-tools)
+ROOT_POSTFIX_PACKAGES=(postfix postfix-pgsql postfix-mysql)
+# Bump when the recipe below changes in a way the package lists do not show.
+ROOT_RECIPE=1
+RIG_CACHE="${MAILPLUGINS_RIG_CACHE:-/var/cache/mailplugins-test}"
+
+# host_debian: the host's Debian major release (12 or 13), from /etc/os-release.
+host_debian() {
+    (. /etc/os-release && [ "${ID:-}" = debian ] && echo "${VERSION_ID:-}")
+}
+
+# debian_mirror: the Debian mirror the host's apt already uses for its own release.
+debian_mirror() {
+    local codename
+    codename="$(. /etc/os-release && echo "$VERSION_CODENAME")"
+    apt-get indextargets --format '$(REPO_URI) $(CODENAME)' 2>/dev/null \
+        | awk -v c="$codename" '$2 == c { print $1; exit }'
+}
+
+# ensure_release_root: the root of the release the host is not (Debian 13 on a Debian 12 host,
+# Debian 12 on a Debian 13 host) under $RIG_CACHE, built once with mmdebstrap and rebuilt when
+# its recipe (suite, mirror, package lists, the host's mail users' ids) changes or a
+# "stale" file beside it says so. Prints nothing when the root is current.
+ensure_release_root() {
+    local host name suite mirror root stamp want
+    host="$(host_debian)"
+    case "$host" in
+        12) name=debian13 suite=trixie ;;
+        13) name=debian12 suite=bookworm ;;
+        *) echo "the e2e rig runs on Debian 12 or 13; this is $(. /etc/os-release && echo "$PRETTY_NAME")" >&2
+           exit 2 ;;
+    esac
+    root="$RIG_CACHE/$name"
+    stamp="$RIG_CACHE/$name.stamp"
+    mirror="$(debian_mirror)"
+    if [ -z "$mirror" ]; then
+        echo "no Debian mirror found in this machine's apt sources (apt-get indextargets)" >&2
+        exit 2
+    fi
+    want="$(printf '%s\n' "$ROOT_RECIPE" "$suite" "$mirror" "${ROOT_PACKAGES[*]}" \
+        "${ROOT_POSTFIX_PACKAGES[*]}" "$(python3 devrig/rootfs.py ids)" | sha256sum | cut -d' ' -f1)"
+    $SUDO mkdir -p "$RIG_CACHE"
+    (
+        # One builder at a time; the others wait and then find the root current.
+        flock 9
+        if [ -d "$root" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && [ ! -e "$root.stale" ]; then
+            exit 0
+        fi
+        echo "== building the $name root ($suite from $mirror) in $root"
+        $SUDO rm -rf "$root.new"
+        local preseed="echo 'postfix postfix/main_mailer_type select No configuration'"
+        $SUDO mmdebstrap --quiet --variant=apt --include="debconf,$(IFS=,; echo "${ROOT_PACKAGES[*]}")" \
+            --customize-hook="$preseed | chroot \"\$1\" debconf-set-selections" \
+            --customize-hook="chroot \"\$1\" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ${ROOT_POSTFIX_PACKAGES[*]} >/dev/null" \
+            --customize-hook='chroot "$1" apt-get clean' \
+            "$suite" "$root.new" "deb $mirror $suite main"
+        $SUDO python3 devrig/rootfs.py align "$root.new"
+        $SUDO rm -rf "$root.old" "$root.stale"
+        [ ! -d "$root" ] || $SUDO mv "$root" "$root.old"
+        $SUDO mv "$root.new" "$root"
+        $SUDO rm -rf "$root.old"
+        echo "$want" | $SUDO tee "$stamp" >/dev/null
+    ) 9>"$RIG_CACHE/.lock"
+}

@@ -10,10 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig import short_tempdir
+from devrig.leftovers import stop_dead_runs
+from devrig.release import NAMES, Release
+from devrig.release import release as find_release
+from tests.rig import RigFactory, short_tempdir
 
 PG_ADMIN_URL = os.environ.get("MAILPLUGINS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_ADMIN_URL = os.environ.get("MAILPLUGINS_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop the Postfix/Dovecot instances a killed earlier run left behind (its own live
+    instances and other sessions' are left alone)."""
+    stop_dead_runs()
 
 
 @pytest.fixture
@@ -22,6 +31,23 @@ def rig_dir() -> Iterator[Path]:
     path = short_tempdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=NAMES, ids=[name.replace("debian", "deb") for name in NAMES])
+def release(request: pytest.FixtureRequest) -> Release:
+    """The Debian release whose stock Postfix and Dovecot an e2e module runs against: each
+    such module runs once on Debian 12's (Postfix 3.7, Dovecot 2.3) and once on Debian 13's
+    (Postfix 3.10, Dovecot 2.4), one of them from the root scripts/test builds."""
+    chosen = find_release(str(request.param))
+    chosen.check()
+    return chosen
+
+
+@pytest.fixture
+def rig_factory(release: Release) -> Iterator[RigFactory]:
+    """A RigFactory for one test on ``release``: its instances stop when the test ends."""
+    with RigFactory(release) as factory:
+        yield factory
 
 
 def _server_database(admin_url: str, backend: str) -> Iterator[str]:

@@ -1,21 +1,22 @@
 """End-to-end test rig: private stock Postfix and Dovecot, and mailplugins daemons.
 
-The instances come from :mod:`mailplugins.instances` (also used by the local demo stack); this
-module adds the daemons run as ``mailplugins serve`` subprocesses with a ready database.
+The instances come from :mod:`devrig.instances` (also used by the local demo stack); this
+module adds the daemons run as ``mailplugins serve`` subprocesses with a ready database, and
+:class:`RigFactory`, which every e2e module builds its instances with: one scratch directory,
+one release (the ``release`` fixture), everything stopped and removed afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
 
 import yaml
 
-from mailplugins.config import parse_config
-from mailplugins.db import schema
-from mailplugins.db.engine import make_engine
-from mailplugins.instances import (  # noqa: F401 - the rig's public API
+from devrig.instances import (  # noqa: F401 - the rig's public API
     Dovecot,
     Postfix,
     ServeProcess,
@@ -26,6 +27,11 @@ from mailplugins.instances import (  # noqa: F401 - the rig's public API
     unix_socket_open,
     wait_until,
 )
+from devrig.leftovers import mark_owner
+from devrig.release import Release
+from mailplugins.config import parse_config
+from mailplugins.db import schema
+from mailplugins.db.engine import make_engine
 from mailplugins.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,3 +75,66 @@ class Daemons(ServeProcess):
         status = super().stop()
         self.engine.dispose()
         return status
+
+
+class Stoppable(Protocol):
+    def stop(self) -> object: ...
+
+
+S = TypeVar("S", bound=Stoppable)
+
+
+class RigFactory:
+    """Builds one test's (or module's) instances on one release in one scratch directory.
+
+    ``postfix()``, ``dovecot()`` and ``daemons()`` make instances (not started: a test may
+    adjust them first); ``start()`` starts one and remembers it. ``close()`` (or leaving the
+    ``with`` block, a failed test included) stops every started thing in reverse order, even
+    when one of the stops fails, then removes the directory.
+    """
+
+    def __init__(self, release: Release, prefix: str = "mp-") -> None:
+        self.release = release
+        self.root = short_tempdir(prefix)
+        mark_owner(self.root)  # a later session stops what this one leaves if it is killed
+        self.started: list[Stoppable] = []
+
+    def postfix(self, **options: Any) -> Postfix:
+        return Postfix(self.root, release=self.release, **options)
+
+    def dovecot(self, **options: Any) -> Dovecot:
+        return Dovecot(self.root, release=self.release, **options)
+
+    def daemons(
+        self, config: Mapping[str, Any], daemons: Sequence[str] = (), subdir: str = "mp"
+    ) -> Daemons:
+        return Daemons(self.root / subdir, config, daemons)
+
+    def start(self, thing: S, *args: Any) -> S:
+        """Start ``thing`` (``thing.start(*args)``) and stop it on close."""
+        thing.start(*args)  # type: ignore[attr-defined]
+        self.started.append(thing)
+        return thing
+
+    def stop_later(self, things: Iterable[Stoppable]) -> None:
+        """Stop ``things`` on close too (started some other way)."""
+        self.started.extend(things)
+
+    def close(self) -> None:
+        errors: list[BaseException] = []
+        while self.started:
+            try:
+                self.started.pop().stop()
+            except Exception as exc:  # stop the rest, then report the first failure
+                errors.append(exc)
+        shutil.rmtree(self.root, ignore_errors=True)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> RigFactory:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

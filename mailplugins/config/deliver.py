@@ -14,6 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from mailplugins.addresses import AddressError, parse_address
 from mailplugins.config.fields import Fields, describe
 
 #: What to answer for a recipient whose mailbox is disabled.
@@ -67,6 +68,16 @@ class DeliverConfig:
     #: Advertise DSN so Postfix sends ORCPT (-> X-Original-To); needs Postfix's
     #: ``lmtp_assume_final = yes`` so Postfix itself sends "delivered" notifications.
     advertise_dsn: bool
+    #: Where ``RCPT TO:<postmaster>`` (RFC 5321 4.5.1) goes; None: postmaster@ the first
+    #: local domain (alphabetically), looked up at RCPT time.
+    postmaster: str | None
+    #: Add Dovecot's ``Received:`` trace line (Dovecot: ``lmtp_add_received_header``).
+    received_header: bool
+    #: Folder for mail milterd marked ``dis=quarantine`` (DMARC); "" files it into INBOX.
+    junk_folder: str = "Junk"
+    #: Whose Authentication-Results to trust for that; None: ``milterd.authserv_id`` when
+    #: milterd is configured in the same file, else this host's FQDN (milterd's default).
+    authserv_id: str | None = None
 
 
 def _hostname(value: object) -> str:
@@ -85,6 +96,18 @@ def _folder(value: object) -> str:
     if value.endswith(".") or any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValueError(f"not a valid folder name: {describe(value)}")
     return value
+
+
+def _mail_address(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a mail address, got {describe(value)}")
+    try:
+        address = parse_address(value)
+    except AddressError as exc:
+        raise ValueError(f"not a mail address ({exc}): {describe(value)}") from None
+    if address.routing:
+        raise ValueError(f"not a plain mail address: {describe(value)}")
+    return str(address)
 
 
 def parse_deliver(f: Fields) -> DeliverConfig:
@@ -113,6 +136,10 @@ def parse_deliver(f: Fields) -> DeliverConfig:
         memory_spool_limit=f.size("memory_spool_limit", 256 * 1024, minimum=4096),
         lookup_cache_ttl=f.duration("lookup_cache_ttl", 10.0, minimum=0, maximum=3600),
         advertise_dsn=f.boolean("advertise_dsn", False),
+        postmaster=f.convert("postmaster", None, _mail_address),
+        received_header=f.boolean("received_header", True),
+        junk_folder=f.convert("junk_folder", "Junk", lambda v: "" if v == "" else _folder(v)),
+        authserv_id=f.convert("authserv_id", None, _hostname),
     )
     f.done()
     return config

@@ -7,6 +7,7 @@ validates them on the spot), and calls :meth:`Fields.done` last, which refuses u
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -117,6 +118,10 @@ def check_endpoint(text: str) -> str:
         if "index" in args and not args["index"].isdigit():
             raise ValueError(f"systemd endpoint index is not a number: {describe(text)}")
         return text
+    if kind == "ssl" and importlib.util.find_spec("OpenSSL") is None:
+        raise ValueError(
+            f"ssl: endpoints need pyOpenSSL (pip install 'mailplugins[tls]'): {describe(text)}"
+        )
     try:
         serverFromString(MemoryReactor(), text)
     except Exception as exc:

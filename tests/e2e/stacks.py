@@ -8,8 +8,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from mailplugins.instances import short_tempdir
-from mailplugins.localstack import DaemonsApart, LocalStack, Ports
+from devrig.instances import short_tempdir
+from devrig.leftovers import mark_owner
+from devrig.localstack import DaemonsApart, LocalStack, Ports
+from devrig.release import Release
 
 
 def insecure_tls() -> ssl.SSLContext:
@@ -21,11 +23,16 @@ def insecure_tls() -> ssl.SSLContext:
 
 
 @contextmanager
-def running_stacks(count: int = 1, **options: Any) -> Iterator[list[LocalStack]]:
-    """``count`` stacks on free ports, each in its own scratch directory; ``options`` go to
-    LocalStack (e.g. a shared ``database_url``). All are stopped and removed afterwards."""
+def running_stacks(
+    release: Release, count: int = 1, **options: Any
+) -> Iterator[list[LocalStack]]:
+    """``count`` stacks on ``release`` on free ports, each in its own scratch directory;
+    ``options`` go to LocalStack (e.g. a shared ``database_url``). All are stopped and removed
+    afterwards, even when one fails to start."""
     roots = [short_tempdir() for _ in range(count)]
-    stacks = [LocalStack(root, Ports.free(), **options) for root in roots]
+    for root in roots:
+        mark_owner(root)
+    stacks = [LocalStack(root, Ports.free(), release=release, **options) for root in roots]
     try:
         for stack in stacks:
             stack.start()
@@ -39,13 +46,14 @@ def running_stacks(count: int = 1, **options: Any) -> Iterator[list[LocalStack]]
 
 @contextmanager
 def running_stack_apart(
-    postfix_main: Mapping[str, str] | None = None, **options: Any
+    release: Release, postfix_main: Mapping[str, str] | None = None, **options: Any
 ) -> Iterator[LocalStack]:
     """One LocalStack (free ports, own scratch directory) whose daemons run as three
     processes (see DaemonsApart), with extra main.cf settings ``postfix_main`` (those the
     generators do not set survive LocalStack.start); stopped and removed afterwards."""
     root = short_tempdir()
-    stack = LocalStack(root, Ports.free(), **options)
+    mark_owner(root)
+    stack = LocalStack(root, Ports.free(), release=release, **options)
     stack.daemons = DaemonsApart(stack.config_path, stack.root)
     stack.postfix.main.update(postfix_main or {})
     try:

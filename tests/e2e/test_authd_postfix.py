@@ -1,4 +1,4 @@
-"""authd as the SASL server of a private stock Postfix 3.7 (``smtpd_sasl_type = dovecot``).
+"""authd as the SASL server of a private stock Postfix (3.7 and 3.10; ``smtpd_sasl_type = dovecot``).
 
 swaks is the SMTP client, so what is checked is exactly what a mail client sees: 235 for a good
 login (PLAIN with an initial response, LOGIN with prompts), 535 for a bad password, a disabled
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from devrig.release import Release
 from mailplugins.config import PasswordConfig
 from mailplugins.hashing import hash_password
-from tests.rig import Daemons, Postfix, free_port, short_tempdir
+from tests.rig import Daemons, Postfix, RigFactory, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -52,15 +53,15 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    root = short_tempdir("mp-authpf-")
+def rig(release: Release) -> Iterator[Rig]:
+    factory = RigFactory(release, "mp-authpf-")
+    root = factory.root
     sasl_port = free_port()
     metrics_port = free_port()
     submission_port = free_port()
     # The production wiring: a unix socket in Postfix's private/ directory.
     private_socket = root / "postfix" / "queue" / "private" / "mailplugins-auth"
-    daemons = Daemons(
-        root / "mp",
+    daemons = factory.daemons(
         {
             "mail": {"location": str(root / "vmail/%d/%n/Maildir"), "uid": 0, "gid": 0},
             "authd": {
@@ -82,8 +83,7 @@ def rig() -> Iterator[Rig]:
     store.add_mailbox("dave@example.org", hash_password("dave-pw", passwords), services=["imap"])
     store.add_mailbox("erin@example.org", hash_password("erin-pw", passwords))
     store.add_app_password("Alice@example.org", "phone", hash_password("app-secret", passwords), ["smtp"])
-    postfix = Postfix(
-        root,
+    postfix = factory.postfix(
         main={
             "smtpd_sasl_auth_enable": "yes",
             "smtpd_sasl_type": "dovecot",
@@ -101,14 +101,12 @@ def rig() -> Iterator[Rig]:
     private_socket.parent.mkdir(parents=True)
     shutil.chown(private_socket.parent, "postfix")
     private_socket.parent.chmod(0o700)
-    daemons.start()
     try:
-        postfix.start()
+        factory.start(daemons)
+        factory.start(postfix)
         yield Rig(root, postfix, daemons, metrics_port, submission_port)
     finally:
-        postfix.stop()
-        daemons.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        factory.close()
 
 
 def test_plain_good_password(rig: Rig) -> None:

@@ -38,8 +38,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from devrig.instances import short_tempdir, wait_until
 from mailplugins.hashing import hash_password
-from mailplugins.instances import short_tempdir, wait_until
 from tests.conftest import PG_ADMIN_URL
 from tests.rig import Daemons
 

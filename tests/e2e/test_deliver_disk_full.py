@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from mailplugins.instances import short_tempdir, wait_until
+from devrig.instances import short_tempdir, wait_until
 from tests.rig import Daemons
 
 pytestmark = pytest.mark.e2e

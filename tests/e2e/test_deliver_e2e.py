@@ -10,7 +10,6 @@ from __future__ import annotations
 import imaplib
 import os
 import re
-import shutil
 import smtplib
 import socket as socketlib
 import time
@@ -21,12 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from devrig.instances import dovecot_mail_location, dovecot_static_auth
+from devrig.release import Release
 from tests.rig import (
     Daemons,
     Dovecot,
     Postfix,
+    RigFactory,
     free_port,
-    short_tempdir,
     unix_socket_open,
     wait_until,
 )
@@ -74,14 +75,15 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    root = short_tempdir("mpd-")
+def rig(release: Release) -> Iterator[Rig]:
+    factory = RigFactory(release, "mpd-")
+    root = factory.root
     mail_root = root / "vmail"
     mail_root.mkdir()
     os.chown(mail_root, NOBODY, NOBODY)
     socket = root / "lmtp.sock"
     metrics_port = free_port()
-    daemons = Daemons(root / "mp", {
+    daemons = factory.daemons({
         "mail": {"location": f"{mail_root}/%d/%n/Maildir", "uid": NOBODY, "gid": NOBODY},
         "deliver": {
             "listen": f"unix:{socket}:mode=666",
@@ -95,45 +97,35 @@ def rig() -> Iterator[Rig]:
     }, ["deliver"])
     store = daemons.store
     store.add_domain("example.org")
-    for user in ("alice", "bob", "sender", "carol", "erin", "broken"):
+    for user in ("alice", "bob", "sender", "carol", "erin", "broken", "jösé"):
         store.add_mailbox(f"{user}@example.org", "{PLAIN}unused")
     store.add_mailbox("full@example.org", "{PLAIN}unused", quota_bytes=100)
     store.add_alias("team@example.org", ["alice@example.org", "bob@example.org"])
-    postfix = Postfix(root, main={
+    postfix = factory.postfix(main={
         "virtual_mailbox_domains": "example.org",
         "virtual_transport": f"lmtp:unix:{socket}",
         "smtpd_reject_unlisted_recipient": "no",
         "message_size_limit": "52428800",
     })
-    dovecot = Dovecot(root, lmtp_port=free_port(), conf=f"""
-mail_location = maildir:{mail_root}/%d/%n/Maildir
-mail_uid = {NOBODY}
-mail_gid = {NOBODY}
-first_valid_uid = 1
-passdb {{
-  driver = static
-  args = password={PASSWORD}
-}}
-userdb {{
-  driver = static
-  args = uid={NOBODY} gid={NOBODY} home={mail_root}/%d/%n
-}}
-""")
+    dovecot = factory.dovecot(
+        lmtp_port=free_port(),
+        conf=dovecot_mail_location(release, f"maildir:{mail_root}/%d/%n/Maildir")
+        + f"mail_uid = {NOBODY}\nmail_gid = {NOBODY}\nfirst_valid_uid = 1\n"
+        + dovecot_static_auth(release, PASSWORD, uid=str(NOBODY), gid=str(NOBODY),
+                              home=f"{mail_root}/%d/%n"),
+    )
     rig = Rig(metrics_port, root, mail_root, socket, postfix, dovecot, daemons)
     # broken@'s Maildir cannot be created (a file is in the way): an I/O error after DATA.
     (mail_root / "example.org").mkdir()
     os.chown(mail_root / "example.org", NOBODY, NOBODY)
     (mail_root / "example.org" / "broken").write_bytes(b"")
     try:
-        daemons.start()
-        dovecot.start()
-        postfix.start()
+        factory.start(daemons)
+        factory.start(dovecot)
+        factory.start(postfix)
         yield rig
     finally:
-        postfix.stop()
-        dovecot.stop()
-        daemons.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        factory.close()
 
 
 def imap_fetch_all(rig: Rig, user: str, mailbox: str = "INBOX") -> list[tuple[bytes, int]]:
@@ -315,7 +307,7 @@ def test_same_bytes_and_sizes_as_dovecot_lmtp(rig: Rig) -> None:
     """The same DATA through deliver and through Dovecot's own LMTP: identical message bytes
     after each server's trace headers, and S=/W= computed the same way."""
     ours = lmtp_session(str(rig.socket), "carol@example.org", EDGE_DATA)
-    assert b"250 2.0.0 <carol@example.org> Saved" in ours
+    assert re.search(rb"250 2\.0\.0 <carol@example\.org> \S{22} Saved", ours), ours
     assert rig.dovecot.lmtp_port is not None
     theirs = lmtp_session(("127.0.0.1", rig.dovecot.lmtp_port), "dave@example.org", EDGE_DATA)
     assert b"250 2.0.0 <dave@example.org>" in theirs, theirs
@@ -392,3 +384,19 @@ def test_metrics_endpoint_counts_deliveries(rig: Rig) -> None:
     assert "mailplugins_deliver_message_size_bytes_bucket" in text
     assert 'mailplugins_deliver_delivery_duration_seconds_count{stage="write"}' in text
     assert "mailplugins_deliver_bytes_written_total" in text
+
+
+def test_utf8_mailbox_through_postfix_with_smtputf8(rig: Rig) -> None:
+    """Issue #15 item 7: deliver advertises SMTPUTF8, so Postfix hands it a UTF-8 recipient
+    with SMTPUTF8 on MAIL, and the message lands in that mailbox (without SMTPUTF8 the same
+    address gets 553 5.6.7, see the unit and differential tests)."""
+    with smtplib.SMTP("127.0.0.1", rig.postfix.smtp_port, timeout=30) as smtp:
+        smtp.ehlo()
+        smtp.sendmail("sender@example.org", ["jösé@example.org"],
+                      "Subject: utf8\r\n\r\nGrüße\r\n".encode(), mail_options=["SMTPUTF8"])
+    rig.wait_status("jösé@example.org", "sent")
+    assert re.search(r"to=<jösé@example.org>.*dsn=2\.0\.0.*250 2\.0\.0", rig.postfix.log_text())
+    (path,) = rig.new_files("jösé@example.org")
+    stored = path.read_bytes()
+    assert "Delivered-To: jösé@example.org\n".encode() in stored
+    assert stored.endswith("\n\nGrüße\n".encode())

@@ -1,4 +1,7 @@
-"""The generated snippets in private stock Postfix 3.7 and Dovecot 2.3, and ``doctor`` against them.
+"""The generated snippets in private stock Postfix 3.7 and Dovecot 2.3 or 2.4, and ``doctor``.
+
+Dovecot runs in both releases (2.4 from the Debian 13 root, tests/support/releases.py); Postfix
+is this machine's 3.7 (the rig's ``release`` fixture will add 3.10).
 
 Postfix must accept the main.cf/master.cf settings (``postfix check`` and a real start, with
 the submission listener up), ``postconf -n``/``-P`` must show them, Dovecot must accept and run
@@ -8,6 +11,7 @@ then report a setting broken on purpose (naming the line that fixes it) and exit
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +29,13 @@ from mailplugins.generators import (
     postfix_config,
 )
 from tests.rig import REPO, Daemons, Dovecot, Postfix, free_port, port_open, run, short_tempdir
+from tests.support.releases import (
+    RELEASES,
+    TRIXIE_ROOT,
+    needs_release,
+    run_tool,
+    tool_dir,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -302,3 +313,97 @@ def test_lua_variant_authenticates_through_authd(wired: Wired) -> None:
     assert good.returncode == 0, good.stdout + good.stderr + dovecot.log_text()[-2000:]
     assert "auth succeeded" in good.stdout
     assert bad.returncode == 77, bad.stdout + bad.stderr
+
+
+# -- the generated snippet in each release's own stock Debian configuration ----------------------
+
+
+def stock_dovecot_etc(release: str, target: Path) -> Path:
+    """Debian's packaged /etc/dovecot of ``release``, copied, with the system passdb left out
+    (as wiring.md says to) and conf.d included from the copy: the operator's starting point."""
+    source = Path("/etc/dovecot") if release == "2.3" else TRIXIE_ROOT / "etc" / "dovecot"
+    shutil.copytree(source, target, symlinks=True)
+    conf = target / "dovecot.conf"
+    conf.write_text(conf.read_text().replace("!include conf.d/", f"!include {target}/conf.d/"))
+    auth = target / "conf.d" / "10-auth.conf"
+    auth.write_text(auth.read_text().replace("\n!include auth-system.conf.ext",
+                                             "\n#!include auth-system.conf.ext"))
+    return conf
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_generated_snippet_passes_doveconf_without_a_warning(release: str) -> None:
+    needs_release(release)
+    root = short_tempdir("mp-gen-conf-")
+    try:
+        etc = root / "dovecot"
+        conf = stock_dovecot_etc(release, etc)
+        cert, key = make_cert(root)
+        script = root / "mailplugins-auth.lua"
+        script.write_text((REPO / "authd" / "lua" / "mailplugins-auth.lua").read_text())
+        daemons = Daemons(root / "mp", {
+            "mail": {"location": f"{root}/vmail/%d/%n/Maildir", "uid": 5000, "gid": 5000},
+            "authd": {"sasl_listen": f"unix:{root}/auth.sock", "dict_listen": f"unix:{root}/dict.sock",
+                      "http_listen": "tcp:9643:interface=127.0.0.1"},
+            "deliver": {"listen": f"unix:{root}/lmtp.sock"},
+        })
+        snippet = dovecot_config(daemons.config, DovecotOptions(
+            version=release, config_directory=str(etc), lua=True, lua_script=str(script),
+            lua_script_text=script.read_text(), tls_cert=str(cert), tls_key=str(key),
+        ))
+        assert snippet.warnings == ()
+        (etc / "conf.d" / "99-mailplugins.conf").write_text(dovecot_conf_text(snippet))
+        for generated in snippet.files:
+            Path(generated.path).write_text(generated.text)
+        shown = run_tool(release, "doveconf", "-c", str(conf), "-n")
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stderr == "", shown.stderr  # not one warning
+        if release == "2.4":
+            body = [line for line in shown.stdout.splitlines() if not line.startswith("#")]
+            assert body[0] == "dovecot_config_version = 2.4.0"
+            assert f"passdb lua {{\n  lua_file = {script}\n}}" in shown.stdout
+            assert f"userdb lua {{\n  lua_file = {script}\n}}" in shown.stdout
+            assert ("mail_home = " + str(root) + "/vmail/%{user | domain | lower}/"
+                    "%{user | username | lower}\n") in shown.stdout
+            assert "passdb pam" not in shown.stdout and "userdb passwd" not in shown.stdout
+            assert "mail_inbox_path" not in shown.stdout  # Debian's /var/mail/%{user} is undone
+        else:
+            assert f"mail_location = maildir:{root}/vmail/%d/%n/Maildir\n" in shown.stdout
+            assert "  driver = lua\n" in shown.stdout
+        # doctor finds nothing wrong with what the generator wrote, reading that release's doveconf.
+        tools = tool_dir(release, root / "bin")
+        env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"}
+        doctor = subprocess.run(
+            [sys.executable, "-m", "mailplugins.cli", "--config", str(daemons.config_path), "doctor",
+             "--no-postfix", "--dovecot-config", str(conf), "--dovecot-directory", str(etc),
+             "--lua", "--lua-script", str(script), "--tls-cert", str(cert), "--tls-key", str(key)],
+            capture_output=True, text=True, cwd=REPO, timeout=120, check=False, env=env,
+        )
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert doctor.stdout.startswith("OK: dovecot wired as")
+        # A 2.3-style path in a 2.4 configuration: taken literally by 2.4, flagged by doctor.
+        if release == "2.4":
+            with (etc / "conf.d" / "99-mailplugins.conf").open("a") as handle:
+                handle.write(f"mail_home = {root}/vmail/%d/%n\n")
+            doctor = subprocess.run(doctor.args, capture_output=True, text=True, cwd=REPO,
+                                    timeout=120, check=False, env=env)
+            assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+            assert f"mail_home = {root}/vmail/%d/%n: Dovecot 2.4 takes %d, %n literally" \
+                in doctor.stdout
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_dovecot24_config_refuses_an_untranslatable_location(tmp_path: Path) -> None:
+    """One line naming mail.location, exit 2: never a config 2.4 would take literally."""
+    config = tmp_path / "mailplugins.yaml"
+    config.write_text(f"database: {{url: 'sqlite:///{tmp_path}/m.db'}}\n"
+                      "mail: {location: '/var/vmail/x%%n/%n'}\n"
+                      "authd: {http_listen: 'tcp:9643:interface=127.0.0.1'}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "mailplugins.cli", "--config", str(config), "dovecot-config",
+         "--dovecot-version", "2.4"], capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("mailplugins: mail.location: ")
+    assert result.stderr.count("\n") == 1

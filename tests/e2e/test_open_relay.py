@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailplugins.localstack import LocalStack
+from devrig.localstack import LocalStack
+from devrig.release import Release
 from tests.e2e.stacks import running_stacks
 
 pytestmark = pytest.mark.e2e
@@ -44,8 +45,8 @@ TRICKS = [
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
-    with running_stacks() as (local,):
+def stack(release: Release) -> Iterator[LocalStack]:
+    with running_stacks(release) as (local,):
         yield local
 
 

@@ -1,4 +1,4 @@
-"""Greylisting and rate limits behind a private stock Postfix 3.7, as an SMTP client sees them.
+"""Greylisting and rate limits behind a private stock Postfix (3.7 and 3.10), as an SMTP client sees them.
 
 policyd sits in ``smtpd_recipient_restrictions`` (greylisting at RCPT) and in
 ``smtpd_data_restrictions`` (rate limits at DATA, where ``recipient_count`` is known), with a
@@ -7,7 +7,6 @@ short greylisting delay so the retry can be real.
 
 from __future__ import annotations
 
-import shutil
 import smtplib
 import time
 from collections.abc import Iterator
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig import Daemons, Postfix, free_port, short_tempdir
+from devrig.release import Release
+from tests.rig import Daemons, Postfix, RigFactory, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -35,11 +35,11 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    root = short_tempdir("mp-pst-")
+def rig(release: Release) -> Iterator[Rig]:
+    factory = RigFactory(release, "mp-pst-")
+    root = factory.root
     policy_port = free_port()
-    daemons = Daemons(
-        root / "mp",
+    daemons = factory.daemons(
         {
             "mail": {"location": str(root / "vmail/%d/%n/Maildir"), "uid": 0, "gid": 0},
             "policyd": {
@@ -68,8 +68,7 @@ def rig() -> Iterator[Rig]:
     store.add_mailbox("carol@example.org", "{PLAIN}unused")
     policy = (f"check_policy_service {{ inet:127.0.0.1:{policy_port}, timeout=10s, "
               f"default_action=DUNNO }}")
-    postfix = Postfix(
-        root,
+    postfix = factory.postfix(
         main={
             "virtual_mailbox_domains": "example.org",
             "virtual_transport": "error:no delivery in this test",
@@ -79,19 +78,12 @@ def rig() -> Iterator[Rig]:
             "smtpd_data_restrictions": policy,
         },
     )
-    started: list[object] = []
     try:
-        daemons.start()
-        started.append(daemons)
-        postfix.start()
-        started.append(postfix)
+        factory.start(daemons)
+        factory.start(postfix)
         yield Rig(root, postfix, daemons)
     finally:
-        if postfix in started:
-            postfix.stop()
-        if daemons in started:
-            daemons.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        factory.close()
 
 
 def rcpt(rig: Rig, sender: str, recipient: str) -> tuple[int, bytes]:

@@ -1,4 +1,4 @@
-"""policyd behind a private stock Postfix 3.7: the SMTP replies a real client sees.
+"""policyd behind a private stock Postfix (3.7 and 3.10): the SMTP replies a real client sees.
 
 One rig for the module: Postfix with ``check_policy_service`` pointing at ``mailplugins serve
 policyd``, and Dovecot as Postfix's SASL server with a static password (any user name, one
@@ -26,13 +26,15 @@ from pathlib import Path
 
 import pytest
 
+from devrig.instances import dovecot_auth_listener, dovecot_static_auth
+from devrig.release import Release
 from tests.rig import (
     Daemons,
     Dovecot,
     Postfix,
+    RigFactory,
     free_port,
     port_open,
-    short_tempdir,
     wait_until,
     write_config,
 )
@@ -57,14 +59,14 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    root = short_tempdir("mp-pol-")
+def rig(release: Release) -> Iterator[Rig]:
+    factory = RigFactory(release, "mp-pol-")
+    root = factory.root
     policy_port = free_port()
     metrics_port = free_port()
     submission_port = free_port()
     policy_socket = root / "postfix" / "queue" / "private" / "mailplugins-policy"
-    daemons = Daemons(
-        root / "mp",
+    daemons = factory.daemons(
         {
             "mail": {"location": str(root / "vmail/%d/%n/Maildir"), "uid": 0, "gid": 0},
             "policyd": {
@@ -96,8 +98,7 @@ def rig() -> Iterator[Rig]:
         return (f"check_policy_service {{ {endpoint}, timeout=10s, "
                 f"default_action=DUNNO, policy_context={context} }}")
 
-    postfix = Postfix(
-        root,
+    postfix = factory.postfix(
         main={
             "virtual_mailbox_domains": "example.org, example.net",
             "virtual_transport": "error:no delivery in this test",
@@ -119,27 +120,12 @@ def rig() -> Iterator[Rig]:
             "  -o smtpd_recipient_restrictions=$submission_recipient_restrictions",
         ],
     )
-    dovecot = Dovecot(
-        root,
-        conf=f"""passdb {{
-  driver = static
-  args = password={PASSWORD}
-}}
-userdb {{
-  driver = static
-  args = uid=nobody gid=nogroup home={root}/home/%u
-}}
-service auth {{
-  unix_listener {postfix.private_dir}/auth {{
-    mode = 0660
-    user = postfix
-    group = postfix
-  }}
-}}
-""",
+    dovecot = factory.dovecot(
+        conf=dovecot_static_auth(release, PASSWORD, uid="nobody", gid="nogroup",
+                                 home=f"{root}/home/%u")
+        + dovecot_auth_listener(postfix.private_dir / "auth"),
         protocols=("imap",),
     )
-    started: list[object] = []
     try:
         # Postfix's private/ (owned by postfix, as Postfix wants it) must exist before policyd
         # and Dovecot put their sockets there, and both must be up before Postfix starts: its
@@ -148,19 +134,14 @@ service auth {{
         postfix.private_dir.mkdir(parents=True, mode=0o700)
         shutil.chown(postfix.queue_dir, "root", "root")
         shutil.chown(postfix.private_dir, "postfix")
-        daemons.start()
-        started.append(daemons)
-        dovecot.start()
-        started.append(dovecot)
+        factory.start(daemons)
+        factory.start(dovecot)
         wait_until(lambda: (postfix.private_dir / "auth").exists(), what="dovecot auth socket")
-        postfix.start()
-        started.append(postfix)
+        factory.start(postfix)
         wait_until(lambda: port_open(submission_port), what="submission smtpd")
         yield Rig(root, postfix, dovecot, daemons, submission_port, metrics_port)
     finally:
-        for each in reversed(started):
-            each.stop()  # type: ignore[attr-defined]
-        shutil.rmtree(root, ignore_errors=True)
+        factory.close()
 
 
 def rcpt(

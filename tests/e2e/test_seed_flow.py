@@ -17,8 +17,9 @@ from email.utils import formatdate
 
 import pytest
 
-from mailplugins.instances import wait_until
-from mailplugins.localstack import LocalStack
+from devrig.instances import wait_until
+from devrig.localstack import LocalStack
+from devrig.release import Release
 from tests.e2e.stacks import insecure_tls, running_stacks
 
 pytestmark = pytest.mark.e2e
@@ -31,8 +32,8 @@ tls = insecure_tls
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
-    with running_stacks() as (local,):
+def stack(release: Release) -> Iterator[LocalStack]:
+    with running_stacks(release) as (local,):
         yield local
 
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from mailplugins.instances import wait_until
-from mailplugins.localstack import LocalStack
+from devrig.instances import wait_until
+from devrig.localstack import LocalStack
+from devrig.release import Release
 from tests.conftest import PG_ADMIN_URL, _server_database
 from tests.e2e.stacks import insecure_tls, running_stacks
 
@@ -22,19 +23,19 @@ pytestmark = pytest.mark.e2e
 tls = insecure_tls
 
 
-def two_hosts(**options: Any) -> Iterator[tuple[LocalStack, LocalStack]]:
-    """Two stacks ("MX hosts") on one fresh PostgreSQL database."""
+def two_hosts(release: Release, **options: Any) -> Iterator[tuple[LocalStack, LocalStack]]:
+    """Two stacks ("MX hosts") on ``release`` on one fresh PostgreSQL database."""
     database = _server_database(PG_ADMIN_URL, "postgresql")
     try:
-        with running_stacks(2, database_url=next(database), **options) as (first, second):
+        with running_stacks(release, 2, database_url=next(database), **options) as (first, second):
             yield first, second
     finally:
         database.close()
 
 
 @pytest.fixture(scope="module")
-def hosts() -> Iterator[tuple[LocalStack, LocalStack]]:
-    yield from two_hosts()
+def hosts(release: Release) -> Iterator[tuple[LocalStack, LocalStack]]:
+    yield from two_hosts(release)
 
 
 def test_user_added_on_one_host_works_on_the_other(hosts: tuple[LocalStack, LocalStack]) -> None:
@@ -98,8 +99,8 @@ POLICY = {
 
 
 @pytest.fixture(scope="module")
-def policy_hosts() -> Iterator[tuple[LocalStack, LocalStack]]:
-    yield from two_hosts(policyd=POLICY)
+def policy_hosts(release: Release) -> Iterator[tuple[LocalStack, LocalStack]]:
+    yield from two_hosts(release, policyd=POLICY)
 
 
 def test_greylisted_on_one_host_passes_on_the_other(

@@ -1,4 +1,4 @@
-"""SPF and greylisting together behind a private stock Postfix 3.7, with DNS from a local stub.
+"""SPF and greylisting together behind a private stock Postfix (3.7 and 3.10), with DNS from a local stub.
 
 This machine has no DNS, so a small UDP server (dnspython messages) answers the TXT records
 and policyd's ``spf.nameservers`` points pyspf at it. What is checked is what only the real
@@ -10,7 +10,6 @@ message deliver stores.
 
 from __future__ import annotations
 
-import shutil
 import smtplib
 import socket
 import threading
@@ -25,7 +24,8 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from tests.rig import Daemons, Postfix, free_port, short_tempdir, wait_until
+from devrig.release import Release
+from tests.rig import Daemons, Postfix, RigFactory, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -97,11 +97,13 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    root = short_tempdir("mp-spf-")
+def rig(release: Release) -> Iterator[Rig]:
+    factory = RigFactory(release, "mp-spf-")
+    root = factory.root
     stub = StubDNS().start()
+    factory.stop_later([stub])
     policy_port, lmtp_port = free_port(), free_port()
-    daemons = Daemons(root / "mp", {
+    daemons = factory.daemons({
         "mail": {"location": str(root / "vmail/%d/%n/Maildir"), "uid": 0, "gid": 0},
         "policyd": {
             "listen": f"tcp:{policy_port}:interface=127.0.0.1",
@@ -116,7 +118,7 @@ def rig() -> Iterator[Rig]:
     daemons.store.add_mailbox("bob@example.org", "{PLAIN}unused")
     daemons.store.add_mailbox("carol@example.org", "{PLAIN}unused")
     policy = f"check_policy_service {{ inet:127.0.0.1:{policy_port}, timeout=10s, default_action=DUNNO }}"
-    postfix = Postfix(root, main={
+    postfix = factory.postfix(main={
         "virtual_mailbox_domains": "example.org",
         "virtual_transport": f"lmtp:inet:127.0.0.1:{lmtp_port}",
         "smtpd_reject_unlisted_recipient": "no",
@@ -124,20 +126,12 @@ def rig() -> Iterator[Rig]:
         "smtpd_recipient_restrictions": policy,
         "smtpd_data_restrictions": policy,
     })
-    started: list[object] = []
     try:
-        daemons.start()
-        started.append(daemons)
-        postfix.start()
-        started.append(postfix)
+        factory.start(daemons)
+        factory.start(postfix)
         yield Rig(postfix, daemons, stub, root)
     finally:
-        if postfix in started:
-            postfix.stop()
-        if daemons in started:
-            daemons.stop()
-        stub.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        factory.close()
 
 
 def session(rig: Rig, sender: str, recipient: str, body: bytes | None = None) -> tuple[int, bytes]:

@@ -68,19 +68,41 @@ def test_userdb_lookup_matches_deliver_layout() -> None:
     rig = Rig()
     reply = rig.send(HELLO + b"Lshared/userdb/alice@EXAMPLE.org\talice@EXAMPLE.org\n")
     assert reply.startswith(b"O") and reply.endswith(b"\n")
+    # The mailbox is stored as Alice@: the path and the user name are the lower-case spelling.
     assert json.loads(reply[1:]) == {
-        "home": "/srv/vmail/example.org/Alice",
-        "mail": "maildir:/srv/vmail/example.org/Alice/Maildir",
+        "user": "alice@example.org",
+        "home": "/srv/vmail/example.org/alice",
+        "mail": "maildir:/srv/vmail/example.org/alice/Maildir",
         "uid": 5000,
         "gid": 5001,
         "quota_rule": "*:bytes=1000",
     }
 
 
+def test_userdb_for_dovecot24_and_the_user_list() -> None:
+    """What POST /userdb and POST /users answer (the Lua userdb on Dovecot 2.4)."""
+    rig = Rig()
+    backend = rig.protocol.factory.backend
+    assert backend.userdb("ALICE@example.org", "2.4") == {
+        "user": "alice@example.org",
+        "home": "/srv/vmail/example.org/alice",
+        "mail_driver": "maildir",
+        "mail_path": "/srv/vmail/example.org/alice/Maildir",
+        "uid": 5000,
+        "gid": 5001,
+        "quota_storage_size": "1000",
+    }
+    assert backend.userdb("carol@example.org", "2.4") is None  # disabled
+    assert backend.userdb("nobody@example.org", "2.4") is None
+    assert backend.userdb("not an address", "2.4") is None
+    assert "alice@example.org" in backend.users()
+    assert "carol@example.org" not in backend.users()
+
+
 def test_passdb_lookup() -> None:
     rig = Rig()
     reply = rig.send(HELLO + b"Lshared/passdb/alice@example.org\talice@example.org\n")
-    assert json.loads(reply[1:]) == {"password": "{PLAIN}x", "user": "Alice@example.org"}
+    assert json.loads(reply[1:]) == {"password": "{PLAIN}x", "user": "alice@example.org"}
 
 
 def test_not_found_disabled_and_service_denied() -> None:

@@ -94,6 +94,66 @@ def test_oversized_chunked_body_is_refused() -> None:
     assert b"HTTP/1.1" not in transport.value()
 
 
+def lookup_site(rig: Rig) -> VerifySite:
+    from authd.dict import DictBackend
+    from mailplugins.config import parse_config
+
+    config = parse_config({"database": {"url": "sqlite://"},
+                           "mail": {"location": "/srv/vmail/%d/%n/Maildir", "uid": 5000, "gid": 5001},
+                           "authd": {"http_listen": "tcp:0:interface=127.0.0.1"}})
+    return VerifySite(rig.verifier, 0.0, 16384, reactor=rig.clock,
+                      backend=DictBackend(rig.store, config), db_run=rig.db_run, db_timeout=2.0)
+
+
+def ask(site: VerifySite, path: str, fields: dict[str, str]) -> tuple[int, bytes]:
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    body = urlencode(fields).encode()
+    channel.dataReceived(  # type: ignore[attr-defined]
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+    head, _, rest = transport.value().partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), rest
+
+
+def test_userdb_answers_the_lua_userdb_in_each_release_s_names() -> None:
+    rig = Rig()
+    rig.store.add_mailbox("Bob@example.org", rig.hash("pw"), quota_bytes=2048)
+    site = lookup_site(rig)
+    code, body = ask(site, "/userdb", {"user": "BOB@example.org", "dovecot": "2.4"})
+    assert code == 200
+    assert body.decode().split("\n") == [
+        "user=bob@example.org", "home=/srv/vmail/example.org/bob", "mail_driver=maildir",
+        "mail_path=/srv/vmail/example.org/bob/Maildir", "uid=5000", "gid=5001",
+        "quota_storage_size=2048", "",
+    ]
+    code, body = ask(site, "/userdb", {"user": "bob@example.org", "dovecot": "2.3"})
+    assert b"mail=maildir:/srv/vmail/example.org/bob/Maildir\n" in body
+    assert b"quota_rule=*:bytes=2048\n" in body
+    assert ask(site, "/userdb", {"user": "nobody@example.org"})[0] == 404
+    assert ask(site, "/userdb", {"dovecot": "2.4"})[0] == 400
+    assert ask(site, "/userdb", {"user": "bob@example.org", "dovecot": "3.0"})[0] == 400
+
+
+def test_users_lists_every_enabled_mailbox() -> None:
+    rig = Rig()
+    rig.store.add_mailbox("Bob@example.org", rig.hash("pw"))
+    rig.store.add_mailbox("carol@example.org", rig.hash("pw"))
+    rig.store.set_enabled("carol@example.org", False)
+    code, body = ask(lookup_site(rig), "/users", {})
+    assert (code, body) == (200, b"alice@example.org\nbob@example.org\n")
+
+
+def test_lookups_tempfail_when_the_database_is_down() -> None:
+    rig = Rig()
+    site = lookup_site(rig)
+    rig.db_down = True
+    assert ask(site, "/userdb", {"user": "alice@example.org"})[0] == 503
+    assert ask(site, "/users", {})[0] == 503
+
+
 def test_master_user_login_through_authzid() -> None:
     """The Lua master passdb sends Dovecot's login_user as authzid."""
     rig = Rig()

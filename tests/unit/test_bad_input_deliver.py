@@ -46,11 +46,11 @@ def in_data() -> tuple[LMTPServer, StringTransport, FakeService]:
         (b"\0\0\0\r\n", ["500 5.5.2 Syntax error: control characters"]),
         (b"MAIL FROM:<\xff@example.org>\r\n", ["500 5.5.2 Syntax error: invalid UTF-8"]),
         (b"NOOP \xc3\x28\r\n", ["500 5.5.2 Syntax error: invalid UTF-8"]),
-        (b"FOO bar\r\n", ["500 5.5.2 Syntax error: command unrecognized"]),
-        (b"AUTH PLAIN !!!!\r\n", ["500 5.5.2 Syntax error: command unrecognized"]),
-        (b"STARTTLS\r\n", ["500 5.5.2 Syntax error: command unrecognized"]),
-        (b"GET / HTTP/1.1\r\n", ["500 5.5.2 Syntax error: command unrecognized"]),
-        (b"\r\n", ["500 5.5.2 Syntax error: command unrecognized"]),
+        (b"FOO bar\r\n", ["500 5.5.1 Command unrecognized"]),
+        (b"AUTH PLAIN !!!!\r\n", ["500 5.5.1 Command unrecognized"]),
+        (b"STARTTLS\r\n", ["500 5.5.1 Command unrecognized"]),
+        (b"GET / HTTP/1.1\r\n", ["500 5.5.1 Command unrecognized"]),
+        (b"\r\n", ["500 5.5.1 Command unrecognized"]),
         (b"HELO client.example\r\n", ["500 5.5.1 This is an LMTP server: use LHLO"]),
         (b"MAIL FROM:s@o.example\r\n", ["501 5.5.4 Syntax error: address must be enclosed in <>"]),
         (b"MAIL FROM:<s@o.example\r\n", ["501 5.5.4 Syntax error: unterminated <address>"]),
@@ -84,7 +84,7 @@ def test_fifty_errors_close_the_session_with_421() -> None:
     protocol, transport, _service = session()
     protocol.dataReceived(b"FOO\r\n" * 60)
     lines = take(transport)
-    assert lines == ["500 5.5.2 Syntax error: command unrecognized"] * 50 + [
+    assert lines == ["500 5.5.1 Command unrecognized"] * 50 + [
         "421 4.7.0 Too many errors, closing connection"
     ]
     assert transport.disconnecting
@@ -118,7 +118,7 @@ def test_garbage_pipelined_after_the_end_of_data_is_answered_after_the_delivery(
     service.deliveries[0][2].callback([Reply(250, "2.0.0", "<a@x> Saved")])
     assert take(transport) == [
         "250 2.0.0 <a@x> Saved",
-        "500 5.5.2 Syntax error: command unrecognized",
+        "500 5.5.1 Command unrecognized",
         "500 5.5.2 Syntax error: control characters",
         "250 2.0.0 OK",
     ]
@@ -129,7 +129,7 @@ def test_garbage_pipelined_after_a_valid_command_in_one_read() -> None:
     protocol, transport, _service = session()
     protocol.dataReceived(b"NOOP\r\nGARBAGE\r\nRSET\r\n")
     assert take(transport) == [
-        "250 2.0.0 OK", "500 5.5.2 Syntax error: command unrecognized", "250 2.0.0 OK",
+        "250 2.0.0 OK", "500 5.5.1 Command unrecognized", "250 2.0.0 OK",
     ]
 
 

@@ -156,3 +156,18 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     config = parse_config(base(tmp_path))
     with pytest.raises(AttributeError):
         config.mail = None  # type: ignore[misc]
+
+
+def test_ssl_listener_without_pyopenssl_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "OpenSSL" else real(name, *a))
+    message = error_of(base(tmp_path, policyd={"listen": "ssl:9640:privateKey=k.pem"}))
+    assert message == (
+        "policyd.listen: ssl: endpoints need pyOpenSSL (pip install 'mailplugins[tls]'): "
+        '"ssl:9640:privateKey=k.pem"'
+    )

@@ -19,16 +19,19 @@ from deliver.lmtp_codec import (
 
 
 def reference_decode(stream: bytes) -> tuple[bytes, bytes] | None:
-    """The obvious, slow decoder: (message, leftover), or None without a terminator."""
+    """The obvious, slow decoder: (message, leftover), or None without a terminator.
+
+    DATA ends at the first CRLF.CRLF; every line (ended by CRLF or by a lone LF) loses one
+    leading dot; then CRLF -> LF.
+    """
     data = b"\r\n" + stream
     end = data.find(b"\r\n.\r\n")
     if end < 0:
         return None
     body = data[2 : end + 2]
-    leftover = data[end + 5 :]
-    lines = body.split(b"\r\n")[:-1] if body else []
-    out = b"".join((line[1:] if line.startswith(b".") else line) + b"\n" for line in lines)
-    return out, leftover
+    lines = re.findall(rb"[^\n]*\n", body)
+    unstuffed = b"".join(line[1:] if line.startswith(b".") else line for line in lines)
+    return unstuffed.replace(b"\r\n", b"\n"), data[end + 5 :]
 
 
 def reference_vsize(message: bytes) -> int:
@@ -58,6 +61,12 @@ SAMPLES = [
     b"x\r\n.\n.\r\n.\r\n",
     b"end without crlf.\r\n.\r\n",
     b"A" * 998 + b"\r\n" + b"." + b"B" * 997 + b"\r\n.\r\n",
+    # Dot-stuffing after a lone LF (smtplib.sendmail of a message with LF line ends).
+    b"Subject: x\n\n..dot line\n...two\nend\r\n.\r\n",
+    b"a\n.\r\n.\r\n",
+    b"a\n.\nb\r\n.\r\n",
+    b"\n..\r\n\r\n.\r\n",
+    b"x\r\r\n..\r\r\n.\r\n",
 ]
 
 
@@ -101,6 +110,18 @@ def test_unterminated_stream_is_not_done_and_holds_back_little() -> None:
     assert decoder.done
 
 
+def test_dot_after_a_lone_lf_is_unstuffed_but_never_ends_data() -> None:
+    """Issue #15 item 1: the message smtplib.sendmail sends for a text with LF line ends."""
+    out, decoder = decode_in_pieces(b"Subject: x\n\n..dot line\n...two\nend\r\n.\r\n", [])
+    assert out == b"Subject: x\n\n.dot line\n..two\nend\n"
+    assert decoder.done
+    # "." alone after a lone LF is a stuffed empty line, not the end (only CRLF.CRLF ends).
+    out, decoder = decode_in_pieces(b"a\n.\r\nb\r\n.\r\n", [])
+    assert (out, decoder.done) == (b"a\n\nb\n", True)
+    out, decoder = decode_in_pieces(b"a\n.\r\n", [])
+    assert (out, decoder.done) == (b"a\n", False)  # the CRLF is held back: "." may follow
+
+
 def test_dot_stuffing_and_terminator_lookalikes() -> None:
     out, decoder = decode_in_pieces(b"..\r\n. \r\n.x\r\n..\r\n\r\n.\r\n", [])
     assert out == b".\n \nx\n.\n\n"
@@ -135,7 +156,10 @@ def test_large_stream_memory_is_bounded() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"..", b"\r\n.", b"b\r\n"]), max_size=40),
+    st.lists(
+        st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"..", b"\r\n.", b"b\r\n", b"\n.", b"\n.."]),
+        max_size=40,
+    ),
     st.lists(st.integers(min_value=0, max_value=200), max_size=5),
 )
 def test_matches_reference_for_random_streams(parts: list[bytes], cuts: list[int]) -> None:

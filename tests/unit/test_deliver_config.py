@@ -35,6 +35,7 @@ def test_defaults(tmp_path: Path) -> None:
         True, False, False)
     assert (config.idle_timeout, config.stale_tmp_age) == (600.0, 36 * 3600.0)
     assert (config.disabled, config.delivered_to, config.advertise_dsn) == ("reject", "always", False)
+    assert (config.postmaster, config.received_header) == (None, True)
 
 
 def test_values_are_converted(tmp_path: Path) -> None:
@@ -60,6 +61,9 @@ def test_values_are_converted(tmp_path: Path) -> None:
         ("idle_timeout", "0s", "deliver.idle_timeout: must be at least 1"),
         ("max_line_length", 10, "deliver.max_line_length: must be at least 512"),
         ("quota_tempfail", "yes", "deliver.quota_tempfail: expected true or false"),
+        ("postmaster", "postmaster", "deliver.postmaster: not a mail address"),
+        ("postmaster", "a%b@example.org", "deliver.postmaster: not a plain mail address"),
+        ("received_header", "off", "deliver.received_header: expected true or false"),
     ],
 )
 def test_bad_values_name_their_key(tmp_path: Path, key: str, value: Any, message: str) -> None:

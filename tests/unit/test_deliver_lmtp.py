@@ -416,3 +416,59 @@ def test_xforward_before_lhlo_is_503() -> None:
     take(transport)
     protocol.dataReceived(b"XFORWARD IDENT=x\r\n")
     assert take(transport) == ["503 5.5.1 Send LHLO first"]
+
+
+@pytest.mark.parametrize("param", ["NOTIFY=NEVER", "NOTIFY=BOGUS", "ORCPT=rfc822;a@x"])
+def test_dsn_parameters_without_dsn_advertised_are_555(param: str) -> None:
+    """Issue #15 item 6, RFC 5321 4.1.1.11: DSN is not advertised, so its parameters are not
+    accepted (RET= and ENVID= on MAIL already got 555)."""
+    protocol, transport, service, _clock = make()
+    protocol.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b>\r\n" + f"RCPT TO:<a@x> {param}\r\n".encode())
+    key = param.split("=")[0]
+    assert take(transport)[-1] == f"555 5.5.4 Unsupported parameter {key} (no DSN)"
+    assert service.lookups == []
+
+
+def test_notify_is_checked_when_dsn_is_advertised() -> None:
+    protocol, transport, service, _clock = make(advertise_dsn=True)
+    protocol.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@x> NOTIFY=BOGUS\r\n"
+                          b"RCPT TO:<a@x> NOTIFY=NEVER,SUCCESS\r\nRCPT TO:<b@x> NOTIFY=never\r\n")
+    assert take(transport)[-2:] == ["501 5.5.4 Invalid NOTIFY parameter"] * 2
+    assert [path for path, _ in service.lookups] == ["b@x"]
+
+
+def test_utf8_addresses_need_smtputf8_on_mail() -> None:
+    """Issue #15 item 7, RFC 6531 3.4: 553 5.6.7 without SMTPUTF8; with it they work."""
+    protocol, transport, service, _clock = make()
+    protocol.dataReceived("LHLO x\r\nMAIL FROM:<jö@b.example>\r\nMAIL FROM:<a@b>\r\n"
+                          "RCPT TO:<jö@x>\r\nRSET\r\n".encode())
+    lines = take(transport)
+    assert "250-SMTPUTF8" in lines
+    assert lines[-4:] == ["553 5.6.7 UTF-8 in an address needs MAIL FROM:<...> SMTPUTF8",
+                          "250 2.1.0 <a@b> Sender OK",
+                          "553 5.6.7 UTF-8 in an address needs MAIL FROM:<...> SMTPUTF8",
+                          "250 2.0.0 OK"]
+    assert service.lookups == []
+    protocol.dataReceived("MAIL FROM:<jö@b.example> SMTPUTF8\r\nRCPT TO:<jö@x>\r\n".encode())
+    assert take(transport) == ["250 2.1.0 <jö@b.example> Sender OK"]
+    assert [path for path, _ in service.lookups] == ["jö@x"]
+
+
+def test_mail_records_the_transaction_time_and_client() -> None:
+    protocol, _transport, service, clock = make()
+    clock.advance(5)
+    protocol.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@x>\r\n")
+    accept(service, 0, "a@x")
+    protocol.dataReceived(b"DATA\r\nm\r\n.\r\n")
+    envelope = service.deliveries[0][0]
+    assert envelope.timestamp == 5
+    assert envelope.client_ip == "192.168.1.1"  # StringTransport's peer
+    assert envelope.helo == "x"
+
+
+def test_lhlo_without_a_name_has_no_enhanced_code_yet() -> None:
+    """ENHANCEDSTATUSCODES is in force only after a successful LHLO (Dovecot answers alike)."""
+    protocol, transport, _service, _clock = make()
+    take(transport)
+    protocol.dataReceived(b"LHLO\r\nFROB\r\n")
+    assert take(transport) == ["501 Syntax: LHLO hostname", "500 5.5.1 Command unrecognized"]

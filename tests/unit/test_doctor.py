@@ -361,3 +361,102 @@ def test_probe_daemons(tmp_path: Any) -> None:
     assert finding.where == "daemons"
     assert finding.problem.startswith(f"deliver.listen: nothing answers at {tmp_path}/absent.sock (")
     assert finding.fix == "systemctl start mailplugins-deliver (then: journalctl -u mailplugins-deliver)"
+
+
+# -- Dovecot 2.4 ---------------------------------------------------------------------------------
+
+#: ``doveconf -n`` of the generated 2.4 snippet, as Dovecot 2.4.1 prints it (named blocks,
+#: ``ssl_server { }`` grouping, defaults such as auth_allow_cleartext = no left out).
+DOVECONF_24 = """# 2.4.1-4 (7d8c0e5759): /etc/dovecot/dovecot.conf
+# 4 default setting changes since version 2.4.0
+dovecot_config_version = 2.4.0
+auth_mechanisms = plain login
+dovecot_storage_version = 2.4.0
+mail_driver = maildir
+mail_gid = 5000
+mail_home = /var/vmail/%{user | domain | lower}/%{user | username | lower}
+mail_path = /var/vmail/%{user | domain | lower}/%{user | username | lower}/Maildir
+mail_plugins {
+  last_login = yes
+}
+mail_uid = 5000
+ssl = required
+ssl_server {
+  cert_file = /etc/ssl/certs/ssl-cert-snakeoil.pem
+  key_file = /etc/ssl/private/ssl-cert-snakeoil.key
+}
+passdb lua {
+  lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua
+}
+userdb lua {
+  lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua
+}
+last_login {
+  dict proxy {
+    name = lastlogin
+    socket_path = /run/mailplugins/dict.sock
+  }
+}
+"""
+
+
+def snippet24() -> Any:
+    return dovecot_config(make_config(), DovecotOptions(
+        version="2.4", lua_script="/usr/lib/x/authd/lua/mailplugins-auth.lua"))
+
+
+def live24(text: str = DOVECONF_24) -> DovecotLive:
+    # doctor reads settings from -a, where defaults are shown: add the two it checks.
+    parsed = parse_doveconf(text)
+    settings = {"auth_allow_cleartext": "no", "mail_inbox_path": "", **parsed.settings}
+    return DovecotLive(settings, parsed.passdbs, parsed.userdbs, parsed.everywhere)
+
+
+def test_parse_doveconf_24_named_blocks_and_ssl_server() -> None:
+    parsed = parse_doveconf(DOVECONF_24)
+    assert parsed.release == "2.4"
+    assert parsed.settings["ssl_server_cert_file"] == "/etc/ssl/certs/ssl-cert-snakeoil.pem"
+    assert parsed.passdbs == ({"name": "lua", "driver": "lua",
+                               "lua_file": "/usr/lib/x/authd/lua/mailplugins-auth.lua"},)
+    assert "socket_path" not in parsed.settings and "name" not in parsed.settings
+
+
+def test_correct_24_config_has_no_findings() -> None:
+    assert check_dovecot(snippet24(), live24()) == []
+
+
+def test_24_missing_cert_and_wrong_lua_file() -> None:
+    text = DOVECONF_24.replace("  cert_file = /etc/ssl/certs/ssl-cert-snakeoil.pem\n", "").replace(
+        "passdb lua {\n  lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua",
+        "passdb lua {\n  lua_file = /etc/dovecot/other.lua")
+    problems = sorted(f.problem for f in check_dovecot(snippet24(), live24(text)))
+    assert problems == [
+        "extra passdb lua { lua_file = /etc/dovecot/other.lua } is consulted too",
+        "no passdb lua { lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua }",
+        "ssl_server_cert_file is unset",
+    ]
+
+
+def test_24_literal_variables_flagged_with_the_fix() -> None:
+    text = DOVECONF_24.replace(
+        "mail_home = /var/vmail/%{user | domain | lower}/%{user | username | lower}",
+        "mail_home = /var/vmail/%d/%n") + "userdb static {\n  fields {\n    home = /srv/%Ln\n  }\n}\n"
+    findings = check_dovecot(snippet24(), live24(text))
+    literal = [f for f in findings if "literally" in f.problem]
+    assert [(f.problem, f.fix) for f in literal] == [
+        ("mail_home = /var/vmail/%d/%n: Dovecot 2.4 takes %d, %n literally (every user would "
+         "share one directory)",
+         "mail_home = /var/vmail/%{user | domain | lower}/%{user | username | lower}"),
+        ("home = /srv/%Ln: Dovecot 2.4 takes %Ln literally (every user would share one directory)",
+         "home = /srv/%{user | username | lower}"),
+    ]
+    assert any(f.problem.startswith("mail_home is ") for f in findings)
+    assert any(f.problem.startswith("extra userdb static") for f in findings)
+
+
+def test_23_variables_in_a_23_config_are_fine_and_a_release_mismatch_is_named() -> None:
+    assert not [f for f in check_dovecot(dovecot_config(make_config()), dovecot_live())
+                if "literally" in f.problem]
+    (finding,) = check_dovecot(snippet24(), dovecot_live())
+    assert finding.problem == "the configuration is Dovecot 2.3's, the expected one 2.4's"
+    assert finding.fix.startswith("mailplugins dovecot-config --dovecot-version 2.3")

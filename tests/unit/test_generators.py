@@ -291,6 +291,81 @@ def test_render_dovecot() -> None:
     assert "uri = proxy:" not in dovecot_conf_text(snippet)
 
 
+def _d24(config: Config | None = None, **options: Any) -> Any:
+    return dovecot_config(config or make_config(), DovecotOptions(
+        version="2.4", lua_script="/usr/lib/x/authd/lua/mailplugins-auth.lua", lua_script_text=LUA,
+        **options))
+
+
+def test_dovecot24_names_named_lua_blocks_and_translated_paths() -> None:
+    snippet = _d24()
+    assert [s.name for s in snippet.settings][:2] == ["dovecot_config_version", "dovecot_storage_version"]
+    settings = {s.name: s.value for s in snippet.settings}
+    assert settings["dovecot_config_version"] == "2.4.0"  # Debian 13's dovecot.conf says 2.4.0
+    assert settings["auth_allow_cleartext"] == "no"
+    assert settings["ssl_server_cert_file"] == "/etc/ssl/certs/ssl-cert-snakeoil.pem"
+    assert settings["mail_driver"] == "maildir"
+    assert settings["mail_home"] == "/var/vmail/%{user | domain | lower}/%{user | username | lower}"
+    assert settings["mail_path"] == (
+        "/var/vmail/%{user | domain | lower}/%{user | username | lower}/Maildir")
+    assert settings["mail_inbox_path"] == ""
+    for gone in ("mail_location", "disable_plaintext_auth", "ssl_cert", "ssl_key"):
+        assert gone not in settings
+    lua = {"name": "lua", "driver": "lua", "lua_file": "/usr/lib/x/authd/lua/mailplugins-auth.lua"}
+    assert snippet.passdbs == (lua,) and snippet.userdbs == (lua,)
+    text = dovecot_conf_text(snippet)
+    assert "passdb lua {\n  lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua\n}" in text
+    assert "userdb lua {\n  lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua\n}" in text
+    assert "dict_proxy_socket_path = /run/mailplugins/dict.sock" in text  # last_login
+    assert "allow_all_users" not in text and "driver = dict" not in text
+    assert "%d" not in text and "%n" not in text and "%u" not in text
+    body = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert body[0] == "dovecot_config_version = 2.4.0"
+
+
+def test_dovecot24_refuses_an_untranslatable_location_naming_the_key() -> None:
+    config = make_config(mail={"location": "/var/vmail/x%%n/%n"})  # a literal "%n" directory
+    with pytest.raises(ValueError, match=r"^mail\.location: "):
+        _d24(config)
+
+
+def test_dovecot24_needs_the_http_listener() -> None:
+    with pytest.raises(ValueError, match="http_listen"):
+        _d24(make_config(authd={"http_listen": None}))
+
+
+def test_dovecot24_without_dict_has_no_last_login() -> None:
+    text = dovecot_conf_text(_d24(make_config(authd={"dict_listen": None})))
+    assert "last_login" not in text and "passdb lua {" in text
+
+
+def test_dovecot24_lua_copy_with_the_configured_url() -> None:
+    snippet = _d24(make_config(authd={"http_listen": "tcp:9700:interface=127.0.0.1"}))
+    assert snippet.passdbs[0]["lua_file"] == "/etc/dovecot/mailplugins-auth.lua"
+    (lua,) = snippet.files
+    assert 'local url = "http://127.0.0.1:9700/verify"' in lua.text
+
+
+def test_release_parsing() -> None:
+    from mailplugins.releases import detect_dovecot, detect_postfix, dovecot_release, postfix_release
+
+    assert dovecot_release("2.4.1-4 (7d8c0e5759)") == "2.4"
+    assert dovecot_release("2.3.19.1 (9b53102964)") == "2.3"
+    assert dovecot_release("2.4") == "2.4"
+    with pytest.raises(ValueError, match="Dovecot 2.2 is not supported"):
+        dovecot_release("2.2.36")
+    with pytest.raises(ValueError, match="not a version"):
+        dovecot_release("banana")
+    assert postfix_release("3.10.13") == "3.10"
+    assert postfix_release("3.7.11") == "3.7"
+    with pytest.raises(ValueError, match="Postfix 3.5 is not supported"):
+        postfix_release("3.5.25")
+    assert detect_dovecot(lambda cmd: "2.4.1-4 (x)\n" if cmd == ["dovecot", "--version"] else "") == "2.4"
+    assert detect_postfix(lambda cmd: "3.10.13\n") == "3.10"
+    with pytest.raises(ValueError, match="--dovecot-version"):
+        detect_dovecot(lambda cmd: "")
+
+
 def test_rate_limits_add_data_and_end_of_data_checks() -> None:
     import dataclasses
     from types import SimpleNamespace
@@ -335,10 +410,12 @@ def exported_metric_names() -> set[str]:
     from authd.metrics import AuthdMetrics
     from deliver.service import DeliverMetrics
     from mailplugins.metrics import DaemonMetrics
+    from milterd.session import MilterMetrics
     from policyd.service import PolicyMetrics
 
     names: set[str] = set()
-    for daemon, extra in (("policyd", PolicyMetrics), ("authd", AuthdMetrics), ("deliver", DeliverMetrics)):
+    for daemon, extra in (("policyd", PolicyMetrics), ("authd", AuthdMetrics), ("deliver", DeliverMetrics),
+                          ("milterd", MilterMetrics)):
         metrics = DaemonMetrics(daemon)
         extra(metrics)
         for family in metrics.registry.collect():
@@ -371,7 +448,7 @@ def test_dashboard_uses_only_exported_metrics() -> None:
     assert missing == []
     # Every daemon-specific metric has a panel.
     specific = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in exported
-                if re.match(r"mailplugins_(policyd|authd|deliver)_", n)
+                if re.match(r"mailplugins_(policyd|authd|deliver|milterd)_", n)
                 and not re.search(r"_(config_last_reload_.*|connections_total|open_connections)$", n)}
     shown = {n.removesuffix("_bucket") for n in used}
     assert sorted(specific - shown) == []
@@ -400,6 +477,18 @@ def _cli(tmp_path: Any, *args: str, authd: bool = True) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     status = main(["--config", str(config), *args], io.StringIO(""), out, err)
     return status, out.getvalue(), err.getvalue()
+
+
+def test_dovecot_config_command_for_another_release(tmp_path: Any) -> None:
+    status, out, err = _cli(tmp_path, "dovecot-config", "--dovecot-version", "2.4")
+    # The test config has no http_listen: 2.4 needs it, said in one line, exit 2.
+    assert (status, out) == (2, "")
+    assert err == ("mailplugins: authd.http_listen is not set: Dovecot 2.4 has no dict passdb, "
+                   "it asks authd over HTTP (Lua)\n")
+    status, out, err = _cli(tmp_path, "dovecot-config", "--dovecot-version", "2.2")
+    assert status == 2 and err.startswith("mailplugins: Dovecot 2.2 is not supported")
+    status, out, err = _cli(tmp_path, "dovecot-config", "--dovecot-version", "2.3")
+    assert status == 0 and "# For Dovecot 2.3" in out and "mail_location = " in out
 
 
 def test_postfix_config_command_lists_the_database_domains(tmp_path: Any) -> None:

@@ -21,7 +21,7 @@ from policyd.lookups import Lookups
 from policyd.service import PolicyMetrics, PolicyService
 from tests.support.sync import sync_run
 
-CAPTURE = Path("/work/shared/reference/postfix-3.7-policy-requests.jsonl")
+CAPTURE = Path(__file__).resolve().parent.parent / "data" / "postfix-3.7-policy-requests.jsonl"
 
 
 def captured() -> list[list[tuple[str, str]]]:

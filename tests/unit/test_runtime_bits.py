@@ -182,71 +182,8 @@ def test_deadline_counts_from_its_first_start_unless_restarted() -> None:
     assert fired == [5] and clock.getDelayedCalls() == []
 
 
-class _SocketTransport:
-    """The attributes write_now reads from Twisted's FileDescriptor/tcp.Connection."""
-
-    def __init__(self, sock: Any) -> None:
-        self.socket = sock
-        self.connected = True
-        self.disconnecting = False
-        self.dataBuffer = b""
-        self.offset = 0
-        self._tempDataBuffer: list[bytes] = []
-        self.queued: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.queued.append(data)
-        self._tempDataBuffer.append(data)
-
-
-def test_write_now_sends_at_once_only_when_nothing_is_queued() -> None:
-    import socket
-
-    from twisted.internet.protocol import Factory, Protocol
-    from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-
-    from mailplugins.writethrough import write_now
-
-    ours, peer = socket.socketpair()
-    ours.setblocking(False)
-    try:
-        transport = _SocketTransport(ours)
-        wrapper = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
-        wrapper.makeConnection(transport)  # as LimitedFactory wraps the protocols
-        write_now(wrapper, b"action=DUNNO\n\n")
-        assert peer.recv(100) == b"action=DUNNO\n\n" and transport.queued == []
-        transport._tempDataBuffer.append(b"earlier")
-        write_now(wrapper, b"later")  # must not overtake what is queued
-        assert transport.queued == [b"later"]
-        transport._tempDataBuffer.clear()
-        transport.queued.clear()
-        big = b"x" * 10_000_000  # more than the socket buffer takes: the rest is queued
-        write_now(transport, big)
-        sent = len(big) - sum(len(q) for q in transport.queued)
-        assert 0 < sent < len(big) and transport.queued == [big[sent:]]
-    finally:
-        ours.close()
-        peer.close()
-
-
-def test_write_now_relies_on_attributes_twisted_still_has() -> None:
-    import socket
-
-    from twisted.internet import tcp
-
-    one, two = socket.socketpair()
-    try:
-        connection = tcp.Connection(one, None)
-        assert connection.socket is one
-        assert (connection.dataBuffer, connection.offset, connection._tempDataBuffer) == (b"", 0, [])
-        assert hasattr(connection, "connected") and hasattr(connection, "disconnecting")
-    finally:
-        one.close()
-        two.close()
-
-
 def test_free_port_never_hands_out_a_port_twice() -> None:
-    from mailplugins.instances import free_port
+    from devrig.instances import free_port
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.e2e.test_seed_flow -*-
 """The whole mail system on one machine: the daemons wired to private stock Postfix and Dovecot.
 
-``scripts/run`` (``python -m mailplugins.localstack DIR``) builds it from nothing in ``DIR``:
+``scripts/run`` (``python -m devrig.localstack DIR``) builds it from nothing in ``DIR``:
 a SQLite database with a demo domain and two users, a self-signed certificate, the daemons, and
 Postfix (SMTP and submission with STARTTLS) and Dovecot (IMAP and POP3 with STARTTLS) configured
 by the same generators operators use (``mailplugins postfix-config`` / ``dovecot-config``).
@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from devrig.instances import Dovecot, Postfix, ServeProcess, free_port
+from devrig.release import NAMES, Release, host, release
 from mailplugins.config import Config, load_config
 from mailplugins.db import schema
 from mailplugins.db.engine import make_engine
@@ -37,7 +39,6 @@ from mailplugins.generators import (
     postfix_config,
 )
 from mailplugins.hashing import hash_password
-from mailplugins.instances import Dovecot, Postfix, ServeProcess, free_port
 from mailplugins.store import Store
 
 DEMO_DOMAIN = "example.test"
@@ -103,8 +104,11 @@ class LocalStack:
         ports: Ports | None = None,
         database_url: str | None = None,
         policyd: dict[str, Any] | None = None,
+        release: Release | None = None,
     ) -> None:
         self.root = Path(root).resolve()
+        #: Whose stock Postfix and Dovecot run: the host's by default (see devrig.release).
+        self.release = release or host()
         #: SQLite in ``root`` by default; several stacks ("MX hosts") may share a server database.
         self.database_url = database_url or f"sqlite:///{self.root}/mail.db"
         #: Extra policyd settings (rate limits, greylisting, ...) for a new config.
@@ -113,7 +117,8 @@ class LocalStack:
         self.config_path = self.root / "mailplugins.yaml"
         self.tls_dir = self.root / "tls"
         self.passwords_path = self.root / "demo-passwords"
-        self.postfix = Postfix(self.root, smtp_port=self.ports.smtp, hostname=f"mail.{DEMO_DOMAIN}")
+        self.postfix = Postfix(self.root, smtp_port=self.ports.smtp, hostname=f"mail.{DEMO_DOMAIN}",
+                               release=self.release)
         self.daemons = ServeProcess(self.config_path, log_path=self.root / "daemons.log")
         self.dovecot: Dovecot | None = None
         self.passwords: dict[str, str] = {}
@@ -245,7 +250,8 @@ class LocalStack:
         for generated in dovecot.files:
             _write_generated(generated.path, generated.text, generated.mode)
         self.dovecot = Dovecot(self.root, conf=dovecot_conf_text(dovecot),
-                               imap_port=self.ports.imap, pop3_port=self.ports.pop3)
+                               imap_port=self.ports.imap, pop3_port=self.ports.pop3,
+                               release=self.release)
         # Postfix first: it creates the private/ directory the daemons' sockets live in.
         self.postfix.start()
         self.daemons.start()
@@ -256,7 +262,7 @@ class LocalStack:
         postfix_pid = self.postfix.queue_dir / "pid" / "master.pid"
         if postfix_pid.exists() and (self.postfix.etc / "main.cf").exists():
             self.postfix.stop()
-        leftover = Dovecot(self.root, conf="")
+        leftover = Dovecot(self.root, conf="", release=self.release)
         if (leftover.base_dir / "master.pid").exists() and leftover.config_path.exists():
             leftover.stop()
 
@@ -301,12 +307,16 @@ def _write_generated(path: str, text: str, mode: int, group: str | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mailplugins.localstack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devrig.localstack", description=__doc__)
     parser.add_argument("root", type=Path, help="directory for all state (created if absent)")
     parser.add_argument("--database-url", help="a shared database instead of SQLite in ROOT "
                         "(used when ROOT has no config yet)")
+    parser.add_argument("--release", choices=NAMES, help="run this Debian release's Postfix and "
+                        "Dovecot (default: the host's; the other one needs the root scripts/test "
+                        "builds)")
     args = parser.parse_args(argv)
-    stack = LocalStack(args.root, database_url=args.database_url)
+    stack = LocalStack(args.root, database_url=args.database_url,
+                       release=release(args.release) if args.release else None)
     stopping = threading.Event()
 
     def on_signal(_signum: int, _frame: object) -> None:

@@ -1,10 +1,14 @@
-# -*- test-case-name: tests.unit.test_instances -*-
+# -*- test-case-name: tests.unit.test_devrig -*-
 """Private stock Postfix and Dovecot instances on loopback ports, in one scratch directory.
 
 Used by the end-to-end tests and by the local demo stack (``scripts/run``): each instance has
 its own config, queue, state and log files under its root, listens only on 127.0.0.1, and is
 stopped with its own stop command, so it never touches the system's mail setup and can run
-beside other instances. Recipes follow shared/reference/test-rig.md (as root, no chroot).
+beside other instances. Runs as root, without Postfix's chroot; README's Development section
+describes the rig.
+
+Each instance runs one release's packages (``release=``, see :mod:`devrig.release`): the host's
+or, through ``chroot``, those of a Debian root, with the config each version accepts.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+from devrig.release import Release, host, shown
 
 T = TypeVar("T")
 
@@ -87,16 +93,17 @@ def run(cmd: Sequence[str], check: bool = True, **kwargs: Any) -> subprocess.Com
     result = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise RuntimeError(
-            f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+            f"{shown(cmd)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
         )
     return result
 
 
 class Postfix:
-    """A private Postfix 3.7 instance.
+    """A private Postfix instance (3.7 on Debian 12, 3.10 on Debian 13).
 
     ``main`` adds or overrides main.cf settings; ``services`` are extra master.cf lines (e.g. a
-    submission smtpd with ``-o`` overrides); ``smtp_port`` is the port 25 stand-in.
+    submission smtpd with ``-o`` overrides); ``smtp_port`` is the port 25 stand-in; ``binds``
+    are directories outside /tmp that a release root must see.
     """
 
     def __init__(
@@ -107,7 +114,12 @@ class Postfix:
         main: Mapping[str, str] | None = None,
         services: Iterable[str] = (),
         hostname: str = "mx.test.example",
+        release: Release | None = None,
+        binds: Iterable[str | Path] = (),
     ) -> None:
+        self.release = release or host()
+        self.release.check()
+        self.binds = list(binds)
         self.root = Path(root) / "postfix"
         self.etc = self.root / "etc"
         self.queue_dir = self.root / "queue"
@@ -144,7 +156,9 @@ class Postfix:
             "minimal_backoff_time": "2s",
             "maximal_backoff_time": "4s",
             "smtp_host_lookup": "native",
-            "disable_dns_lookups": "yes",
+            # No DNS for the SMTP and LMTP clients (disable_dns_lookups is deprecated in 3.9+).
+            "smtp_dns_support_level": "disabled",
+            "lmtp_dns_support_level": "disabled",
         }
         self.main.update(main or {})
         self.services = list(services)
@@ -154,7 +168,19 @@ class Postfix:
         return self.queue_dir / "private"
 
     def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return run(["postfix", "-c", str(self.etc), *args], check=check)
+        return self.command("postfix", "-c", str(self.etc), *args, check=check)
+
+    def command(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run one of this release's Postfix commands (``postconf``, ``postqueue``, ...)."""
+        return run(self.release.command(argv, self.binds), check=check)
+
+    def postconf(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``postconf -c ETC ARGS`` of this instance's release."""
+        return self.command("postconf", "-c", str(self.etc), *args, check=check)
+
+    def check(self) -> subprocess.CompletedProcess[str]:
+        """``postfix check`` on this instance's config (never raises; see returncode)."""
+        return self._postfix("check", check=False)
 
     def write(self) -> None:
         for directory in (self.etc, self.queue_dir, self.data_dir):
@@ -162,16 +188,15 @@ class Postfix:
         shutil.chown(self.data_dir, "postfix")
         lines = [f"{key} = {value}" for key, value in self.main.items()]
         (self.etc / "main.cf").write_text("\n".join(lines) + "\n")
-        shutil.copy("/etc/postfix/master.cf", self.etc / "master.cf")
-        run(["postconf", "-c", str(self.etc), "-F", "-e", "*/*/chroot = n"])
-        run(["postconf", "-c", str(self.etc), "-M", "-e",
-             f"smtp/inet=127.0.0.1:{self.smtp_port} inet n - n - - smtpd"])
+        shutil.copy(self.release.path("/etc/postfix/master.cf"), self.etc / "master.cf")
+        self.postconf("-F", "-e", "*/*/chroot = n")
+        self.postconf("-M", "-e", f"smtp/inet=127.0.0.1:{self.smtp_port} inet n - n - - smtpd")
         master = (self.etc / "master.cf").read_text()
         (self.etc / "master.cf").write_text(master + "".join(s.rstrip() + "\n" for s in self.services))
 
     def start(self) -> Postfix:
         self.write()
-        result = self._postfix("check", check=False)
+        result = self.check()
         if result.returncode != 0:
             raise RuntimeError(f"postfix check failed: {result.stderr}{self.log_text()}")
         self._postfix("start")
@@ -181,7 +206,7 @@ class Postfix:
     def set_main(self, **settings: str) -> None:
         for key, value in settings.items():
             self.main[key] = value
-            run(["postconf", "-c", str(self.etc), "-e", f"{key}={value}"])
+            self.postconf("-e", f"{key}={value}")
 
     def reload(self) -> None:
         self._postfix("reload")
@@ -220,7 +245,13 @@ def _pid_alive(pid_file: Path) -> bool:
 
 
 class Dovecot:
-    """A private Dovecot 2.3 instance; ``conf`` holds passdb/userdb/mail_location and friends."""
+    """A private Dovecot instance (2.3 on Debian 12, 2.4 on Debian 13).
+
+    The rig writes the settings every instance needs (its directories, listeners, cleartext
+    logins) in the form its release accepts; ``conf`` (passdb/userdb/mail settings and friends)
+    must already be in that form: ``dovecot24`` tells a test which to write. ``binds`` are
+    directories outside /tmp that a release root must see.
+    """
 
     def __init__(
         self,
@@ -231,7 +262,12 @@ class Dovecot:
         pop3_port: int | None = None,
         lmtp_port: int | None = None,
         protocols: Sequence[str] = ("imap", "pop3"),
+        release: Release | None = None,
+        binds: Iterable[str | Path] = (),
     ) -> None:
+        self.release = release or host()
+        self.release.check()
+        self.binds = list(binds)
         self.root = Path(root) / "dovecot"
         self.config_path = self.root / "dovecot.conf"
         self.log_path = self.root / "dovecot.log"
@@ -242,22 +278,41 @@ class Dovecot:
         self.protocols = list(protocols) + (["lmtp"] if lmtp_port and "lmtp" not in protocols else [])
         self.conf = conf
 
+    @property
+    def dovecot24(self) -> bool:
+        """Whether this instance's release has Dovecot 2.4 (its config language differs)."""
+        return self.release.dovecot24
+
     def write(self) -> None:
         (self.root / "state").mkdir(parents=True, exist_ok=True)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         lmtp = ""
         if self.lmtp_port:
-            lmtp = (f"service lmtp {{\n  inet_listener lmtp {{\n    address = 127.0.0.1\n"
+            # 2.4 has no per-listener address; the global listen = 127.0.0.1 holds for both.
+            address = "" if self.dovecot24 else "    address = 127.0.0.1\n"
+            lmtp = (f"service lmtp {{\n  inet_listener lmtp {{\n{address}"
                     f"    port = {self.lmtp_port}\n  }}\n}}\n")
-        text = f"""instance_name = mp-{uuid.uuid4().hex[:8]}
+        conf = self.conf
+        if self.dovecot24:
+            # 2.4 refuses a config whose first setting is not its version (and a second, different
+            # one): the conf's own versions (the generator's) go first, else Debian 13's.
+            versions = []
+            for name in ("dovecot_config_version", "dovecot_storage_version"):
+                found = re.search(rf"^[ \t]*{name}[ \t]*=[ \t]*(\S+)[ \t]*\n?", conf, re.M)
+                versions.append(f"{name} = {found.group(1) if found else '2.4.0'}\n")
+                if found:
+                    conf = conf[:found.start()] + conf[found.end():]
+            head = ("".join(versions), "auth_allow_cleartext = yes\n")
+        else:
+            head = ("", "disable_plaintext_auth = no\n")
+        text = f"""{head[0]}instance_name = mp-{uuid.uuid4().hex[:8]}
 base_dir = {self.base_dir}
 state_dir = {self.root}/state
 log_path = {self.log_path}
 protocols = {' '.join(self.protocols)}
 listen = 127.0.0.1
 ssl = no
-disable_plaintext_auth = no
-auth_mechanisms = plain login
+{head[1]}auth_mechanisms = plain login
 service imap-login {{
   inet_listener imap {{
     port = {self.imap_port}
@@ -274,17 +329,18 @@ service pop3-login {{
     port = 0
   }}
 }}
-{lmtp}{self.conf}
+{lmtp}{conf}
 """
         self.config_path.write_text(text)
 
     def start(self) -> Dovecot:
         self.write()
-        run(["doveconf", "-c", str(self.config_path), "-n"])
+        self.doveconf("-n", check=True)
         # Dovecot daemonises with our stdout/stderr: give it a file, never a pipe we would wait on.
         with open(self.root / "dovecot.stderr", "ab") as out:
             result = subprocess.run(
-                ["dovecot", "-c", str(self.config_path)], stdout=out, stderr=out, check=False
+                self.command("dovecot", "-c", str(self.config_path)), stdout=out, stderr=out,
+                check=False,
             )
         if result.returncode != 0:
             raise RuntimeError(f"dovecot exited {result.returncode}: "
@@ -295,8 +351,15 @@ service pop3-login {{
             wait_until(lambda: port_open(self.lmtp_port or 0), what="dovecot lmtp")
         return self
 
+    def command(self, *argv: str) -> list[str]:
+        """``argv`` as it runs for this instance's release."""
+        return self.release.command(argv, self.binds)
+
     def doveadm(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-        return run(["doveadm", "-c", str(self.config_path), *args], check=check)
+        return run(self.command("doveadm", "-c", str(self.config_path), *args), check=check)
+
+    def doveconf(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return run(self.command("doveconf", "-c", str(self.config_path), *args), check=check)
 
     def stop(self) -> None:
         if self.config_path.exists():
@@ -384,3 +447,46 @@ class ServeProcess:
                 self.process.kill()
                 self.process.wait(timeout=5)
         return self.process.returncode
+
+
+# -- Dovecot config fragments in the form each release accepts ---------------------------------
+
+# Dovecot 2.3's short variables the rig's configs use, and 2.4's spelling of each.
+_DOVECOT24_VARIABLES = {"%u": "%{user}", "%n": "%{user | username}", "%d": "%{user | domain}"}
+
+
+def dovecot_variables(release: Release, text: str) -> str:
+    """``text`` with 2.3's ``%u``/``%n``/``%d`` written as ``release``'s Dovecot wants them
+    (2.4 takes the old ones literally)."""
+    if not release.dovecot24:
+        return text
+    return re.sub("%[und]", lambda m: _DOVECOT24_VARIABLES[m.group(0)], text)
+
+
+def dovecot_mail_location(release: Release, location: str) -> str:
+    """``mail_location = maildir:PATH`` (2.3) or ``mail_driver``/``mail_path`` (2.4)."""
+    if not release.dovecot24:
+        return f"mail_location = {location}\n"
+    driver, _, path = location.partition(":")
+    return f"mail_driver = {driver}\nmail_path = {dovecot_variables(release, path)}\n"
+
+
+def dovecot_static_auth(release: Release, password: str, **userdb: str) -> str:
+    """A static passdb (one password for every user) and a static userdb with ``userdb``'s
+    fields (``uid``, ``gid``, ``home`` with 2.3 variables)."""
+    if not release.dovecot24:
+        fields = " ".join(f"{key}={value}" for key, value in userdb.items())
+        return (f"passdb {{\n  driver = static\n  args = password={password}\n}}\n"
+                f"userdb {{\n  driver = static\n  args = {fields}\n}}\n")
+    fields = "".join(f"    {key} = {dovecot_variables(release, value)}\n"
+                     for key, value in userdb.items())
+    return (f"passdb static {{\n  password = {password}\n}}\n"
+            f"userdb static {{\n  fields {{\n{fields}  }}\n}}\n")
+
+
+def dovecot_auth_listener(path: str | Path, mode: str = "0660", user: str = "postfix",
+                          group: str = "postfix") -> str:
+    """``service auth`` with an extra auth-client socket at ``path`` (Postfix's SASL socket);
+    the same form in 2.3 and 2.4."""
+    return (f"service auth {{\n  unix_listener {path} {{\n    mode = {mode}\n    user = {user}\n"
+            f"    group = {group}\n  }}\n}}\n")
