@@ -130,9 +130,9 @@ def rig() -> Iterator[Rig]:
     )
     lua_script = root / "mailplugins-auth.lua"
     shipped = (REPO / "authd" / "lua" / "mailplugins-auth.lua").read_text()
-    default_url = 'local url = "http://127.0.0.1:9643/verify"'
+    default_url = 'local base = "http://127.0.0.1:9643"'
     assert default_url in shipped
-    lua_script.write_text(shipped.replace(default_url, f'local url = "http://127.0.0.1:{http_port}/verify"'))
+    lua_script.write_text(shipped.replace(default_url, f'local base = "http://127.0.0.1:{http_port}"'))
     lua_dovecot = Dovecot(
         root / "dc-lua",
         conf=(
