@@ -17,7 +17,6 @@ difference, and on a listed case that no longer differs. Failure delays are 0 on
 from __future__ import annotations
 
 import base64
-import shutil
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from devrig.release import Release
 from mailplugins.hashing import hash_password
-from tests.e2e.releases import RELEASES, AuthOnlyDovecot, DoveadmRelease
-from tests.rig import Daemons, short_tempdir, wait_until
+from tests.rig import Daemons, Dovecot, RigFactory, wait_until
 from tests.support.differences import allowed_differences, unexpected, unused
 
 pytestmark = pytest.mark.e2e
@@ -278,52 +277,65 @@ def handshake_shape(lines: Sequence[str]) -> list[str]:
 
 @dataclass
 class Servers:
-    dovecot: AuthOnlyDovecot
+    dovecot: Dovecot
     daemons: Daemons
     dovecot_socket: Path
     authd_socket: Path
     release: str
 
 
-@pytest.fixture(scope="module", params=RELEASES, ids=[r.name for r in RELEASES])
-def servers(request: pytest.FixtureRequest) -> Iterator[Servers]:
-    release: DoveadmRelease = request.param
-    release.check()
-    root = short_tempdir("mp-authdiff-")
-    authd_socket = root / "auth.sock"
-    daemons = Daemons(
-        root / "mp",
-        {"authd": {"sasl_listen": f"unix:{authd_socket}:mode=666", "failure_delay": 0,
-                   "penalty_threshold": 1000, "penalty_shared": False,
-                   "master_user_separator": "*", "max_requests_per_connection": 32}},
-        ["authd"],
-    )
-    passwords = daemons.config.passwords
-    store = daemons.store
-    store.add_domain("example.org")
-    users = {"alice@example.org": "alice-pw", "bob@example.org": "bob-pw",
-             "empty@example.org": "", "admin@example.org": "master-pw"}
-    hashes = {user: hash_password(password, passwords) for user, password in users.items()}
-    for user, stored in hashes.items():
-        store.add_mailbox(user, stored)
-    store.set_master("admin@example.org", True)
-    passwd = root / "users.passwd"
-    passwd.write_text("".join(f"{user}:{stored}::::::\n" for user, stored in hashes.items()
-                              if user != "admin@example.org"))
-    masters = root / "masters.passwd"
-    masters.write_text(f"admin@example.org:{hashes['admin@example.org']}::::::\n")
-    dovecot = AuthOnlyDovecot(release, root, [(masters, True), (passwd, False)],
-                              extra="auth_master_user_separator = *\n")
-    daemons.start()
-    try:
-        dovecot.start()
-        wait_until(dovecot.socket.exists, what="Dovecot's auth-client socket")
-        yield Servers(dovecot, daemons, dovecot.socket, authd_socket,
-                      ".".join(map(str, release.expected_dovecot)))
-    finally:
-        dovecot.stop()
-        daemons.stop()
-        shutil.rmtree(root, ignore_errors=True)
+def dovecot_auth_conf(root: Path, passdbs: Sequence[tuple[Path, bool]], dovecot24: bool) -> str:
+    """Passwd-file passdbs (``(path, master)``), a static userdb, no failure delay nor anvil
+    penalty, in the syntax of the release."""
+    common = ("auth_failure_delay = 0\nauth_master_user_separator = *\n"
+              "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n")
+    if dovecot24:
+        return common + "".join(
+            f"passdb p{i} {{\n  driver = passwd-file\n  passwd_file_path = {path}\n"
+            f"  master = {'yes' if master else 'no'}\n}}\n"
+            for i, (path, master) in enumerate(passdbs)
+        ) + ("userdb static {\n  driver = static\n  fields {\n    uid = nobody\n"
+             f"    gid = nogroup\n    home = {root}/h\n  }}\n}}\n")
+    return common + "".join(
+        f"passdb {{\n  driver = passwd-file\n  args = {path}\n"
+        f"  master = {'yes' if master else 'no'}\n}}\n"
+        for path, master in passdbs
+    ) + f"userdb {{\n  driver = static\n  args = uid=nobody gid=nogroup home={root}/h\n}}\n"
+
+
+@pytest.fixture(scope="module")
+def servers(release: Release) -> Iterator[Servers]:
+    with RigFactory(release, "mp-authdiff-") as factory:
+        root = factory.root
+        authd_socket = root / "auth.sock"
+        daemons = factory.daemons(
+            {"authd": {"sasl_listen": f"unix:{authd_socket}:mode=666", "failure_delay": 0,
+                       "penalty_threshold": 1000, "penalty_shared": False,
+                       "master_user_separator": "*", "max_requests_per_connection": 32}},
+            ["authd"],
+        )
+        passwords = daemons.config.passwords
+        store = daemons.store
+        store.add_domain("example.org")
+        users = {"alice@example.org": "alice-pw", "bob@example.org": "bob-pw",
+                 "empty@example.org": "", "admin@example.org": "master-pw"}
+        hashes = {user: hash_password(password, passwords) for user, password in users.items()}
+        for user, stored in hashes.items():
+            store.add_mailbox(user, stored)
+        store.set_master("admin@example.org", True)
+        passwd = root / "users.passwd"
+        passwd.write_text("".join(f"{user}:{stored}::::::\n" for user, stored in hashes.items()
+                                  if user != "admin@example.org"))
+        masters = root / "masters.passwd"
+        masters.write_text(f"admin@example.org:{hashes['admin@example.org']}::::::\n")
+        conf = dovecot_auth_conf(root, [(masters, True), (passwd, False)], release.dovecot24)
+        dovecot = factory.dovecot(conf=conf, protocols=("imap",))
+        factory.start(daemons)
+        factory.start(dovecot)
+        socket_path = dovecot.base_dir / "auth-client"
+        wait_until(socket_path.exists, what="Dovecot's auth-client socket")
+        yield Servers(dovecot, daemons, socket_path, authd_socket,
+                      "2.4" if release.dovecot24 else "2.3")
 
 
 def compare(servers: Servers, cases: Sequence[Case]) -> dict[str, tuple[list[str], list[str]]]:
