@@ -413,7 +413,7 @@ def _db_text(values: Mapping[str, str]) -> str:
     name = values.get("name")
     inner = "  ".join(f"{k} = {v}" for k, v in values.items()
                       if k != "name" and not (k == "driver" and v == name))
-    return (f"{name} " if name else "") + "{ " + inner + " }"
+    return (f"{name} " if name else "") + ("{ " + inner + " }" if inner else "{ }")
 
 
 #: A Dovecot 2.3 variable (``%d``, ``%Ln``, ``%1n``); 2.4 leaves it as it is, silently.

@@ -804,6 +804,14 @@ def dovecot_config(config: Config, options: DovecotOptions | None = None) -> Dov
         )
         userdbs.append(_static_userdb(config))
     blocks = [_block("passdb", p) for p in passdbs] + [_block("userdb", u) for u in userdbs]
+    if config.authd.dict_listen:
+        socket_path = _first(config.authd.dict_listen, "authd.dict_listen").path
+        blocks += [
+            "# last_login records each login's time through authd's dict socket",
+            "mail_plugins = $mail_plugins last_login",
+            f"plugin {{\n  last_login_dict = proxy:{socket_path}:lastlogin\n"
+            "  last_login_key = last-login/%u\n}",
+        ]
     blocks += _listener_blocks(config, options)
     return DovecotSnippet(
         source=config.source,
