@@ -799,8 +799,8 @@ def dovecot_config(config: Config, options: DovecotOptions | None = None) -> Dov
         userdbs.append({"driver": "dict", "args": dict_args})
     else:
         warnings.append(
-            "no authd.dict_listen: a static userdb derives paths from the login name, so a mailbox "
-            "whose stored local part has capitals differs from deliver's path; add dict_listen"
+            "no authd.dict_listen: the static userdb accepts any user name (allow_all_users), so "
+            "Dovecot's LMTP and doveadm take unknown users too; add dict_listen for a real userdb"
         )
         userdbs.append(_static_userdb(config))
     blocks = [_block("passdb", p) for p in passdbs] + [_block("userdb", u) for u in userdbs]
