@@ -556,6 +556,8 @@ class App:
                 dsnippet = dovecot_config(self.config, self._dovecot_options())
                 findings += doctor.check_dovecot(dsnippet, doctor.run_doveconf(self.args.dovecot_config))
                 findings += doctor.check_dovecot_files(dsnippet)
+                findings += doctor.check_mailbox_paths(self.config.mail.location,
+                                                       self.store.iter_mailboxes())
                 checked.append("dovecot")
             if self.args.probe:
                 findings += doctor.probe_daemons(self.config)
