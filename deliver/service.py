@@ -14,6 +14,7 @@ import email.utils
 import functools
 import hashlib
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from deliver.junk import HEAD_LIMIT, quarantined
 from deliver.lmtp_codec import Reply
 from deliver.maildir import (
     FULL_ERRNOS,
@@ -74,6 +76,9 @@ class DeliverMetrics:
         self.quota_rejections = metrics.counter(
             "quota_rejections_total", "Recipients refused for quota, by stage (rcpt, data).",
             ["stage"],
+        )
+        self.junk = metrics.counter(
+            "junk_total", "Messages filed into Junk for milterd's DMARC quarantine verdict."
         )
 
 
@@ -342,6 +347,10 @@ class DeliveryService:
             stale_tmp_interval=self.settings.stale_tmp_interval,
         )
         self.quota = QuotaTracker(owner if os.geteuid() == 0 else None)
+        milterd = getattr(config, "milterd", None)
+        self.authserv_id = self.settings.authserv_id or (
+            milterd.authserv_id if milterd is not None else socket.getfqdn()
+        )
         self._cache: dict[str, tuple[float, tuple[Target, ...]]] = {}
 
     @property
@@ -372,9 +381,11 @@ class DeliveryService:
             received = received_line(envelope, self.settings.hostname, recipient.path if single else None)
         return build_header(envelope.sender, recipient, delivered_to, received)
 
-    def _directory(self, target: Target) -> str:
+    def _directory(self, target: Target, junk: bool = False) -> str:
         """The folder directory a target's copy goes to, creating the Maildir on first use."""
         self.writer.ensure_maildir(target.maildir)
+        if junk:
+            return self.writer.folder_dir(target.maildir, self.settings.junk_folder, create=True)
         folder = None
         if self.settings.detail_folders and target.detail:
             folder = folder_for_detail(target.detail)
@@ -503,7 +514,20 @@ class DeliveryService:
         finally:
             body.close()
 
+    def _is_junk(self, body: Body) -> bool:
+        """milterd's DMARC verdict says quarantine (see deliver.junk): file into Junk."""
+        if not self.settings.junk_folder:
+            return False
+        if body.spool is None:
+            head = body.data[:HEAD_LIMIT]
+        else:
+            head = os.pread(body.spool.fileno(), HEAD_LIMIT, body.offset)
+        return quarantined(head, self.authserv_id)
+
     def _deliver_blocking(self, envelope: Envelope, body: Body) -> list[Reply]:
+        junk = self._is_junk(body)
+        if junk:
+            self.metrics.junk.inc()
         # Per recipient, per target: None (fine so far) or a (reply, metric result) failure.
         failures: list[list[tuple[Reply, str] | None]] = []
         groups: dict[bytes, list[_Member]] = {}
@@ -515,7 +539,7 @@ class DeliveryService:
             key = redelivery_key(envelope, recipient, body.size)
             for target in recipient.targets:
                 try:
-                    directory = self._directory(target)
+                    directory = self._directory(target, junk)
                     if key is not None and self.writer.delivered_before(target.maildir, key):
                         log.info("{path}: queue ID {ident} already saved in {maildir}: a redelivery "
                                  "after a lost reply, not saved again", path=recipient.path,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from importlib.metadata import entry_points
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from mailplugins import __version__
 from mailplugins.config import Config, ConfigError, config_path, load_config
@@ -43,6 +43,9 @@ from mailplugins.generators import (
 from mailplugins.hashing import hash_password
 from mailplugins.releases import detect_dovecot, detect_postfix, dovecot_release, postfix_release
 from mailplugins.store import SERVICES, AlreadyExists, Store, StoreError
+
+if TYPE_CHECKING:
+    from mailplugins.doctor import Finding
 
 COMMANDS_GROUP = "mailplugins.commands"
 EXIT_FAILED = 1
@@ -220,6 +223,16 @@ class App:
 
     def hash(self, password: str) -> str:
         return hash_password(password, self.config.passwords)
+
+    def dns_servers(self) -> tuple[tuple[str, ...] | tuple[tuple[str, int], ...], float]:
+        """(nameservers, timeout) for the CLI's lookups: ``--nameserver`` if given, else milterd's
+        ``nameservers`` and ``dns_timeout``, else the system resolver and 5 seconds."""
+        given = tuple(getattr(self.args, "nameserver", None) or ())
+        milterd = getattr(self.config, "milterd", None)
+        timeout = float(getattr(milterd, "dns_timeout", 5.0))
+        if given:
+            return given, timeout
+        return tuple(getattr(milterd, "nameservers", ()) or ()), timeout
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -512,6 +525,9 @@ class App:
             if self.args.probe:
                 findings += doctor.probe_daemons(self.config)
                 checked.append("the daemons' sockets")
+            if self.args.dns:
+                findings += self._dns_findings()
+                checked.append("DNS")
         except (ValueError, RuntimeError) as exc:
             raise CommandError(str(exc), EXIT_USAGE) from None
         for finding in findings:
@@ -522,6 +538,29 @@ class App:
         what = " and ".join([", ".join(checked[:-1]), checked[-1]] if len(checked) > 1 else checked)
         self.out.write(f"OK: {what or 'nothing'} wired as {self.config.source} says\n")
         return 0
+
+    def _dns_findings(self) -> list[Finding]:
+        """Every domain's records (those of the database's domains and of its DKIM keys)."""
+        from mailplugins import dns
+        from mailplugins.dkim_keys import DkimKeys, signing_ids
+        from mailplugins.dns_records import check_domain, expected_records
+        from mailplugins.doctor import Finding
+
+        servers, timeout = self.dns_servers()
+        keys = DkimKeys(self.store.engine)
+        all_keys = keys.list_keys()
+        signing = signing_ids(all_keys)
+        domains = sorted({d.name for d in self.store.list_domains()} | {k.domain for k in all_keys})
+        findings: list[Finding] = []
+        for domain in domains:
+            expected = expected_records(domain, self.config.dns, all_keys, sorted(signing))
+            retired = [k for k in all_keys if k.domain == domain and k.state == "retired"]
+            findings += [Finding("dns", problem, "") for problem in check_domain(
+                domain, expected, retired,
+                lambda name: dns.txt_records(name, nameservers=servers, timeout=timeout),
+                lambda name: dns.mx_records(name, nameservers=servers, timeout=timeout),
+            )]
+        return findings
 
     def cmd_serve(self) -> int:
         from mailplugins.logs import start_logging
@@ -576,6 +615,23 @@ def snippet_domains(snippet: PostfixSnippet) -> list[str]:
     """The domains the generator listed (it lists the database's when domains_mode is list)."""
     value = snippet.main_dict().get("virtual_mailbox_domains", "")
     return [d.strip() for d in value.split(",") if d.strip()]
+
+
+def _nameserver(text: str) -> str:
+    from mailplugins.dns import parse_nameserver
+
+    try:
+        parse_nameserver(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def nameserver_option(sub: argparse.ArgumentParser) -> None:
+    """``--nameserver ADDR[:PORT]`` (repeatable): ask this server instead of milterd.nameservers."""
+    sub.add_argument("--nameserver", action="append", type=_nameserver, metavar="ADDR[:PORT]",
+                     help="DNS server to ask (repeatable; default: milterd.nameservers, else the "
+                     "system resolver); e.g. the zone's own server, to skip caches")
 
 
 def _wiring_options(sub: argparse.ArgumentParser, postfix: bool, dovecot: bool) -> None:
@@ -731,6 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-dovecot", action="store_true", help="skip the Dovecot checks")
     sub.add_argument("--probe", action="store_true",
                      help="also connect to each daemon where Postfix and Dovecot will")
+    sub.add_argument("--dns", action="store_true",
+                     help="also look up every domain's MX, SPF, DKIM and DMARC records")
+    nameserver_option(sub)
     return parser
 
 

@@ -51,6 +51,9 @@ class Finding:
     fix: str
 
     def render(self) -> str:
+        """Two lines (what is wrong, the fix), or one when the problem says it all (DNS)."""
+        if not self.fix:
+            return f"{self.where}: {self.problem}"
         return f"{self.where}: {self.problem}\n    fix: {self.fix}"
 
 
@@ -263,6 +266,35 @@ def _contains(expected: str, live: str, main: Mapping[str, str]) -> list[str]:
     return missing
 
 
+def _milters(value: str) -> dict[str, str]:
+    """A Postfix milter list as endpoint -> default_action ("" when not given per milter)."""
+    found: dict[str, str] = {}
+    for item in split_restrictions(value):
+        parts = [p.strip() for p in item.strip("{} ").split(",") if p.strip()]
+        if not parts:
+            continue
+        options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        found[parts[0]] = options.get("default_action", "").strip()
+    return found
+
+
+def milter_problem(expected: str, live: str, main: Mapping[str, str]) -> str | None:
+    """Why the live milter list lacks milterd with the expected default action, or None.
+
+    Other milters in the list, other timeouts and spacing are the operator's business; the
+    endpoint and the per-direction ``default_action`` are what keep mail safe.
+    """
+    have = _milters(_expand(live, main))
+    fallback = main.get("milter_default_action", "tempfail")
+    for endpoint, action in _milters(_expand(expected, main)).items():
+        if endpoint not in have:
+            return f"lacks {endpoint}"
+        actual = have[endpoint] or fallback
+        if actual != action:
+            return f"has {endpoint} with default_action={actual} (want {action})"
+    return None
+
+
 def _networks(value: str) -> set[str] | None:
     """A Postfix network list as a set of normalised networks; None if it holds other things."""
     found: set[str] = set()
@@ -287,6 +319,9 @@ def _compare(setting: Setting, live: str | None, main: Mapping[str, str]) -> str
         return None if live else f"{setting.name} is {shown}"
     if live is None:
         return None if setting.value == "" else f"{setting.name} is unset"
+    if setting.check == "milter":
+        problem = milter_problem(setting.value, live, main)
+        return f"{setting.name} {problem} (now {live!r})" if problem else None
     if setting.check == "contains":
         missing = _contains(setting.value, live, main)
         return f"{setting.name} lacks {', '.join(missing)} (now {live!r})" if missing else None
@@ -326,6 +361,8 @@ def check_postfix(expected: PostfixSnippet, live: PostfixLive) -> list[Finding]:
             if name.startswith("smtpd_") and name.endswith("_restrictions") and value.startswith("$"):
                 missing = _contains(_expand(value, main), effective or "", main)
                 problem = f"lacks {', '.join(missing)}" if missing else None
+            elif name.endswith("_milters"):
+                problem = milter_problem(value, effective or "", main)
             elif name in ("syslog_name", "milter_macro_daemon_name"):
                 problem = None
             elif effective is None or _normal(_expand(effective, main)) != _normal(_expand(value, main)):

@@ -73,6 +73,7 @@ SHIPPED_SOCKETS: Mapping[str, str] = {
     "dict": "unix:/run/mailplugins/dict.sock",
     "http": "tcp:9643:interface=127.0.0.1",
     "lmtp": "unix:/var/spool/postfix/private/mailplugins-deliver",
+    "milter": "unix:/var/spool/postfix/private/mailplugins-milter",
 }
 
 DEBIAN_CERT = "/etc/ssl/certs/ssl-cert-snakeoil.pem"
@@ -179,7 +180,8 @@ class Setting:
     value: str
     comment: str = ""
     #: ``exact``: same value; ``contains``: the value must contain ``value`` (a restriction in
-    #: a list); ``nonempty``: operator-specific (certificate paths); ``none``: not checked.
+    #: a list); ``nonempty``: operator-specific (certificate paths); ``milter``: the milter list
+    #: holds this endpoint with this ``default_action``; ``none``: not checked.
     check: str = "exact"
 
 
@@ -446,6 +448,9 @@ def postfix_config(config: Config, options: PostfixOptions | None = None) -> Pos
                                   f"$mailplugins_submission_{stage}_restrictions"))
     else:
         warnings.append("policyd is not configured: Postfix does no recipient validation")
+    milter_main, milter_overrides = _milter_settings(config, options, warnings)
+    main += milter_main
+    overrides += milter_overrides
     overrides.append(("milter_macro_daemon_name", "ORIGINATING"))
     submission = Service(
         options.submission, "inet", "n", "-", "y" if options.chroot else "n", "-", "-", "smtpd",
@@ -469,6 +474,48 @@ def postfix_config(config: Config, options: PostfixOptions | None = None) -> Pos
     )
 
 
+#: How long Postfix waits for milterd per command and per message content step; milterd answers
+#: within ``milterd.budget`` (20 s by default) or gives the direction's safe answer itself.
+MILTER_COMMAND_TIMEOUT = "30s"
+MILTER_CONTENT_TIMEOUT = "60s"
+
+
+def _milter_spec(endpoint: str, default_action: str) -> str:
+    return (f"{{ {endpoint}, connect_timeout=10s, command_timeout={MILTER_COMMAND_TIMEOUT}, "
+            f"content_timeout={MILTER_CONTENT_TIMEOUT}, default_action={default_action} }}")
+
+
+def _milter_settings(
+    config: Config, options: PostfixOptions, warnings: list[str]
+) -> tuple[list[Setting], list[tuple[str, str]]]:
+    """milterd for port 25 (incoming: checked), submission and sendmail (outgoing: signed).
+
+    One listener, three Postfix milter lists, each with its own ``default_action`` for when
+    milterd is down or too slow: port 25 ``accept`` (mail is never lost for want of a check),
+    submission and ``non_smtpd_milters`` ``tempfail`` (mail waits in the client or the queue
+    rather than leaving unsigned). The submission service takes its list from
+    ``mailplugins_submission_milters`` (no spaces inside a master.cf ``-o``).
+    """
+    milterd = getattr(config, "milterd", None)
+    if milterd is None:
+        return [], []
+    endpoint = postfix_endpoint(_first(milterd.listen, "milterd.listen"), options,
+                                "milterd.listen", warnings)
+    main = [
+        Setting("milter_protocol", "6", "milterd speaks milter protocol 6"),
+        Setting("smtpd_milters", _milter_spec(endpoint, "accept"),
+                "milterd checks incoming mail (DKIM, SPF, DMARC); if it is down, mail is accepted "
+                "unchecked rather than lost", check="milter"),
+        Setting("non_smtpd_milters", _milter_spec(endpoint, "tempfail"),
+                "milterd signs mail from sendmail; if it is down, the mail waits in the queue",
+                check="milter"),
+        Setting("mailplugins_submission_milters", _milter_spec(endpoint, "tempfail"),
+                "used by the submission service: signing; if milterd is down, the client retries "
+                "rather than the mail leaving unsigned", check="milter"),
+    ]
+    return main, [("smtpd_milters", "$mailplugins_submission_milters")]
+
+
 def _daemon_endpoints(config: Config) -> Iterable[str]:
     if config.policyd is not None:
         yield from config.policyd.listen
@@ -478,6 +525,9 @@ def _daemon_endpoints(config: Config) -> Iterable[str]:
         yield from config.authd.http_listen
     if config.deliver is not None:
         yield from config.deliver.listen
+    milterd = getattr(config, "milterd", None)
+    if milterd is not None:
+        yield from milterd.listen
 
 
 def _header(tool: str, source: str) -> list[str]:
@@ -669,7 +719,9 @@ def _dovecot24(config: Config, options: DovecotOptions) -> DovecotSnippet:
         Setting("mail_driver", "maildir", "mail.location: where deliver writes"),
         Setting("mail_home", home),
         Setting("mail_path", maildir),
-        Setting("mail_inbox_path", "", "the Maildir is the INBOX (Debian's 10-mail.conf says /var/mail)"),
+        Setting("mail_inbox_path", maildir,
+                "INBOX is the Maildir itself (Debian's 10-mail.conf says /var/mail/...; left "
+                "empty, 2.4 makes INBOX a folder .INBOX)"),
         Setting("mail_uid", str(config.mail.uid), "owner of the Maildirs (deliver runs as this user)"),
         Setting("mail_gid", str(config.mail.gid)),
         Setting("first_valid_uid", str(min(config.mail.uid, 500)), check="none"),
@@ -677,7 +729,12 @@ def _dovecot24(config: Config, options: DovecotOptions) -> DovecotSnippet:
     script, extra = _lua_script(config, options, warnings)
     files += extra
     lua = {"name": "lua", "driver": "lua", "lua_file": script}
-    blocks = [_block("passdb", lua), _block("userdb", lua)]
+    blocks = [
+        # Without an inbox namespace 2.4 opens "INBOX" as a folder .INBOX, not the Maildir
+        # root deliver writes to (Debian's 10-mail.conf has it; a bare dovecot.conf does not).
+        "namespace inbox {\n  inbox = yes\n}",
+        _block("passdb", lua), _block("userdb", lua),
+    ]
     if config.authd.dict_listen:
         endpoint = _first(config.authd.dict_listen, "authd.dict_listen")
         if endpoint.kind != "unix":

@@ -61,7 +61,7 @@ def select_daemons(config: Config, requested: Sequence[str], known: Sequence[str
         raise StartupError(f"{missing[0]}: not configured in {config.source}", 2)
     if not names:
         raise StartupError(
-            f"no daemon is configured in {config.source}: add a policyd, authd or deliver section", 2
+            f"no daemon is configured in {config.source}: add a policyd, authd, deliver or milterd section", 2
         )
     return names
 

@@ -1,11 +1,10 @@
 # -*- test-case-name: tests.unit.test_spf -*-
-"""SPF (RFC 7208) for unauthenticated mail, through pyspf in a worker thread pool.
+"""policyd's SPF (RFC 7208) check for unauthenticated mail, in a worker thread pool.
 
-pyspf resolves with dnspython, which blocks; so each check runs in a dedicated pool, bounded by
-pyspf's total query time (``querytime``, our ``timeout``), never on the reactor. The identity is
-the MAIL FROM address, or ``postmaster@<HELO name>`` for the null sender (pyspf's HELO
-identity). The result is computed once per message (Postfix's ``instance``) by the caller and
-recorded with ``PREPEND Received-SPF: ...``.
+The evaluation itself is :func:`mailplugins.spf.spf_lookup` (shared with milterd); it blocks, so
+each check runs in a dedicated pool, bounded by the configured ``timeout``, never on the reactor.
+The result is computed once per message (Postfix's ``instance``) by the caller and recorded with
+``PREPEND Received-SPF: ...``.
 
 Decisions: ``fail`` (and ``softfail`` when ``reject: softfail``) answer ``reject_action``
 (``550 5.7.23`` by default, the RFC 7372 code); ``temperror`` answers ``temperror_action`` when
@@ -15,7 +14,6 @@ records the header.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -25,55 +23,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplugins.config.policy_state import SPFConfig
+from mailplugins.spf import SPFResult, clean, spf_lookup, use_nameservers
 from policyd.codec import PolicyRequest
 from policyd.ratelimit import Clock, Pending
 
-try:  # an optional dependency: pip install 'mailplugins[spf]' (pyspf, dnspython)
-    import dns.nameserver
-    import dns.resolver
-    import spf as pyspf
-except ImportError:  # pragma: no cover - the config refuses policyd.spf without it
-    pyspf = None
+__all__ = ["SPFChecker", "SPFOutcome", "SPFResult", "spf_lookup", "use_nameservers"]
 
 log = Logger(namespace="policyd.spf")
 
 Runner = Callable[..., "Deferred[Any]"]
-
-RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\U0010ffff]")
-MAX_HEADER = 900
-
-
-@dataclass(frozen=True)
-class SPFResult:
-    """One check: the RFC 7208 result and the ``Received-SPF`` header value (no name)."""
-
-    result: str
-    header: str
-
-
-def spf_lookup(client: str, sender: str, helo: str, receiver: str, timeout: float) -> SPFResult:
-    """Blocking: evaluate SPF for ``client`` (runs in the SPF pool)."""
-    if pyspf is None:  # pragma: no cover
-        return SPFResult("temperror", f"TempError ({receiver}: pyspf is not installed)")
-    try:
-        query = pyspf.query(i=client, s=sender, h=helo, receiver=receiver,
-                            timeout=timeout, querytime=timeout)
-        result, _code, _explanation = query.check()
-        header = query.get_header(result)
-    except Exception as exc:  # pyspf raises on odd input (e.g. a bad client address)
-        return SPFResult("permerror", f"PermError ({receiver}: {type(exc).__name__}) "
-                                      f"client-ip={client}; identity=mailfrom")
-    result = str(result).lower()
-    if result not in RESULTS:
-        result = "permerror"
-    return SPFResult(result, _clean(str(header)))
-
-
-def _clean(text: str) -> str:
-    """One printable line of bounded length (DNS data ends up in the header)."""
-    text = _UNPRINTABLE.sub("?", text)
-    return text if len(text) <= MAX_HEADER else text[: MAX_HEADER - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -83,25 +41,6 @@ class SPFOutcome:
     action: str | None
     #: ``Received-SPF: ...`` to prepend once, or None.
     header: str | None
-
-
-_custom_resolver = False
-
-
-def use_nameservers(servers: tuple[tuple[str, int], ...]) -> None:
-    """Point dnspython's default resolver, which pyspf asks, at ``servers`` (empty: back to
-    resolv.conf). Process-wide, which is fine: SPF is policyd's only DNS user."""
-    global _custom_resolver
-    if pyspf is None:  # pragma: no cover
-        return
-    if servers:
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in servers]
-        dns.resolver.default_resolver = resolver
-        _custom_resolver = True
-    elif _custom_resolver:
-        dns.resolver.reset_default_resolver()
-        _custom_resolver = False
 
 
 class SPFChecker:
@@ -125,7 +64,7 @@ class SPFChecker:
         helo = request.get("helo_name")
         if self.pending.count >= self.max_pending:
             found = SPFResult("temperror", f"TempError ({config.receiver}: SPF check overloaded) "
-                                           f"client-ip={_clean(client)}")
+                                           f"client-ip={clean(client)}")
         else:
             try:
                 work = self._run(self.pending.track(spf_lookup), client, sender, helo,
@@ -135,7 +74,7 @@ class SPFChecker:
             except Exception as exc:
                 log.warn("SPF check failed ({error})", error=type(exc).__name__)
                 found = SPFResult("temperror", f"TempError ({config.receiver}: SPF check timed "
-                                               f"out) client-ip={_clean(client)}")
+                                               f"out) client-ip={clean(client)}")
         self.observe(found.result)
         return SPFOutcome(found.result, self._action(found.result),
                           f"Received-SPF: {found.header}" if config.header else None)

@@ -43,6 +43,7 @@ ensure_venv() {
 # python3-venv: Debian 13 ships python3 without venv's ensurepip. swaks --tls (the line
 # scripts/run prints) needs Net::SSLeay and IO::Socket::SSL.
 MAIL_PACKAGES=(postfix postfix-pgsql postfix-mysql dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-auth-lua swaks
+               opendkim opendkim-tools
                systemd openssl python3-venv libnet-ssleay-perl libio-socket-ssl-perl)
 
 # The e2e tests run the host's Postfix/Dovecot and the other Debian release's from a root built

@@ -8,7 +8,7 @@ can print it and exit 2, and a SIGHUP reload can log it and keep the old config.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -22,7 +22,9 @@ from mailplugins.config.core import (
     parse_passwords,
 )
 from mailplugins.config.deliver import DeliverConfig, parse_deliver
+from mailplugins.config.dnsrecords import DnsConfig, parse_dns
 from mailplugins.config.fields import ConfigError, Fields
+from mailplugins.config.milterd import MilterdConfig, parse_milterd
 from mailplugins.config.policyd import PolicydConfig, parse_policyd
 
 __all__ = [
@@ -33,7 +35,9 @@ __all__ = [
     "ConfigError",
     "DatabaseConfig",
     "DeliverConfig",
+    "DnsConfig",
     "MailConfig",
+    "MilterdConfig",
     "PasswordConfig",
     "PolicydConfig",
     "config_path",
@@ -42,7 +46,7 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/mailplugins/mailplugins.yaml"
-DAEMON_NAMES = ("policyd", "authd", "deliver")
+DAEMON_NAMES = ("policyd", "authd", "deliver", "milterd")
 #: A config file larger than this is a mistake, not a config.
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -56,6 +60,9 @@ class Config:
     policyd: PolicydConfig | None
     authd: AuthdConfig | None
     deliver: DeliverConfig | None
+    milterd: MilterdConfig | None = None
+    #: What ``dns-records`` tells each domain to publish (and ``doctor --dns`` checks).
+    dns: DnsConfig = field(default_factory=DnsConfig)
 
     def configured_daemons(self) -> tuple[str, ...]:
         return tuple(name for name in DAEMON_NAMES if getattr(self, name) is not None)
@@ -71,6 +78,7 @@ def parse_config(raw: object, source: str = "<memory>") -> Config:
     policyd = top.section("policyd")
     authd = top.section("authd")
     deliver = top.section("deliver")
+    milterd = top.section("milterd")
     config = Config(
         source=source,
         database=parse_database(top.section("database")),
@@ -79,6 +87,8 @@ def parse_config(raw: object, source: str = "<memory>") -> Config:
         policyd=parse_policyd(policyd) if policyd is not None else None,
         authd=parse_authd(authd) if authd is not None else None,
         deliver=parse_deliver(deliver) if deliver is not None else None,
+        milterd=parse_milterd(milterd) if milterd is not None else None,
+        dns=parse_dns(top.section("dns")),
     )
     top.done()
     return config

@@ -73,6 +73,11 @@ class DeliverConfig:
     postmaster: str | None
     #: Add Dovecot's ``Received:`` trace line (Dovecot: ``lmtp_add_received_header``).
     received_header: bool
+    #: Folder for mail milterd marked ``dis=quarantine`` (DMARC); "" files it into INBOX.
+    junk_folder: str = "Junk"
+    #: Whose Authentication-Results to trust for that; None: ``milterd.authserv_id`` when
+    #: milterd is configured in the same file, else this host's FQDN (milterd's default).
+    authserv_id: str | None = None
 
 
 def _hostname(value: object) -> str:
@@ -133,6 +138,8 @@ def parse_deliver(f: Fields) -> DeliverConfig:
         advertise_dsn=f.boolean("advertise_dsn", False),
         postmaster=f.convert("postmaster", None, _mail_address),
         received_header=f.boolean("received_header", True),
+        junk_folder=f.convert("junk_folder", "Junk", lambda v: "" if v == "" else _folder(v)),
+        authserv_id=f.convert("authserv_id", None, _hostname),
     )
     f.done()
     return config

@@ -24,12 +24,12 @@ Example::
 from __future__ import annotations
 
 import importlib.util
-import ipaddress
 import math
 import socket
 from dataclasses import dataclass
 
 from mailplugins.config.fields import ConfigError, Fields, IPNetwork, describe
+from mailplugins.dns import parse_nameserver
 
 #: Sub-buckets per window: a window slides in steps of a tenth of its length.
 BUCKETS_PER_WINDOW = 10
@@ -130,29 +130,6 @@ class SPFConfig:
     fallback_action: str = "DUNNO"
     #: DNS servers for the SPF lookups as (address, port); empty: the system's resolv.conf.
     nameservers: tuple[tuple[str, int], ...] = ()
-
-
-def _nameserver(text: str) -> tuple[str, int]:
-    """``192.0.2.53``, ``192.0.2.53:5353``, ``2001:db8::53`` or ``[2001:db8::53]:5353``."""
-    host, port = text, 53
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"expected [address]:port, got {describe(text)}")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        port_text = ""
-    if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"expected a port 1-65535, got {describe(text)}")
-        port = int(port_text)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"expected an IP address (optionally :port), got {describe(text)}") from None
-    return host, port
 
 
 def check_action(value: object) -> str:
@@ -310,7 +287,7 @@ def _nameservers(f: Fields) -> list[tuple[str, int]]:
     found = []
     for index, item in enumerate(f.strings("nameservers", ())):
         try:
-            found.append(_nameserver(item))
+            found.append(parse_nameserver(item))
         except ValueError as exc:
             raise ConfigError(f.key_path(f"nameservers[{index}]"), str(exc)) from None
     return found

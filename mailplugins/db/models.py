@@ -163,4 +163,4 @@ class Setting(Base):
 
 # The daemons' own tables live in their own modules; importing them here registers them on
 # Base.metadata, so Alembic and the schema test see one complete schema.
-from mailplugins.db import auth_models, policy_models  # noqa: E402, F401
+from mailplugins.db import auth_models, dkim_models, policy_models  # noqa: E402, F401

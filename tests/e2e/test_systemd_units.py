@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 UNITS = REPO / "systemd"
 SHIPPED_BINARY = "/opt/mailplugins/bin/mailplugins"
-DAEMONS = ("policyd", "authd", "deliver")
+DAEMONS = ("policyd", "authd", "deliver", "milterd")
 VENV_BINARY = Path(sys.executable).parent / "mailplugins"
 
 
@@ -135,7 +135,7 @@ def test_sockets_match_the_generators_shipped_table() -> None:
         expected = endpoint.path if endpoint.kind == "unix" else endpoint.inet()
         assert listen == expected, name
         if listen.startswith("/var/spool/postfix/private/"):
-            daemon = {"policy": "policyd", "sasl": "authd", "lmtp": "deliver"}[name]
+            daemon = {"policy": "policyd", "sasl": "authd", "lmtp": "deliver", "milter": "milterd"}[name]
             unit = UNITS / f"mailplugins-{daemon}.socket"
             assert one(unit, "Socket", "SocketUser") == "postfix"
             assert one(unit, "Socket", "SocketMode") == "0660"

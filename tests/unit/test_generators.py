@@ -308,7 +308,7 @@ def test_dovecot24_names_named_lua_blocks_and_translated_paths() -> None:
     assert settings["mail_home"] == "/var/vmail/%{user | domain | lower}/%{user | username | lower}"
     assert settings["mail_path"] == (
         "/var/vmail/%{user | domain | lower}/%{user | username | lower}/Maildir")
-    assert settings["mail_inbox_path"] == ""
+    assert settings["mail_inbox_path"] == settings["mail_path"]
     for gone in ("mail_location", "disable_plaintext_auth", "ssl_cert", "ssl_key"):
         assert gone not in settings
     lua = {"name": "lua", "driver": "lua", "lua_file": "/usr/lib/x/authd/lua/mailplugins-auth.lua"}
@@ -410,10 +410,12 @@ def exported_metric_names() -> set[str]:
     from authd.metrics import AuthdMetrics
     from deliver.service import DeliverMetrics
     from mailplugins.metrics import DaemonMetrics
+    from milterd.session import MilterMetrics
     from policyd.service import PolicyMetrics
 
     names: set[str] = set()
-    for daemon, extra in (("policyd", PolicyMetrics), ("authd", AuthdMetrics), ("deliver", DeliverMetrics)):
+    for daemon, extra in (("policyd", PolicyMetrics), ("authd", AuthdMetrics), ("deliver", DeliverMetrics),
+                          ("milterd", MilterMetrics)):
         metrics = DaemonMetrics(daemon)
         extra(metrics)
         for family in metrics.registry.collect():
@@ -446,7 +448,7 @@ def test_dashboard_uses_only_exported_metrics() -> None:
     assert missing == []
     # Every daemon-specific metric has a panel.
     specific = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in exported
-                if re.match(r"mailplugins_(policyd|authd|deliver)_", n)
+                if re.match(r"mailplugins_(policyd|authd|deliver|milterd)_", n)
                 and not re.search(r"_(config_last_reload_.*|connections_total|open_connections)$", n)}
     shown = {n.removesuffix("_bucket") for n in used}
     assert sorted(specific - shown) == []

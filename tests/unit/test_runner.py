@@ -71,7 +71,8 @@ def test_serve_with_no_daemon_configured_exits_2(workdir: Path) -> None:
                             capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
     assert result.returncode == 2
     assert result.stderr == (
-        f"mailplugins: no daemon is configured in {config}: add a policyd, authd or deliver section\n")
+        f"mailplugins: no daemon is configured in {config}: "
+        "add a policyd, authd, deliver or milterd section\n")
 
 
 @pytest.mark.parametrize("path", ["/nonexistent-mp-dir/deliver.sock", "/proc/mp-deliver.sock"])

@@ -1,0 +1,78 @@
+# -*- test-case-name: tests.unit.test_milterd_daemon -*-
+"""milterd as a mailplugins daemon: config, checks, pools, listeners and metrics."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocolFactory
+
+from mailplugins.config import Config
+from mailplugins.connections import ConnectionLimit, LimitedFactory
+from mailplugins.daemon import Listener, Runtime, capped_listeners
+from mailplugins.threads import WorkerPool
+from milterd.live import LiveChecks
+from milterd.protocol import MilterFactory
+from milterd.session import MilterMetrics
+
+
+@dataclass
+class RunningMilterd:
+    checks: LiveChecks
+    factory: MilterFactory
+    dns_pool: WorkerPool
+    #: max_connections, across all of milterd's listeners.
+    limit: ConnectionLimit
+    limited: list[LimitedFactory]
+    listeners: list[Listener] = field(default_factory=list)
+
+    def reload(self, config: Config) -> None:
+        section = config.milterd
+        assert section is not None
+        self.checks.reconfigure(section, config.mail.recipient_delimiter)
+        # New connections get the new limits; open ones keep theirs until they close.
+        self.factory.config = section
+        self.limit.maximum = section.max_connections
+
+    def stop(self) -> Deferred[None] | None:
+        self.dns_pool.stop()
+        return None
+
+
+class MilterdPlugin:
+    name = "milterd"
+
+    def build(self, runtime: Runtime, checks: LiveChecks | None = None) -> RunningMilterd:
+        config = runtime.config.milterd
+        assert config is not None
+        reactor = runtime.reactor
+        dns_pool = WorkerPool(reactor, "dns", config.dns_threads)
+        live = checks or LiveChecks(
+            config, store=runtime.db.store, db_run=runtime.db.run, cpu_run=runtime.cpu.run,
+            dns_run=dns_pool.run, clock=reactor, delimiters=runtime.config.mail.recipient_delimiter,
+        )
+        metrics = MilterMetrics(runtime.metrics)
+        runtime.metrics.gauge("dns_cache_entries", "DNS answers held in the cache.").set_function(
+            lambda: len(live.resolver)
+        )
+        runtime.metrics.gauge("dns_queued", "DNS lookups waiting for a thread.").set_function(
+            lambda: dns_pool.queued
+        )
+        runtime.metrics.gauge(
+            "dns_queries", "DNS lookups made since start (cache misses)."
+        ).set_function(lambda: live.resolver.queries)
+        factory = MilterFactory(live, config, reactor, metrics)
+        limit = ConnectionLimit(config.max_connections)
+        listeners, limited = capped_listeners(
+            "milterd.listen", config.listen, cast(IProtocolFactory, factory),
+            limit=limit, metrics=runtime.metrics,
+        )
+        running = RunningMilterd(live, factory, dns_pool, limit, limited, listeners)
+        reactor.callLater(0, gc.freeze)  # as policyd: keep full collections short
+        return running
+
+
+DAEMON = MilterdPlugin()

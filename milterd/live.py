@@ -1,0 +1,167 @@
+# -*- test-case-name: tests.unit.test_milterd_live -*-
+"""The real :class:`~milterd.checks.Checks`: database, DNS, SPF and crypto, each in its pool.
+
+- Keys: ``milterd.keys.KeyStore.signing_keys`` (the core's rotation rule) in the database pool.
+- The login/``From:`` rule: :func:`mailplugins.senders.login_owns` over the store (database
+  pool); the answer per (login, address) is reused for ``milterd.cache_ttl`` seconds.
+- Signing: ``MessageSigner.finish`` (the RSA/Ed25519 signature) in the CPU pool; the body
+  hashing happens as chunks arrive, a 64 KiB SHA-256 step at a time.
+- DNS: :class:`~milterd.resolver.TxtResolver` over :func:`mailplugins.dns.txt_records` in a
+  DNS pool, with ``milterd.dns_timeout``; a timeout or failure is a temperror.
+- SPF: :func:`mailplugins.spf.spf_lookup` in the DNS pool.
+- DMARC: ``milterd.dmarc.evaluate`` in the DNS pool, its lookups through a thread-safe cache
+  (:class:`~milterd.resolver.CachedLookup`) with the same size and TTL.
+- Authentication-Results: ``milterd.authresults``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+
+from mailplugins.addresses import Address
+from mailplugins.config.milterd import MilterdConfig
+from mailplugins.senders import login_owns
+from mailplugins.store import MailboxRecord, Resolution, Store
+from milterd import contract
+from milterd.checks import DkimLike, DmarcLike, Headers, SignerLike, SpfLike, VerifierLike
+from milterd.resolver import CachedLookup, Result, TxtResolver
+
+Runner = Callable[..., "Deferred[Any]"]
+
+
+class StoreSenderLookups:
+    """:class:`mailplugins.senders.SenderLookups` over the store, each call in the pool."""
+
+    def __init__(self, store: Store, run: Runner, delimiters: str) -> None:
+        self._store = store
+        self._run = run
+        self.delimiters = delimiters
+
+    def mailbox(self, address: Address) -> Deferred[MailboxRecord | None]:
+        return self._run(self._store.get_mailbox, address)
+
+    def granted_senders(self, mailbox_id: int) -> Deferred[frozenset[str]]:
+        return self._run(self._store.granted_senders, mailbox_id)
+
+    def resolve(self, address: Address) -> Deferred[Resolution | None]:
+        return self._run(self._store.resolve, address, self.delimiters)
+
+
+class LiveChecks:
+    def __init__(
+        self,
+        config: MilterdConfig,
+        *,
+        store: Store,
+        db_run: Runner,
+        cpu_run: Runner,
+        dns_run: Runner,
+        clock: Any,
+        delimiters: str,
+        key_store: Any = None,
+        txt_lookup: Callable[[str], list[bytes] | None] | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._db_run = db_run
+        self._cpu_run = cpu_run
+        self._dns_run = dns_run
+        self._clock = clock
+        self._now = now
+        self._senders = StoreSenderLookups(store, db_run, delimiters)
+        self._owned: OrderedDict[tuple[str, str], tuple[float, bool]] = OrderedDict()
+        self._keys = key_store if key_store is not None else contract.key_store(store.engine)
+        self._txt_lookup = txt_lookup
+        self._build_dns(config)
+
+    def _build_dns(self, config: MilterdConfig) -> None:
+        lookup = self._txt_lookup or partial(contract.txt_records, nameservers=config.nameservers,
+                                             timeout=config.dns_timeout)
+        self._exists = partial(contract.name_exists, nameservers=config.nameservers,
+                               timeout=config.dns_timeout)
+        self.resolver = TxtResolver(self._dns_run, lookup, self._clock, timeout=config.dns_timeout,
+                                    ttl=config.dns_cache_ttl, size=config.dns_cache_size)
+        self.dmarc_lookup = CachedLookup(lookup, ttl=config.dns_cache_ttl, size=config.dns_cache_size)
+        if self._txt_lookup is None:
+            contract.use_nameservers(config.nameservers)
+
+    @property
+    def authserv_id(self) -> str:
+        return self.config.authserv_id
+
+    def reconfigure(self, config: MilterdConfig, delimiters: str) -> None:
+        self.config = config
+        self._senders.delimiters = delimiters
+        self._owned.clear()
+        self._build_dns(config)
+
+    # -- outgoing --------------------------------------------------------------------------
+
+    def may_send_as(self, login: str, address: str) -> Deferred[bool]:
+        key = (login.lower(), address.lower())
+        entry = self._owned.get(key)
+        if entry is not None and entry[0] > self._clock.seconds():
+            return succeed(entry[1])
+        decided: Deferred[bool] = Deferred.fromCoroutine(login_owns(self._senders, login, address))
+
+        def remember(owned: bool) -> bool:
+            if self.config.cache_ttl > 0:
+                if len(self._owned) >= 10_000:
+                    self._owned.popitem(last=False)
+                self._owned[key] = (self._clock.seconds() + self.config.cache_ttl, owned)
+            return owned
+
+        return decided.addCallback(remember)
+
+    def signer(self, domain: str, headers: Headers) -> Deferred[SignerLike | None]:
+        now = int(self._now())
+
+        def build(keys: Sequence[Any]) -> SignerLike | None:
+            if not keys:
+                return None
+            return contract.message_signer(keys, headers, now)
+
+        return self._db_run(self._keys.signing_keys, domain).addCallback(build)
+
+    def sign(self, signer: SignerLike) -> Deferred[list[str]]:
+        return self._cpu_run(signer.finish)
+
+    # -- incoming --------------------------------------------------------------------------
+
+    def verifier(self, headers: Headers) -> VerifierLike:
+        return contract.message_verifier(headers)
+
+    def verify(self, verifier: VerifierLike) -> Deferred[list[DkimLike]]:
+        names = verifier.key_names()
+        if not names:
+            return succeed(contract.finish_verifier(verifier, {}))
+
+        def finish(answers: dict[str, Result]) -> list[DkimLike]:
+            return contract.finish_verifier(verifier, answers)
+
+        # finish() checks the signatures (RSA/Ed25519 verify: fast, on the reactor).
+        return self.resolver.many(names).addCallback(finish)
+
+    def spf(self, client_address: str, helo: str, sender: str) -> Deferred[SpfLike]:
+        config = self.config
+        return self._dns_run(contract.spf_check, client_address, sender, helo, config.authserv_id,
+                             config.dns_timeout)
+
+    def dmarc(self, from_values: Sequence[str], dkim: Sequence[DkimLike], spf: SpfLike,
+              spf_domain: str) -> Deferred[DmarcLike]:
+        return self._dns_run(contract.dmarc, from_values, dkim, spf, spf_domain, self.dmarc_lookup,
+                             self._exists)
+
+    def authentication_results(self, dkim: Sequence[DkimLike], spf: SpfLike, dmarc: DmarcLike,
+                               disposition: str, *, mailfrom: str, helo: str) -> str:
+        return contract.compose(self.config.authserv_id, dkim, spf, dmarc, disposition,
+                                mailfrom=mailfrom, helo=helo)
+
+    def claims_our_id(self, value: str) -> bool:
+        return contract.claims_authserv_id(value, self.config.authserv_id)

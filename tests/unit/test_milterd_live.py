@@ -1,0 +1,193 @@
+"""milterd's live checks and daemon wiring: the shared sender rule, DNS cache, listeners, reload."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+
+from mailplugins.config import Config, parse_config
+from mailplugins.daemon import Runtime, load_daemon
+from mailplugins.database import Database
+from mailplugins.metrics import DaemonMetrics
+from mailplugins.threads import WorkerPool
+from milterd.daemon import DAEMON
+from milterd.live import LiveChecks
+from milterd.resolver import DnsTimeout, TxtResolver
+from tests.support.milter_fakes import milterd_config
+from tests.support.sync import result_of, sync_run
+from tests.unit.test_policyd_fixtures import make_store, populate
+
+
+class NoKeys:
+    def signing_keys(self, domain: str) -> list[Any]:
+        return []
+
+
+def live(clock: Any = None, **config: Any) -> LiveChecks:
+    store = make_store()
+    populate(store)
+    return LiveChecks(milterd_config(**config), store=store, db_run=sync_run, cpu_run=sync_run,
+                      dns_run=sync_run, clock=clock or Clock(), delimiters="+", key_store=NoKeys(),
+                      txt_lookup=lambda name: None)
+
+
+@pytest.mark.parametrize(("login", "address", "owned"), [
+    ("alice@example.org", "alice@example.org", True),
+    ("alice@example.org", "Alice+news@EXAMPLE.org", True),
+    ("alice@example.org", "sales@example.org", True),      # alias to her
+    ("alice@example.org", "team@example.org", True),       # list alias with her in it
+    ("alice@example.org", "carol@example.net", False),
+    ("alice@example.org", "nobody@example.net", False),    # catch-all does not count
+    ("mallory@example.org", "alice@example.org", False),
+    ("alice@example.org", "alice@[192.0.2.1]", False),
+])
+def test_from_ownership_is_policyds_rule(login: str, address: str, owned: bool) -> None:
+    assert result_of(live().may_send_as(login, address)) is owned
+
+
+def test_ownership_is_cached_for_cache_ttl() -> None:
+    clock = Clock()
+    checks = live(clock, cache_ttl=30)
+    calls: list[Any] = []
+    original = checks._senders.mailbox
+    checks._senders.mailbox = lambda address: calls.append(address) or original(address)  # type: ignore[method-assign]
+    for _ in range(3):
+        assert result_of(checks.may_send_as("alice@example.org", "alice@example.org"))
+    assert len(calls) == 1
+    clock.advance(31)
+    result_of(checks.may_send_as("alice@example.org", "alice@example.org"))
+    assert len(calls) == 2
+
+
+def test_no_key_means_no_signer() -> None:
+    assert result_of(live().signer("example.org", [("From", " a@example.org")])) is None
+
+
+def test_resolver_caches_shares_and_times_out() -> None:
+    clock = Clock()
+    pending: list[Deferred[Any]] = []
+    answers = {"a.example": [b"v=DKIM1; p=x"], "b.example": None}
+
+    def run(fn: Any, name: str) -> Deferred[Any]:
+        if name == "slow.example":
+            d: Deferred[Any] = Deferred()
+            pending.append(d)
+            return d
+        if name == "broken.example":
+            return fail(OSError("SERVFAIL"))
+        return succeed(fn(name))
+
+    resolver = TxtResolver(run, answers.__getitem__, clock, timeout=2, ttl=60, size=2)
+    assert result_of(resolver.txt("A.example.")) == [b"v=DKIM1; p=x"]
+    assert result_of(resolver.txt("a.example")) == [b"v=DKIM1; p=x"]
+    assert resolver.queries == 1
+    assert result_of(resolver.txt("b.example")) is None
+    slow1, slow2 = resolver.txt("slow.example"), resolver.txt("slow.example")
+    assert resolver.queries == 3  # shared
+    clock.advance(2)
+    assert isinstance(result_of(slow1), DnsTimeout) and isinstance(result_of(slow2), DnsTimeout)
+    assert isinstance(result_of(resolver.txt("broken.example")), OSError)
+    assert len(resolver) == 2  # errors are not cached; size bounds the rest
+    clock.advance(61)
+    result_of(resolver.txt("a.example"))
+    assert resolver.queries == 5
+    many = result_of(resolver.many(["a.example", "b.example", "a.example"]))
+    assert many == {"a.example": [b"v=DKIM1; p=x"], "b.example": None}
+
+
+def config(**milterd: Any) -> Config:
+    section: dict[str, Any] = {"listen": ["tcp:0:interface=127.0.0.1", "unix:/tmp/mp-m.sock"],
+                               "authserv_id": "mx.example.test"}
+    section.update(milterd)
+    return parse_config({"database": {"url": "sqlite://"}, "milterd": section})
+
+
+def test_daemon_builds_listeners_and_reloads() -> None:
+    assert load_daemon("milterd") is DAEMON
+    reactor = MemoryReactorClock()
+    cfg = config()
+    db = Database(reactor, cfg.database)
+    metrics = DaemonMetrics("milterd")
+    runtime = Runtime(reactor, cfg, db, metrics, WorkerPool(reactor, "cpu", 1))
+    checks = LiveChecks(cfg.milterd, store=db.store, db_run=sync_run, cpu_run=sync_run,  # type: ignore[arg-type]
+                        dns_run=sync_run, clock=reactor, delimiters="+", key_store=NoKeys(),
+                        txt_lookup=lambda name: None)
+    try:
+        running = DAEMON.build(runtime, checks)
+        assert [(each.key, each.endpoint) for each in running.listeners] == [
+            ("milterd.listen[0]", "tcp:0:interface=127.0.0.1"),
+            ("milterd.listen[1]", "unix:/tmp/mp-m.sock"),
+        ]
+        running.reload(config(max_connections=7, authserv_id="other.example"))
+        assert running.limit.maximum == 7
+        assert [limited.limit for limited in running.limited] == [running.limit] * 2
+        assert running.checks.authserv_id == "other.example"
+        assert running.factory.config.max_connections == 7
+        text = metrics.render().decode()
+        assert "mailplugins_milterd_dns_cache_entries 0.0" in text
+        assert running.stop() is None
+    finally:
+        db.close()
+
+
+def test_config_errors_name_the_key() -> None:
+    from mailplugins.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"milterd.dmarc.reject_action: must be one of"):
+        config(dmarc={"reject_action": "bounce"})
+    with pytest.raises(ConfigError, match=r"milterd.authserv_id: an authserv-id"):
+        config(authserv_id="a; b")
+    with pytest.raises(ConfigError, match=r"milterd.nameservers\[0\]"):
+        config(nameservers=["not-an-ip"])
+    with pytest.raises(ConfigError, match=r"milterd.listen: required"):
+        parse_config({"database": {"url": "sqlite://"}, "milterd": {}})
+    assert config().milterd.nameservers == ()  # type: ignore[union-attr]
+    assert config(nameservers=["127.0.0.1:5353"]).milterd.nameservers == (("127.0.0.1", 5353),)  # type: ignore[union-attr]
+
+
+class OneKeyEach:
+    """Real keys (cryptography), as milterd.keys.KeyStore hands them out."""
+
+    def __init__(self) -> None:
+        from mailplugins.dkim_keys import generate_key
+        from milterd.dkim import SigningKey
+
+        self.records: dict[str, list[bytes] | None] = {}
+        self.keys = []
+        for selector, kind, algorithm in (("r1", "rsa", "rsa-sha256"), ("e1", "ed25519", "ed25519-sha256")):
+            pem, public, _bits = generate_key(kind)
+            self.keys.append(SigningKey("example.org", selector, algorithm, pem))
+            self.records[f"{selector}._domainkey.example.org"] = [
+                f"v=DKIM1; k={kind}; p={public}".encode()]
+
+    def signing_keys(self, domain: str) -> list[Any]:
+        return list(self.keys) if domain == "example.org" else []
+
+
+def test_signatures_made_through_live_checks_verify_through_them() -> None:
+    keys = OneKeyEach()
+    store = make_store()
+    checks = LiveChecks(milterd_config(), store=store, db_run=sync_run, cpu_run=sync_run,
+                        dns_run=sync_run, clock=Clock(), delimiters="+", key_store=keys,
+                        txt_lookup=lambda name: keys.records.get(name), now=lambda: 1_800_000_000)
+    headers = [("From", " Alice <alice@example.org>"), ("To", " bob@example.net"),
+               ("Subject", " hello\r\n\tfolded")]
+    signer = result_of(checks.signer("example.org", headers))
+    body = b"Hello Bob,\r\n\r\nsee you.\r\n"
+    signer.feed(body[:7])
+    signer.feed(body[7:])
+    signatures = result_of(checks.sign(signer))
+    assert [s.split("a=", 1)[1].split(";", 1)[0] for s in signatures] == ["rsa-sha256", "ed25519-sha256"]
+    signed = [("DKIM-Signature", s) for s in signatures] + headers
+    verifier = checks.verifier(signed)
+    verifier.feed(body)
+    results = result_of(checks.verify(verifier))
+    assert [(r.result, r.domain) for r in results] == [("pass", "example.org"), ("pass", "example.org")]
+    altered = checks.verifier(signed)
+    altered.feed(body + b"P.S.\r\n")
+    assert {r.result for r in result_of(checks.verify(altered))} == {"fail"}
+    assert result_of(checks.signer("example.net", headers)) is None
