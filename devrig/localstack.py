@@ -47,8 +47,6 @@ DEMO_DOMAIN = "example.test"
 LUA_SCRIPT = Path(authd.__file__).resolve().parent / "lua" / "mailplugins-auth.lua"
 DEMO_USERS = ("bob", "alice")
 #: The demo's mail files belong to this user, as with Dovecot's mail_uid (never root).
-#: authd's Lua script in this checkout (Dovecot 2.4 reaches authd through it).
-LUA_SCRIPT = Path(__file__).resolve().parent.parent / "authd" / "lua" / "mailplugins-auth.lua"
 MAIL_USER = "nobody"
 MAIL_GROUP = "nogroup"
 
@@ -260,9 +258,6 @@ class LocalStack:
             tls_cert=str(self.tls_cert),
             tls_key=str(self.tls_key),
             postfix_queue_directory=str(self.postfix.queue_dir),
-            # Dovecot 2.4 has no dict passdb: authd's Lua script from the checkout.
-            version="2.4" if self.release.dovecot24 else "2.3",
-            lua_script=str(LUA_SCRIPT) if self.release.dovecot24 else "",
         ))
         for generated in dovecot.files:
             _write_generated(generated.path, generated.text, generated.mode)
