@@ -179,6 +179,9 @@ CASES = [
     Case("data-without-rcpt", (envelope() + b"DATA\r\n",)),
     Case("data-all-rcpts-refused", (envelope(at("nobody")) + b"DATA\r\n",)),
     Case("unknown-command", (b"LHLO client.test\r\nFROB\r\n",)),
+    Case("xforward", (b"LHLO client.test\r\nXFORWARD NAME=spike.test ADDR=192.0.2.1 IDENT=4Abc\r\n"
+                      + transaction(at("alice"), lhlo="NOOP"),)),
+    Case("bdat", (envelope(at("alice")) + b"BDAT 23 LAST\r\nSubject: b\r\n\r\nchunked\r\n",)),
     Case("noop-vrfy-help", (b"LHLO client.test\r\nNOOP\r\nVRFY alice\r\nHELP\r\n",)),
     Case("basic", (transaction(at("alice")),)),
     Case("basic-lockstep", (b"LHLO client.test\r\n", b"MAIL FROM:<s@origin.test>\r\n",
