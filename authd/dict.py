@@ -71,7 +71,7 @@ def userdb_fields(mailbox: MailboxRecord, mail: MailConfig, release: str = "2.3"
     home = stripped.rsplit("/", 1)[0] if stripped.endswith("/Maildir") else stripped
     fields: dict[str, Any] = {"user": canonical_user(mailbox), "home": home}
     if release == "2.4":
-        fields.update({"mail_driver": "maildir", "mail_path": location})
+        fields.update({"mail_driver": "maildir", "mail_path": location, "mail_inbox_path": location})
     else:
         fields["mail"] = "maildir:" + location
     fields.update({"uid": mail.uid, "gid": mail.gid})
@@ -205,7 +205,7 @@ class DictBackend:
             value = "" if flags & codec.ITERATE_NO_VALUE else self._value(kind, mailbox)
             if value is None:
                 continue
-            rows.append((prefix + mailbox.address, value))
+            rows.append((prefix + canonical_user(mailbox), value))
             if max_rows and len(rows) >= max_rows:
                 break
         return rows

@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
-import ipaddress
 import os
 import threading
 import time
@@ -57,9 +56,11 @@ from authd import failures
 from authd.metrics import AuthdMetrics
 from authd.sasl_codec import Outcome
 from mailplugins.addresses import AddressError, parse_address
+from mailplugins.clients import client_in, client_ip, client_network
 from mailplugins.config import AuthdConfig, PasswordConfig
 from mailplugins.hashing import HashError, check_password, split_scheme, verify_password
 from mailplugins.store import AppPasswordRecord, MailboxRecord, Store, utcnow
+from mailplugins.ttlcache import TTLCache
 
 log = Logger(namespace="authd.verify")
 
@@ -226,16 +227,11 @@ class Throttle:
 
 def network_key(remote_ip: str | None, ipv6_prefix: int) -> str | None:
     """The counter key of a client: its IPv4 address, or its IPv6 network."""
-    if not remote_ip:
+    address = client_ip(remote_ip) if remote_ip else None
+    if address is None or remote_ip is None:
         return None
-    try:
-        address = ipaddress.ip_address(remote_ip)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return f"ip:{address.ipv4_mapped}"
-        return f"ip:{ipaddress.IPv6Network((address, ipv6_prefix), strict=False)}"
+    if address.version == 6:
+        return f"ip:{client_network(remote_ip, 32, ipv6_prefix)}"
     return f"ip:{address}"
 
 
@@ -244,7 +240,6 @@ def network_key(remote_ip: str | None, ipv6_prefix: int) -> str | None:
 
 @dataclass(frozen=True)
 class _CacheEntry:
-    expires: float
     #: None when the main password matched, else the app password's id.
     app_password_id: int | None
 
@@ -253,34 +248,29 @@ class SuccessCache:
     """Remembers good (mailbox, password version, password) triples as HMACs, never passwords."""
 
     def __init__(self, ttl: float, size: int, secret: bytes | None = None) -> None:
-        self.ttl = ttl
-        self.size = size
         self._secret = secret or os.urandom(32)
-        self._entries: OrderedDict[bytes, _CacheEntry] = OrderedDict()
+        self._entries: TTLCache[bytes, _CacheEntry] = TTLCache(size, ttl)
+
+    @property
+    def ttl(self) -> float:
+        return self._entries.ttl
+
+    @property
+    def size(self) -> int:
+        return self._entries.size
 
     def key(self, mailbox: MailboxRecord, password: str) -> bytes:
         message = f"{mailbox.id}|{mailbox.password_version}|".encode() + password.encode("utf-8")
         return hmac.new(self._secret, message, hashlib.sha256).digest()
 
     def get(self, key: bytes, now: float) -> _CacheEntry | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry.expires <= now:
-            del self._entries[key]
-            return None
-        return entry
+        return self._entries.get(key, now)
 
     def put(self, key: bytes, app_password_id: int | None, now: float) -> None:
-        if self.ttl <= 0:
-            return
-        self._entries[key] = _CacheEntry(now + self.ttl, app_password_id)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        self._entries.put(key, _CacheEntry(app_password_id), now)
 
     def discard(self, key: bytes) -> None:
-        self._entries.pop(key, None)
+        self._entries.discard(key)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -289,40 +279,13 @@ class SuccessCache:
 Loaded = tuple[MailboxRecord | None, list[AppPasswordRecord]]
 
 
-class RecordCache:
+class RecordCache(TTLCache[str, Loaded]):
     """Mailbox records (and their app passwords) for a few seconds, so a burst of logins costs
-    one database read; ``ttl`` bounds how long a password change or a disable takes to apply."""
+    one database read; ``ttl`` bounds how long a password change or a disable takes to apply.
+    ``replace`` keeps an entry's expiry (e.g. after recording a login)."""
 
     def __init__(self, ttl: float, size: int) -> None:
-        self.ttl = ttl
-        self.size = size
-        self._entries: OrderedDict[str, tuple[float, Loaded]] = OrderedDict()
-
-    def get(self, key: str, now: float) -> Loaded | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= now:
-            del self._entries[key]
-            return None
-        return entry[1]
-
-    def put(self, key: str, value: Loaded, now: float) -> None:
-        if self.ttl <= 0:
-            return
-        self._entries[key] = (now + self.ttl, value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-    def update(self, key: str, value: Loaded) -> None:
-        """Replace a cached value, keeping its expiry (e.g. after recording a login)."""
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries[key] = (entry[0], value)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(size, ttl)
 
 
 _thread_state = threading.local()
@@ -382,6 +345,8 @@ class Verifier:
         self.wallclock = wallclock
         self.config = config
         self.passwords = passwords
+        #: The injected cache key (tests); kept so a reload's new cache uses it too.
+        self._cache_secret = secret
         self.cache = SuccessCache(config.cache_ttl, config.cache_size, secret)
         self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
         self.throttle = self._new_throttle(config)
@@ -402,7 +367,7 @@ class Verifier:
     def reload(self, config: AuthdConfig, passwords: PasswordConfig) -> None:
         """New settings; counters and cached successes stay unless their sizing changed."""
         if (config.cache_ttl, config.cache_size) != (self.config.cache_ttl, self.config.cache_size):
-            self.cache = SuccessCache(config.cache_ttl, config.cache_size)
+            self.cache = SuccessCache(config.cache_ttl, config.cache_size, self._cache_secret)
         self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
         if (
             config.penalty_threshold, config.penalty_initial, config.penalty_max,
@@ -416,15 +381,7 @@ class Verifier:
         self.passwords = passwords
 
     def trusted(self, remote_ip: str | None) -> bool:
-        if not remote_ip or not self.config.trusted_networks:
-            return False
-        try:
-            address = ipaddress.ip_address(remote_ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.config.trusted_networks)
+        return client_in(remote_ip, self.config.trusted_networks)
 
     def verify(
         self, request: VerifyRequest, failure_delay: float | None = None
@@ -746,7 +703,7 @@ class Verifier:
             return
         if record_login:
             # The cached record must not ask for the same write again at the next login.
-            self.records.update(key, (dataclasses.replace(mailbox, last_login_at=now), apps))
+            self.records.replace(key, (dataclasses.replace(mailbox, last_login_at=now), apps))
 
         def work() -> bool:
             if record_login:

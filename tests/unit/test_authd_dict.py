@@ -88,6 +88,7 @@ def test_userdb_for_dovecot24_and_the_user_list() -> None:
         "home": "/srv/vmail/example.org/alice",
         "mail_driver": "maildir",
         "mail_path": "/srv/vmail/example.org/alice/Maildir",
+        "mail_inbox_path": "/srv/vmail/example.org/alice/Maildir",
         "uid": 5000,
         "gid": 5001,
         "quota_storage_size": "1000",
@@ -138,11 +139,11 @@ def test_iterate_lists_enabled_users() -> None:
     reply = rig.send(HELLO + b"I0\t0\tshared/userdb/\t*\n")
     lines = reply.split(b"\n")
     assert [line.split(b"\t")[0] for line in lines[:-2]] == [
-        b"Oshared/userdb/Alice@example.org", b"Oshared/userdb/bob@example.org",
+        b"Oshared/userdb/alice@example.org", b"Oshared/userdb/bob@example.org",
     ]
     assert lines[-2:] == [b"", b""]
     reply = rig.send(b"I8\t1\tshared/userdb/\t*\n")
-    assert reply == b"Oshared/userdb/Alice@example.org\t\n\n"
+    assert reply == b"Oshared/userdb/alice@example.org\t\n\n"
 
 
 def test_database_failure_answers_f() -> None:

@@ -126,7 +126,8 @@ def test_userdb_answers_the_lua_userdb_in_each_release_s_names() -> None:
     assert code == 200
     assert body.decode().split("\n") == [
         "user=bob@example.org", "home=/srv/vmail/example.org/bob", "mail_driver=maildir",
-        "mail_path=/srv/vmail/example.org/bob/Maildir", "uid=5000", "gid=5001",
+        "mail_path=/srv/vmail/example.org/bob/Maildir",
+        "mail_inbox_path=/srv/vmail/example.org/bob/Maildir", "uid=5000", "gid=5001",
         "quota_storage_size=2048", "",
     ]
     code, body = ask(site, "/userdb", {"user": "bob@example.org", "dovecot": "2.3"})
