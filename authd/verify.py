@@ -107,11 +107,12 @@ class Login:
 def split_login(request: VerifyRequest, separator: str) -> Login:
     """Dovecot's rules: an authzid other than the login names the target and makes the login a
     master user; else ``target<separator>master`` (the first separator) does the same."""
-    if request.authzid and request.authzid != request.user:
+    if request.authzid and request.authzid.casefold() != request.user.casefold():
+        # (Logins are case-insensitive: Alice logging in as alice is no master login.)
         return Login(request.authzid, request.user)
     if separator and separator in request.user:
         target, _, master = request.user.partition(separator)
-        if master and master != target:
+        if master and master.casefold() != target.casefold():
             return Login(target, master)
         return Login(target)
     return Login(request.user)
