@@ -190,3 +190,25 @@ def test_signatures_made_through_live_checks_verify_through_them() -> None:
     altered.feed(body + b"P.S.\r\n")
     assert {r.result for r in result_of(checks.verify(altered))} == {"fail"}
     assert result_of(checks.signer("example.net", headers)) is None
+
+
+def test_signing_keys_are_reused_for_key_cache_ttl() -> None:
+    keys = OneKeyEach()
+    calls: list[str] = []
+
+    class Counting:
+        def signing_keys(self, domain: str) -> list[Any]:
+            calls.append(domain)
+            return keys.signing_keys(domain)
+
+    clock = Clock()
+    checks = LiveChecks(milterd_config(key_cache_ttl=10), store=make_store(), db_run=sync_run,
+                        cpu_run=sync_run, dns_run=sync_run, clock=clock, delimiters="+",
+                        key_store=Counting(), txt_lookup=lambda name: None)
+    for _ in range(3):
+        assert result_of(checks.signer("example.org", [("From", " a@example.org")])) is not None
+        assert result_of(checks.signer("example.net", [("From", " a@example.net")])) is None
+    assert calls == ["example.org", "example.net"]
+    clock.advance(11)
+    result_of(checks.signer("example.org", [("From", " a@example.org")]))
+    assert calls == ["example.org", "example.net", "example.org"]
