@@ -91,6 +91,7 @@ class LiveChecks:
         self.resolver = TxtResolver(self._dns_run, lookup, self._clock, timeout=config.dns_timeout,
                                     ttl=config.dns_cache_ttl, size=config.dns_cache_size)
         self.dmarc_lookup = CachedLookup(lookup, ttl=config.dns_cache_ttl, size=config.dns_cache_size)
+        self._spf: OrderedDict[tuple[str, str, str], tuple[float, SpfLike]] = OrderedDict()
         if self._txt_lookup is None:
             contract.use_nameservers(config.nameservers)
 
@@ -164,9 +165,24 @@ class LiveChecks:
         return self.resolver.many(names).addCallback(finish)
 
     def spf(self, client_address: str, helo: str, sender: str) -> Deferred[SpfLike]:
+        """SPF in the DNS pool; a result (not a temperror) is reused for ``dns_cache_ttl`` for
+        the same client, sender and HELO name: pyspf keeps no cache of its own and asks DNS
+        several times per check."""
         config = self.config
+        key = (client_address, sender.lower(), helo.lower())
+        entry = self._spf.get(key)
+        if entry is not None and entry[0] > self._clock.seconds():
+            return succeed(entry[1])
+
+        def remember(result: SpfLike) -> SpfLike:
+            if config.dns_cache_ttl > 0 and config.dns_cache_size > 0 and result.result != "temperror":
+                if len(self._spf) >= config.dns_cache_size:
+                    self._spf.popitem(last=False)
+                self._spf[key] = (self._clock.seconds() + config.dns_cache_ttl, result)
+            return result
+
         return self._dns_run(contract.spf_check, client_address, sender, helo, config.authserv_id,
-                             config.dns_timeout)
+                             config.dns_timeout).addCallback(remember)
 
     def dmarc(self, from_values: Sequence[str], dkim: Sequence[DkimLike], spf: SpfLike,
               spf_domain: str) -> Deferred[DmarcLike]:

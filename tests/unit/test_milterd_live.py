@@ -212,3 +212,26 @@ def test_signing_keys_are_reused_for_key_cache_ttl() -> None:
     clock.advance(11)
     result_of(checks.signer("example.org", [("From", " a@example.org")]))
     assert calls == ["example.org", "example.net", "example.org"]
+
+
+def test_spf_results_are_reused_but_not_temperrors() -> None:
+    from tests.support.milter_fakes import Spf
+
+    calls: list[tuple[Any, ...]] = []
+    answers = {"a@x.example": "pass", "b@x.example": "temperror"}
+
+    def dns_run(fn: Any, client: str, sender: str, *rest: Any) -> Deferred[Any]:
+        calls.append((client, sender))
+        return succeed(Spf(answers[sender]))
+
+    clock = Clock()
+    checks = LiveChecks(milterd_config(dns_cache_ttl=60), store=make_store(), db_run=sync_run,
+                        cpu_run=sync_run, dns_run=dns_run, clock=clock, delimiters="+",
+                        key_store=NoKeys(), txt_lookup=lambda name: None)
+    for _ in range(2):
+        assert result_of(checks.spf("192.0.2.1", "h", "a@x.example")).result == "pass"
+        assert result_of(checks.spf("192.0.2.1", "h", "b@x.example")).result == "temperror"
+    assert calls == [("192.0.2.1", "a@x.example"), ("192.0.2.1", "b@x.example"), ("192.0.2.1", "b@x.example")]
+    clock.advance(61)
+    result_of(checks.spf("192.0.2.1", "h", "a@x.example"))
+    assert len(calls) == 4
