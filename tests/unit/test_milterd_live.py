@@ -236,3 +236,22 @@ def test_spf_results_are_reused_but_not_temperrors() -> None:
     clock.advance(61)
     result_of(checks.spf("192.0.2.1", "h", "a@x.example"))
     assert len(calls) == 4
+
+
+def test_dmarc_and_authentication_results_through_live_checks() -> None:
+    from tests.support.milter_fakes import Spf
+
+    records = {"_dmarc.bank.example": [b"v=DMARC1; p=reject"]}
+    checks = LiveChecks(milterd_config(), store=make_store(), db_run=sync_run, cpu_run=sync_run,
+                        dns_run=sync_run, clock=Clock(), delimiters="+", key_store=NoKeys(),
+                        txt_lookup=lambda name: records.get(name))
+    checks._exists = lambda name: True
+    verdict = result_of(checks.dmarc([" CEO <ceo@bank.example>"], [], Spf("fail"), "bank.example"))
+    assert (verdict.result, verdict.policy, verdict.disposition) == ("fail", "reject", "reject")
+    value = checks.authentication_results([], Spf("fail"), verdict, "quarantine",
+                                          mailfrom="ceo@bank.example", helo="h.example")
+    assert value.startswith(" mx.example.test;")
+    assert "dmarc=fail (p=reject dis=quarantine) header.from=bank.example" in value
+    assert "spf=fail smtp.mailfrom=ceo@bank.example" in value
+    assert checks.claims_our_id(value) and checks.claims_our_id(" (x) MX.EXAMPLE.TEST; none")
+    assert not checks.claims_our_id(" mx.example.test.evil; none")
