@@ -68,6 +68,18 @@ ACTIONS = SMFIF_ADDHDRS | SMFIF_CHGHDRS
 #: we get is answered, so Postfix never writes twice without reading in between.
 PROTOCOL = SMFIP_NORCPT | SMFIP_NOUNKNOWN | SMFIP_HDR_LEADSPC
 
+#: Events Postfix need not wait an answer for (SMFIP_NR_*): milterd always continues there. Every
+#: one saves a round trip per message (a message is ~12 commands, 8 of them headers). On a unix
+#: socket that is pure gain; over TCP, packets without a reply meet Nagle's algorithm on
+#: Postfix's side (see PROTOCOL), so the protocol asks for them only where it may.
+NO_REPLY = (SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL | SMFIP_NR_DATA | SMFIP_NR_HDR
+            | SMFIP_NR_BODY)
+#: The commands those flags cover.
+NO_REPLY_FLAGS = {
+    "Connect": SMFIP_NR_CONN, "Helo": SMFIP_NR_HELO, "Mail": SMFIP_NR_MAIL, "Data": SMFIP_NR_DATA,
+    "Header": SMFIP_NR_HDR, "Body": SMFIP_NR_BODY,
+}
+
 #: Largest body chunk Postfix sends (and the most a ``B`` frame may carry).
 MAX_BODY_CHUNK = 65535
 DEFAULT_MAX_FRAME = 256 * 1024
@@ -194,8 +206,6 @@ Command = (
     | EndOfMessage | Abort | Quit | Unknown
 )
 
-#: Commands that Postfix waits an answer for (everything but macros, abort and quit).
-NO_REPLY = (Macros, Abort, Quit)
 
 
 def _strings(payload: bytes, count: int | None, what: str) -> list[bytes]:

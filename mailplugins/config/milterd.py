@@ -67,6 +67,9 @@ class MilterdConfig:
     #: Seconds a domain's signing keys are reused without the database: a ``dkim activate`` or
     #: ``retire`` takes effect within this time.
     key_cache_ttl: float = 10.0
+    #: Ask Postfix not to wait for our "continue" to connect, HELO, MAIL, DATA, headers and body
+    #: on TCP connections too (always on unix sockets): see docs/milterd.md.
+    no_reply_tcp: bool = False
 
 
 def _authserv_id(value: object) -> str:
@@ -119,6 +122,7 @@ def parse_milterd(f: Fields) -> MilterdConfig:
         max_header_bytes=f.size("max_header_bytes", 1024 * 1024, minimum=4096),
         cache_ttl=f.duration("cache_ttl", 30.0, maximum=86400),
         key_cache_ttl=f.duration("key_cache_ttl", 10.0, maximum=3600),
+        no_reply_tcp=f.boolean("no_reply_tcp", False),
     )
     f.done()
     return config
