@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from mailplugins.addresses import Address
 from mailplugins.config.milterd import MilterdConfig
@@ -141,7 +141,9 @@ class LiveChecks:
         return self._db_run(self._keys.signing_keys, domain).addCallback(remember).addCallback(build)
 
     def sign(self, signer: SignerLike) -> Deferred[list[str]]:
-        return self._cpu_run(signer.finish)
+        if self.config.sign_in_pool:
+            return self._cpu_run(signer.finish)
+        return maybeDeferred(signer.finish)
 
     # -- incoming --------------------------------------------------------------------------
 

@@ -70,6 +70,8 @@ class MilterdConfig:
     #: Ask Postfix not to wait for our "continue" to connect, HELO, MAIL, DATA, headers and body
     #: on TCP connections too (always on unix sockets): see docs/milterd.md.
     no_reply_tcp: bool = False
+    #: Make the signatures in the CPU pool (true) or on the reactor (false).
+    sign_in_pool: bool = True
 
 
 def _authserv_id(value: object) -> str:
@@ -123,6 +125,7 @@ def parse_milterd(f: Fields) -> MilterdConfig:
         cache_ttl=f.duration("cache_ttl", 30.0, maximum=86400),
         key_cache_ttl=f.duration("key_cache_ttl", 10.0, maximum=3600),
         no_reply_tcp=f.boolean("no_reply_tcp", False),
+        sign_in_pool=f.boolean("sign_in_pool", True),
     )
     f.done()
     return config
