@@ -64,8 +64,9 @@ SMFIP_HDR_LEADSPC = 0x100000
 ACTIONS = SMFIF_ADDHDRS | SMFIF_CHGHDRS
 #: Events switched off: recipients and unknown commands are of no interest. The DATA event is
 #: kept on purpose (SMFIP_NODATA makes Postfix send packets that get no reply, and over TCP
-#: Nagle's algorithm then waits ~40 ms for our delayed ACK, twice per message); every command
-#: we get is answered, so Postfix never writes twice without reading in between.
+#: Nagle's algorithm then waits ~40 ms for our delayed ACK, twice per message); over TCP every
+#: command we get is answered by default, so Postfix never writes twice without reading in
+#: between (NO_REPLY below is for unix sockets, where there is no Nagle).
 PROTOCOL = SMFIP_NORCPT | SMFIP_NOUNKNOWN | SMFIP_HDR_LEADSPC
 
 #: Events Postfix need not wait an answer for (SMFIP_NR_*): milterd always continues there. Every
