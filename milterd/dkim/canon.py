@@ -16,7 +16,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 
-__all__ = ["BodyHasher", "canonicalize_header", "header_block", "header_bytes"]
+__all__ = ["BodyHasher", "canonicalize_header", "crlf_folds", "header_block", "header_bytes"]
 
 _SPACES = re.compile(rb"  +")  # (a literal prefix: re searches for it at C speed)
 _HEADER_SPACES = re.compile(r"  +")
@@ -28,6 +28,11 @@ def header_bytes(text: str) -> bytes:
     """Header text as the bytes on the wire: UTF-8 (RFC 6532), and bytes a caller decoded
     with ``surrogateescape`` come back unchanged."""
     return text.encode("utf-8", "surrogateescape")
+
+
+def crlf_folds(value: str) -> str:
+    """A header value with every bare LF made CRLF (how it travels on the wire)."""
+    return _BARE_LF.sub("\r\n", value)
 
 
 def canonicalize_header(name: str, value: str, canon: str) -> str:

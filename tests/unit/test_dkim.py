@@ -456,3 +456,12 @@ def test_we_verify_opendkim_signatures(tmp_path: Path, algorithm: str, canon: st
     assert [(r.result, r.algorithm) for r in found] == [("pass", algorithm)], found
     headers, body = split_message(signature.encode() + message.replace(b"Bob,", b"Rob,"))
     assert results(verify(headers, body)) == ["fail"]
+
+
+def test_bare_lf_folds_as_postfix_hands_them_over() -> None:
+    """Postfix gives a milter folded headers with bare LF; they verify as CRLF on the wire."""
+    signed = sign([Keys.rsa, Keys.ed])
+    bare = [(n, v.replace("\r\n", "\n")) for n, v in signed]
+    assert results(verify(bare, BODY)) == ["pass", "pass"]
+    resigned = sign([Keys.ed], headers=[(n, v.replace("\r\n", "\n")) for n, v in HEADERS])
+    assert results(verify(resigned[:1] + HEADERS, BODY)) == ["pass"]
