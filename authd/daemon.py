@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -18,8 +19,8 @@ from authd.metrics import AuthdMetrics
 from authd.sasl import AuthClientFactory
 from authd.verify import Verifier
 from mailplugins.config import Config
-from mailplugins.connections import LimitedFactory
-from mailplugins.daemon import Listener, Runtime, listeners_for
+from mailplugins.connections import ConnectionLimit, LimitedFactory
+from mailplugins.daemon import Listener, Runtime, capped_listeners
 
 log = Logger(namespace="authd.daemon")
 #: Seconds between sweeps of stale shared failure counters.
@@ -34,6 +35,8 @@ class RunningAuthd:
     dict_backend: DictBackend
     dict_factory: DictFactory
     http: VerifySite
+    #: max_connections, across the sasl, dict and http listeners together.
+    limit: ConnectionLimit
     listeners: list[Listener] = field(default_factory=list)
     limited: list[LimitedFactory] = field(default_factory=list)
     sweeper: LoopingCall | None = None
@@ -50,8 +53,7 @@ class RunningAuthd:
         resource = self.http.resource.children[b"verify"]
         assert isinstance(resource, VerifyResource)
         resource.failure_delay = section.http_failure_delay
-        for factory in self.limited:
-            factory.maximum = section.max_connections
+        self.limit.maximum = section.max_connections
 
     def stop(self) -> Deferred[None] | None:
         if self.sweeper is not None and self.sweeper.running:
@@ -106,25 +108,23 @@ class AuthdPlugin:
             backend=backend, db_run=db.run, db_timeout=db.timeout,
         )
 
-        limited_factories: list[LimitedFactory] = []
-
-        def limited(factory: Any, listener: str) -> Any:
-            wrapped = LimitedFactory(
-                factory, listener=listener, maximum=section.max_connections, metrics=runtime.metrics
-            )
-            limited_factories.append(wrapped)
-            return wrapped
-
+        limit = ConnectionLimit(section.max_connections)
         listeners: list[Listener] = []
+        limited: list[LimitedFactory] = []
         for key, endpoints, factory in (
             ("sasl", section.sasl_listen, sasl),
             ("dict", section.dict_listen, dict_factory),
             ("http", section.http_listen, http),
         ):
             if endpoints:
-                listeners += listeners_for(f"authd.{key}_listen", endpoints, limited(factory, key))
+                more, capped = capped_listeners(
+                    f"authd.{key}_listen", endpoints, cast(IProtocolFactory, factory),
+                    limit=limit, metrics=runtime.metrics,
+                )
+                listeners += more
+                limited += capped
         running = RunningAuthd(
-            runtime, verifier, sasl, backend, dict_factory, http, listeners, limited_factories
+            runtime, verifier, sasl, backend, dict_factory, http, limit, listeners, limited
         )
         if section.penalty_shared:
             running.sweeper = LoopingCall(running.sweep)

@@ -14,13 +14,13 @@ All functions here block; the verifier runs them in the database pool.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
 from sqlalchemy import Engine, case, delete, select
 
 from mailplugins.db.auth_models import AuthFailure
 from mailplugins.db.upsert import upsert_stmt
+from mailplugins.ttlcache import TTLCache
 
 TABLE = AuthFailure.__table__
 
@@ -82,34 +82,23 @@ class CountCache:
     """Shared counts per key for a few seconds, bounded; a local failure bumps the cached value."""
 
     def __init__(self, ttl: float, size: int) -> None:
-        self.ttl = ttl
-        self.size = size
-        self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._entries: TTLCache[str, int] = TTLCache(size, ttl)
 
     def missing(self, keys: Iterable[str], now: float) -> list[str]:
-        return [key for key in keys if self._fresh(key, now) is None]
-
-    def _fresh(self, key: str, now: float) -> int | None:
-        entry = self._entries.get(key)
-        if entry is None or entry[0] <= now:
-            return None
-        return entry[1]
+        return [key for key in keys if self._entries.entry(key, now) is None]
 
     def counts(self, keys: Iterable[str], now: float) -> dict[str, int]:
-        return {key: value for key in keys if (value := self._fresh(key, now))}
+        return {key: value for key in keys if (value := self._entries.get(key, now))}
 
     def store(self, keys: Iterable[str], counts: Mapping[str, int], now: float) -> None:
         for key in keys:
-            self._entries[key] = (now + self.ttl, counts.get(key, 0))
-            self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+            self._entries.put(key, counts.get(key, 0), now)
 
     def bump(self, keys: Iterable[str], now: float) -> None:
         for key in keys:
-            entry = self._entries.get(key)
-            if entry is not None and entry[0] > now:
-                self._entries[key] = (entry[0], entry[1] + 1)
+            value = self._entries.get(key, now)
+            if value is not None:
+                self._entries.replace(key, value + 1)
 
     def forget(self, key: str) -> None:
-        self._entries.pop(key, None)
+        self._entries.discard(key)

@@ -21,6 +21,13 @@ Postfix (auth-client protocol) and Dovecot's Lua passdb (HTTP) both end up here.
 - Mailbox records are kept ``lookup_cache_ttl`` (default 5 s) so a burst of logins costs one
   database read; a password change, disable or revoke applies within that time.
 - Last login and rehashing happen after the answer, never delaying it.
+- Logins are refused, as by stock Dovecot, when they hold a character outside
+  ``username_chars`` (Dovecot's ``auth_username_chars``: spaces, quotes, non-ASCII...); an empty
+  password is refused (an account whose stored hash is of the empty string can never log in,
+  and ``user import`` says so); a password over MAX_PASSWORD_BYTES is refused without hashing.
+- Master users: a mailbox flagged ``master`` may log in as any other enabled mailbox with its
+  own password, named through the PLAIN authzid or ``user<separator>master``; never on SMTP
+  unless ``master_user_smtp``; every use is logged.
 
 Counters live in memory, per process (see docs/authd.md for several hosts).
 """
@@ -31,7 +38,6 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
-import ipaddress
 import os
 import threading
 import time
@@ -50,9 +56,11 @@ from authd import failures
 from authd.metrics import AuthdMetrics
 from authd.sasl_codec import Outcome
 from mailplugins.addresses import AddressError, parse_address
+from mailplugins.clients import client_in, client_ip, client_network
 from mailplugins.config import AuthdConfig, PasswordConfig
 from mailplugins.hashing import HashError, check_password, split_scheme, verify_password
 from mailplugins.store import AppPasswordRecord, MailboxRecord, Store, utcnow
+from mailplugins.ttlcache import TTLCache
 
 log = Logger(namespace="authd.verify")
 
@@ -70,6 +78,10 @@ SHARED_READ_BUDGET = 0.25
 SHARED_RETRY = 10.0
 
 
+#: Longest password checked: passlib refuses more, and no real password comes near it.
+MAX_PASSWORD_BYTES = 4096
+
+
 @dataclass(frozen=True)
 class VerifyRequest:
     user: str
@@ -79,6 +91,47 @@ class VerifyRequest:
     #: Label for metrics only: ``plain``, ``login`` or ``http``.
     mechanism: str
     secured: bool = False
+    #: The mailbox to log in as (PLAIN's authzid); set and different from ``user`` it makes
+    #: ``user`` a master user's login.
+    authzid: str = ""
+
+
+@dataclass(frozen=True)
+class Login:
+    """Who logs in (``target``) and, for a master-user login, with whose credentials."""
+
+    target: str
+    master: str | None = None
+
+
+def split_login(request: VerifyRequest, separator: str) -> Login:
+    """Dovecot's rules: an authzid other than the login names the target and makes the login a
+    master user; else ``target<separator>master`` (the first separator) does the same."""
+    if request.authzid and request.authzid != request.user:
+        return Login(request.authzid, request.user)
+    if separator and separator in request.user:
+        target, _, master = request.user.partition(separator)
+        if master and master != target:
+            return Login(target, master)
+        return Login(target)
+    return Login(request.user)
+
+
+def bad_username(login: str, allowed: str) -> str | None:
+    """Why Dovecot (``auth_username_chars``) would refuse ``login``, or None.
+
+    An empty ``allowed`` allows everything, as in Dovecot; non-ASCII characters (EAI logins) are
+    then allowed too, else refused like any other character outside the set.
+    """
+    if not login:
+        return "empty login"
+    if not allowed:
+        return None
+    for char in login:
+        if char not in allowed:
+            shown = f"0x{ord(char):02x}" if ord(char) < 0x80 else f"U+{ord(char):04X}"
+            return f"login character {shown} not allowed by username_chars"
+    return None
 
 
 @dataclass(frozen=True)
@@ -173,16 +226,11 @@ class Throttle:
 
 def network_key(remote_ip: str | None, ipv6_prefix: int) -> str | None:
     """The counter key of a client: its IPv4 address, or its IPv6 network."""
-    if not remote_ip:
+    address = client_ip(remote_ip) if remote_ip else None
+    if address is None or remote_ip is None:
         return None
-    try:
-        address = ipaddress.ip_address(remote_ip)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return f"ip:{address.ipv4_mapped}"
-        return f"ip:{ipaddress.IPv6Network((address, ipv6_prefix), strict=False)}"
+    if address.version == 6:
+        return f"ip:{client_network(remote_ip, 32, ipv6_prefix)}"
     return f"ip:{address}"
 
 
@@ -191,7 +239,6 @@ def network_key(remote_ip: str | None, ipv6_prefix: int) -> str | None:
 
 @dataclass(frozen=True)
 class _CacheEntry:
-    expires: float
     #: None when the main password matched, else the app password's id.
     app_password_id: int | None
 
@@ -200,34 +247,29 @@ class SuccessCache:
     """Remembers good (mailbox, password version, password) triples as HMACs, never passwords."""
 
     def __init__(self, ttl: float, size: int, secret: bytes | None = None) -> None:
-        self.ttl = ttl
-        self.size = size
         self._secret = secret or os.urandom(32)
-        self._entries: OrderedDict[bytes, _CacheEntry] = OrderedDict()
+        self._entries: TTLCache[bytes, _CacheEntry] = TTLCache(size, ttl)
+
+    @property
+    def ttl(self) -> float:
+        return self._entries.ttl
+
+    @property
+    def size(self) -> int:
+        return self._entries.size
 
     def key(self, mailbox: MailboxRecord, password: str) -> bytes:
         message = f"{mailbox.id}|{mailbox.password_version}|".encode() + password.encode("utf-8")
         return hmac.new(self._secret, message, hashlib.sha256).digest()
 
     def get(self, key: bytes, now: float) -> _CacheEntry | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry.expires <= now:
-            del self._entries[key]
-            return None
-        return entry
+        return self._entries.get(key, now)
 
     def put(self, key: bytes, app_password_id: int | None, now: float) -> None:
-        if self.ttl <= 0:
-            return
-        self._entries[key] = _CacheEntry(now + self.ttl, app_password_id)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        self._entries.put(key, _CacheEntry(app_password_id), now)
 
     def discard(self, key: bytes) -> None:
-        self._entries.pop(key, None)
+        self._entries.discard(key)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -236,40 +278,13 @@ class SuccessCache:
 Loaded = tuple[MailboxRecord | None, list[AppPasswordRecord]]
 
 
-class RecordCache:
+class RecordCache(TTLCache[str, Loaded]):
     """Mailbox records (and their app passwords) for a few seconds, so a burst of logins costs
-    one database read; ``ttl`` bounds how long a password change or a disable takes to apply."""
+    one database read; ``ttl`` bounds how long a password change or a disable takes to apply.
+    ``replace`` keeps an entry's expiry (e.g. after recording a login)."""
 
     def __init__(self, ttl: float, size: int) -> None:
-        self.ttl = ttl
-        self.size = size
-        self._entries: OrderedDict[str, tuple[float, Loaded]] = OrderedDict()
-
-    def get(self, key: str, now: float) -> Loaded | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= now:
-            del self._entries[key]
-            return None
-        return entry[1]
-
-    def put(self, key: str, value: Loaded, now: float) -> None:
-        if self.ttl <= 0:
-            return
-        self._entries[key] = (now + self.ttl, value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-    def update(self, key: str, value: Loaded) -> None:
-        """Replace a cached value, keeping its expiry (e.g. after recording a login)."""
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries[key] = (entry[0], value)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(size, ttl)
 
 
 _thread_state = threading.local()
@@ -329,6 +344,8 @@ class Verifier:
         self.wallclock = wallclock
         self.config = config
         self.passwords = passwords
+        #: The injected cache key (tests); kept so a reload's new cache uses it too.
+        self._cache_secret = secret
         self.cache = SuccessCache(config.cache_ttl, config.cache_size, secret)
         self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
         self.throttle = self._new_throttle(config)
@@ -349,7 +366,7 @@ class Verifier:
     def reload(self, config: AuthdConfig, passwords: PasswordConfig) -> None:
         """New settings; counters and cached successes stay unless their sizing changed."""
         if (config.cache_ttl, config.cache_size) != (self.config.cache_ttl, self.config.cache_size):
-            self.cache = SuccessCache(config.cache_ttl, config.cache_size)
+            self.cache = SuccessCache(config.cache_ttl, config.cache_size, self._cache_secret)
         self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
         if (
             config.penalty_threshold, config.penalty_initial, config.penalty_max,
@@ -363,15 +380,7 @@ class Verifier:
         self.passwords = passwords
 
     def trusted(self, remote_ip: str | None) -> bool:
-        if not remote_ip or not self.config.trusted_networks:
-            return False
-        try:
-            address = ipaddress.ip_address(remote_ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.config.trusted_networks)
+        return client_in(remote_ip, self.config.trusted_networks)
 
     def verify(
         self, request: VerifyRequest, failure_delay: float | None = None
@@ -518,15 +527,14 @@ class Verifier:
         return mailbox, self.store.app_passwords_for(mailbox.id)
 
     @inlineCallbacks
-    def _decide(self, request: VerifyRequest) -> Generator[Deferred[Any], Any, Verdict]:
+    def _lookup(self, login: str) -> Generator[Deferred[Any], Any, tuple[str, Loaded] | Verdict]:
+        """The mailbox of ``login`` (through the record cache), or the Verdict that ends here."""
         try:
-            address = parse_address(request.user)
+            address = parse_address(login)
         except AddressError:
             return Verdict(Outcome.UNKNOWN, reason="not an address")
         if address.routing:
             return Verdict(Outcome.UNKNOWN, reason="routing address")
-        if not request.password:
-            return Verdict(Outcome.FAIL, reason="empty password")
         loaded = self.records.get(address.key, self.clock.seconds())
         if loaded is None:
             try:
@@ -539,11 +547,43 @@ class Verifier:
                 return Verdict(Outcome.TEMPFAIL)
             assert loaded is not None
             self.records.put(address.key, loaded, self.clock.seconds())
-        mailbox, apps = loaded
+        return address.key, loaded
+
+    @inlineCallbacks
+    def _decide(self, request: VerifyRequest) -> Generator[Deferred[Any], Any, Verdict]:
+        login = split_login(request, self.config.master_user_separator)
+        for name in (login.target, login.master):
+            why = None if name is None else bad_username(name, self.config.username_chars)
+            if why:
+                return Verdict(Outcome.UNKNOWN, reason=why)
+        if not request.password:
+            return Verdict(Outcome.FAIL, reason="empty password (never accepted)")
+        if len(request.password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
+            return Verdict(
+                Outcome.FAIL, reason=f"password longer than {MAX_PASSWORD_BYTES} bytes (not checked)"
+            )
+        if login.master is not None:
+            verdict: Verdict = yield self._decide_master(request, login.target, login.master)
+            return verdict
+        found: tuple[str, Loaded] | Verdict = yield self._lookup(login.target)
+        if isinstance(found, Verdict):
+            return found
+        key, (mailbox, apps) = found
         if mailbox is None:
             return Verdict(Outcome.UNKNOWN, reason="unknown user")
         if not mailbox.allows(request.service):
             return Verdict(Outcome.FAIL, reason="service not allowed for this mailbox")
+        checked: Verdict | None = yield self._check_password(request, key, mailbox, apps)
+        if checked is not None:
+            return checked
+        return Verdict(Outcome.OK, mailbox.address)
+
+    @inlineCallbacks
+    def _check_password(
+        self, request: VerifyRequest, key: str, mailbox: MailboxRecord,
+        apps: list[AppPasswordRecord],
+    ) -> Generator[Deferred[Any], Any, Verdict | None]:
+        """None when ``request.password`` opens ``mailbox`` (enabled), else the Verdict."""
         now = self.clock.seconds()
         cache_key = self.cache.key(mailbox, request.password)
         entry = self.cache.get(cache_key, now)
@@ -564,7 +604,49 @@ class Verifier:
             return Verdict(Outcome.DISABLED, reason="mailbox disabled")
         if entry is None:
             self.cache.put(cache_key, match.app_password_id, now)
-        self._after_success(mailbox, match, address.key, apps)
+        self._after_success(mailbox, match, key, apps)
+        return None
+
+    @inlineCallbacks
+    def _decide_master(
+        self, request: VerifyRequest, target: str, master: str
+    ) -> Generator[Deferred[Any], Any, Verdict]:
+        """``master`` logs in as ``target`` with its own (main) password."""
+        if request.service == "smtp" and not self.config.master_user_smtp:
+            return Verdict(Outcome.FAIL, reason=f"master user login as {_printable(target)} "
+                                                "refused on SMTP (master_user_smtp is off)")
+        found: tuple[str, Loaded] | Verdict = yield self._lookup(master)
+        if isinstance(found, Verdict):
+            return found
+        key, (master_box, _apps) = found
+        if master_box is None:
+            return Verdict(Outcome.UNKNOWN, reason="unknown master user")
+        if not master_box.master:
+            return Verdict(Outcome.FAIL, reason=f"{master_box.address} is not a master user "
+                                                f"(tried to log in as {_printable(target)})")
+        # App passwords are a mailbox's own: only the master's main password opens other ones.
+        checked: Verdict | None = yield self._check_password(request, key, master_box, [])
+        if checked is not None:
+            return checked
+        target_found: tuple[str, Loaded] | Verdict = yield self._lookup(target)
+        if isinstance(target_found, Verdict):
+            return target_found
+        _key, (mailbox, _target_apps) = target_found
+        if mailbox is None:
+            return Verdict(Outcome.UNKNOWN, reason=f"master user {master_box.address}: "
+                                                   f"no mailbox {_printable(target)}")
+        if not mailbox.enabled:
+            return Verdict(Outcome.DISABLED, reason=f"master user {master_box.address}: "
+                                                    f"{mailbox.address} is disabled")
+        if not mailbox.allows(request.service):
+            return Verdict(Outcome.FAIL, reason=f"master user {master_box.address}: service not "
+                                                f"allowed for {mailbox.address}")
+        log.info(
+            "master user {master} logged in as {user}: rip={rip} service={service}",
+            master=master_box.address, user=mailbox.address,
+            rip=_printable(request.remote_ip or ""), service=_printable(request.service),
+        )
+        self.metrics.master_logins.inc()
         return Verdict(Outcome.OK, mailbox.address)
 
     @staticmethod
@@ -620,7 +702,7 @@ class Verifier:
             return
         if record_login:
             # The cached record must not ask for the same write again at the next login.
-            self.records.update(key, (dataclasses.replace(mailbox, last_login_at=now), apps))
+            self.records.replace(key, (dataclasses.replace(mailbox, last_login_at=now), apps))
 
         def work() -> bool:
             if record_login:

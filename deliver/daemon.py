@@ -14,8 +14,8 @@ from deliver.lmtp import LMTPFactory
 from deliver.maildir import clean_stale
 from deliver.service import DeliverMetrics, DeliveryService, mail_root
 from mailplugins.config import Config
-from mailplugins.connections import LimitedFactory
-from mailplugins.daemon import Listener, Runtime, listeners_for
+from mailplugins.connections import ConnectionLimit
+from mailplugins.daemon import Listener, Runtime, capped_listeners
 from mailplugins.threads import WorkerPool
 
 log = Logger(namespace="deliver")
@@ -34,15 +34,13 @@ class RunningDeliver:
             runtime.reactor, config, runtime.db, self.disk, DeliverMetrics(runtime.metrics)
         )
         lmtp: Any = LMTPFactory(self.service, runtime.reactor)
-        factory: Any = LimitedFactory(
-            lmtp,
-            listener="lmtp",
-            maximum=config.deliver.max_connections,
-            metrics=runtime.metrics,
-            refusal=b"421 4.3.2 Too many connections, try again later\r\n",
+        #: max_connections, across all of deliver's listeners.
+        self.limit = ConnectionLimit(config.deliver.max_connections)
+        self.listeners: list[Listener]
+        self.listeners, self.limited = capped_listeners(
+            "deliver.listen", config.deliver.listen, lmtp, limit=self.limit,
+            metrics=runtime.metrics, refusal=b"421 4.3.2 Too many connections, try again later\r\n",
         )
-        self.factory = factory
-        self.listeners: list[Listener] = listeners_for("deliver.listen", config.deliver.listen, factory)
         root = mail_root(config.mail.location)
         if not os.path.isdir(root):
             log.warn("mail root {root} does not exist: create it, owned by the mail user", root=root)
@@ -58,7 +56,7 @@ class RunningDeliver:
     def reload(self, config: Config) -> None:
         assert config.deliver is not None
         self.service.reload(config)
-        self.factory.maximum = config.deliver.max_connections
+        self.limit.maximum = config.deliver.max_connections
 
     def stop(self) -> Deferred[Any] | None:
         pending = list(self.service.in_flight)

@@ -1,8 +1,12 @@
 # -*- test-case-name: tests.unit.test_connections -*-
-"""Counting and capping connections per listener, the same way in every daemon.
+"""Counting connections per listener and capping them per daemon, the same way in every daemon.
 
-Over the cap a new connection is closed at once (after an optional protocol-specific refusal,
-e.g. LMTP's ``421``), so thousands of idle clients cannot exhaust descriptors or memory.
+``max_connections`` is one cap for the whole daemon, across all its listeners (an operator
+sizes it against the process's descriptors and memory, which the listeners share): each
+listener gets its own :class:`LimitedFactory` (its own metrics label) over one shared
+:class:`ConnectionLimit`. Over the cap a new connection is closed at once (after an optional
+protocol-specific refusal, e.g. LMTP's ``421``), so thousands of idle clients cannot exhaust
+descriptors or memory.
 """
 
 from __future__ import annotations
@@ -58,7 +62,17 @@ class _Refuse(Protocol):
         transport.loseConnection()
 
 
+class ConnectionLimit:
+    """One daemon's ``max_connections``: open connections across all its listeners."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.open = 0
+
+
 class LimitedFactory(WrappingFactory):
+    """One listener's factory: counts its connections, refuses when the daemon's limit is full."""
+
     protocol = CountedProtocol
 
     def __init__(
@@ -66,13 +80,18 @@ class LimitedFactory(WrappingFactory):
         wrapped: IProtocolFactory,
         *,
         listener: str,
-        maximum: int,
         metrics: DaemonMetrics,
+        limit: ConnectionLimit | None = None,
+        maximum: int | None = None,
         refusal: bytes = b"",
     ) -> None:
         super().__init__(wrapped)
+        if limit is None:
+            if maximum is None:
+                raise TypeError("LimitedFactory needs a limit or a maximum")
+            limit = ConnectionLimit(maximum)
+        self.limit = limit
         self.listener = listener
-        self.maximum = maximum
         self.refusal = refusal
         self._open = 0
         self._metrics = metrics
@@ -81,15 +100,20 @@ class LimitedFactory(WrappingFactory):
         self.noisy = False
 
     @property
+    def maximum(self) -> int:
+        return self.limit.maximum
+
+    @property
     def open_count(self) -> int:
+        """Connections open on this listener (the daemon's total is ``limit.open``)."""
         return self._open
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
-        if self._open >= self.maximum:
+        if self.limit.open >= self.limit.maximum:
             self._metrics.refused_connections.labels(self.listener).inc()
             log.warn(
-                "{listener}: refusing connection, {open} open (max_connections)",
-                listener=self.listener, open=self._open,
+                "{listener}: refusing connection, {open} open in this daemon (max_connections)",
+                listener=self.listener, open=self.limit.open,
             )
             refuse = _Refuse(self.refusal)
             return refuse
@@ -97,9 +121,11 @@ class LimitedFactory(WrappingFactory):
 
     def opened(self, _protocol: ProtocolWrapper) -> None:
         self._open += 1
+        self.limit.open += 1
         self._metrics.connections.labels(self.listener).inc()
         self._gauge.set(self._open)
 
     def closed(self, _protocol: ProtocolWrapper) -> None:
         self._open -= 1
+        self.limit.open -= 1
         self._gauge.set(self._open)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 
 from mailplugins.config import Config
+from mailplugins.connections import ConnectionLimit, LimitedFactory
 from mailplugins.database import Database
 from mailplugins.metrics import DaemonMetrics
 from mailplugins.threads import WorkerPool
@@ -71,6 +72,27 @@ def load_daemon(name: str) -> DaemonPlugin:
     (entry,) = entry_points(group=ENTRY_POINT_GROUP, name=name)
     plugin: DaemonPlugin = entry.load()
     return plugin
+
+
+def capped_listeners(
+    key_prefix: str,
+    endpoints: tuple[str, ...],
+    factory: IProtocolFactory,
+    *,
+    limit: ConnectionLimit,
+    metrics: DaemonMetrics,
+    refusal: bytes = b"",
+) -> tuple[list[Listener], list[LimitedFactory]]:
+    """One Listener per endpoint, each counted under its key and capped by the daemon's ``limit``."""
+    listeners: list[Listener] = []
+    factories: list[LimitedFactory] = []
+    for listener in listeners_for(key_prefix, endpoints, factory):
+        limited = LimitedFactory(
+            factory, listener=listener.key, limit=limit, metrics=metrics, refusal=refusal
+        )
+        factories.append(limited)
+        listeners.append(Listener(listener.key, listener.endpoint, cast(IProtocolFactory, limited)))
+    return listeners, factories
 
 
 def listeners_for(key_prefix: str, endpoints: tuple[str, ...], factory: IProtocolFactory) -> list[Listener]:

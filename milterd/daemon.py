@@ -11,8 +11,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 
 from mailplugins.config import Config
-from mailplugins.connections import LimitedFactory
-from mailplugins.daemon import Listener, Runtime, listeners_for
+from mailplugins.connections import ConnectionLimit, LimitedFactory
+from mailplugins.daemon import Listener, Runtime, capped_listeners
 from mailplugins.threads import WorkerPool
 from milterd.live import LiveChecks
 from milterd.protocol import MilterFactory
@@ -24,6 +24,8 @@ class RunningMilterd:
     checks: LiveChecks
     factory: MilterFactory
     dns_pool: WorkerPool
+    #: max_connections, across all of milterd's listeners.
+    limit: ConnectionLimit
     limited: list[LimitedFactory]
     listeners: list[Listener] = field(default_factory=list)
 
@@ -33,8 +35,7 @@ class RunningMilterd:
         self.checks.reconfigure(section, config.mail.recipient_delimiter)
         # New connections get the new limits; open ones keep theirs until they close.
         self.factory.config = section
-        for limited in self.limited:
-            limited.maximum = section.max_connections
+        self.limit.maximum = section.max_connections
 
     def stop(self) -> Deferred[None] | None:
         self.dns_pool.stop()
@@ -64,16 +65,12 @@ class MilterdPlugin:
             "dns_queries", "DNS lookups made since start (cache misses)."
         ).set_function(lambda: live.resolver.queries)
         factory = MilterFactory(live, config, reactor, metrics)
-        running = RunningMilterd(live, factory, dns_pool, [])
-        single = len(config.listen) == 1
-        for index, endpoint in enumerate(config.listen):
-            key = "milterd.listen" if single else f"milterd.listen[{index}]"
-            limited = LimitedFactory(
-                cast(IProtocolFactory, factory), listener=key, maximum=config.max_connections,
-                metrics=runtime.metrics,
-            )
-            running.limited.append(limited)
-            running.listeners.extend(listeners_for(key, (endpoint,), cast(IProtocolFactory, limited)))
+        limit = ConnectionLimit(config.max_connections)
+        listeners, limited = capped_listeners(
+            "milterd.listen", config.listen, cast(IProtocolFactory, factory),
+            limit=limit, metrics=runtime.metrics,
+        )
+        running = RunningMilterd(live, factory, dns_pool, limit, limited, listeners)
         reactor.callLater(0, gc.freeze)  # as policyd: keep full collections short
         return running
 

@@ -35,7 +35,6 @@ mail: forged headers are still deleted and the message is accepted.
 from __future__ import annotations
 
 import email.utils
-import ipaddress
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailplugins.clients import client_in
 from mailplugins.config.milterd import MilterdConfig
 from mailplugins.metrics import DaemonMetrics
 from milterd import codec
@@ -58,6 +58,11 @@ INCOMING = "incoming"
 AR_NAME = "Authentication-Results"
 
 Reply = bytes | Deferred[bytes] | None
+
+
+def milter_address(text: str) -> str:
+    """An address as milter macros give it (``[192.0.2.1]``, ``IPv6:2001:db8::1``) made plain."""
+    return text.strip("[]").removeprefix("IPv6:")
 
 
 @dataclass(frozen=True)
@@ -110,14 +115,6 @@ def from_domains(headers: Sequence[tuple[str, str]]) -> tuple[int, list[str], li
         _local, at, domain = address.rpartition("@")
         domains.append(domain.strip().rstrip(".").lower() if at and domain.strip() else "")
     return len(values), addresses, domains
-
-
-def in_networks(address: str, networks: Sequence[Any]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.strip("[]").removeprefix("IPv6:"))
-    except ValueError:
-        return False
-    return any(ip in net for net in networks if net.version == ip.version)
 
 
 @dataclass
@@ -223,7 +220,8 @@ class MilterSession:
         non_smtpd = not sender.startswith("<")
         message.sender = sender.strip().removeprefix("<").removesuffix(">")
         message.login = self._macros.get("{auth_authen}", "")
-        if message.login or non_smtpd or in_networks(self.client_address, self.config.mynetworks):
+        trusted = client_in(milter_address(self.client_address), self.config.mynetworks)
+        if message.login or non_smtpd or trusted:
             message.direction = OUTGOING
         else:
             message.direction = INCOMING

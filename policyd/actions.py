@@ -27,25 +27,21 @@ STATES = frozenset({
 })
 
 
-def unknown_user(recipient: str) -> str:
-    """Client sees ``550 5.1.1 <rcpt>: Recipient address rejected: User unknown``."""
-    return "550 5.1.1 User unknown"
+#: Client sees ``550 5.1.1 <rcpt>: Recipient address rejected: User unknown``.
+UNKNOWN_USER = "550 5.1.1 User unknown"
+
+#: Client sees ``554 5.7.1 <rcpt>: Recipient address rejected: Relay access denied``.
+RELAY_DENIED = "554 5.7.1 Relay access denied"
+
+#: ``553 5.7.1 <sender>: Sender address rejected: not logged in`` from the sender list.
+NOT_LOGGED_IN = "553 5.7.1 not logged in"
 
 
-def relay_denied(recipient: str) -> str:
-    """Client sees ``554 5.7.1 <rcpt>: Recipient address rejected: Relay access denied``."""
-    return "554 5.7.1 Relay access denied"
-
-
-def sender_not_owned(sender: str, login: str) -> str:
+def sender_not_owned(login: str) -> str:
     """From the sender list the client sees Postfix's own reject_sender_login_mismatch text,
-    ``553 5.7.1 <sender>: Sender address rejected: not owned by user <login>``."""
+    ``553 5.7.1 <sender>: Sender address rejected: not owned by user <login>``: Postfix adds
+    the sender, so only the login is ours to say."""
     return f"553 5.7.1 not owned by user {login}"
-
-
-def sender_not_logged_in(sender: str) -> str:
-    """``553 5.7.1 <sender>: Sender address rejected: not logged in`` from the sender list."""
-    return "553 5.7.1 not logged in"
 
 
 def verb(action: str) -> str:

@@ -13,8 +13,8 @@ from dataclasses import asdict
 from typing import Any
 
 from mailplugins.cli import App, CommandError, print_json, print_table
+from mailplugins.clients import client_network
 from mailplugins.config.fields import parse_duration, parse_size
-from policyd.clients import client_network
 from policyd.ratelimit import address_subject
 from policyd.state import (
     OverrideError,

@@ -11,8 +11,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 
 from mailplugins.config import Config
-from mailplugins.connections import LimitedFactory
-from mailplugins.daemon import Listener, Runtime, listeners_for
+from mailplugins.connections import ConnectionLimit, LimitedFactory
+from mailplugins.daemon import Listener, Runtime, capped_listeners
 from policyd.lookups import Lookups
 from policyd.protocol import PolicyFactory
 from policyd.service import PolicyMetrics, PolicyService
@@ -27,6 +27,8 @@ class RunningPolicyd:
     service: PolicyService
     lookups: Lookups
     factory: PolicyFactory
+    #: max_connections, across all of policyd's listeners.
+    limit: ConnectionLimit
     limited: list[LimitedFactory]
     listeners: list[Listener] = field(default_factory=list)
 
@@ -42,8 +44,7 @@ class RunningPolicyd:
             reload_stateful(self.service.stateful, config)
         # New connections get the new limits; open ones keep theirs until they close.
         self.factory.config = section
-        for limited in self.limited:
-            limited.maximum = section.max_connections
+        self.limit.maximum = section.max_connections
 
     def stop(self) -> Deferred[None] | None:
         if self.service.stateful is not None:
@@ -74,19 +75,12 @@ class PolicydPlugin:
             "pending_lookups", "Distinct database lookups queued or running."
         ).set_function(lambda: lookups.pending)
         factory = PolicyFactory(service, config, reactor)
-        running = RunningPolicyd(service, lookups, factory, [])
-        single = len(config.listen) == 1
-        for index, endpoint in enumerate(config.listen):
-            key = "policyd.listen" if single else f"policyd.listen[{index}]"
-            limited = LimitedFactory(
-                cast(IProtocolFactory, factory),
-                listener=key,
-                maximum=config.max_connections,
-                metrics=runtime.metrics,
-            )
-            running.limited.append(limited)
-            listening = cast(IProtocolFactory, limited)
-            running.listeners.extend(listeners_for(key, (endpoint,), listening))
+        limit = ConnectionLimit(config.max_connections)
+        listeners, limited = capped_listeners(
+            "policyd.listen", config.listen, cast(IProtocolFactory, factory),
+            limit=limit, metrics=runtime.metrics,
+        )
+        running = RunningPolicyd(service, lookups, factory, limit, limited, listeners)
         # Move everything alive after startup (modules, SQLAlchemy, Twisted: a few hundred
         # thousand objects) out of the collector's reach: a full collection then scans only
         # what was made since, instead of pausing every connection for ~50-70 ms.

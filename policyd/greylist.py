@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import OrderedDict
 from collections.abc import Callable
 from email.utils import formatdate
 from functools import lru_cache
@@ -27,8 +26,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mailplugins.clients import client_ip, client_network
 from mailplugins.config.policy_state import GreylistConfig
-from policyd.clients import client_ip, client_network
+from mailplugins.ttlcache import TTLCache
 from policyd.codec import PolicyRequest
 from policyd.ratelimit import Clock, Pending
 from policyd.state import GreylistResult, GreylistTiming, greylist_check
@@ -132,8 +132,7 @@ class Greylister:
         #: MX agrees on), a passed triplet and an auto-whitelisted client (for
         #: ``REMEMBER_PASSED`` seconds, then the database is asked again, which also refreshes
         #: their expiry). Bounded: the oldest entries go first.
-        self._known: OrderedDict[str, tuple[float, str]] = OrderedDict()
-        self.cache_size = cache_size
+        self._known: TTLCache[str, str] = TTLCache(cache_size)
         #: Called with the outcome ("greylisted", "passed", "whitelisted", "skipped", "failed").
         self.observe: Callable[[str], None] = lambda outcome: None
 
@@ -159,15 +158,13 @@ class Greylister:
             return None, None
         now = self._clock.seconds()
         for known_key in (f"c:{client}", key):
-            known = self._known.get(known_key)
+            known = self._known.entry(known_key, now)
             if known is not None:
                 until, status = known
-                if now < until:
-                    self.observe(status)
-                    if status == "greylisted":
-                        return config.action.replace("%s", str(int(until - now))), None
-                    return None, None
-                del self._known[known_key]
+                self.observe(status)
+                if status == "greylisted":
+                    return config.action.replace("%s", str(int(until - now))), None
+                return None, None
         if self.pending.count >= self.max_pending:
             self.observe("failed")
             return _fallback(config.fallback_action), None
@@ -196,13 +193,7 @@ class Greylister:
 
 
     def _remember(self, key: str, until: float, status: str) -> None:
-        if self.cache_size <= 0:
-            return
-        known = self._known
-        known.pop(key, None)
-        known[key] = (until, status)
-        while len(known) > self.cache_size:
-            known.popitem(last=False)
+        self._known.put(key, status, expires=until)
 
     def forget(self) -> None:
         """Drop remembered decisions (reload: the timing may have changed)."""

@@ -12,7 +12,6 @@ dropped whole on reload.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
@@ -21,6 +20,7 @@ from twisted.python.failure import Failure
 
 from mailplugins.addresses import Address
 from mailplugins.store import MailboxRecord, Resolution, Store
+from mailplugins.ttlcache import TTLCache
 
 T = TypeVar("T")
 
@@ -30,41 +30,6 @@ Runner = Callable[..., "Deferred[Any]"]
 class LookupOverloadError(Exception):
     """Too much database work is already queued: answer the fallback now instead of queueing
     more (during a database outage every new miss would otherwise wait in the pool)."""
-
-
-class TTLCache:
-    """A bounded mapping whose entries expire ``ttl`` seconds after they were stored."""
-
-    def __init__(self, clock: Callable[[], float], ttl: float, size: int) -> None:
-        self._clock = clock
-        self.ttl = ttl
-        self.size = size
-        self._entries: OrderedDict[Hashable, tuple[float, object]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: Hashable) -> tuple[bool, object]:
-        entry = self._entries.get(key)
-        if entry is None:
-            return False, None
-        if entry[0] <= self._clock():
-            del self._entries[key]
-            return False, None
-        return True, entry[1]
-
-    def put(self, key: Hashable, value: object) -> None:
-        if self.ttl <= 0 or self.size <= 0:
-            return
-        entries = self._entries
-        if key in entries:
-            del entries[key]
-        elif len(entries) >= self.size:
-            entries.popitem(last=False)
-        entries[key] = (self._clock() + self.ttl, value)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 class Lookups:
@@ -87,7 +52,7 @@ class Lookups:
         #: fails at once (the service answers its fallback) instead of queueing.
         self.max_pending = max_pending
         self.delimiters = delimiters
-        self.cache = TTLCache(clock, ttl, size)
+        self.cache: TTLCache[Hashable, Any] = TTLCache(size, ttl, clock)
         self._inflight: dict[Hashable, list[Deferred[Any]]] = {}
         #: Database queries made (cache misses that reached the store); for tests and metrics.
         self.queries = 0
@@ -109,9 +74,9 @@ class Lookups:
         self.cache.clear()
 
     def _cached(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        hit, value = self.cache.get(key)
-        if hit:
-            return succeed(value)
+        entry = self.cache.entry(key)
+        if entry is not None:
+            return succeed(entry[1])
         waiter: Deferred[Any] = Deferred()
         waiters = self._inflight.get(key)
         if waiters is not None:

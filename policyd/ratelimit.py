@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,8 +28,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplugins.addresses import AddressError, parse_address
+from mailplugins.clients import client_network
 from mailplugins.config.policy_state import RateLimitConfig, RateRule
-from policyd.clients import client_network
+from mailplugins.ttlcache import TTLCache
 from policyd.codec import PolicyRequest
 from policyd.state import RateDecision, RateKey, rate_check
 
@@ -171,8 +171,7 @@ class RateLimiter:
         #: (rule, subject) -> epoch second until which every message is refused anyway
         #: (see RateDecision.saturated_until): a sender hammering past its limit costs no
         #: database work until its window moves. Bounded; oldest entries go first.
-        self._saturated: OrderedDict[tuple[str, str], float] = OrderedDict()
-        self.saturated_size = saturated_size
+        self._saturated: TTLCache[tuple[str, str], None] = TTLCache(saturated_size)
         #: Called with ("admitted" | "refused" | "failed") for metrics.
         self.observe: Callable[[str], None] = lambda outcome: None
 
@@ -183,12 +182,9 @@ class RateLimiter:
             return None
         now = self._clock.seconds()
         for key in keys:
-            until = self._saturated.get((key.rule, key.subject))
-            if until is not None:
-                if now < until:
-                    self._outcome("refused")
-                    return self.config.action
-                del self._saturated[(key.rule, key.subject)]
+            if self._saturated.entry((key.rule, key.subject), now) is not None:
+                self._outcome("refused")
+                return self.config.action
         recipients = max(_count(request, "recipient_count"), 1)
         return await self._decide(keys, messages=1, recipients=recipients, size=0)
 
@@ -230,13 +226,9 @@ class RateLimiter:
             self._outcome("admitted")
             return None
         self._outcome("refused")
-        if decision.saturated_until and decision.rule is not None and self.saturated_size > 0:
+        if decision.saturated_until and decision.rule is not None:
             subject = next(k.subject for k in keys if k.rule == decision.rule)
-            marks = self._saturated
-            marks.pop((decision.rule, subject), None)
-            marks[(decision.rule, subject)] = decision.saturated_until
-            while len(marks) > self.saturated_size:
-                marks.popitem(last=False)
+            self._saturated.put((decision.rule, subject), None, expires=decision.saturated_until)
         window = decision.window
         log.info("rate limit {rule} exceeded (window {period}s)", rule=decision.rule,
                  period=window.period if window else 0)

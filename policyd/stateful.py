@@ -300,7 +300,7 @@ def build_stateful(runtime: Runtime) -> StatefulChecks:
     config = runtime.config
     section = config.policyd
     assert section is not None
-    spf = getattr(section, "spf", None)
+    spf = section.spf
     threads = spf.threads if spf is not None else 8
     pool = WorkerPool(runtime.reactor, "spf", threads)
     checks = StatefulChecks(
@@ -309,8 +309,8 @@ def build_stateful(runtime: Runtime) -> StatefulChecks:
         spf_run=pool.run,
         clock=runtime.reactor,
         budget=section.budget,
-        ratelimit=getattr(section, "ratelimit", None),
-        greylist=getattr(section, "greylist", None),
+        ratelimit=section.ratelimit,
+        greylist=section.greylist,
         spf=spf,
         delimiters=config.mail.recipient_delimiter,
     )
@@ -324,7 +324,6 @@ def reload_stateful(checks: StatefulChecks, config: Config) -> None:
     """SIGHUP: new settings; database state and the per-message memory are kept."""
     section = config.policyd
     assert section is not None
-    checks.configure(getattr(section, "ratelimit", None), getattr(section, "greylist", None),
-                     getattr(section, "spf", None), section.budget,
+    checks.configure(section.ratelimit, section.greylist, section.spf, section.budget,
                      config.mail.recipient_delimiter)
     checks.start()

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from mailplugins.addresses import Address, AddressError, normalise_domain, parse_address
+from mailplugins.clients import client_in
 from mailplugins.config.fields import IPNetwork
 from mailplugins.store import Resolution
-from policyd.clients import client_ip
 from policyd.codec import PolicyRequest
 from policyd.lookups import Lookups
 
@@ -44,13 +44,6 @@ def domain_of(text: str) -> str | None:
         return None
 
 
-def in_networks(client: str, networks: Sequence[IPNetwork]) -> bool:
-    address = client_ip(client)
-    if address is None:
-        return False
-    return any(address in network for network in networks if network.version == address.version)
-
-
 class Facts:
     """One RCPT request as the rules see it; lookups are memoised for the request's lifetime."""
 
@@ -76,7 +69,7 @@ class Facts:
         self.login = request.get("sasl_username")
         self.client_address = request.get("client_address")
         self.context = request.get("policy_context")
-        self.in_mynetworks = in_networks(self.client_address, mynetworks)
+        self.in_mynetworks = client_in(self.client_address, mynetworks)
         self._lookups = lookups
         self._resolved = False
         self._resolution: Resolution | None = None

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from mailplugins.config.policyd import PolicydConfig
-from policyd.actions import unknown_user
+from policyd.actions import UNKNOWN_USER
 from policyd.rules.facts import Facts
 
 
@@ -24,4 +24,4 @@ async def recipient_validation(facts: Facts, config: PolicydConfig) -> str | Non
         return None
     if resolution.disabled and not config.reject_disabled_as_unknown:
         return None
-    return unknown_user(facts.recipient)
+    return UNKNOWN_USER

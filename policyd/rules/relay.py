@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from mailplugins.config.policyd import PolicydConfig
-from policyd.actions import relay_denied
+from policyd.actions import RELAY_DENIED
 from policyd.rules.facts import Facts
 
 
@@ -18,4 +18,4 @@ async def relay_control(facts: Facts, config: PolicydConfig) -> str | None:
         return None
     if await facts.recipient_resolution() is not None:
         return None
-    return relay_denied(facts.recipient)
+    return RELAY_DENIED

@@ -19,4 +19,4 @@ async def sender_login_match(facts: Facts, config: PolicydConfig) -> str | None:
         return None
     if await login_owns(facts.lookups, facts.login, facts.sender):
         return None
-    return sender_not_owned(facts.sender, facts.login)
+    return sender_not_owned(facts.login)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from mailplugins.config.policyd import PolicydConfig
-from policyd.actions import sender_not_logged_in
+from policyd.actions import NOT_LOGGED_IN
 from policyd.rules.facts import Facts
 
 
@@ -17,5 +17,5 @@ async def spoof_protection(facts: Facts, config: PolicydConfig) -> str | None:
     if facts.trusted or not facts.sender:
         return None
     if await facts.sender_domain_is_ours():
-        return sender_not_logged_in(facts.sender)
+        return NOT_LOGGED_IN
     return None

@@ -40,24 +40,37 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def policyd() -> Iterator[tuple[Daemons, int]]:
+def ports() -> Iterator[dict[str, int]]:
     root = short_tempdir()
     key, cert = self_signed(root)
-    port = free_port()
+    ports = {name: free_port() for name in ("policyd", "authd", "deliver")}
+
+    def ssl_endpoint(name: str) -> str:
+        return f"ssl:{ports[name]}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+
     running = Daemons(root, {
-        "policyd": {"listen": f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"},
-    }, ["policyd"])
+        "policyd": {"listen": ssl_endpoint("policyd")},
+        "authd": {"sasl_listen": ssl_endpoint("authd")},
+        "deliver": {"listen": ssl_endpoint("deliver")},
+        "mail": {"location": f"{root}/mail/%d/%n"},
+    })
     running.store.add_domain("example.org")
     try:
-        yield running.start(), port
+        running.start()
+        yield ports
     finally:
         running.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
-def read_answer(sock: ssl.SSLSocket) -> bytes:
+def tls_connection(port: int) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return insecure_tls().wrap_socket(raw, server_hostname="localhost")
+
+
+def read_answer(sock: ssl.SSLSocket, end: bytes = b"\n\n") -> bytes:
     received = b""
-    while not received.endswith(b"\n\n"):
+    while not received.endswith(end):
         chunk = sock.recv(4096)
         if not chunk:
             break
@@ -65,10 +78,8 @@ def read_answer(sock: ssl.SSLSocket) -> bytes:
     return received
 
 
-def test_policyd_answers_inside_tls(policyd: tuple[Daemons, int]) -> None:
-    _daemons, port = policyd
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            insecure_tls().wrap_socket(raw, server_hostname="localhost") as sock:
+def test_policyd_answers_inside_tls(ports: dict[str, int]) -> None:
+    with tls_connection(ports["policyd"]) as sock:
         # Several requests on one connection: each answer is a write-through candidate.
         for _ in range(3):
             sock.sendall(REQUEST)
@@ -79,3 +90,22 @@ def test_policyd_answers_inside_tls(policyd: tuple[Daemons, int]) -> None:
         while answers.count(b"\n\n") < 2:
             answers += read_answer(sock)
         assert answers == b"action=550 5.1.1 User unknown\n\n" * 2
+
+
+def test_authd_handshake_inside_tls(ports: dict[str, int]) -> None:
+    with tls_connection(ports["authd"]) as sock:
+        sock.sendall(b"VERSION\t1\t2\nCPID\t1\n")
+        handshake = read_answer(sock, b"DONE\n")
+        assert handshake.startswith(b"VERSION\t1\t") and b"MECH\tPLAIN" in handshake
+
+
+def test_deliver_greets_and_answers_inside_tls(ports: dict[str, int]) -> None:
+    with tls_connection(ports["deliver"]) as sock:
+        assert read_answer(sock, b"\r\n").startswith(b"220 ")
+        sock.sendall(b"LHLO client.example\r\n")
+        reply = read_answer(sock, b"\r\n")
+        while b"\r\n250 " not in b"\r\n" + reply:  # the last line of a multi-line reply
+            reply += read_answer(sock, b"\r\n")
+        assert reply.startswith(b"250-")
+        sock.sendall(b"QUIT\r\n")
+        assert read_answer(sock, b"\r\n").startswith(b"221 ")

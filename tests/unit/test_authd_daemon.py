@@ -61,7 +61,8 @@ def test_reload() -> None:
         assert running.verifier.cache.ttl == 5
         assert running.sasl.config is new.authd
         assert running.dict_backend.config is new
-        assert [each.maximum for each in running.limited] == [20, 20, 20]  # sasl, dict, http
+        assert running.limit.maximum == 20
+        assert [each.limit for each in running.limited] == [running.limit] * 4  # sasl x2, dict, http
     finally:
         db.close()
 
@@ -120,5 +121,21 @@ def test_no_sweeper_without_sharing() -> None:
     running, db = build(config(penalty_shared=False))
     try:
         assert running.sweeper is None
+    finally:
+        db.close()
+
+
+def test_max_connections_is_one_cap_across_sasl_dict_and_http() -> None:
+    from twisted.internet.testing import StringTransport
+
+    running, db = build(config(max_connections=2))
+    try:
+        sasl, _unix, dict_listener, http = (listener.factory for listener in running.listeners)
+        sasl.buildProtocol(None).makeConnection(StringTransport())
+        dict_listener.buildProtocol(None).makeConnection(StringTransport())
+        refused = StringTransport()
+        http.buildProtocol(None).makeConnection(refused)
+        assert refused.disconnecting and refused.value() == b""
+        assert running.limit.open == 2
     finally:
         db.close()

@@ -331,3 +331,22 @@ def test_failures_are_logged_without_the_password() -> None:
     lines = [formatEvent(e) for e in events if e.get("log_namespace") == "authd.verify"]
     assert any("user=alice@example.org rip=192.0.2.9" in line and "wrong password" in line for line in lines)
     assert all("hunter2" not in line and "\n" not in line for line in lines)
+
+
+def test_reload_keeps_the_injected_cache_secret() -> None:
+    """A reload that resizes the success cache builds it with the same injected key."""
+    from types import SimpleNamespace
+
+    rig = Rig()
+    secret = b"k" * 32
+    verifier = Verifier(
+        clock=rig.clock, store=rig.store, db_run=rig.db_run, cpu_run=rig.cpu_run,
+        config=rig.authd, passwords=rig.passwords, metrics=rig.authd_metrics, secret=secret,
+    )
+    mailbox: Any = SimpleNamespace(id=7, password_version=1)
+    expected = SuccessCache(60, 10, secret).key(mailbox, "s3cret")
+    assert verifier.cache.key(mailbox, "s3cret") == expected
+    bigger = make_config(cache_size=rig.authd.cache_size + 1).authd
+    verifier.reload(bigger, rig.passwords)
+    assert len(verifier.cache) == 0 and verifier.cache.size == bigger.cache_size
+    assert verifier.cache.key(mailbox, "s3cret") == expected

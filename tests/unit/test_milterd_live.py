@@ -123,7 +123,8 @@ def test_daemon_builds_listeners_and_reloads() -> None:
             ("milterd.listen[1]", "unix:/tmp/mp-m.sock"),
         ]
         running.reload(config(max_connections=7, authserv_id="other.example"))
-        assert [limited.maximum for limited in running.limited] == [7, 7]
+        assert running.limit.maximum == 7
+        assert [limited.limit for limited in running.limited] == [running.limit] * 2
         assert running.checks.authserv_id == "other.example"
         assert running.factory.config.max_connections == 7
         text = metrics.render().decode()

@@ -75,6 +75,23 @@ def test_reload() -> None:
         assert running.lookups.cache.ttl == 5
         assert running.service.config is new.policyd
         assert running.factory.config is new.policyd
-        assert [limited.maximum for limited in running.limited] == [20, 20]
+        assert running.limit.maximum == 20
+        assert [limited.limit for limited in running.limited] == [running.limit] * 2
+    finally:
+        db.close()
+
+
+def test_max_connections_is_one_cap_across_listeners() -> None:
+    from twisted.internet.testing import StringTransport
+
+    running, db = build(config(max_connections=2))
+    try:
+        first, second = (listener.factory for listener in running.listeners)
+        for factory in (first, second):
+            factory.buildProtocol(None).makeConnection(StringTransport())
+        refused = StringTransport()
+        first.buildProtocol(None).makeConnection(refused)
+        assert refused.disconnecting  # two open in the daemon, one on each listener: full
+        assert running.limit.open == 2
     finally:
         db.close()

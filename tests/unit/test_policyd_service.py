@@ -8,7 +8,6 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 from twisted.internet.defer import Deferred, fail
 
-from policyd.lookups import TTLCache
 from tests.support.sync import sync_run
 from tests.unit.test_policyd_fixtures import Harness
 
@@ -152,19 +151,6 @@ def test_duration_is_observed() -> None:
     run.complete_all()
     assert h.sample("request_duration_seconds_count") == 1
     assert h.sample("request_duration_seconds_sum") == 0.25
-
-
-def test_ttl_cache_is_bounded_and_expires() -> None:
-    now = [0.0]
-    cache = TTLCache(lambda: now[0], ttl=10, size=2)
-    cache.put("a", 1)
-    cache.put("b", None)
-    assert cache.get("b") == (True, None)
-    cache.put("c", 3)
-    assert cache.get("a") == (False, None)
-    assert len(cache) == 2
-    now[0] = 10.0
-    assert cache.get("c") == (False, None)
 
 
 def test_several_slow_lookups_in_a_row() -> None:

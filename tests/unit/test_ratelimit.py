@@ -10,10 +10,10 @@ from sqlalchemy import Engine, func, select
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
 
+from mailplugins.clients import client_network
 from mailplugins.config.fields import ConfigError, Fields
 from mailplugins.config.policy_state import RateLimitConfig, RateRule, Window, parse_ratelimit
 from mailplugins.db.policy_models import RateBucket, RateSubject
-from policyd.clients import client_network
 from policyd.codec import PolicyRequest
 from policyd.ratelimit import RateLimiter, rate_keys, subject_for
 from policyd.state import (

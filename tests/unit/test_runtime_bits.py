@@ -9,16 +9,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.address import IPv4Address
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from mailplugins import sdnotify
-from mailplugins.connections import LimitedFactory
 from mailplugins.logs import format_line
-from mailplugins.metrics import DaemonMetrics
 from mailplugins.threads import WorkerPool
 
 
@@ -57,39 +52,6 @@ def test_log_lines_are_one_line_even_with_failures() -> None:
     assert line.count("\n") == 1
     assert line.startswith("error x: lookup failed: KeyError: 'missing' (at ")
     assert "test_runtime_bits.py" in line
-
-
-class Hold(Protocol):
-    pass
-
-
-def test_limited_factory_caps_and_counts() -> None:
-    metrics = DaemonMetrics("testd")
-    factory = LimitedFactory(Factory.forProtocol(Hold), listener="test", maximum=2, metrics=metrics,
-                             refusal=b"421 busy\r\n")
-    address = IPv4Address("TCP", "127.0.0.1", 1)
-    transports = []
-    for _ in range(2):
-        protocol = factory.buildProtocol(address)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        transports.append((protocol, transport))
-    assert factory.open_count == 2
-    refused = factory.buildProtocol(address)
-    refused_transport = StringTransport()
-    refused.makeConnection(refused_transport)
-    assert refused_transport.value() == b"421 busy\r\n"
-    assert refused_transport.disconnecting
-    body = metrics.render().decode()
-    assert 'mailplugins_testd_open_connections{listener="test"} 2.0' in body
-    assert 'mailplugins_testd_refused_connections_total{listener="test"} 1.0' in body
-    assert 'mailplugins_testd_connections_total{listener="test"} 2.0' in body
-    protocol, transport = transports[0]
-    protocol.connectionLost(Failure(ConnectionError()))
-    assert factory.open_count == 1
-    again = factory.buildProtocol(address)
-    again.makeConnection(StringTransport())
-    assert factory.open_count == 2
 
 
 class DirectReactor:

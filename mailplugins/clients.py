@@ -1,10 +1,18 @@
-"""Client addresses as Postfix reports them, parsed once: shared by the rules, rate limits
-and greylisting."""
+# -*- test-case-name: tests.unit.test_clients -*-
+"""Client addresses as Postfix and Dovecot report them, parsed one way for every daemon.
+
+policyd's rules, rate limits and greylisting, authd's penalty keys and trusted networks, and
+milterd's networks all ask the same questions: which address is it (IPv4-mapped IPv6 counts as
+the IPv4 address, an IPv6 scope is dropped) and which network of a given prefix holds it.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from functools import lru_cache
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @lru_cache(maxsize=65536)
@@ -28,3 +36,9 @@ def client_network(text: str, ipv4_prefix: int, ipv6_prefix: int) -> str | None:
         return None
     prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+def client_in(text: str | None, networks: Iterable[IPNetwork]) -> bool:
+    """Whether the client address ``text`` lies in any of ``networks`` (False if unparsable)."""
+    address = client_ip(text) if text else None
+    return address is not None and any(address in network for network in networks)

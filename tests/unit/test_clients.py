@@ -1,0 +1,29 @@
+"""mailplugins.clients: one parser for client addresses as Postfix, Dovecot and milters give them."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from mailplugins.clients import client_in, client_ip, client_network
+
+NETWORKS = (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32"))
+
+
+def test_client_ip_maps_and_drops_scope() -> None:
+    assert client_ip("::ffff:192.0.2.1") == ipaddress.ip_address("192.0.2.1")
+    assert client_ip("fe80::1%eth0") == ipaddress.ip_address("fe80::1")
+    assert client_ip("junk") is None and client_ip("") is None
+
+
+def test_client_network_by_family() -> None:
+    assert client_network("192.0.2.77", 24, 64) == "192.0.2.0/24"
+    assert client_network("2001:db8:1:2:3::4", 24, 48) == "2001:db8:1::/48"
+    assert client_network("::ffff:198.51.100.9", 16, 48) == "198.51.0.0/16"
+
+
+def test_client_in() -> None:
+    assert client_in("192.0.2.9", NETWORKS)
+    assert client_in("::ffff:192.0.2.9", NETWORKS)  # a mapped address is its IPv4 address
+    assert client_in("2001:db8::5", NETWORKS)
+    assert not client_in("198.51.100.1", NETWORKS)
+    assert not client_in(None, NETWORKS) and not client_in("unknown", NETWORKS)
