@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
 
-__all__ = ["BodyHasher", "canonicalize_header", "crlf_folds", "header_block", "header_bytes"]
+__all__ = ["BodyHasher", "canonicalize_header", "crlf_folds", "header_bytes"]
 
 _SPACES = re.compile(rb"  +")  # (a literal prefix: re searches for it at C speed)
 _HEADER_SPACES = re.compile(r"  +")
@@ -155,8 +154,3 @@ class BodyHasher:
                 self._emit(b"\r\n")
             self._space = False
         return self._hash.digest()
-
-
-def header_block(headers: Sequence[tuple[str, str]], canon: str) -> bytes:
-    """Several headers canonicalized and joined (what a signature hashes, in order)."""
-    return header_bytes("".join(canonicalize_header(n, v, canon) for n, v in headers))
