@@ -105,7 +105,8 @@ class BodyHasher:
             data = data[:-1]
         if self.relaxed:
             # WSP runs -> one SP (tabs first, so the regex only meets spaces), none at line ends.
-            data = data.replace(b"\t", b" ")
+            if b"\t" in data:
+                data = data.replace(b"\t", b" ")
             if b"  " in data:
                 data = _SPACES.sub(b" ", data)
             data = data.replace(b" \r\n", b"\r\n")
