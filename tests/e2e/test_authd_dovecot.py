@@ -1,4 +1,5 @@
-"""authd behind private stock Dovecots: 2.3's dict passdb/userdb, and the Lua script on 2.3 and 2.4.
+"""authd behind private stock Dovecots: 2.3's dict passdb/userdb, and the Lua script on 2.3 and 2.4,
+master users included (Dovecot's master passdb on both 2.3 routes, imapsync-style logins).
 
 First module rig (2.3 only): two Dovecot 2.3 instances share one authd, one with ``driver =
 dict`` for passdb and userdb (Dovecot verifies the hash itself), one with ``driver = lua`` running
@@ -97,6 +98,19 @@ def rig() -> Iterator[Rig]:
     store.add_mailbox("carol@example.org", hash_password("carol-pw", passwords))
     store.set_enabled("carol@example.org", False)
     store.add_app_password("alice@example.org", "laptop", hash_password("app-pw", passwords), ["imap"])
+    store.add_mailbox("admin@example.org", hash_password("master-pw", passwords))
+    store.set_master("admin@example.org", True)
+    # One message in dave's Maildir, so a master user logged in as him visibly sees his mail.
+    store.add_mailbox("dave@example.org", hash_password("dave-pw", passwords))
+    maildir = Path(expand_location(daemons.config.mail.location, "dave", "example.org"))
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    (maildir / "new" / "1700000000.M1P1.test").write_bytes(
+        b"From: x@example.net\r\nSubject: for dave\r\n\r\nhello dave\r\n")
+    for directory, _dirs, files in os.walk(vmail):
+        os.chown(directory, NOBODY.pw_uid, NOBODY.pw_gid)
+        for name in files:
+            os.chown(os.path.join(directory, name), NOBODY.pw_uid, NOBODY.pw_gid)
     dict_conf = root / "dict-auth.conf.ext"
     dict_conf.write_text(
         f"uri = proxy:{dict_socket}:auth\n"
@@ -105,8 +119,16 @@ def rig() -> Iterator[Rig]:
         "key userdb {\n  key = userdb/%u\n  format = json\n}\n"
         "passdb_objects = passdb\nuserdb_objects = userdb\n"
     )
+    # Dovecot's master passdb (master = yes) reads master/<service>/<master user>.
+    master_conf = root / "dict-master.conf.ext"
+    master_conf.write_text(
+        f"uri = proxy:{dict_socket}:auth\n"
+        "key passdb {\n  key = master/%s/%u\n  format = json\n}\n"
+        "passdb_objects = passdb\n"
+    )
     # No anvil penalty nor failure delay of Dovecot's own: the tests fail logins on purpose.
-    userdb = (f"userdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n"
+    userdb = ("auth_master_user_separator = *\n"
+              f"userdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n"
               "auth_failure_delay = 0\n"
               "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n")
     last_login = (
@@ -116,7 +138,8 @@ def rig() -> Iterator[Rig]:
     )
     dict_dovecot = Dovecot(
         root / "dc-dict",
-        conf=f"passdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n{userdb}{last_login}",
+        conf=(f"passdb {{\n  driver = dict\n  args = {master_conf}\n  master = yes\n}}\n"
+              f"passdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n{userdb}{last_login}"),
     )
     lua_script = root / "mailplugins-auth.lua"
     shipped = (REPO / "authd" / "lua" / "mailplugins-auth.lua").read_text()
@@ -127,6 +150,8 @@ def rig() -> Iterator[Rig]:
         root / "dc-lua",
         conf=(
             "auth_debug = yes\n"
+            "passdb {\n  driver = lua\n"
+            f"  args = file={lua_script} blocking=yes\n  master = yes\n}}\n"
             "passdb {\n  driver = lua\n"
             f"  args = file={lua_script} blocking=yes\n}}\n"
             f"{userdb}"
@@ -174,7 +199,8 @@ def test_dict_disabled_and_service_denied(rig: Rig) -> None:
 def test_doveadm_user_iterates(rig: Rig) -> None:
     result = rig.dict_dovecot.doveadm("user", "*")
     assert result.returncode == 0, result.stderr + rig.logs()
-    assert result.stdout.split() == ["alice@example.org", "bob@example.org"]
+    assert result.stdout.split() == ["admin@example.org", "alice@example.org", "bob@example.org",
+                                    "dave@example.org"]
 
 
 def test_doveadm_user_shows_the_userdb_fields(rig: Rig) -> None:
@@ -391,3 +417,61 @@ def test_authd_down_is_a_temporary_failure(stack: Stack) -> None:
         assert "AUTHENTICATIONFAILED" not in answer
     finally:
         stack.daemons.start()
+
+
+# -- master users (issue #15 item 10): imapsync-style logins through real Dovecot ----------------
+
+
+def imap_master_plain(dovecot: Dovecot, target: str, master: str, password: str) -> str:
+    """imapsync --authuser1: AUTHENTICATE PLAIN with the mailbox as authorization id."""
+    with imaplib.IMAP4("127.0.0.1", dovecot.imap_port, timeout=30) as imap:
+        try:
+            imap.authenticate("PLAIN", lambda _: f"{target}\0{master}\0{password}".encode())
+        except imaplib.IMAP4.error as exc:
+            return f"NO {exc}"
+        typ, data = imap.select("INBOX")
+        _, found = imap.search(None, "SUBJECT", '"for dave"')
+        imap.logout()
+        return f"{typ} {data[0]!r} {found[0]!r}"
+
+
+@pytest.mark.parametrize("route", ["dict", "lua"])
+def test_master_user_logs_in_as_dave_and_sees_his_mail(rig: Rig, route: str) -> None:
+    dovecot = rig.dict_dovecot if route == "dict" else rig.lua_dovecot
+    assert imap_master_plain(dovecot, "dave@example.org", "admin@example.org", "master-pw") \
+        == "OK b'1' b'1'", rig.logs()
+    # The separator form (auth_master_user_separator = *), as imapsync's user*master.
+    assert imap_login(dovecot, "dave@example.org*admin@example.org", "master-pw") == "OK b'1'", \
+        rig.logs()
+    # The master user's own mailbox is its own (empty) one.
+    assert imap_login(dovecot, "admin@example.org", "master-pw") == "OK b'0'", rig.logs()
+
+
+@pytest.mark.parametrize("route", ["dict", "lua"])
+def test_master_user_refusals_through_dovecot(rig: Rig, route: str) -> None:
+    dovecot = rig.dict_dovecot if route == "dict" else rig.lua_dovecot
+    # alice is no master user; a wrong master password.
+    assert imap_login(dovecot, "bob@example.org*alice@example.org", "alice-pw").startswith("NO")
+    assert imap_master_plain(dovecot, "bob@example.org", "alice@example.org", "alice-pw") \
+        .startswith("NO")
+    assert imap_master_plain(dovecot, "alice@example.org", "admin@example.org", "wrong") \
+        .startswith("NO")
+
+
+def test_master_user_login_is_logged_by_authd(rig: Rig) -> None:
+    imap_login(rig.lua_dovecot, "dave@example.org*admin@example.org", "master-pw")
+    wait_until(lambda: "master user admin@example.org logged in as dave@example.org"
+               in rig.daemons.output(), timeout=10, what="authd's master-user log line")
+
+
+def test_master_user_on_the_auth_client_socket(rig: Rig) -> None:
+    """doveadm auth test -M sends PLAIN with an authzid, as a master login through Postfix
+    would: refused on SMTP (master_user_smtp is off), allowed on IMAP with user= the mailbox."""
+    base = ["auth", "test", "-a", str(rig.sasl_socket), "-M", "admin@example.org"]
+    imap = rig.dict_dovecot.doveadm(*base[:4], "-x", "service=imap", *base[4:],
+                                    "dave@example.org", "master-pw")
+    assert imap.returncode == 0, imap.stdout + imap.stderr + rig.logs()
+    assert "user=dave@example.org" in imap.stdout
+    smtp = rig.dict_dovecot.doveadm(*base[:4], "-x", "service=smtp", *base[4:],
+                                    "dave@example.org", "master-pw")
+    assert smtp.returncode == 77, smtp.stdout + smtp.stderr

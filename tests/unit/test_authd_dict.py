@@ -214,3 +214,22 @@ def test_userdb_fields_without_maildir_suffix() -> None:
     assert fields["home"] == "/srv/vmail/example.org/bob"
     assert fields["mail"] == "maildir:/srv/vmail/example.org/bob"
     assert "quota_rule" not in fields
+
+
+def test_master_user_keys() -> None:
+    """Dovecot's master passdb (``master = yes``) reads ``master/[<service>/]<user>``."""
+    rig = Rig()
+    backend = rig.backend
+    assert backend.lookup("shared/master/bob@example.org") is None  # not a master user
+    rig.store.set_master("bob@example.org", True)
+    assert json.loads(backend.lookup("shared/master/BOB@example.org") or "null") == {
+        "password": "{PLAIN}y", "user": "bob@example.org"}
+    assert backend.lookup("shared/master/imap/bob@example.org") is not None
+    # The master's own service flags do not matter (it logs in as someone else)...
+    assert backend.lookup("shared/master/pop3/bob@example.org") is not None
+    # ... but SMTP is refused unless authd.master_user_smtp, and a disabled master is unknown.
+    assert backend.lookup("shared/master/smtp/bob@example.org") is None
+    rig.store.set_enabled("bob@example.org", False)
+    assert backend.lookup("shared/master/bob@example.org") is None
+    # The ordinary passdb key never says who is a master user.
+    assert backend.lookup("shared/passdb/alice@example.org") is not None

@@ -153,3 +153,18 @@ def test_lookups_tempfail_when_the_database_is_down() -> None:
     rig.db_down = True
     assert ask(site, "/userdb", {"user": "alice@example.org"})[0] == 503
     assert ask(site, "/users", {})[0] == 503
+
+
+def test_master_user_login_through_authzid() -> None:
+    """The Lua master passdb sends Dovecot's login_user as authzid."""
+    rig = Rig()
+    rig.store.add_mailbox("admin@example.org", rig.hash("master-pw"))
+    master = {"user": "admin@example.org", "password": "master-pw", "service": "imap",
+              "authzid": "alice@example.org"}
+    assert status(rig, master) == 403  # not a master user yet
+    rig.store.set_master("admin@example.org", True)
+    rig.clock.advance(10)  # past lookup_cache_ttl
+    assert status(rig, master) == 200
+    assert status(rig, {**master, "authzid": "nobody@example.org"}) == 404
+    assert status(rig, {**master, "service": "smtp"}) == 403
+    assert rig.metric("master_logins_total") == 1
