@@ -240,13 +240,13 @@ class App:
 
     def dns_servers(self) -> tuple[tuple[str, ...] | tuple[tuple[str, int], ...], float]:
         """(nameservers, timeout) for the CLI's lookups: ``--nameserver`` if given, else milterd's
-        ``nameservers`` and ``dns_timeout``, else the system resolver and 5 seconds."""
-        given = tuple(getattr(self.args, "nameserver", None) or ())
-        milterd = getattr(self.config, "milterd", None)
-        timeout = float(getattr(milterd, "dns_timeout", 5.0))
+        ``nameservers``, else the system resolver; milterd's ``dns_timeout``, else 5 seconds."""
+        given: tuple[str, ...] = tuple(getattr(self.args, "nameserver", None) or ())
+        milterd = self.config.milterd
+        timeout = milterd.dns_timeout if milterd is not None else 5.0
         if given:
             return given, timeout
-        return tuple(getattr(milterd, "nameservers", ()) or ()), timeout
+        return (milterd.nameservers if milterd is not None else ()), timeout
 
     # -- commands ----------------------------------------------------------------------------
 
