@@ -19,6 +19,11 @@ from twisted.python.threadpool import ThreadPool
 P = ParamSpec("P")
 R = TypeVar("R")
 
+#: "Run this in that pool": ``run(fn, *args)`` calls the blocking ``fn`` off the reactor and
+#: fires the Deferred on the reactor thread. :meth:`WorkerPool.run` and ``Database.run`` are
+#: ones; decision objects take one injected so tests can pass a synchronous fake.
+RunInPool = Callable[..., Deferred[Any]]
+
 
 class WorkerPool:
     """A named ThreadPool started with the reactor and stopped before it exits."""

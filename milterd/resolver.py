@@ -18,11 +18,12 @@ from typing import Any
 from twisted.internet.defer import Deferred, TimeoutError, gatherResults
 from twisted.python.failure import Failure
 
+from mailplugins.threads import RunInPool
+
 TxtAnswer = list[bytes] | None
 #: What a caller gets per name: the records, None (no record), or the exception (temperror).
 Result = list[bytes] | None | Exception
 
-Runner = Callable[..., "Deferred[Any]"]
 
 
 class DnsTimeout(Exception):
@@ -32,7 +33,7 @@ class DnsTimeout(Exception):
 class TxtResolver:
     def __init__(
         self,
-        run: Runner,
+        run: RunInPool,
         lookup: Callable[[str], TxtAnswer],
         clock: Any,
         *,

@@ -29,9 +29,8 @@ from sqlalchemy import Engine
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from mailplugins.threads import RunInPool
 from policyd.state import _one_writer, _write_lock
-
-Runner = Callable[..., "Deferred[Any]"]
 
 #: Most checks in one transaction: bounds how long the write lock is held.
 MAX_BATCH = 200
@@ -75,7 +74,7 @@ class GroupCommit:
     meanwhile form the next one.
     """
 
-    def __init__(self, engine: Engine, run: Runner, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH) -> None:
         self._engine = engine
         self._run = run
         self.max_batch = max_batch
@@ -134,7 +133,7 @@ class GroupCommit:
         self._start()
 
 
-def batching_runner(engine: Engine, run: Runner) -> Runner:
+def batching_runner(engine: Engine, run: RunInPool) -> RunInPool:
     """The runner for the state checks: group commit on SQLite, ``run`` itself elsewhere."""
     if engine.dialect.name == "sqlite":
         return GroupCommit(engine, run).run

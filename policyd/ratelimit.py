@@ -23,13 +23,13 @@ from functools import lru_cache
 from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Engine
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplugins.addresses import AddressError, parse_address
 from mailplugins.clients import client_network
 from mailplugins.config.policy_state import RateLimitConfig, RateRule
+from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 from policyd.codec import PolicyRequest
 from policyd.state import RateDecision, RateKey, rate_check
@@ -46,7 +46,6 @@ class Clock(Protocol):
 
     def callLater(self, delay: float, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any: ...
 
-Runner = Callable[..., "Deferred[Any]"]
 
 
 @lru_cache(maxsize=65536)
@@ -153,7 +152,7 @@ class RateLimiter:
         self,
         config: RateLimitConfig,
         engine: Engine,
-        run: Runner,
+        run: RunInPool,
         clock: Clock,
         *,
         delimiters: str = "+",
