@@ -13,6 +13,10 @@ socket connection. Any other wrapper transforms the bytes (Twisted's TLS wrapper
 them), so its ``write`` is the only way out: sending under it put answers on a TLS connection
 in clear text. ``ProtocolWrapper`` forwards unknown attributes to its transport, so the check
 is on the class, never on attributes such as ``socket``.
+
+Twisted has no public "is anything queued" question, so this reads ``tcp.Connection``'s write
+buffers (``dataBuffer``, ``offset``, ``_tempDataBuffer``); ``test_writethrough`` pins them, so a
+Twisted upgrade that renames them fails a test instead of reordering answers.
 """
 
 from __future__ import annotations
