@@ -7,6 +7,10 @@ Disabled mailboxes, and mailboxes whose flags deny the named service, are answer
 The userdb answer is computed with :func:`mailplugins.maildir_path.expand_location`, the same
 function deliver writes with, so Dovecot reads exactly where deliver wrote.
 
+Master users (Dovecot's ``passdb { master = yes }``) are ``master/[<service>/]<user>``: the
+passdb answer of an enabled mailbox flagged ``master``, not found for any other, and not found
+for service ``smtp`` unless ``authd.master_user_smtp`` (so name the service in the key).
+
 Dovecot's last_login plugin may point at the same socket (``last_login_key = last-login/%u``):
 its transactions record the mailbox's last login.
 
@@ -67,7 +71,7 @@ def userdb_fields(mailbox: MailboxRecord, mail: MailConfig, release: str = "2.3"
     home = stripped.rsplit("/", 1)[0] if stripped.endswith("/Maildir") else stripped
     fields: dict[str, Any] = {"user": canonical_user(mailbox), "home": home}
     if release == "2.4":
-        fields.update({"mail_driver": "maildir", "mail_path": location})
+        fields.update({"mail_driver": "maildir", "mail_path": location, "mail_inbox_path": location})
     else:
         fields["mail"] = "maildir:" + location
     fields.update({"uid": mail.uid, "gid": mail.gid})
@@ -89,7 +93,7 @@ def split_key(key: str) -> tuple[str, str | None, str] | None:
     if not key.startswith("shared/"):
         return None
     kind, _, rest = key[len("shared/"):].partition("/")
-    if kind not in ("passdb", "userdb") or not rest:
+    if kind not in ("passdb", "userdb", "master") or not rest:
         return None
     service: str | None = None
     head, slash, tail = rest.partition("/")
@@ -128,12 +132,21 @@ class DictBackend:
         mailbox = self.store.get_mailbox(address)
         if mailbox is None or not mailbox.enabled:
             return None
-        if service is not None and not mailbox.allows(service):
+        if kind == "master":
+            if not mailbox.master:
+                return None
+            smtp_allowed = self.config.authd is not None and self.config.authd.master_user_smtp
+            if service == "smtp" and not smtp_allowed:
+                return None
+            # Dovecot logs "Master user logging in as ..."; authd logs that it answered.
+            log.info("master user {master} looked up by Dovecot (service={service})",
+                     master=mailbox.address, service=service or "?")
+        elif service is not None and not mailbox.allows(service):
             return None
         return self._value(kind, mailbox)
 
     def _value(self, kind: str, mailbox: MailboxRecord) -> str | None:
-        if kind == "passdb":
+        if kind in ("passdb", "master"):
             return json.dumps(passdb_fields(mailbox))
         try:
             return json.dumps(userdb_fields(mailbox, self.config.mail))
@@ -192,7 +205,7 @@ class DictBackend:
             value = "" if flags & codec.ITERATE_NO_VALUE else self._value(kind, mailbox)
             if value is None:
                 continue
-            rows.append((prefix + mailbox.address, value))
+            rows.append((prefix + canonical_user(mailbox), value))
             if max_rows and len(rows) >= max_rows:
                 break
         return rows

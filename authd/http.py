@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.unit.test_authd_http -*-
 """authd's HTTP listener for Dovecot's Lua passdb and userdb (authd/lua/mailplugins-auth.lua).
 
-``POST /verify``: form fields ``user``, ``password``, ``service``, ``rip``, ``secured``; the status
-says it all: 200 good, 403 bad password (or service not allowed), 404 unknown user, 423 disabled,
+``POST /verify``: form fields ``user``, ``password``, ``service``, ``rip``, ``secured`` and, from
+a master passdb (Dovecot's ``login_user``), ``authzid``: the mailbox a master user logs in as.
+The status says it all: 200 good, 403 bad password (or service not allowed), 404 unknown user, 423 disabled,
 503 backend trouble (Dovecot answers the client with a temporary failure). The body is never
 needed.
 
@@ -192,6 +193,7 @@ class VerifyResource(Resource):
             remote_ip=_field(request, "rip") or None,
             mechanism="http",
             secured=(_field(request, "secured") or "").lower() in ("1", "yes", "true", "tls", "secured"),
+            authzid=_field(request, "authzid") or "",
         )
         finished = [False]
 

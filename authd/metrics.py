@@ -36,6 +36,9 @@ class AuthdMetrics:
         self.cache: Counter = metrics.counter(
             "verify_cache_total", "Lookups in the cache of successful verifications.", ["result"]
         )
+        self.master_logins: Counter = metrics.counter(
+            "master_logins_total", "Successful logins of a master user as another mailbox."
+        )
         self.penalties: Counter = metrics.counter(
             "penalties_total", "Requests delayed by a brute-force penalty."
         )

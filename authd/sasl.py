@@ -109,6 +109,7 @@ class AuthClientProtocol(Protocol):
             remote_ip=action.remote_ip,
             mechanism=action.mechanism.lower(),
             secured=action.secured,
+            authzid=action.credentials.authzid,
         )
 
         def done(verdict: Verdict) -> None:

@@ -6,7 +6,14 @@ handshake order Postfix insists on, what it sends, how it reacts to each reply) 
 shared/reference/dovecot-auth.md; the behaviour on bad input copies Dovecot's
 ``auth-client-connection.c`` and ``auth-request-handler.c``: a client that breaks the protocol
 (unknown command, duplicate id, unknown mechanism, over-long line) is disconnected, never answered
-with guesses.
+with guesses. A request that is malformed but whose id is known (empty ``service=``, a byte that
+is not UTF-8 in a parameter, a ``CONT`` while the request is being verified, one request more than
+the pending limit) is answered ``FAIL`` and the connection stays: Postfix keeps one connection per
+smtpd process, and dropping it would turn every later login on it into a 454.
+
+Both generations of Dovecot's auth clients are understood: 2.3 (``VERSION 1 2``, ``service=``)
+and 2.4 (``VERSION 1 3``, ``protocol=`` instead of ``service=``, ``final-resp-ok``,
+``secured=tls``), as Dovecot 2.4's own server does (``auth-request-fields.c``).
 
 :class:`AuthServerSession` holds one connection's state. The Twisted protocol feeds it bytes and
 carries out what it returns: :class:`Send` a line, :class:`Verify` credentials (the answer comes
@@ -303,17 +310,17 @@ class AuthServerSession:
         if b"\0" in raw:
             # Dovecot reads lines as C strings: a NUL would silently cut a field there.
             raise ProtocolError("NUL byte in line")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError("line is not UTF-8") from None
+        # Bytes that are not UTF-8 survive as lone surrogates: the framing is intact, so only the
+        # field holding them is judged (an unknown command or mechanism still drops, a bad
+        # service= fails its request, an unused parameter is ignored), as Dovecot does.
+        line = raw.decode("utf-8", "surrogateescape")
         if line.endswith("\r"):
             line = line[:-1]
         fields = line.split("\t")
         command = fields[0]
         if self.client_minor is None:
             if command != "VERSION":
-                raise ProtocolError(f"expected VERSION first, got {command[:20]!r}")
+                raise ProtocolError(f"expected VERSION first, got {_printable(command)!r}")
             return self._version(fields)
         if command == "CPID":
             return self._cpid(fields)
@@ -327,13 +334,13 @@ class AuthServerSession:
             request_id = _request_id(fields)
             self.requests.pop(request_id, None)
             return []
-        raise ProtocolError(f"unknown command {command[:20]!r}")
+        raise ProtocolError(f"unknown command {_printable(command)!r}")
 
     def _version(self, fields: list[str]) -> list[Action]:
         if len(fields) < 3 or not _is_number(fields[1]) or not _is_number(fields[2]):
             raise ProtocolError("malformed VERSION")
         if int(fields[1]) != VERSION[0]:
-            raise ProtocolError(f"incompatible client version {fields[1][:10]}")
+            raise ProtocolError(f"incompatible client version {_printable(fields[1], 10)}")
         self.client_minor = int(fields[2])
         return []
 
@@ -347,14 +354,14 @@ class AuthServerSession:
         if len(fields) < 3:
             raise ProtocolError("malformed AUTH")
         request_id = _request_id(fields)
+        if request_id == 0:
+            raise ProtocolError("request id 0")
         if request_id in self.requests:
             raise ProtocolError(f"duplicate request id {request_id}")
         mechanism = new_mechanism(fields[2])
         if mechanism is None:
-            raise ProtocolError(f"unsupported mechanism {fields[2][:20]!r}")
-        if len(self.requests) >= self.max_requests:
-            raise ProtocolError("too many requests in flight")
-        service = ""
+            raise ProtocolError(f"unsupported mechanism {_printable(fields[2])!r}")
+        service: str | None = None
         remote_ip: str | None = None
         secured = False
         initial: str | None = None
@@ -364,19 +371,28 @@ class AuthServerSession:
                 if index != len(fields) - 1:
                     raise ProtocolError("parameters after resp=")
                 initial = value
-            elif key == "service":
+            elif key in ("service", "protocol"):
+                # Dovecot 2.4's clients say protocol=, 2.3's and Postfix say service=; Dovecot
+                # 2.4 takes either, the last one winning.
                 service = tab_unescape(value)
             elif key == "rip":
-                remote_ip = tab_unescape(value) or None
+                remote_ip = _valid_text(tab_unescape(value)) or None
             elif key == "secured":
-                secured = True
-        if not service:
-            raise ProtocolError("AUTH without service=")
-        if not service.isprintable() or len(service) > 64:
-            # A service decides which flags apply; "smtp" + an escaped control character must not
-            # pass for an unknown service (those follow the IMAP flag).
-            raise ProtocolError("malformed service")
+                secured = True  # "secured" (2.3, Postfix) or "secured=tls" (2.4)
+            # Anything else (final-resp-ok, lip, lport, session, no-penalty, cert_username...)
+            # changes nothing for PLAIN and LOGIN with hashed passwords: ignored, as unknown
+            # parameters are by Dovecot.
+        if service is None:
+            raise ProtocolError("AUTH without service= or protocol=")
         request = _Request(request_id, mechanism, service, remote_ip, secured, None)
+        if len(self.requests) >= self.max_requests:
+            # One request too many: that request fails, the ones in flight go on.
+            return self._fail(request, MechFailure("Too many pending requests", "temp_fail"))
+        if not _valid_text(service) or not service.isprintable() or len(service) > 64:
+            # A service decides which flags apply: an empty one, "smtp" + a control character or
+            # a byte that is not UTF-8 must not pass for an unknown service (those follow the
+            # IMAP flag). The request fails; the connection is fine.
+            return self._fail(request, MechFailure("Invalid service"))
         self.requests[request_id] = request
         if initial == "" and (self.client_minor or 0) < 2:
             initial = None  # old clients send an empty resp= to mean "none" (Dovecot does this)
@@ -384,7 +400,8 @@ class AuthServerSession:
         if initial is not None:
             decoded = b"" if initial == "=" else decode_base64(initial)
             if decoded is None:
-                return self._fail(request, MechFailure("Invalid base64 data in initial response"))
+                return self._fail(request, MechFailure("Invalid base64 data in initial response",
+                                                       "invalid_base64"))
         return self._result(request, mechanism.start(decoded), now)
 
     def _cont(self, fields: list[str], now: float) -> list[Action]:
@@ -395,12 +412,14 @@ class AuthServerSession:
         if request is None:
             return [_line("FAIL", str(request_id), "reason=Authentication request timed out")]
         if request.waiting_since is None:
-            raise ProtocolError(f"CONT for request {request_id} that is not waiting for one")
-        if fields[2] == "*":
-            return self._fail(request, MechFailure("Authentication aborted by client"))
+            # Dovecot: "Unexpected continuation" fails that request (the answer of the
+            # verification still running is then thrown away); the connection stays.
+            return self._fail(request, MechFailure("Unexpected continuation"))
+        # "*" (a client's abort, which Postfix never forwards) is invalid base64 to Dovecot too.
         decoded = decode_base64(fields[2])
         if decoded is None:
-            return self._fail(request, MechFailure("Invalid base64 data in continued response"))
+            return self._fail(request, MechFailure("Invalid base64 data in continued response",
+                                                   "invalid_base64"))
         return self._result(request, request.mechanism.step(decoded), now)
 
     def _result(self, request: _Request, result: MechResult, now: float) -> list[Action]:
@@ -411,9 +430,8 @@ class AuthServerSession:
             return self._fail(request, result)
         request.waiting_since = None
         request.login = result.authcid
-        if result.authzid and result.authzid != result.authcid:
-            # A master-user login: the user= we return is what Postfix trusts, so refuse it.
-            return self._fail(request, MechFailure("Authorization failed", "authz_fail"))
+        # An authzid other than the login is a master-user login: the verifier decides (the
+        # user= we return is what Postfix trusts, so only a real master user gets through).
         return [
             Verify(request.id, request.mechanism.name, result, request.service,
                    request.remote_ip, request.secured)
@@ -458,6 +476,20 @@ class AuthServerSession:
         for request_id in stale:
             del self.requests[request_id]
         return len(stale)
+
+
+def _valid_text(text: str) -> str | None:
+    """``text`` unless it holds bytes that were not UTF-8 (decoded as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return text
+
+
+def _printable(text: str, limit: int = 20) -> str:
+    """A client's field cut and cleaned for a log line."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
 def _request_id(fields: list[str]) -> int:

@@ -21,6 +21,13 @@ Postfix (auth-client protocol) and Dovecot's Lua passdb (HTTP) both end up here.
 - Mailbox records are kept ``lookup_cache_ttl`` (default 5 s) so a burst of logins costs one
   database read; a password change, disable or revoke applies within that time.
 - Last login and rehashing happen after the answer, never delaying it.
+- Logins are refused, as by stock Dovecot, when they hold a character outside
+  ``username_chars`` (Dovecot's ``auth_username_chars``: spaces, quotes, non-ASCII...); an empty
+  password is refused (an account whose stored hash is of the empty string can never log in,
+  and ``user import`` says so); a password over MAX_PASSWORD_BYTES is refused without hashing.
+- Master users: a mailbox flagged ``master`` may log in as any other enabled mailbox with its
+  own password, named through the PLAIN authzid or ``user<separator>master``; never on SMTP
+  unless ``master_user_smtp``; every use is logged.
 
 Counters live in memory, per process (see docs/authd.md for several hosts).
 """
@@ -72,6 +79,10 @@ SHARED_READ_BUDGET = 0.25
 SHARED_RETRY = 10.0
 
 
+#: Longest password checked: passlib refuses more, and no real password comes near it.
+MAX_PASSWORD_BYTES = 4096
+
+
 @dataclass(frozen=True)
 class VerifyRequest:
     user: str
@@ -81,6 +92,47 @@ class VerifyRequest:
     #: Label for metrics only: ``plain``, ``login`` or ``http``.
     mechanism: str
     secured: bool = False
+    #: The mailbox to log in as (PLAIN's authzid); set and different from ``user`` it makes
+    #: ``user`` a master user's login.
+    authzid: str = ""
+
+
+@dataclass(frozen=True)
+class Login:
+    """Who logs in (``target``) and, for a master-user login, with whose credentials."""
+
+    target: str
+    master: str | None = None
+
+
+def split_login(request: VerifyRequest, separator: str) -> Login:
+    """Dovecot's rules: an authzid other than the login names the target and makes the login a
+    master user; else ``target<separator>master`` (the first separator) does the same."""
+    if request.authzid and request.authzid != request.user:
+        return Login(request.authzid, request.user)
+    if separator and separator in request.user:
+        target, _, master = request.user.partition(separator)
+        if master and master != target:
+            return Login(target, master)
+        return Login(target)
+    return Login(request.user)
+
+
+def bad_username(login: str, allowed: str) -> str | None:
+    """Why Dovecot (``auth_username_chars``) would refuse ``login``, or None.
+
+    An empty ``allowed`` allows everything, as in Dovecot; non-ASCII characters (EAI logins) are
+    then allowed too, else refused like any other character outside the set.
+    """
+    if not login:
+        return "empty login"
+    if not allowed:
+        return None
+    for char in login:
+        if char not in allowed:
+            shown = f"0x{ord(char):02x}" if ord(char) < 0x80 else f"U+{ord(char):04X}"
+            return f"login character {shown} not allowed by username_chars"
+    return None
 
 
 @dataclass(frozen=True)
@@ -475,15 +527,14 @@ class Verifier:
         return mailbox, self.store.app_passwords_for(mailbox.id)
 
     @inlineCallbacks
-    def _decide(self, request: VerifyRequest) -> Generator[Deferred[Any], Any, Verdict]:
+    def _lookup(self, login: str) -> Generator[Deferred[Any], Any, tuple[str, Loaded] | Verdict]:
+        """The mailbox of ``login`` (through the record cache), or the Verdict that ends here."""
         try:
-            address = parse_address(request.user)
+            address = parse_address(login)
         except AddressError:
             return Verdict(Outcome.UNKNOWN, reason="not an address")
         if address.routing:
             return Verdict(Outcome.UNKNOWN, reason="routing address")
-        if not request.password:
-            return Verdict(Outcome.FAIL, reason="empty password")
         loaded = self.records.get(address.key, self.clock.seconds())
         if loaded is None:
             try:
@@ -496,11 +547,43 @@ class Verifier:
                 return Verdict(Outcome.TEMPFAIL)
             assert loaded is not None
             self.records.put(address.key, loaded, self.clock.seconds())
-        mailbox, apps = loaded
+        return address.key, loaded
+
+    @inlineCallbacks
+    def _decide(self, request: VerifyRequest) -> Generator[Deferred[Any], Any, Verdict]:
+        login = split_login(request, self.config.master_user_separator)
+        for name in (login.target, login.master):
+            why = None if name is None else bad_username(name, self.config.username_chars)
+            if why:
+                return Verdict(Outcome.UNKNOWN, reason=why)
+        if not request.password:
+            return Verdict(Outcome.FAIL, reason="empty password (never accepted)")
+        if len(request.password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
+            return Verdict(
+                Outcome.FAIL, reason=f"password longer than {MAX_PASSWORD_BYTES} bytes (not checked)"
+            )
+        if login.master is not None:
+            verdict: Verdict = yield self._decide_master(request, login.target, login.master)
+            return verdict
+        found: tuple[str, Loaded] | Verdict = yield self._lookup(login.target)
+        if isinstance(found, Verdict):
+            return found
+        key, (mailbox, apps) = found
         if mailbox is None:
             return Verdict(Outcome.UNKNOWN, reason="unknown user")
         if not mailbox.allows(request.service):
             return Verdict(Outcome.FAIL, reason="service not allowed for this mailbox")
+        checked: Verdict | None = yield self._check_password(request, key, mailbox, apps)
+        if checked is not None:
+            return checked
+        return Verdict(Outcome.OK, mailbox.address)
+
+    @inlineCallbacks
+    def _check_password(
+        self, request: VerifyRequest, key: str, mailbox: MailboxRecord,
+        apps: list[AppPasswordRecord],
+    ) -> Generator[Deferred[Any], Any, Verdict | None]:
+        """None when ``request.password`` opens ``mailbox`` (enabled), else the Verdict."""
         now = self.clock.seconds()
         cache_key = self.cache.key(mailbox, request.password)
         entry = self.cache.get(cache_key, now)
@@ -521,7 +604,49 @@ class Verifier:
             return Verdict(Outcome.DISABLED, reason="mailbox disabled")
         if entry is None:
             self.cache.put(cache_key, match.app_password_id, now)
-        self._after_success(mailbox, match, address.key, apps)
+        self._after_success(mailbox, match, key, apps)
+        return None
+
+    @inlineCallbacks
+    def _decide_master(
+        self, request: VerifyRequest, target: str, master: str
+    ) -> Generator[Deferred[Any], Any, Verdict]:
+        """``master`` logs in as ``target`` with its own (main) password."""
+        if request.service == "smtp" and not self.config.master_user_smtp:
+            return Verdict(Outcome.FAIL, reason=f"master user login as {_printable(target)} "
+                                                "refused on SMTP (master_user_smtp is off)")
+        found: tuple[str, Loaded] | Verdict = yield self._lookup(master)
+        if isinstance(found, Verdict):
+            return found
+        key, (master_box, _apps) = found
+        if master_box is None:
+            return Verdict(Outcome.UNKNOWN, reason="unknown master user")
+        if not master_box.master:
+            return Verdict(Outcome.FAIL, reason=f"{master_box.address} is not a master user "
+                                                f"(tried to log in as {_printable(target)})")
+        # App passwords are a mailbox's own: only the master's main password opens other ones.
+        checked: Verdict | None = yield self._check_password(request, key, master_box, [])
+        if checked is not None:
+            return checked
+        target_found: tuple[str, Loaded] | Verdict = yield self._lookup(target)
+        if isinstance(target_found, Verdict):
+            return target_found
+        _key, (mailbox, _target_apps) = target_found
+        if mailbox is None:
+            return Verdict(Outcome.UNKNOWN, reason=f"master user {master_box.address}: "
+                                                   f"no mailbox {_printable(target)}")
+        if not mailbox.enabled:
+            return Verdict(Outcome.DISABLED, reason=f"master user {master_box.address}: "
+                                                    f"{mailbox.address} is disabled")
+        if not mailbox.allows(request.service):
+            return Verdict(Outcome.FAIL, reason=f"master user {master_box.address}: service not "
+                                                f"allowed for {mailbox.address}")
+        log.info(
+            "master user {master} logged in as {user}: rip={rip} service={service}",
+            master=master_box.address, user=mailbox.address,
+            rip=_printable(request.remote_ip or ""), service=_printable(request.service),
+        )
+        self.metrics.master_logins.inc()
         return Verdict(Outcome.OK, mailbox.address)
 
     @staticmethod

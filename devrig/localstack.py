@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+import authd
 from devrig.instances import Dovecot, Postfix, ServeProcess, free_port
 from devrig.release import NAMES, Release, host, release
 from mailplugins.config import Config, load_config
@@ -42,6 +43,8 @@ from mailplugins.hashing import hash_password
 from mailplugins.store import Store
 
 DEMO_DOMAIN = "example.test"
+#: authd's Lua script in the checkout (the root sees the checkout at the same path).
+LUA_SCRIPT = Path(authd.__file__).resolve().parent / "lua" / "mailplugins-auth.lua"
 DEMO_USERS = ("bob", "alice")
 #: The demo's mail files belong to this user, as with Dovecot's mail_uid (never root).
 MAIL_USER = "nobody"
@@ -232,6 +235,7 @@ class LocalStack:
             tls_cert=str(self.tls_cert),
             tls_key=str(self.tls_key),
             domain_names=self.domains,
+            version=".".join(map(str, self.release.postfix_version)),
         ))
         for generated in postfix.files:
             # Postfix's proxymap reads these as the postfix user (they may hold a DB password).
@@ -241,8 +245,16 @@ class LocalStack:
         self.postfix.main["mydomain"] = DEMO_DOMAIN
         self.postfix.services = postfix.master_lines()
         dovecot_dir = self.root / "dovecot"
+        # The generators write for this release's versions, as dovecot-config/postfix-config
+        # would on that host; Dovecot 2.4 has no dict passdb, so it asks authd through Lua.
+        dovecot_version = ".".join(map(str, self.release.dovecot_version))
+        lua = dovecot_version != "2.3"
         dovecot = dovecot_config(config, DovecotOptions(
             config_directory=str(dovecot_dir),
+            version=dovecot_version,
+            lua=lua,
+            lua_script=str(LUA_SCRIPT) if lua else "",
+            lua_script_text=LUA_SCRIPT.read_text() if lua else None,
             tls_cert=str(self.tls_cert),
             tls_key=str(self.tls_key),
             postfix_queue_directory=str(self.postfix.queue_dir),

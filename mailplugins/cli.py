@@ -40,7 +40,7 @@ from mailplugins.generators import (
     render_dovecot,
     render_postfix,
 )
-from mailplugins.hashing import hash_password
+from mailplugins.hashing import HashError, check_password, hash_password
 from mailplugins.releases import detect_dovecot, detect_postfix, dovecot_release, postfix_release
 from mailplugins.store import SERVICES, AlreadyExists, Store, StoreError
 
@@ -153,6 +153,20 @@ def _passwd_quota(extra: Sequence[str]) -> int:
             unit = "B"
         return int(match.group(1)) * _QUOTA_UNITS[unit]
     return 0
+
+
+def never_logs_in(stored: str) -> str | None:
+    """Why an account with this stored hash can never log in through authd, or None.
+
+    authd refuses empty passwords (docs/authd.md), so a hash of the empty string locks the
+    account as surely as a hash nobody can check. Costs one hash check.
+    """
+    try:
+        if check_password("", stored):
+            return "its password is empty, and authd refuses empty passwords"
+    except HashError as exc:
+        return f"its stored hash cannot be checked ({exc})"
+    return None
 
 
 def parse_passwd_line(line: str, default_domain: str | None = None) -> PasswdEntry | None:
@@ -304,6 +318,15 @@ class App:
         self.store.set_services(self.args.address, self.args.services)
         self.out.write(f"{self.args.address} may use: {','.join(self.args.services) or 'nothing'}\n")
 
+    def cmd_user_master(self) -> None:
+        on = self.args.state == "on"
+        self.store.set_master(self.args.address, on)
+        if on:
+            self.out.write(f"{self.args.address} is a master user: its password opens every "
+                           "mailbox (IMAP, POP3; SMTP only with authd.master_user_smtp)\n")
+        else:
+            self.out.write(f"{self.args.address} is no longer a master user\n")
+
     def cmd_user_import(self) -> int:
         """Users with their existing hashes from a Dovecot passwd-file; bad lines are listed."""
         args = self.args
@@ -316,7 +339,7 @@ class App:
             except OSError as exc:
                 raise CommandError(f"cannot read {args.file}: {exc.strerror}", EXIT_USAGE) from None
         known = {d.name for d in self.store.list_domains()}
-        imported = skipped = failed = 0
+        imported = skipped = failed = locked = 0
         for number, line in enumerate(lines, 1):
             try:
                 entry = parse_passwd_line(line, args.domain)
@@ -338,10 +361,20 @@ class App:
                     imported += 1
                 else:
                     skipped += 1
+                    continue
             except StoreError as exc:
                 self.err.write(f"{args.file}:{number}: {exc}\n")
                 failed += 1
-        self.out.write(f"imported {imported}, skipped {skipped} existing, {failed} failed\n")
+                continue
+            why = never_logs_in(entry.password)
+            if why:
+                locked += 1
+                self.err.write(f"{args.file}:{number}: {entry.address} can never log in: {why} "
+                               "(set one with: mailplugins user passwd)\n")
+        summary = f"imported {imported}, skipped {skipped} existing, {failed} failed"
+        if locked:
+            summary += f"; {locked} imported can never log in"
+        self.out.write(summary + "\n")
         return EXIT_FAILED if failed else 0
 
     def cmd_user_list(self) -> None:
@@ -354,6 +387,7 @@ class App:
                         "enabled": u.enabled,
                         "quota_bytes": u.quota_bytes,
                         "services": sorted(u.services),
+                        "master": u.master,
                         "scheme": u.password.split("}", 1)[0].lstrip("{"),
                         "created_at": u.created_at,
                         "last_login_at": u.last_login_at,
@@ -370,6 +404,7 @@ class App:
                     "enabled" if u.enabled else "disabled",
                     f"quota={u.quota_bytes or 'none'}",
                     ",".join(s for s in SERVICES if s in u.services) or "-",
+                    "master" if u.master else "",
                 )
                 for u in users
             ],
@@ -718,6 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(user, "services", App.cmd_user_services, "set the services a mailbox may use")
     sub.add_argument("address")
     sub.add_argument("services", type=_services, help="comma-separated: smtp,imap,pop3,lmtp")
+    sub = command(user, "master", App.cmd_user_master,
+                  "make a mailbox a master user (logs in as any mailbox, every use logged) or not")
+    sub.add_argument("address")
+    sub.add_argument("state", choices=("on", "off"))
     sub = command(user, "import", App.cmd_user_import,
                   "add users with their existing hashes from a Dovecot passwd-file")
     sub.add_argument("file", help="user:{SCHEME}hash:uid:gid::home::extra lines ('-' = stdin)")

@@ -21,7 +21,8 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-__all__ = ["DnsTempError", "Nameserver", "mx_records", "parse_nameserver", "resolver_for", "txt_records"]
+__all__ = ["DnsTempError", "Nameserver", "mx_records", "name_exists", "parse_nameserver",
+           "resolver_for", "txt_records"]
 
 #: A nameserver as the config writes it (``192.0.2.53``, ``[::1]:5353``) or (address, port).
 Nameserver = str | tuple[str, int]
@@ -84,8 +85,13 @@ def _resolver(servers: tuple[tuple[str, int], ...]) -> dns.resolver.Resolver:
     return resolver
 
 
-def _answer(name: str, rdtype: dns.rdatatype.RdataType, nameservers: Sequence[Nameserver],
-            timeout: float) -> dns.resolver.Answer | None:
+_NXDOMAIN = "nxdomain"
+_NODATA = "nodata"
+
+
+def _query(name: str, rdtype: dns.rdatatype.RdataType, nameservers: Sequence[Nameserver],
+           timeout: float) -> dns.resolver.Answer | str:
+    """The answer, or ``_NXDOMAIN`` / ``_NODATA``; DnsTempError for the rest."""
     try:
         qname = dns.name.from_text(name.rstrip(".") + ".")
     except dns.exception.DNSException as exc:
@@ -94,14 +100,29 @@ def _answer(name: str, rdtype: dns.rdatatype.RdataType, nameservers: Sequence[Na
     try:
         # Only this name: a relative name must never be completed with resolv.conf's search list.
         return resolver.resolve(qname, rdtype, lifetime=timeout, search=False)
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-        return None
+    except dns.resolver.NXDOMAIN:
+        return _NXDOMAIN
+    except dns.resolver.NoAnswer:
+        return _NODATA
     except dns.exception.Timeout:
         raise DnsTempError(f"{name}: DNS timed out after {timeout:g}s") from None
     except dns.resolver.NoNameservers:
         raise DnsTempError(f"{name}: no DNS server answered (SERVFAIL or REFUSED)") from None
     except dns.exception.DNSException as exc:  # YXDOMAIN, malformed replies...
         raise DnsTempError(f"{name}: DNS error ({type(exc).__name__})") from None
+
+
+def _answer(name: str, rdtype: dns.rdatatype.RdataType, nameservers: Sequence[Nameserver],
+            timeout: float) -> dns.resolver.Answer | None:
+    found = _query(name, rdtype, nameservers, timeout)
+    return None if isinstance(found, str) else found
+
+
+def name_exists(name: str, *, nameservers: Sequence[Nameserver] = (),
+                timeout: float = 5.0) -> bool:
+    """False only for NXDOMAIN (RFC 8020: nothing exists at or below the name); for DMARC's
+    ``np=`` (non-existent subdomains). Raises :class:`DnsTempError` like the others."""
+    return _query(name, dns.rdatatype.A, nameservers, timeout) != _NXDOMAIN
 
 
 def txt_records(name: str, *, nameservers: Sequence[Nameserver] = (),

@@ -719,7 +719,9 @@ def _dovecot24(config: Config, options: DovecotOptions) -> DovecotSnippet:
         Setting("mail_driver", "maildir", "mail.location: where deliver writes"),
         Setting("mail_home", home),
         Setting("mail_path", maildir),
-        Setting("mail_inbox_path", "", "the Maildir is the INBOX (Debian's 10-mail.conf says /var/mail)"),
+        Setting("mail_inbox_path", maildir,
+                "INBOX is the Maildir itself (Debian's 10-mail.conf says /var/mail/...; left "
+                "empty, 2.4 makes INBOX a folder .INBOX)"),
         Setting("mail_uid", str(config.mail.uid), "owner of the Maildirs (deliver runs as this user)"),
         Setting("mail_gid", str(config.mail.gid)),
         Setting("first_valid_uid", str(min(config.mail.uid, 500)), check="none"),
@@ -727,7 +729,12 @@ def _dovecot24(config: Config, options: DovecotOptions) -> DovecotSnippet:
     script, extra = _lua_script(config, options, warnings)
     files += extra
     lua = {"name": "lua", "driver": "lua", "lua_file": script}
-    blocks = [_block("passdb", lua), _block("userdb", lua)]
+    blocks = [
+        # Without an inbox namespace 2.4 opens "INBOX" as a folder .INBOX, not the Maildir
+        # root deliver writes to (Debian's 10-mail.conf has it; a bare dovecot.conf does not).
+        "namespace inbox {\n  inbox = yes\n}",
+        _block("passdb", lua), _block("userdb", lua),
+    ]
     if config.authd.dict_listen:
         endpoint = _first(config.authd.dict_listen, "authd.dict_listen")
         if endpoint.kind != "unix":

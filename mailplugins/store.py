@@ -70,6 +70,8 @@ class MailboxRecord:
     password_version: int
     created_at: datetime
     last_login_at: datetime | None
+    #: A master user: may log in as any other mailbox with its own password (see docs/authd.md).
+    master: bool = False
 
     @property
     def address(self) -> str:
@@ -159,6 +161,7 @@ def _mailbox_record(row: Mailbox, domain: str) -> MailboxRecord:
         password_version=row.password_version,
         created_at=row.created_at,
         last_login_at=row.last_login_at,
+        master=row.master,
     )
 
 
@@ -324,6 +327,10 @@ class Store:
 
     def set_enabled(self, address: str | Address, enabled: bool) -> None:
         self._update_mailbox(address, enabled=enabled)
+
+    def set_master(self, address: str | Address, master: bool) -> None:
+        """Make a mailbox a master user (or not): it may then log in as any other mailbox."""
+        self._update_mailbox(address, master=master)
 
     def set_quota(self, address: str | Address, quota_bytes: int) -> None:
         if quota_bytes < 0:

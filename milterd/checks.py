@@ -46,19 +46,37 @@ class SpfLike(Protocol):
     def result(self) -> str: ...
 
 
-@dataclass(frozen=True)
-class DmarcVerdict:
-    """The DMARC outcome for one message, as the session acts on it.
+class DmarcLike(Protocol):
+    """The DMARC outcome for one message (``milterd.dmarc.DmarcResult`` fits).
 
     ``result``: pass | fail | none | temperror | permerror; ``policy``: none | quarantine |
-    reject (the one that applies to this message's domain); ``header_from``: the domain
-    evaluated ("" when the message has none).
+    reject (the published one that applies); ``disposition``: what the domain asks for this
+    message (its policy on ``fail``, ``none`` otherwise or under ``t=y``); ``header_from``:
+    the domain evaluated ("" when the message has none).
     """
+
+    @property
+    def result(self) -> str: ...
+
+    @property
+    def header_from(self) -> str: ...
+
+    @property
+    def policy(self) -> str: ...
+
+    @property
+    def disposition(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class DmarcVerdict:
+    """A :class:`DmarcLike` made here (tests, or when DMARC could not be evaluated)."""
 
     result: str
     header_from: str
     policy: str
     reason: str = ""
+    disposition: str = "none"
 
 
 @dataclass(frozen=True)
@@ -97,14 +115,17 @@ class Checks(Protocol):
         """Look up the verifier's key records and finish it."""
 
     def dmarc(
-        self, header_from: str, dkim: Sequence[DkimLike], spf: SpfLike, spf_domain: str
-    ) -> Deferred[DmarcVerdict]:
-        """DMARC for the ``From:`` domain given the DKIM and SPF results."""
+        self, from_values: Sequence[str], dkim: Sequence[DkimLike], spf: SpfLike, spf_domain: str
+    ) -> Deferred[DmarcLike]:
+        """DMARC (RFC 9989) for the message's ``From:`` header values given the DKIM and SPF
+        results (``spf_domain``: the MAIL FROM domain, "" for the null sender)."""
 
     def authentication_results(
-        self, dkim: Sequence[DkimLike], spf: SpfLike, dmarc: DmarcVerdict, disposition: str
+        self, dkim: Sequence[DkimLike], spf: SpfLike, dmarc: DmarcLike, disposition: str, *,
+        mailfrom: str, helo: str
     ) -> str:
-        """The value of our Authentication-Results header (leading space, folded)."""
+        """The value of our Authentication-Results header (leading space, folded), with
+        ``disposition`` (what we do: the domain's wish after milterd.dmarc's downgrades)."""
 
     def claims_our_id(self, value: str) -> bool:
         """True when an Authentication-Results value names our authserv-id."""

@@ -2,20 +2,22 @@
 """The one place where milterd's daemon meets the DKIM, DMARC, SPF, DNS and key code.
 
 Those modules (``milterd.dkim``, ``milterd.dmarc``, ``milterd.authresults``, ``milterd.keys``,
-``mailplugins.dns``, ``mailplugins.spf``) are written alongside this daemon to the signatures
-of the milterd contract; this module adapts their calls to :class:`milterd.checks.Checks`, so
-a change on their side is a change here only.
+``mailplugins.dns``, ``mailplugins.spf``) are written to the signatures of the milterd
+contract; this module adapts their calls to :class:`milterd.checks.Checks`, so a change on
+their side is a change here only. The ones not merged yet are imported when first used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
-
-from milterd.checks import DkimLike, DmarcVerdict, Headers, SpfLike, VerifierLike
+from mailplugins import dns as core_dns
+from mailplugins import spf as core_spf
+from milterd.checks import DkimLike, DmarcLike, DmarcVerdict, Headers, SpfLike, VerifierLike
+from milterd.dkim import DkimResult, MessageSigner, MessageVerifier, SigningKey
 
 
 def _module(name: str) -> Any:
@@ -24,63 +26,76 @@ def _module(name: str) -> Any:
 
 def txt_records(name: str, *, nameservers: Sequence[tuple[str, int]], timeout: float) -> list[bytes] | None:
     """Blocking TXT lookup (``mailplugins.dns.txt_records``)."""
-    answer: list[bytes] | None = _module("mailplugins.dns").txt_records(
-        name, nameservers=nameservers, timeout=timeout
-    )
-    return answer
+    return core_dns.txt_records(name, nameservers=nameservers, timeout=timeout)
+
+
+def name_exists(name: str, *, nameservers: Sequence[tuple[str, int]], timeout: float) -> bool:
+    """Blocking: does ``name`` exist (DMARC's ``np=``)? A DNS failure counts as existing."""
+    exists = getattr(core_dns, "name_exists", None)
+    if exists is None:
+        return True
+    try:
+        return bool(exists(name, nameservers=nameservers, timeout=timeout))
+    except core_dns.DnsTempError:
+        return True
 
 
 def key_store(engine: Any) -> Any:
+    """``milterd.keys.KeyStore``: ``signing_keys(domain) -> list[SigningKey]``, blocking."""
     return _module("milterd.keys").KeyStore(engine)
 
 
-def message_signer(keys: Sequence[Any], headers: Headers, now: int) -> Any:
-    return _module("milterd.dkim").MessageSigner(keys, headers, now=now)
+def message_signer(keys: Sequence[SigningKey], headers: Headers, now: int) -> MessageSigner:
+    return MessageSigner(keys, headers, now=now)
 
 
-def message_verifier(headers: Headers) -> Any:
-    return _module("milterd.dkim").MessageVerifier(headers)
+def message_verifier(headers: Headers) -> MessageVerifier:
+    return MessageVerifier(headers)
 
 
 def finish_verifier(verifier: VerifierLike, answers: Mapping[str, object]) -> list[DkimLike]:
-    """``MessageVerifier.finish``: answers are records, None, or DnsTempError."""
-    temp_error = _module("mailplugins.dns").DnsTempError
-    txt = {
-        name: (answer if answer is None or isinstance(answer, list | temp_error)
-               else temp_error(str(answer)))
-        for name, answer in answers.items()
-    }
-    results: list[DkimLike] = verifier.finish(txt)  # type: ignore[attr-defined]
-    return results
+    """``MessageVerifier.finish``: each answer is records, None, or a DnsTempError (any other
+    failure, e.g. our own timeout, becomes one)."""
+    txt: dict[str, list[bytes] | core_dns.DnsTempError | None] = {}
+    for name, answer in answers.items():
+        if answer is None or isinstance(answer, list | core_dns.DnsTempError):
+            txt[name] = answer
+        else:
+            txt[name] = core_dns.DnsTempError(str(answer))
+    assert isinstance(verifier, MessageVerifier)
+    results: list[DkimResult] = verifier.finish(txt)
+    return list(results)
 
 
-def spf_check(client: str, sender: str, helo: str, receiver: str, timeout: float,
-              nameservers: Sequence[tuple[str, int]]) -> SpfLike:
+def use_nameservers(nameservers: Sequence[tuple[str, int]]) -> None:
+    """pyspf asks dnspython's process-wide resolver: point it at ``milterd.nameservers``."""
+    core_spf.use_nameservers(nameservers)
+
+
+def spf_check(client: str, sender: str, helo: str, receiver: str, timeout: float) -> SpfLike:
     """Blocking SPF (``mailplugins.spf``) for the envelope sender, in the DNS pool."""
-    spf = _module("mailplugins.spf")
-    if nameservers and hasattr(spf, "use_nameservers"):
-        spf.use_nameservers(nameservers)
-    result: SpfLike = spf.spf_lookup(client, sender, helo, receiver, timeout)
+    return core_spf.spf_lookup(client, sender, helo, receiver, timeout)
+
+
+def dmarc(from_values: Sequence[str], dkim: Sequence[DkimLike], spf: SpfLike, spf_domain: str,
+          lookup: Callable[[str], list[bytes] | None], exists: Callable[[str], bool]) -> DmarcLike:
+    """Blocking DMARC (``milterd.dmarc.evaluate``), in the DNS pool."""
+    try:
+        evaluate = _module("milterd.dmarc").evaluate
+    except ImportError:  # pragma: no cover - until milterd.dmarc is merged
+        return DmarcVerdict("none", "", "none", "DMARC not evaluated")
+    result: DmarcLike = evaluate(list(from_values), list(dkim), spf.result, spf_domain, lookup, exists)
     return result
 
 
-def dmarc(resolver: Any, header_from: str, dkim: Sequence[DkimLike], spf: SpfLike,
-          spf_domain: str) -> Deferred[DmarcVerdict]:
-    """DMARC for ``header_from`` with its DNS through ``resolver`` (``milterd.dmarc``)."""
-    module = _module("milterd.dmarc")
-    evaluated: Deferred[Any] = Deferred.fromCoroutine(
-        module.evaluate_async(header_from, dkim, spf, spf_domain, resolver.txt)
-    )
-
-    def verdict(result: Any) -> DmarcVerdict:
-        return DmarcVerdict(result.result, result.header_from, result.policy, result.reason)
-
-    return evaluated.addCallback(verdict)
-
-
-def compose(authserv_id: str, dkim: Sequence[DkimLike], spf: SpfLike, verdict: DmarcVerdict,
-            disposition: str) -> str:
-    value: str = _module("milterd.authresults").compose(authserv_id, dkim, spf, verdict, disposition)
+def compose(authserv_id: str, dkim: Sequence[DkimLike], spf: SpfLike, verdict: DmarcLike,
+            disposition: str, *, mailfrom: str, helo: str) -> str:
+    """``milterd.authresults.compose`` with our disposition (after milterd.dmarc's downgrade)."""
+    if dataclasses.is_dataclass(verdict) and getattr(verdict, "disposition", None) != disposition:
+        verdict = dataclasses.replace(verdict, disposition=disposition)
+    module = _module("milterd.authresults")
+    auth = module.SpfAuth(spf.result, mailfrom, helo)
+    value: str = module.compose(authserv_id, list(dkim), auth, verdict)
     return value
 
 

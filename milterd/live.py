@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.unit.test_milterd_live -*-
 """The real :class:`~milterd.checks.Checks`: database, DNS, SPF and crypto, each in its pool.
 
-- Keys: ``milterd.keys.KeyStore.signing_keys`` in the database pool.
+- Keys: ``milterd.keys.KeyStore.signing_keys`` (the core's rotation rule) in the database pool.
 - The login/``From:`` rule: :func:`mailplugins.senders.login_owns` over the store (database
   pool); the answer per (login, address) is reused for ``milterd.cache_ttl`` seconds.
 - Signing: ``MessageSigner.finish`` (the RSA/Ed25519 signature) in the CPU pool; the body
@@ -9,7 +9,9 @@
 - DNS: :class:`~milterd.resolver.TxtResolver` over :func:`mailplugins.dns.txt_records` in a
   DNS pool, with ``milterd.dns_timeout``; a timeout or failure is a temperror.
 - SPF: :func:`mailplugins.spf.spf_lookup` in the DNS pool.
-- DMARC and Authentication-Results: ``milterd.dmarc`` and ``milterd.authresults``.
+- DMARC: ``milterd.dmarc.evaluate`` in the DNS pool, its lookups through a thread-safe cache
+  (:class:`~milterd.resolver.CachedLookup`) with the same size and TTL.
+- Authentication-Results: ``milterd.authresults``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from mailplugins.senders import login_owns
 from mailplugins.store import MailboxRecord, Resolution, Store
 from mailplugins.threads import RunInPool
 from milterd import contract
-from milterd.checks import DkimLike, DmarcVerdict, Headers, SignerLike, SpfLike, VerifierLike
-from milterd.resolver import Result, TxtResolver
+from milterd.checks import DkimLike, DmarcLike, Headers, SignerLike, SpfLike, VerifierLike
+from milterd.resolver import CachedLookup, Result, TxtResolver
 
 
 class StoreSenderLookups:
@@ -74,10 +76,19 @@ class LiveChecks:
         self._senders = StoreSenderLookups(store, db_run, delimiters)
         self._owned: OrderedDict[tuple[str, str], tuple[float, bool]] = OrderedDict()
         self._keys = key_store if key_store is not None else contract.key_store(store.engine)
-        lookup = txt_lookup or partial(contract.txt_records, nameservers=config.nameservers,
-                                       timeout=config.dns_timeout)
-        self.resolver = TxtResolver(dns_run, lookup, clock, timeout=config.dns_timeout,
+        self._txt_lookup = txt_lookup
+        self._build_dns(config)
+
+    def _build_dns(self, config: MilterdConfig) -> None:
+        lookup = self._txt_lookup or partial(contract.txt_records, nameservers=config.nameservers,
+                                             timeout=config.dns_timeout)
+        self._exists = partial(contract.name_exists, nameservers=config.nameservers,
+                               timeout=config.dns_timeout)
+        self.resolver = TxtResolver(self._dns_run, lookup, self._clock, timeout=config.dns_timeout,
                                     ttl=config.dns_cache_ttl, size=config.dns_cache_size)
+        self.dmarc_lookup = CachedLookup(lookup, ttl=config.dns_cache_ttl, size=config.dns_cache_size)
+        if self._txt_lookup is None:
+            contract.use_nameservers(config.nameservers)
 
     @property
     def authserv_id(self) -> str:
@@ -87,10 +98,7 @@ class LiveChecks:
         self.config = config
         self._senders.delimiters = delimiters
         self._owned.clear()
-        self.resolver.timeout = config.dns_timeout
-        self.resolver.ttl = config.dns_cache_ttl
-        self.resolver.size = config.dns_cache_size
-        self.resolver.clear()
+        self._build_dns(config)
 
     # -- outgoing --------------------------------------------------------------------------
 
@@ -116,8 +124,7 @@ class LiveChecks:
         def build(keys: Sequence[Any]) -> SignerLike | None:
             if not keys:
                 return None
-            signer: SignerLike = contract.message_signer(keys, headers, now)
-            return signer
+            return contract.message_signer(keys, headers, now)
 
         return self._db_run(self._keys.signing_keys, domain).addCallback(build)
 
@@ -127,8 +134,7 @@ class LiveChecks:
     # -- incoming --------------------------------------------------------------------------
 
     def verifier(self, headers: Headers) -> VerifierLike:
-        verifier: VerifierLike = contract.message_verifier(headers)
-        return verifier
+        return contract.message_verifier(headers)
 
     def verify(self, verifier: VerifierLike) -> Deferred[list[DkimLike]]:
         names = verifier.key_names()
@@ -144,15 +150,17 @@ class LiveChecks:
     def spf(self, client_address: str, helo: str, sender: str) -> Deferred[SpfLike]:
         config = self.config
         return self._dns_run(contract.spf_check, client_address, sender, helo, config.authserv_id,
-                             config.dns_timeout, config.nameservers)
+                             config.dns_timeout)
 
-    def dmarc(self, header_from: str, dkim: Sequence[DkimLike], spf: SpfLike,
-              spf_domain: str) -> Deferred[DmarcVerdict]:
-        return contract.dmarc(self.resolver, header_from, dkim, spf, spf_domain)
+    def dmarc(self, from_values: Sequence[str], dkim: Sequence[DkimLike], spf: SpfLike,
+              spf_domain: str) -> Deferred[DmarcLike]:
+        return self._dns_run(contract.dmarc, from_values, dkim, spf, spf_domain, self.dmarc_lookup,
+                             self._exists)
 
-    def authentication_results(self, dkim: Sequence[DkimLike], spf: SpfLike, dmarc: DmarcVerdict,
-                               disposition: str) -> str:
-        return contract.compose(self.config.authserv_id, dkim, spf, dmarc, disposition)
+    def authentication_results(self, dkim: Sequence[DkimLike], spf: SpfLike, dmarc: DmarcLike,
+                               disposition: str, *, mailfrom: str, helo: str) -> str:
+        return contract.compose(self.config.authserv_id, dkim, spf, dmarc, disposition,
+                                mailfrom=mailfrom, helo=helo)
 
     def claims_our_id(self, value: str) -> bool:
         return contract.claims_authserv_id(value, self.config.authserv_id)

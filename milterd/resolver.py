@@ -11,6 +11,8 @@ the reactor: the pool thread may go on waiting, the message does not.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -110,3 +112,42 @@ class TxtResolver:
         elif len(self._cache) >= self.size:
             self._cache.popitem(last=False)
         self._cache[key] = (self._clock.seconds() + self.ttl, answer)
+
+
+class CachedLookup:
+    """A blocking TXT lookup with the same bounded TTL cache, safe to call from pool threads.
+
+    For the code that does its DNS from a thread (``milterd.dmarc``'s tree walk): answers are
+    shared between messages for ``ttl`` seconds; failures are never cached.
+    """
+
+    def __init__(self, lookup: Callable[[str], TxtAnswer], *, ttl: float, size: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._lookup = lookup
+        self.ttl = ttl
+        self.size = size
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[float, TxtAnswer]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def __call__(self, name: str) -> TxtAnswer:
+        key = name.lower().rstrip(".")
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None and entry[0] > self._clock():
+                return entry[1]
+        answer = self._lookup(key)  # raises on failure: not cached
+        if self.ttl > 0 and self.size > 0:
+            with self._lock:
+                self._cache.pop(key, None)
+                while len(self._cache) >= self.size:
+                    self._cache.popitem(last=False)
+                self._cache[key] = (self._clock() + self.ttl, answer)
+        return answer

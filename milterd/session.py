@@ -24,11 +24,11 @@ the DKIM verifier; at end of message DKIM keys are looked up, DMARC is evaluated
 ``From:`` domain, every ``Authentication-Results`` claiming our authserv-id is deleted (it
 came from outside) and ours is inserted at the top. A DMARC failure under ``p=reject`` is
 answered ``550 5.7.1`` (``milterd.dmarc.reject_action`` may downgrade it), under
-``p=quarantine`` it is marked ``dis=quarantine`` for deliver to file into Junk. Several
-``From:`` header fields are rejected (RFC 9989: DMARC cannot say whose policy applies, and a
-second ``From:`` is the classic way around ``p=reject``); no ``From:``, or one without a
-domain, gets ``dmarc=permerror`` and is accepted. Several addresses in one ``From:`` are
-evaluated per domain and the strictest outcome applies. A failure in the checks never loses
+``p=quarantine`` it is marked ``dis=quarantine`` for deliver to file into Junk. The ``From:``
+cases are ``milterd.dmarc``'s (RFC 9989): no ``From:``, several, or one without a usable
+domain is ``permerror``, one naming several domains is exempt (``none``); milterd rejects a
+message with several ``From:`` header fields (RFC 5322 allows one, and a second ``From:`` is the
+classic way around ``p=reject``) and accepts the others. A failure in the checks never loses
 mail: forged headers are still deleted and the message is accepted.
 """
 
@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,7 +49,7 @@ from mailplugins.clients import client_in
 from mailplugins.config.milterd import MilterdConfig
 from mailplugins.metrics import DaemonMetrics
 from milterd import codec
-from milterd.checks import Checks, DkimLike, DmarcVerdict, SignerLike, SpfLike, VerifierLike
+from milterd.checks import Checks, DkimLike, DmarcLike, SignerLike, SpfLike, VerifierLike
 
 log = Logger(namespace="milterd.session")
 
@@ -115,15 +115,6 @@ def from_domains(headers: Sequence[tuple[str, str]]) -> tuple[int, list[str], li
         _local, at, domain = address.rpartition("@")
         domains.append(domain.strip().rstrip(".").lower() if at and domain.strip() else "")
     return len(values), addresses, domains
-
-
-#: Worst first: the outcome that applies when one From: holds several domains.
-_RANK = {"fail": 0, "temperror": 1, "permerror": 2, "none": 3, "pass": 4}
-_POLICY_RANK = {"reject": 0, "quarantine": 1, "none": 2}
-
-
-def strictest(verdicts: Sequence[DmarcVerdict]) -> DmarcVerdict:
-    return min(verdicts, key=lambda v: (_RANK.get(v.result, 2), _POLICY_RANK.get(v.policy, 2)))
 
 
 @dataclass
@@ -373,37 +364,30 @@ class MilterSession:
         if verifier is not None:
             dkim = await self._checks.verify(verifier)
         spf: SpfLike = await message.spf if message.spf is not None else _Spf("none")
-        count, _addresses, domains = from_domains(message.headers)
-        spf_domain = message.sender.rpartition("@")[2].lower() if message.sender else self.helo
-        if count > 1:
-            verdict = DmarcVerdict("permerror", "", "reject", "several From: header fields")
-        elif count == 0 or not domains or not all(domains):
-            verdict = DmarcVerdict("permerror", "", "none", "no From: domain")
-        else:
-            distinct = list(dict.fromkeys(domains))
-            verdicts = await gatherResults(
-                [self._checks.dmarc(d, dkim, spf, spf_domain) for d in distinct], consumeErrors=True
-            )
-            verdict = strictest(verdicts)
-        disposition = self._disposition(verdict, several=count > 1)
+        from_values = [value for name, value in message.headers if name.lower() == "from"]
+        spf_domain = message.sender.rpartition("@")[2].lower() if "@" in message.sender else ""
+        verdict = await self._checks.dmarc(from_values, dkim, spf, spf_domain)
+        disposition = self._disposition(verdict)
+        if len(from_values) > 1:
+            disposition = "reject"
         self._record(dkim, spf, verdict, disposition)
         if disposition == "reject":
             self._count(INCOMING, "rejected")
-            if count > 1:
+            if len(from_values) > 1:
                 return codec.reply_code("550", "5.7.1 Message has several From: header fields")
             return codec.reply_code("550", f"5.7.1 {self.config.dmarc.reject_text}")
-        value = self._checks.authentication_results(dkim, spf, verdict, disposition)
+        value = self._checks.authentication_results(dkim, spf, verdict, disposition,
+                                                    mailfrom=message.sender, helo=self.helo)
         self._count(INCOMING, "quarantined" if disposition == "quarantine" else "accepted")
         return removals + codec.insert_header(0, AR_NAME, value) + codec.CONTINUE
 
-    def _disposition(self, verdict: DmarcVerdict, *, several: bool = False) -> str:
-        if several:
-            return "reject"
+    def _disposition(self, verdict: DmarcLike) -> str:
+        """What we do: the domain's wish, downgraded as ``milterd.dmarc`` says."""
         if verdict.result != "fail":
             return "none"
-        if verdict.policy == "reject":
+        if verdict.disposition == "reject":
             return self.config.dmarc.reject_action
-        if verdict.policy == "quarantine":
+        if verdict.disposition == "quarantine":
             return self.config.dmarc.quarantine_action
         return "none"
 
@@ -446,7 +430,7 @@ class MilterSession:
         if self._metrics is not None:
             self._metrics.outcome(direction, outcome)
 
-    def _record(self, dkim: Sequence[DkimLike], spf: SpfLike, verdict: DmarcVerdict,
+    def _record(self, dkim: Sequence[DkimLike], spf: SpfLike, verdict: DmarcLike,
                 disposition: str) -> None:
         metrics = self._metrics
         if metrics is None:

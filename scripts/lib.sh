@@ -117,3 +117,38 @@ ensure_release_root() {
         echo "$want" | $SUDO tee "$stamp" >/dev/null
     ) 9>"$RIG_CACHE/.lock"
 }
+
+# ensure_exim: Exim 4 (exim4-daemon-heavy), the second LMTP client the differential suite runs,
+# unpacked under $RIG_CACHE/exim and never installed: installing it with apt would remove
+# Postfix. Its packages and the libraries it needs that the host lacks are fetched with
+# apt-get download and unpacked with dpkg -x; rebuilt when the candidate version changes.
+# (Exim's compiled-in user Debian-exim does not exist here: the tests run it in a private mount
+# namespace with their own passwd and group files, see tests/support/exim.py.)
+ensure_exim() {
+    local dir="$RIG_CACHE/exim" want dep missing=()
+    want="$(apt-cache policy exim4-daemon-heavy | awk '/Candidate:/ { print $2 }')"
+    want="$want-1"  # the recipe's version: bump when the steps below change
+    if [ -x "$dir/root/usr/sbin/exim4" ] && [ "$(cat "$dir/stamp" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    echo "== unpacking exim4-daemon-heavy $want into $dir (not installed)"
+    for dep in $(apt-cache depends exim4-daemon-heavy | awk '$1 == "Depends:" && $2 !~ /^</ { print $2 }'); do
+        dpkg-query -W -f='${Status}' "$dep" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$dep")
+    done
+    $SUDO rm -rf "$dir.new"
+    $SUDO mkdir -p "$dir.new/debs"
+    (cd "$dir.new/debs" && $SUDO apt-get download -q exim4-daemon-heavy "${missing[@]}" >/dev/null 2>&1) || {
+        echo "apt-get download exim4-daemon-heavy ${missing[*]} failed" >&2
+        exit 2
+    }
+    for deb in "$dir.new"/debs/*.deb; do
+        $SUDO dpkg -x "$deb" "$dir.new/root"
+    done
+    # Not set-uid: the tests run it as root, and a set-uid re-exec would ignore the
+    # LD_LIBRARY_PATH that finds the unpacked libraries.
+    $SUDO chmod u-s "$dir.new/root/usr/sbin/exim4"
+    $SUDO rm -rf "$dir"
+    $SUDO mv "$dir.new" "$dir"
+    echo "$want" | $SUDO tee "$dir/stamp" >/dev/null
+}

@@ -19,6 +19,10 @@
 -- POST /users:  200 with one user per line (doveadm user '*', doveadm -A).
 -- App passwords, per-service flags, rehashing and brute-force penalties all happen in authd.
 -- Needs Debian's dovecot-auth-lua package.
+--
+-- Master users: the same script as a master passdb (`master = yes`, without
+-- result_success = continue) sends Dovecot's login_user (the mailbox a master user logs in as)
+-- as authzid; authd checks the master flag, the master's password and that mailbox.
 
 local base = "http://127.0.0.1:9643"
 
@@ -61,7 +65,7 @@ end
 function auth_password_verify(req, pass)
   local s = post("/verify", "user=" .. enc(req.user) .. "&service=" .. enc(service(req)) ..
                  "&rip=" .. enc(remote_ip(req)) .. "&secured=" .. secured(req) ..
-                 "&password=" .. enc(pass))
+                 "&authzid=" .. enc(req.login_user) .. "&password=" .. enc(pass))
   if s == 200 then return dovecot.auth.PASSDB_RESULT_OK, {} end
   if s == 403 then return dovecot.auth.PASSDB_RESULT_PASSWORD_MISMATCH, "" end
   if s == 404 then return dovecot.auth.PASSDB_RESULT_USER_UNKNOWN, "" end

@@ -16,6 +16,8 @@ from mailplugins.config.fields import Fields, IPNetwork
 POSTFIX_AUTH_TIMEOUT = 10.0
 #: Longest deliberate delay (failure delay plus penalty) we allow, leaving room for the work.
 MAX_DELIBERATE_DELAY = 8.0
+#: Dovecot's default ``auth_username_chars`` (2.3 and 2.4): what a login may be made of.
+DOVECOT_USERNAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567890.-_@"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,14 @@ class AuthdConfig:
     http_max_body: int
     #: Nice value of the hashing threads (Linux: per thread), so the reactor wins the CPU.
     hash_niceness: int
+    #: Characters a login may contain (Dovecot's ``auth_username_chars``); empty allows any,
+    #: non-ASCII (EAI) logins included.
+    username_chars: str
+    #: ``user<sep>master`` logs the master user in as ``user`` (Dovecot's
+    #: ``auth_master_user_separator``); empty: only the PLAIN authzid names the target.
+    master_user_separator: str
+    #: Whether master users may log in on SMTP (submission) too; off: IMAP, POP3, sieve, ...
+    master_user_smtp: bool
 
 
 def parse_authd(f: Fields) -> AuthdConfig:
@@ -97,6 +107,9 @@ def parse_authd(f: Fields) -> AuthdConfig:
         max_requests_per_connection=f.integer("max_requests_per_connection", 32, minimum=1),
         http_max_body=f.size("http_max_body", 16384, minimum=1024),
         hash_niceness=f.integer("hash_niceness", 5, minimum=0, maximum=19),
+        username_chars=f.string("username_chars", DOVECOT_USERNAME_CHARS),
+        master_user_separator=f.string("master_user_separator", ""),
+        master_user_smtp=f.boolean("master_user_smtp", False),
     )
     if not (config.sasl_listen or config.dict_listen or config.http_listen):
         raise f.error("sasl_listen", "authd needs at least one of sasl_listen, dict_listen, http_listen")
@@ -108,6 +121,11 @@ def parse_authd(f: Fields) -> AuthdConfig:
             f"failure_delay + penalty_max must stay under {MAX_DELIBERATE_DELAY:g}s "
             f"(Postfix gives up after {POSTFIX_AUTH_TIMEOUT:g}s and answers 454)",
         )
+    separator = config.master_user_separator
+    if separator and (len(separator) != 1 or not separator.isprintable() or separator in "@ "):
+        raise f.error("master_user_separator", "must be one printable character other than @")
+    if separator and separator in config.username_chars:
+        raise f.error("master_user_separator", "must not be one of username_chars")
     if config.failure_delay >= config.request_timeout:
         raise f.error("failure_delay", "must be shorter than request_timeout")
     f.done()

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -56,6 +57,9 @@ class Mailbox(Base):
     allow_imap: Mapped[bool] = mapped_column(Boolean, default=True)
     allow_pop3: Mapped[bool] = mapped_column(Boolean, default=True)
     allow_lmtp: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: A master user: its own credentials may log in as any other mailbox (Dovecot's master
+    #: passdb, used by imapsync and support staff). Never on SMTP unless authd allows it.
+    master: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     #: Bumped on every password change so that verification caches drop old entries.
     password_version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 __all__ = ["BodyHasher", "canonicalize_header", "header_block", "header_bytes"]
 
 _SPACES = re.compile(rb"  +")  # (a literal prefix: re searches for it at C speed)
-_HEADER_WSP = re.compile(r"[ \t]+")
+_HEADER_SPACES = re.compile(r"  +")
 _BARE_LF = re.compile(r"(?<!\r)\n")
 _CRLF_BLOCK = b"\r\n" * 4096
 
@@ -36,13 +36,19 @@ def canonicalize_header(name: str, value: str, canon: str) -> str:
     ``value`` is the text after the colon exactly as it stands (folds as CRLF; a bare LF, as
     Postfix hands folds to a milter, counts as CRLF, which is how the message goes on the wire).
     """
-    value = _BARE_LF.sub("\r\n", value)
+    if "\n" in value:
+        value = _BARE_LF.sub("\r\n", value)
     if canon == "simple":
         return f"{name}:{value}\r\n"
     # relaxed: lower-case name, unfold, runs of WSP -> one SP, no WSP at the ends of the value
-    # or before the colon.
-    value = _HEADER_WSP.sub(" ", value.replace("\r\n", "")).strip(" ")
-    return name.rstrip(" \t").lower() + ":" + value + "\r\n"
+    # or before the colon. (Each step only when needed: this runs for every signed header.)
+    if "\r\n" in value:
+        value = value.replace("\r\n", "")
+    if "\t" in value:
+        value = value.replace("\t", " ")
+    if "  " in value:
+        value = _HEADER_SPACES.sub(" ", value)
+    return name.rstrip(" \t").lower() + ":" + value.strip(" ") + "\r\n"
 
 
 def _trailing_crlf_run(data: bytes) -> int:

@@ -21,7 +21,7 @@ ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
 WEAK_ALGORITHMS = ("rsa-sha1",)
 _DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
                      r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
-_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
+_H_LIST = re.compile(r"[\x21-\x39\x3b-\x7e]+(?:[ \t\r\n]*:[ \t\r\n]*[\x21-\x39\x3b-\x7e]+)*\Z")
 _B_TAG = re.compile(r"((?:^|;)[ \t\r\n]*b[ \t\r\n]*=)[^;]*")
 MAX_L = 2**63
 
@@ -77,9 +77,9 @@ def parse_signature(value: str) -> Signature:
     body_canon = body_canon or "simple"
     if header_canon not in ("simple", "relaxed") or body_canon not in ("simple", "relaxed"):
         raise SignatureError("unknown c= canonicalization")
-    headers = tuple(h.strip(" \t\r\n") for h in tags["h"].split(":"))
-    if not all(_FIELD_NAME.match(h) for h in headers):
+    if not _H_LIST.match(tags["h"]):
         raise SignatureError("bad header name in h=")
+    headers = tuple(h.strip(" \t\r\n") for h in tags["h"].split(":"))
     if "from" not in (h.lower() for h in headers):
         raise SignatureError("h= does not sign From")
     body_hash = _base64(tags["bh"], "bh")

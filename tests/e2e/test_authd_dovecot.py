@@ -1,26 +1,40 @@
-"""authd behind a private stock Dovecot 2.3: the dict passdb/userdb and the Lua (HTTP) passdb.
+"""authd behind private stock Dovecots: 2.3's dict passdb/userdb, and the Lua script on 2.3 and 2.4,
+master users included (Dovecot's master passdb on both 2.3 routes, imapsync-style logins).
 
-Two Dovecot instances share one authd: one with ``driver = dict`` for passdb and userdb (Dovecot
-verifies the hash itself), one with ``driver = lua`` running authd/lua/mailplugins-auth.lua
-(authd verifies: app passwords and per-service flags work there). imaplib is the client; Dovecot
-creating the Maildir where mailplugins.maildir_path says it is proves deliver and Dovecot agree.
+First module rig (2.3 only): two Dovecot 2.3 instances share one authd, one with ``driver =
+dict`` for passdb and userdb (Dovecot verifies the hash itself), one with ``driver = lua`` running
+authd/lua/mailplugins-auth.lua (authd verifies: app passwords and per-service flags work there).
+
+Second rig, once per release (``release`` = 2.3, or 2.4 in the Debian 13 root): authd and deliver,
+and a Dovecot running exactly what ``mailplugins dovecot-config --lua`` prints for that release
+(2.4: Lua passdb and Lua userdb, the last_login dict; 2.3: Lua passdb, dict userdb), plus its own
+LMTP. A mixed-case login reads the mail deliver stored for another spelling; unknown users are
+unknown to IMAP, POP3 and Dovecot's LMTP; with authd down a login is a temporary failure.
+
+imaplib is the client; Dovecot creating the Maildir where mailplugins.maildir_path says it is
+proves deliver and Dovecot agree.
 """
 
 from __future__ import annotations
 
 import imaplib
 import os
+import poplib
 import pwd
 import shutil
+import smtplib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from mailplugins.generators import DovecotOptions, dovecot_conf_text, dovecot_config
 from mailplugins.hashing import hash_password
 from mailplugins.maildir_path import expand_location
-from tests.rig import REPO, Daemons, Dovecot, free_port, short_tempdir, wait_until
+from tests.e2e.test_generated_config import make_cert
+from tests.rig import REPO, Daemons, Dovecot, free_port, short_tempdir, unix_socket_open, wait_until
+from tests.support.releases import RELEASES, make_dovecot, needs_release
 
 pytestmark = pytest.mark.e2e
 
@@ -84,6 +98,19 @@ def rig() -> Iterator[Rig]:
     store.add_mailbox("carol@example.org", hash_password("carol-pw", passwords))
     store.set_enabled("carol@example.org", False)
     store.add_app_password("alice@example.org", "laptop", hash_password("app-pw", passwords), ["imap"])
+    store.add_mailbox("admin@example.org", hash_password("master-pw", passwords))
+    store.set_master("admin@example.org", True)
+    # One message in dave's Maildir, so a master user logged in as him visibly sees his mail.
+    store.add_mailbox("dave@example.org", hash_password("dave-pw", passwords))
+    maildir = Path(expand_location(daemons.config.mail.location, "dave", "example.org"))
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    (maildir / "new" / "1700000000.M1P1.test").write_bytes(
+        b"From: x@example.net\r\nSubject: for dave\r\n\r\nhello dave\r\n")
+    for directory, _dirs, files in os.walk(vmail):
+        os.chown(directory, NOBODY.pw_uid, NOBODY.pw_gid)
+        for name in files:
+            os.chown(os.path.join(directory, name), NOBODY.pw_uid, NOBODY.pw_gid)
     dict_conf = root / "dict-auth.conf.ext"
     dict_conf.write_text(
         f"uri = proxy:{dict_socket}:auth\n"
@@ -92,8 +119,16 @@ def rig() -> Iterator[Rig]:
         "key userdb {\n  key = userdb/%u\n  format = json\n}\n"
         "passdb_objects = passdb\nuserdb_objects = userdb\n"
     )
+    # Dovecot's master passdb (master = yes) reads master/<service>/<master user>.
+    master_conf = root / "dict-master.conf.ext"
+    master_conf.write_text(
+        f"uri = proxy:{dict_socket}:auth\n"
+        "key passdb {\n  key = master/%s/%u\n  format = json\n}\n"
+        "passdb_objects = passdb\n"
+    )
     # No anvil penalty nor failure delay of Dovecot's own: the tests fail logins on purpose.
-    userdb = (f"userdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n"
+    userdb = ("auth_master_user_separator = *\n"
+              f"userdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n"
               "auth_failure_delay = 0\n"
               "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n")
     last_login = (
@@ -103,17 +138,20 @@ def rig() -> Iterator[Rig]:
     )
     dict_dovecot = Dovecot(
         root / "dc-dict",
-        conf=f"passdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n{userdb}{last_login}",
+        conf=(f"passdb {{\n  driver = dict\n  args = {master_conf}\n  master = yes\n}}\n"
+              f"passdb {{\n  driver = dict\n  args = {dict_conf}\n}}\n{userdb}{last_login}"),
     )
     lua_script = root / "mailplugins-auth.lua"
     shipped = (REPO / "authd" / "lua" / "mailplugins-auth.lua").read_text()
-    default_url = 'local url = "http://127.0.0.1:9643/verify"'
+    default_url = 'local base = "http://127.0.0.1:9643"'
     assert default_url in shipped
-    lua_script.write_text(shipped.replace(default_url, f'local url = "http://127.0.0.1:{http_port}/verify"'))
+    lua_script.write_text(shipped.replace(default_url, f'local base = "http://127.0.0.1:{http_port}"'))
     lua_dovecot = Dovecot(
         root / "dc-lua",
         conf=(
             "auth_debug = yes\n"
+            "passdb {\n  driver = lua\n"
+            f"  args = file={lua_script} blocking=yes\n  master = yes\n}}\n"
             "passdb {\n  driver = lua\n"
             f"  args = file={lua_script} blocking=yes\n}}\n"
             f"{userdb}"
@@ -161,7 +199,8 @@ def test_dict_disabled_and_service_denied(rig: Rig) -> None:
 def test_doveadm_user_iterates(rig: Rig) -> None:
     result = rig.dict_dovecot.doveadm("user", "*")
     assert result.returncode == 0, result.stderr + rig.logs()
-    assert result.stdout.split() == ["alice@example.org", "bob@example.org"]
+    assert result.stdout.split() == ["admin@example.org", "alice@example.org", "bob@example.org",
+                                    "dave@example.org"]
 
 
 def test_doveadm_user_shows_the_userdb_fields(rig: Rig) -> None:
@@ -199,3 +238,240 @@ def test_lua_http_client_gets_100_continue(rig: Rig) -> None:
     log = rig.lua_dovecot.log_text()
     assert "Got expected 100-continue response" in log, log[-3000:]
     assert "Expected 100-continue response timed out" not in log, log[-3000:]
+
+
+# -- the generated Lua wiring, on Dovecot 2.3 and 2.4 ------------------------------------------------
+
+
+@dataclass
+class Stack:
+    release: str
+    root: Path
+    daemons: Daemons
+    dovecot: Dovecot
+    lmtp_socket: Path
+
+    def logs(self) -> str:
+        return (f"--- dovecot {self.release}\n{self.dovecot.log_text()[-4000:]}\n"
+                f"--- daemons\n{self.daemons.output()[-3000:]}")
+
+
+@pytest.fixture(scope="module", params=RELEASES)
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    release: str = request.param
+    needs_release(release)
+    root = short_tempdir(f"mp-lua{release.replace('.', '')}-")
+    vmail = root / "vmail"
+    vmail.mkdir()
+    os.chown(vmail, NOBODY.pw_uid, NOBODY.pw_gid)
+    lmtp_socket = root / "deliver.sock"
+    daemons = Daemons(
+        root / "mp",
+        {
+            "mail": {"location": f"{vmail}/%d/%n/Maildir", "uid": NOBODY.pw_uid, "gid": NOBODY.pw_gid},
+            "authd": {
+                "sasl_listen": f"unix:{root}/auth.sock:mode=666",
+                "dict_listen": f"unix:{root}/dict.sock:mode=666",
+                "http_listen": f"tcp:{free_port()}:interface=127.0.0.1",
+                "failure_delay": "0.2s",
+                "penalty_threshold": 100,
+            },
+            "deliver": {"listen": f"unix:{lmtp_socket}:mode=666", "hostname": "deliver.test"},
+        },
+        ["authd", "deliver"],
+    )
+    store, passwords = daemons.store, daemons.config.passwords
+    store.add_domain("example.org")
+    # Stored with a capital: every spelling of the login must reach one lower-case Maildir.
+    store.add_mailbox("Alice@example.org", hash_password("alice-pw", passwords), quota_bytes=10**6)
+    store.add_mailbox("bob@example.org", hash_password("bob-pw", passwords), services=["smtp"])
+    store.add_mailbox("carol@example.org", hash_password("carol-pw", passwords))
+    store.set_enabled("carol@example.org", False)
+    store.add_app_password("alice@example.org", "laptop", hash_password("app-pw", passwords), ["imap"])
+    etc = root / "etc"
+    etc.mkdir()
+    cert, key = make_cert(root)
+    script = REPO / "authd" / "lua" / "mailplugins-auth.lua"
+    snippet = dovecot_config(daemons.config, DovecotOptions(
+        version=release, config_directory=str(etc), lua=True, lua_script=str(script),
+        lua_script_text=script.read_text(), tls_cert=str(cert), tls_key=str(key),
+    ))
+    for generated in snippet.files:  # the script with authd's port, under /tmp (seen in the root)
+        Path(generated.path).write_text(generated.text)
+    # The generated snippet as printed, then what a plaintext test client needs.
+    plaintext = ("ssl = no\nauth_allow_cleartext = yes\n" if release == "2.4"
+                 else "ssl = no\ndisable_plaintext_auth = no\n")
+    quiet = ("auth_failure_delay = 0\n"
+             "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n")
+    dovecot = make_dovecot(release, root / "dc", conf=dovecot_conf_text(snippet) + plaintext + quiet,
+                           lmtp_port=free_port(), protocols=("imap", "pop3", "lmtp"))
+    daemons.start()
+    try:
+        wait_until(lambda: unix_socket_open(lmtp_socket), what="deliver socket")
+        dovecot.start()
+        yield Stack(release, root, daemons, dovecot, lmtp_socket)
+    finally:
+        dovecot.stop()
+        daemons.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pop3_login(dovecot: Dovecot, user: str, password: str) -> str:
+    pop = poplib.POP3("127.0.0.1", dovecot.pop3_port, timeout=30)
+    try:
+        pop.user(user)
+        pop.pass_(password)
+        count, _ = pop.stat()
+        pop.quit()
+        return f"OK {count}"
+    except poplib.error_proto as exc:
+        return f"ERR {exc}"
+    finally:
+        pop.close()
+
+
+def test_mixed_case_login_reads_its_own_mail(stack: Stack) -> None:
+    """deliver stores for ALICE@, Dovecot shows it to Alice@ and alice@: one Maildir."""
+    with smtplib.LMTP(str(stack.lmtp_socket), timeout=30) as lmtp:
+        lmtp.sendmail("sender@example.net", ["ALICE@example.org"],
+                      b"Subject: hello\r\n\r\nfor every spelling\r\n")
+    maildir = Path(expand_location(stack.daemons.config.mail.location, "Alice", "example.org"))
+    assert maildir == stack.root / "vmail" / "example.org" / "alice" / "Maildir"
+    assert len(list((maildir / "new").iterdir())) == 1, stack.logs()
+    for login in ("Alice@example.org", "alice@example.org", "ALICE@EXAMPLE.ORG"):
+        assert imap_login(stack.dovecot, login, "alice-pw") == "OK b'1'", stack.logs()
+        assert pop3_login(stack.dovecot, login, "alice-pw") == "OK 1", stack.logs()
+    assert not (stack.root / "vmail" / "example.org" / "Alice").exists()
+
+
+def test_lua_passdb_outcomes(stack: Stack) -> None:
+    assert imap_login(stack.dovecot, "alice@example.org", "app-pw").startswith("OK"), stack.logs()
+    assert imap_login(stack.dovecot, "alice@example.org", "wrong").startswith("NO")
+    assert imap_login(stack.dovecot, "carol@example.org", "carol-pw").startswith("NO")
+    assert imap_login(stack.dovecot, "bob@example.org", "bob-pw").startswith("NO")  # smtp only
+    assert pop3_login(stack.dovecot, "alice@example.org", "app-pw").startswith("ERR")  # imap only
+
+
+def test_unknown_user_is_unknown_to_imap_pop3_and_lmtp(stack: Stack) -> None:
+    assert imap_login(stack.dovecot, "nobody@example.org", "x").startswith("NO")
+    assert pop3_login(stack.dovecot, "nobody@example.org", "x").startswith("ERR")
+    assert stack.dovecot.lmtp_port is not None
+    with smtplib.LMTP("127.0.0.1", stack.dovecot.lmtp_port, timeout=30) as lmtp:
+        lmtp.ehlo("test")
+        lmtp.mail("sender@example.net")
+        code, text = lmtp.rcpt("nobody@example.org")
+        assert code == 550, (code, text, stack.logs())
+        code, text = lmtp.rcpt("carol@example.org")  # disabled: unknown too
+        assert code == 550, (code, text)
+        code, _ = lmtp.rcpt("ALICE@example.org")
+        assert code == 250, stack.logs()
+
+
+def test_dovecot_lmtp_writes_where_deliver_does(stack: Stack) -> None:
+    assert stack.dovecot.lmtp_port is not None
+    maildir = Path(expand_location(stack.daemons.config.mail.location, "alice", "example.org"))
+    before = len(list((maildir / "new").iterdir())) if (maildir / "new").exists() else 0
+    with smtplib.LMTP("127.0.0.1", stack.dovecot.lmtp_port, timeout=30) as lmtp:
+        lmtp.sendmail("sender@example.net", ["Alice@Example.org"], b"Subject: via dovecot\r\n\r\nx\r\n")
+    assert len(list((maildir / "new").iterdir())) == before + 1, stack.logs()
+
+
+def test_doveadm_user_fields_and_iteration(stack: Stack) -> None:
+    found = stack.dovecot.doveadm("user", "ALICE@example.org")
+    assert found.returncode == 0, found.stdout + found.stderr + stack.logs()
+    fields = dict(line.split("\t", 1) for line in found.stdout.splitlines()[1:] if "\t" in line)
+    location = expand_location(stack.daemons.config.mail.location, "alice", "example.org")
+    assert fields["user"] == "alice@example.org"
+    assert fields["home"] == str(Path(location).parent)
+    assert fields["uid"] == str(NOBODY.pw_uid)
+    if stack.release == "2.4":
+        assert fields["mail_path"] == location
+        assert fields["quota_storage_size"] == "1000000"
+    else:
+        assert fields["mail"] == f"maildir:{location}"
+    listed = stack.dovecot.doveadm("user", "*")
+    assert listed.returncode == 0, listed.stderr + stack.logs()
+    assert listed.stdout.split() == ["alice@example.org", "bob@example.org"]
+    assert stack.dovecot.doveadm("user", "nobody@example.org").returncode == 67  # EX_NOUSER
+
+
+def test_last_login_recorded_through_authd(stack: Stack) -> None:
+    if stack.release == "2.3":
+        pytest.skip("the 2.3 snippet has no last_login (the dict module rig covers it)")
+    store = stack.daemons.store
+    assert imap_login(stack.dovecot, "Alice@example.org", "alice-pw").startswith("OK")
+    mailbox = wait_until(
+        lambda: (m := store.get_mailbox("alice@example.org")) and m.last_login_at and m,
+        timeout=10, what="last_login_at to be set",
+    )
+    assert mailbox.last_login_at is not None
+
+
+def test_authd_down_is_a_temporary_failure(stack: Stack) -> None:
+    """Never "wrong password" when authd cannot answer: Dovecot says try again later."""
+    stack.daemons.stop()
+    try:
+        answer = imap_login(stack.dovecot, "alice@example.org", "alice-pw")
+        assert answer.startswith("NO"), answer
+        assert "UNAVAILABLE" in answer or "Temporary" in answer, answer + stack.logs()
+        assert "AUTHENTICATIONFAILED" not in answer
+    finally:
+        stack.daemons.start()
+
+
+# -- master users (issue #15 item 10): imapsync-style logins through real Dovecot ----------------
+
+
+def imap_master_plain(dovecot: Dovecot, target: str, master: str, password: str) -> str:
+    """imapsync --authuser1: AUTHENTICATE PLAIN with the mailbox as authorization id."""
+    with imaplib.IMAP4("127.0.0.1", dovecot.imap_port, timeout=30) as imap:
+        try:
+            imap.authenticate("PLAIN", lambda _: f"{target}\0{master}\0{password}".encode())
+        except imaplib.IMAP4.error as exc:
+            return f"NO {exc}"
+        typ, data = imap.select("INBOX")
+        _, found = imap.search(None, "SUBJECT", '"for dave"')
+        imap.logout()
+        return f"{typ} {data[0]!r} {found[0]!r}"
+
+
+@pytest.mark.parametrize("route", ["dict", "lua"])
+def test_master_user_logs_in_as_dave_and_sees_his_mail(rig: Rig, route: str) -> None:
+    dovecot = rig.dict_dovecot if route == "dict" else rig.lua_dovecot
+    assert imap_master_plain(dovecot, "dave@example.org", "admin@example.org", "master-pw") \
+        == "OK b'1' b'1'", rig.logs()
+    # The separator form (auth_master_user_separator = *), as imapsync's user*master.
+    assert imap_login(dovecot, "dave@example.org*admin@example.org", "master-pw") == "OK b'1'", \
+        rig.logs()
+    # The master user's own mailbox is its own (empty) one.
+    assert imap_login(dovecot, "admin@example.org", "master-pw") == "OK b'0'", rig.logs()
+
+
+@pytest.mark.parametrize("route", ["dict", "lua"])
+def test_master_user_refusals_through_dovecot(rig: Rig, route: str) -> None:
+    dovecot = rig.dict_dovecot if route == "dict" else rig.lua_dovecot
+    # alice is no master user; a wrong master password.
+    assert imap_login(dovecot, "bob@example.org*alice@example.org", "alice-pw").startswith("NO")
+    assert imap_master_plain(dovecot, "bob@example.org", "alice@example.org", "alice-pw") \
+        .startswith("NO")
+    assert imap_master_plain(dovecot, "alice@example.org", "admin@example.org", "wrong") \
+        .startswith("NO")
+
+
+def test_master_user_login_is_logged_by_authd(rig: Rig) -> None:
+    imap_login(rig.lua_dovecot, "dave@example.org*admin@example.org", "master-pw")
+    wait_until(lambda: "master user admin@example.org logged in as dave@example.org"
+               in rig.daemons.output(), timeout=10, what="authd's master-user log line")
+
+
+def test_master_user_on_the_auth_client_socket(rig: Rig) -> None:
+    """doveadm auth test -M sends PLAIN with an authzid, as a master login through Postfix
+    would: refused on SMTP (master_user_smtp is off), allowed on IMAP with user= the mailbox."""
+    base = ["auth", "test", "-a", str(rig.sasl_socket), "-M", "admin@example.org"]
+    imap = rig.dict_dovecot.doveadm(*base[:4], "-x", "service=imap", *base[4:],
+                                    "dave@example.org", "master-pw")
+    assert imap.returncode == 0, imap.stdout + imap.stderr + rig.logs()
+    assert "user=dave@example.org" in imap.stdout
+    smtp = rig.dict_dovecot.doveadm(*base[:4], "-x", "service=smtp", *base[4:],
+                                    "dave@example.org", "master-pw")
+    assert smtp.returncode == 77, smtp.stdout + smtp.stderr

@@ -174,7 +174,7 @@ def test_dovecot_accepts_the_lua_variant(wired: Wired, tmp_path: Path) -> None:
     assert "  driver = lua\n" in shown
     lua = next(Path(f.path) for f in snippet.files if f.path.endswith(".lua"))
     http_port = wired.daemons.config.authd.http_listen[0].split(":")[1]  # type: ignore[union-attr]
-    assert f'"http://127.0.0.1:{http_port}/verify"' in lua.read_text()
+    assert f'local base = "http://127.0.0.1:{http_port}"' in lua.read_text()
 
 
 def test_doctor_is_happy_with_the_generated_setup(wired: Wired) -> None:
@@ -366,7 +366,9 @@ def test_generated_snippet_passes_doveconf_without_a_warning(release: str) -> No
             assert ("mail_home = " + str(root) + "/vmail/%{user | domain | lower}/"
                     "%{user | username | lower}\n") in shown.stdout
             assert "passdb pam" not in shown.stdout and "userdb passwd" not in shown.stdout
-            assert "mail_inbox_path" not in shown.stdout  # Debian's /var/mail/%{user} is undone
+            # Debian's /var/mail/%{user} is replaced: INBOX is the Maildir deliver writes to.
+            assert ("mail_inbox_path = " + str(root) + "/vmail/%{user | domain | lower}/"
+                    "%{user | username | lower}/Maildir\n") in shown.stdout
         else:
             assert f"mail_location = maildir:{root}/vmail/%d/%n/Maildir\n" in shown.stdout
             assert "  driver = lua\n" in shown.stdout

@@ -18,14 +18,14 @@ too. deliver runs with the settings that mirror Dovecot's where deliver has one:
 hard-links one file for all) and ``+detail`` into an existing folder only
 (``lmtp_save_to_detail_mailbox = yes`` without autocreate). Dovecot's userdb is a passwd-file
 holding the same users; a disabled mailbox is absent from it (Dovecot's LMTP has no
-"disabled" state of its own).
+"disabled" state of its own). The module runs once per Dovecot release the rig covers
+(the ``release`` fixture: Debian 12's 2.3 and Debian 13's 2.4), deliver being the same.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -34,8 +34,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig import Daemons, Dovecot, free_port, port_open, short_tempdir, wait_until
+from devrig.instances import dovecot_mail_location
+from devrig.release import Release
+from tests.rig import Daemons, Dovecot, RigFactory, free_port, port_open, wait_until
 from tests.support.differences import allowed_differences, unexpected, unused
+from tests.support.exim import Exim
 
 pytestmark = pytest.mark.e2e
 
@@ -82,15 +85,24 @@ def make_folder(maildir: Path, folder: str) -> None:
         os.chown(parent, NOBODY, NOBODY)
 
 
+def passwd_file_auth(release: Release, path: Path) -> str:
+    """A passwd-file passdb and userdb reading ``path``, in ``release``'s Dovecot syntax."""
+    kinds = ("passdb", "userdb")
+    if release.dovecot24:
+        return "".join(f"{kind} passwd-file {{\n  passwd_file_path = {path}\n}}\n" for kind in kinds)
+    return "".join(f"{kind} {{\n  driver = passwd-file\n  args = {path}\n}}\n" for kind in kinds)
+
+
 @pytest.fixture(scope="module")
-def pair() -> Iterator[Pair]:
-    root = short_tempdir("mpx-")
+def pair(release: Release) -> Iterator[Pair]:
+    factory = RigFactory(release, "mpx-")
+    root = factory.root
     ours, theirs = root / "ours", root / "theirs"
     for path in (ours, theirs):
         path.mkdir()
         os.chown(path, NOBODY, NOBODY)
     deliver_port, lmtp_port = free_port(), free_port()
-    daemons = Daemons(root / "mp", {
+    daemons = factory.daemons({
         "mail": {"location": f"{ours}/%d/%n/Maildir", "uid": NOBODY, "gid": NOBODY,
                  "recipient_delimiter": "+"},
         "deliver": {
@@ -115,33 +127,19 @@ def pair() -> Iterator[Pair]:
     users_file.write_text("\n".join(passwd) + "\n", encoding="utf-8")
     for mail_root in (ours, theirs):
         make_folder(mail_root / DOMAIN / "bob" / "Maildir", ".Lists")
-    dovecot = Dovecot(root, lmtp_port=lmtp_port, protocols=(), conf=f"""
-mail_location = maildir:{theirs}/%d/%n/Maildir
-mail_uid = {NOBODY}
-mail_gid = {NOBODY}
-first_valid_uid = 1
-hostname = {HOSTNAME}
-recipient_delimiter = +
-lmtp_save_to_detail_mailbox = yes
-passdb {{
-  driver = passwd-file
-  args = {users_file}
-}}
-userdb {{
-  driver = passwd-file
-  args = {users_file}
-}}
-""")
+    dovecot = factory.dovecot(lmtp_port=lmtp_port, protocols=(), conf=(
+        dovecot_mail_location(release, f"maildir:{theirs}/%d/%n/Maildir")
+        + f"mail_uid = {NOBODY}\nmail_gid = {NOBODY}\nfirst_valid_uid = 1\nhostname = {HOSTNAME}\n"
+        + "recipient_delimiter = +\nlmtp_save_to_detail_mailbox = yes\n"
+        + passwd_file_auth(release, users_file)))
     try:
-        daemons.start()
-        dovecot.start()
+        factory.start(daemons)
+        factory.start(dovecot)
         wait_until(lambda: port_open(deliver_port), what="deliver's LMTP port")
         yield Pair(Server("dovecot", lmtp_port, theirs), Server("deliver", deliver_port, ours),
                    dovecot, daemons)
     finally:
-        dovecot.stop()
-        daemons.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        factory.close()
 
 
 # -- sessions ------------------------------------------------------------------------------
@@ -340,21 +338,76 @@ def describe(name: str, result: Outcome) -> str:
             f"  transcript {result.transcript[:1500]!r}\n  files:\n{files}")
 
 
+def listed_as(case: Case, release: Release) -> str:
+    """The row that covers ``case`` on ``release``: ``<case>.dovecot<major>.<minor>`` when the
+    table has one (a difference with that Dovecot release only), else ``<case>``."""
+    major, minor = release.dovecot_version
+    specific = f"{case.id}.dovecot{major}.{minor}"
+    return specific if specific in allowed_differences(SECTION) else case.id
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_lmtp_session_like_dovecot(pair: Pair, case: Case) -> None:
+def test_lmtp_session_like_dovecot(pair: Pair, case: Case, release: Release) -> None:
     theirs = outcome(pair.dovecot, case)
     ours = outcome(pair.deliver, case)
     # Our own files are always exact (S=/W=, 0600), whatever Dovecot does.
     assert all(exact and mode == 0o600 for *_, mode, _links, exact in ours.files), describe("deliver", ours)
-    differing = {case.id} if theirs.key(case.capabilities) != ours.key(case.capabilities) else set()
+    row = listed_as(case, release)
+    differing = {row} if theirs.key(case.capabilities) != ours.key(case.capabilities) else set()
     detail = f"\n{describe('dovecot', theirs)}\n{describe('deliver', ours)}"
     assert not unexpected(differing, SECTION), (
-        f"case {case.id!r} differs from Dovecot and is not listed in docs/dovecot-differences.md"
-        + detail)
-    assert not unused(differing, SECTION, {case.id}), (
-        f"case {case.id!r} is listed in docs/dovecot-differences.md but no longer differs" + detail)
+        f"case {row!r} differs from Dovecot {release.dovecot_version} and is not listed in "
+        "docs/dovecot-differences.md" + detail)
+    assert not unused(differing, SECTION, {row}), (
+        f"case {row!r} is listed in docs/dovecot-differences.md but no longer differs" + detail)
 
 
 def test_every_listed_case_exists() -> None:
-    """A row in the table names a case of this suite (no stale rows for removed cases)."""
-    assert set(allowed_differences(SECTION)) <= {case.id for case in CASES}
+    """A row in the table names a case of this suite (no stale rows for removed cases),
+    optionally for one Dovecot release (``.dovecot2.4``)."""
+    rows = {re.sub(r"\.dovecot\d+\.\d+$", "", row) for row in allowed_differences(SECTION)}
+    assert rows <= {case.id for case in CASES}
+
+
+# -- Exim as a second LMTP client ----------------------------------------------------------
+
+#: With From:, Date: and Message-ID: given, Exim adds only its Received: line.
+EXIM_HEADER = b"From: s@origin.test\nDate: Fri, 04 Dec 2026 12:00:00 +0000\nMessage-ID: <exim@origin.test>\n"
+EXIM_MESSAGES = [
+    ("plain", [at("frank")], EXIM_HEADER + b"Subject: exim\n\nhello\n.dot\n..two\n.\nend\n"),
+    ("mixed", [at("frank"), at("nobody"), at(DISABLED), at("erin")],
+     EXIM_HEADER + b"Subject: exim mixed\n\nbody\n"),
+    ("detail-8bit", [at("bob+Lists")], EXIM_HEADER + "Subject: Grüße\n\nÖl\n".encode()),
+]
+#: What Exim itself adds (its Received: line with its queue ID and the date): not compared.
+_EXIM_RECEIVED = re.compile(rb"\nReceived: from \S+ by exim\.test with local \(Exim [^)]*\)\n(?:\t[^\n]*\n)*")
+
+
+@pytest.fixture(scope="module")
+def exim(pair: Pair) -> Exim:
+    return Exim(pair.dovecot.mail_root.parent / "exim")
+
+
+@pytest.mark.parametrize(("name", "recipients", "message"), EXIM_MESSAGES,
+                         ids=[name for name, _, _ in EXIM_MESSAGES])
+def test_exim_as_lmtp_client_gets_the_same_outcome(
+    pair: Pair, exim: Exim, name: str, recipients: list[str], message: bytes
+) -> None:
+    """Exim's lmtp transport (a real client: its own pipelining and dot-stuffing) delivers the
+    same message through Dovecot and through deliver: each recipient's result in Exim's log
+    (delivered, bounced with which code) and the stored files must agree, apart from the
+    deliberate differences (a disabled mailbox gets 5.2.1, see the table)."""
+    outcomes = {}
+    for server in (pair.dovecot, pair.deliver):
+        before = snapshot(server)
+        results = exim.send(server.port, "s@origin.test", recipients, message)
+        files = sorted(stored_file(server, path) for path in snapshot(server) - before)
+        outcomes[server.name] = (
+            {rcpt: (r.marker, r.code) for rcpt, r in results.items()},
+            [(user, folder, _EXIM_RECEIVED.sub(b"\n", content), mode, links, exact)
+             for user, folder, content, mode, links, exact in files],
+        )
+    theirs, ours = outcomes["dovecot"], outcomes["deliver"]
+    assert any(marker == "=>" for marker, _code in theirs[0].values()), theirs
+    assert ours == theirs, f"\ndovecot {theirs}\ndeliver {ours}"
+    assert all(b"(Exim" not in content for _u, _f, content, *_ in ours[1])  # compared without it

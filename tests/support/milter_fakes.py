@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 
 from mailplugins.config import parse_config
 from mailplugins.config.milterd import MilterdConfig
-from milterd.checks import DkimLike, DmarcVerdict, Headers, SignerLike, SpfLike, VerifierLike
+from milterd.checks import DkimLike, DmarcLike, DmarcVerdict, Headers, SignerLike, SpfLike, VerifierLike
+from milterd.session import from_domains
 
 AUTHSERV_ID = "mx.example.test"
 
@@ -108,14 +110,21 @@ class FakeChecks:
     def verify(self, verifier: VerifierLike) -> Deferred[list[DkimLike]]:
         return self._answer("verify", list(self.dkim))
 
-    def dmarc(self, header_from: str, dkim: Sequence[DkimLike], spf: SpfLike,
-              spf_domain: str) -> Deferred[DmarcVerdict]:
+    def dmarc(self, from_values: Sequence[str], dkim: Sequence[DkimLike], spf: SpfLike,
+              spf_domain: str) -> Deferred[DmarcLike]:
+        """Like milterd.dmarc for the From: cases; the verdict per domain from dmarc_verdicts."""
+        count, _addresses, domains = from_domains([("From", v) for v in from_values])
+        header_from = domains[0] if count == 1 and domains and all(domains) else ""
         self.dmarc_calls.append((header_from, spf_domain))
+        if not header_from:
+            return self._answer("dmarc", DmarcVerdict("permerror", "", "none", "no usable From"))
         verdict = self.dmarc_verdicts.get(header_from, DmarcVerdict("none", header_from, "none"))
+        if verdict.result == "fail":
+            verdict = dataclasses.replace(verdict, disposition=verdict.policy)
         return self._answer("dmarc", verdict)
 
-    def authentication_results(self, dkim: Sequence[DkimLike], spf: SpfLike, dmarc: DmarcVerdict,
-                               disposition: str) -> str:
+    def authentication_results(self, dkim: Sequence[DkimLike], spf: SpfLike, dmarc: DmarcLike,
+                               disposition: str, *, mailfrom: str, helo: str) -> str:
         parts = [f"dkim={d.result} header.d={d.domain}" for d in dkim] or ["dkim=none"]
         return (f" {self.authserv_id}; " + "; ".join(parts) + f"; spf={spf.result}; dmarc={dmarc.result}"
                 f" (p={dmarc.policy} dis={disposition}) header.from={dmarc.header_from}")

@@ -88,6 +88,7 @@ def test_userdb_for_dovecot24_and_the_user_list() -> None:
         "home": "/srv/vmail/example.org/alice",
         "mail_driver": "maildir",
         "mail_path": "/srv/vmail/example.org/alice/Maildir",
+        "mail_inbox_path": "/srv/vmail/example.org/alice/Maildir",
         "uid": 5000,
         "gid": 5001,
         "quota_storage_size": "1000",
@@ -138,11 +139,11 @@ def test_iterate_lists_enabled_users() -> None:
     reply = rig.send(HELLO + b"I0\t0\tshared/userdb/\t*\n")
     lines = reply.split(b"\n")
     assert [line.split(b"\t")[0] for line in lines[:-2]] == [
-        b"Oshared/userdb/Alice@example.org", b"Oshared/userdb/bob@example.org",
+        b"Oshared/userdb/alice@example.org", b"Oshared/userdb/bob@example.org",
     ]
     assert lines[-2:] == [b"", b""]
     reply = rig.send(b"I8\t1\tshared/userdb/\t*\n")
-    assert reply == b"Oshared/userdb/Alice@example.org\t\n\n"
+    assert reply == b"Oshared/userdb/alice@example.org\t\n\n"
 
 
 def test_database_failure_answers_f() -> None:
@@ -213,3 +214,22 @@ def test_userdb_fields_without_maildir_suffix() -> None:
     assert fields["home"] == "/srv/vmail/example.org/bob"
     assert fields["mail"] == "maildir:/srv/vmail/example.org/bob"
     assert "quota_rule" not in fields
+
+
+def test_master_user_keys() -> None:
+    """Dovecot's master passdb (``master = yes``) reads ``master/[<service>/]<user>``."""
+    rig = Rig()
+    backend = rig.backend
+    assert backend.lookup("shared/master/bob@example.org") is None  # not a master user
+    rig.store.set_master("bob@example.org", True)
+    assert json.loads(backend.lookup("shared/master/BOB@example.org") or "null") == {
+        "password": "{PLAIN}y", "user": "bob@example.org"}
+    assert backend.lookup("shared/master/imap/bob@example.org") is not None
+    # The master's own service flags do not matter (it logs in as someone else)...
+    assert backend.lookup("shared/master/pop3/bob@example.org") is not None
+    # ... but SMTP is refused unless authd.master_user_smtp, and a disabled master is unknown.
+    assert backend.lookup("shared/master/smtp/bob@example.org") is None
+    rig.store.set_enabled("bob@example.org", False)
+    assert backend.lookup("shared/master/bob@example.org") is None
+    # The ordinary passdb key never says who is a master user.
+    assert backend.lookup("shared/passdb/alice@example.org") is not None

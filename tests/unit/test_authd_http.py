@@ -126,7 +126,8 @@ def test_userdb_answers_the_lua_userdb_in_each_release_s_names() -> None:
     assert code == 200
     assert body.decode().split("\n") == [
         "user=bob@example.org", "home=/srv/vmail/example.org/bob", "mail_driver=maildir",
-        "mail_path=/srv/vmail/example.org/bob/Maildir", "uid=5000", "gid=5001",
+        "mail_path=/srv/vmail/example.org/bob/Maildir",
+        "mail_inbox_path=/srv/vmail/example.org/bob/Maildir", "uid=5000", "gid=5001",
         "quota_storage_size=2048", "",
     ]
     code, body = ask(site, "/userdb", {"user": "bob@example.org", "dovecot": "2.3"})
@@ -152,3 +153,18 @@ def test_lookups_tempfail_when_the_database_is_down() -> None:
     rig.db_down = True
     assert ask(site, "/userdb", {"user": "alice@example.org"})[0] == 503
     assert ask(site, "/users", {})[0] == 503
+
+
+def test_master_user_login_through_authzid() -> None:
+    """The Lua master passdb sends Dovecot's login_user as authzid."""
+    rig = Rig()
+    rig.store.add_mailbox("admin@example.org", rig.hash("master-pw"))
+    master = {"user": "admin@example.org", "password": "master-pw", "service": "imap",
+              "authzid": "alice@example.org"}
+    assert status(rig, master) == 403  # not a master user yet
+    rig.store.set_master("admin@example.org", True)
+    rig.clock.advance(10)  # past lookup_cache_ttl
+    assert status(rig, master) == 200
+    assert status(rig, {**master, "authzid": "nobody@example.org"}) == 404
+    assert status(rig, {**master, "service": "smtp"}) == 403
+    assert rig.metric("master_logins_total") == 1

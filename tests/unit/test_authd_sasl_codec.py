@@ -100,7 +100,7 @@ def test_login_with_initial_response_goes_to_password() -> None:
 def test_bad_base64_fails_the_request_only() -> None:
     s = session()
     out = sent(feed(s, HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\tresp=!!!!\n"))
-    assert out == b"FAIL\t1\treason=Invalid base64 data in initial response\n"
+    assert out == b"FAIL\t1\tcode=invalid_base64\treason=Invalid base64 data in initial response\n"
     assert not s.closed
     feed(s, b"AUTH\t2\tPLAIN\tservice=smtp\n")
     assert sent(feed(s, b"CONT\t2\t%%%\n")).startswith(b"FAIL\t2\t")
@@ -111,10 +111,13 @@ def test_unknown_mechanism_drops() -> None:
     assert isinstance(drop, Drop)
 
 
-def test_other_authzid_is_refused() -> None:
+def test_other_authzid_goes_to_the_verifier() -> None:
+    """A master-user login (authzid = the mailbox, authcid = the master): the verifier decides."""
     resp = b64(b"bob@example.org\0alice@example.org\0s3cret")
-    out = sent(feed(session(), HELLO + f"AUTH\t1\tPLAIN\tservice=smtp\tresp={resp}\n".encode()))
-    assert out == b"FAIL\t1\tuser=alice@example.org\tcode=authz_fail\treason=Authorization failed\n"
+    (verify,) = feed(session(), HELLO + f"AUTH\t1\tPLAIN\tservice=imap\tresp={resp}\n".encode())
+    assert isinstance(verify, Verify)
+    assert verify.credentials.authzid == "bob@example.org"
+    assert verify.credentials.authcid == "alice@example.org"
 
 
 def test_same_authzid_is_accepted() -> None:
@@ -168,10 +171,17 @@ def test_over_long_line_drops_before_the_newline() -> None:
     assert isinstance(drop, Drop)
 
 
-def test_too_many_requests_drops() -> None:
+def test_one_request_over_the_limit_fails_alone() -> None:
     s = session(max_requests=2)
     feed(s, HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\nAUTH\t2\tPLAIN\tservice=smtp\n")
-    assert isinstance(feed(s, b"AUTH\t3\tPLAIN\tservice=smtp\n")[0], Drop)
+    out = sent(feed(s, b"AUTH\t3\tPLAIN\tservice=smtp\n"))
+    assert out == b"FAIL\t3\tcode=temp_fail\treason=Too many pending requests\n"
+    assert not s.closed
+    assert sorted(s.requests) == [1, 2]
+    # The requests in flight go on; once one finishes there is room again.
+    assert isinstance(feed(s, b"CONT\t1\t" + ALICE.encode() + b"\n")[0], Verify)
+    s.verified(1, Outcome.OK, "alice@example.org")
+    assert sent(feed(s, b"AUTH\t3\tPLAIN\tservice=smtp\n")) == b"CONT\t3\t\n"
 
 
 def test_cont_for_unknown_id_fails_like_dovecot() -> None:
@@ -179,10 +189,59 @@ def test_cont_for_unknown_id_fails_like_dovecot() -> None:
     assert out == b"FAIL\t9\treason=Authentication request timed out\n"
 
 
-def test_cont_while_verifying_drops() -> None:
+def test_cont_while_verifying_fails_that_request_like_dovecot() -> None:
     s = session()
     feed(s, HELLO + POSTFIX_AUTH)
-    assert isinstance(feed(s, b"CONT\t1\tAAAA\n")[0], Drop)
+    out = sent(feed(s, b"CONT\t1\tAAAA\n"))
+    assert out == b"FAIL\t1\tuser=alice@example.org\treason=Unexpected continuation\n"
+    assert not s.closed
+    # The verification's late answer is thrown away, as Dovecot does.
+    assert s.verified(1, Outcome.OK, "alice@example.org") == []
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (b"AUTH\t4\tPLAIN\tservice=\n", b"FAIL\t4\treason=Invalid service\n"),
+        (b"AUTH\t4\tPLAIN\tservice=sm\xfftp\n", b"FAIL\t4\treason=Invalid service\n"),
+        (b"AUTH\t4\tPLAIN\tservice=smtp\x01r\n", b"FAIL\t4\treason=Invalid service\n"),
+        (b"AUTH\t4\tPLAIN\tprotocol=\n", b"FAIL\t4\treason=Invalid service\n"),
+        # A byte that is not UTF-8 in a parameter nobody reads changes nothing.
+        (b"AUTH\t4\tPLAIN\tservice=smtp\tsession=\xff\n", b"CONT\t4\t\n"),
+        (b"AUTH\t4\tPLAIN\tservice=smtp\trip=\xff\n", b"CONT\t4\t\n"),
+        (b"AUTH\t4\tPLAIN\tservice=smtp\tresp=\xff\n",
+         b"FAIL\t4\tcode=invalid_base64\treason=Invalid base64 data in initial response\n"),
+    ],
+    ids=["empty-service", "0xff-service", "control-service", "empty-protocol", "0xff-session",
+         "0xff-rip", "0xff-resp"],
+)
+def test_malformed_request_fails_alone(line: bytes, reply: bytes) -> None:
+    s = session()
+    assert sent(feed(s, HELLO + line)) == reply
+    assert not s.closed
+    assert isinstance(feed(s, POSTFIX_AUTH)[0], Verify)
+
+
+def test_dovecot_24_client_request() -> None:
+    """What ``doveadm auth test`` from Dovecot 2.4 sends: VERSION 1 3, protocol=, final-resp-ok."""
+    s = session()
+    feed(s, b"VERSION\t1\t3\nCPID\t4242\n")
+    line = f"AUTH\t1\tPLAIN\tprotocol=imap\tfinal-resp-ok\tsecured=tls\tsession=abc\t" \
+           f"lip=127.0.0.1\trip=192.0.2.7\tlport=143\trport=50000\tresp={ALICE}\n"
+    (verify,) = feed(s, line.encode())
+    assert isinstance(verify, Verify)
+    assert (verify.service, verify.remote_ip, verify.secured) == ("imap", "192.0.2.7", True)
+    assert verify.credentials.authcid == "alice@example.org"
+    assert s.client_minor == 3
+
+
+def test_version_13_keeps_an_empty_resp_as_an_empty_response() -> None:
+    """From minor 2 on, ``resp=`` is an empty initial response (Dovecot), not an absent one."""
+    s = session()
+    feed(s, b"VERSION\t1\t3\nCPID\t1\n")
+    assert sent(feed(s, b"AUTH\t1\tPLAIN\tprotocol=smtp\tresp=\n")) == (
+        b"FAIL\t1\treason=Invalid input\n"
+    )
 
 
 def test_client_abort_star() -> None:

@@ -24,6 +24,8 @@ from tests.unit.test_authd_verify import Rig
 
 GOOD = plain("alice@example.org", "s3cret")
 AUTH_OK = b"OK\t1\tuser=alice@example.org\n"
+BAD_INITIAL = b"FAIL\t1\tcode=invalid_base64\treason=Invalid base64 data in initial response\n"
+BAD_CONTINUED = b"FAIL\t1\tcode=invalid_base64\treason=Invalid base64 data in continued response\n"
 
 
 def sasl(rig: Rig | None = None) -> tuple[Rig, AuthClientProtocol, StringTransport]:
@@ -51,8 +53,6 @@ def auth(request_id: int = 1, resp: str = GOOD, extra: str = "") -> bytes:
         HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\tresp=" + b"A" * 17000 + b"\n",
         HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\0\tresp=" + GOOD.encode() + b"\n",
         b"\0VERSION\t1\t0\n",
-        HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\trip=\xff\n",  # invalid UTF-8
-        HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\x011x\tresp=" + GOOD.encode() + b"\n",  # escaped ^A
         HELLO + b"FOO\t1\n",  # unknown command
         HELLO + b"\n",  # empty line
         b"GET / HTTP/1.0\r\n\r\n",
@@ -65,8 +65,8 @@ def auth(request_id: int = 1, resp: str = GOOD, extra: str = "") -> bytes:
         HELLO + b"AUTH\t1\tLOGIN\tservice=smtp\nAUTH\t1\tLOGIN\tservice=smtp\n",  # duplicate id
     ],
     ids=[
-        "overlong-partial", "overlong-complete", "nul-in-field", "nul-first", "invalid-utf8",
-        "control-char-in-service", "unknown-command", "empty-line", "http", "auth-before-version",
+        "overlong-partial", "overlong-complete", "nul-in-field", "nul-first", "unknown-command",
+        "empty-line", "http", "auth-before-version",
         "auth-before-cpid", "bad-version", "unknown-mechanism", "malformed-id", "no-service",
         "duplicate-id",
     ],
@@ -87,11 +87,11 @@ def test_sasl_protocol_violations_drop_without_a_reply(data: bytes) -> None:
     ("data", "reply"),
     [
         # Bad base64 is a failed exchange, not a broken protocol: FAIL, the connection stays.
-        (HELLO + auth(resp="!!!!"), b"FAIL\t1\treason=Invalid base64 data in initial response\n"),
-        (HELLO + auth(resp="QUJ"), b"FAIL\t1\treason=Invalid base64 data in initial response\n"),
-        (HELLO + auth(resp="QU JD"), b"FAIL\t1\treason=Invalid base64 data in initial response\n"),
+        (HELLO + auth(resp="!!!!"), BAD_INITIAL),
+        (HELLO + auth(resp="QUJ"), BAD_INITIAL),
+        (HELLO + auth(resp="QU JD"), BAD_INITIAL),
         (HELLO + b"AUTH\t1\tLOGIN\tservice=smtp\nCONT\t1\t%%%\n",
-         b"CONT\t1\tVXNlcm5hbWU6\nFAIL\t1\treason=Invalid base64 data in continued response\n"),
+         b"CONT\t1\tVXNlcm5hbWU6\n" + BAD_CONTINUED),
         # Valid base64 of something that is not PLAIN, or not UTF-8.
         (HELLO + auth(resp=base64.b64encode(b"no nul at all").decode()),
          b"FAIL\t1\treason=Invalid input\n"),
@@ -102,16 +102,25 @@ def test_sasl_protocol_violations_drop_without_a_reply(data: bytes) -> None:
         (HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\nCONT\t1\t\n",
          b"CONT\t1\t\nFAIL\t1\treason=Invalid input\n"),
         (HELLO + b"AUTH\t1\tLOGIN\tservice=smtp\nCONT\t1\t*\n",
-         b"CONT\t1\tVXNlcm5hbWU6\nFAIL\t1\treason=Authentication aborted by client\n"),
+         b"CONT\t1\tVXNlcm5hbWU6\n" + BAD_CONTINUED),
         # A CONT for a request that is gone (Postfix after our timeout).
         (HELLO + b"CONT\t7\tAAAA\n", b"FAIL\t7\treason=Authentication request timed out\n"),
         # Unknown AUTH parameters are ignored, as Dovecot does.
         (HELLO + auth(extra="x-future=1\t"), AUTH_OK),
+        # A malformed request whose id is readable fails alone (issue #15 item 8).
+        (HELLO + b"AUTH\t1\tPLAIN\tservice=\tresp=" + GOOD.encode() + b"\n",
+         b"FAIL\t1\treason=Invalid service\n"),
+        (HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\x011x\tresp=" + GOOD.encode() + b"\n",
+         b"FAIL\t1\treason=Invalid service\n"),
+        (HELLO + b"AUTH\t1\tPLAIN\tservice=smtp\trip=\xff\tresp=" + GOOD.encode() + b"\n", AUTH_OK),
+        (HELLO + b"AUTH\t1\tPLAIN\tservice=sm\xfftp\tresp=" + GOOD.encode() + b"\n",
+         b"FAIL\t1\treason=Invalid service\n"),
     ],
     ids=[
         "bad-base64", "bad-base64-padding", "bad-base64-space", "bad-base64-cont", "plain-without-nul",
         "plain-invalid-utf8", "plain-three-nuls", "plain-empty-cont", "login-abort",
-        "cont-unknown-id", "unknown-parameter",
+        "cont-unknown-id", "unknown-parameter", "empty-service", "control-char-in-service",
+        "invalid-utf8-rip", "invalid-utf8-service",
     ],
 )
 def test_sasl_failed_exchanges_are_answered_and_keep_the_connection(

@@ -126,6 +126,19 @@ def test_round_trip(cli: Cli) -> None:
     store.engine.dispose()
 
 
+def test_master_user(cli: Cli) -> None:
+    cli.ok("domain", "add", "example.org")
+    cli.ok("user", "add", "admin@example.org", "--password-stdin", stdin="pw\n")
+    assert "is a master user" in cli.ok("user", "master", "admin@example.org", "on")
+    (row,) = json.loads(cli.ok("user", "list", "--json"))
+    assert row["master"] is True
+    assert cli.ok("user", "list").split()[-1] == "master"
+    assert "no longer" in cli.ok("user", "master", "admin@example.org", "off")
+    assert json.loads(cli.ok("user", "list", "--json"))[0]["master"] is False
+    assert "does not exist" in cli.fails(1, "user", "master", "nobody@example.org", "on")
+    assert cli("user", "master", "admin@example.org", "maybe")[0] == 2
+
+
 def test_check_config(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(f"database:\n  url: sqlite:///{tmp_path}/m.db\n")

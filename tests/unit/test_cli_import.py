@@ -170,3 +170,30 @@ def test_imported_doveadm_hashes_verify(config: Path) -> None:
         assert check_password(f"secret {number}", record.password)
         assert not check_password("wrong", record.password)
     store.engine.dispose()
+
+
+def test_import_names_accounts_that_can_never_log_in(config: Path, tmp_path: Path) -> None:
+    """authd refuses empty passwords: an imported hash of "" locks the account, and says so."""
+    from passlib.hash import sha512_crypt
+
+    empty_sha512 = "{SHA512-CRYPT}" + sha512_crypt.using(rounds=5000).hash("")
+    passwd = tmp_path / "users"
+    passwd.write_text(
+        f"alice@example.org:{SHA512}\n"
+        f"empty@example.org:{empty_sha512}\n"
+        "plain@example.org:{PLAIN}\n"
+        "broken@example.org:{SHA512-CRYPT}$6$nonsense\n"
+    )
+    run(config, "domain", "add", "example.org")
+    status, out, err = run(config, "user", "import", str(passwd))
+    assert status == 0
+    assert out == "imported 4, skipped 0 existing, 0 failed; 3 imported can never log in\n"
+    lines = err.splitlines()
+    assert lines[0] == (
+        f"{passwd}:2: empty@example.org can never log in: its password is empty, and authd "
+        "refuses empty passwords (set one with: mailplugins user passwd)"
+    )
+    assert lines[1].startswith(f"{passwd}:3: plain@example.org can never log in: its password is empty")
+    assert lines[2].startswith(f"{passwd}:4: broken@example.org can never log in: its stored hash "
+                               "cannot be checked")
+    assert len(lines) == 3

@@ -193,3 +193,22 @@ def test_keygen_refuses_a_world_readable_sqlite_database(tmp_path: Path) -> None
     assert "is readable by every local user" in err and f"chmod o-rwx {directory}" in err
     os.chmod(directory, 0o750)
     cli.ok("dkim", "keygen", "example.org", "--algorithm", "ed25519")
+
+
+def test_activate_and_doctor_ask_milterd_nameservers(tmp_path: Path, stub: StubDNS) -> None:
+    config = tmp_path / "mailplugins.yaml"
+    config.write_text(yaml.safe_dump({
+        "database": {"url": f"sqlite:///{tmp_path}/mail.db"},
+        "milterd": {"listen": "tcp:0:interface=127.0.0.1", "nameservers": [stub.nameserver],
+                    "dns_timeout": 2},
+    }))
+    cli = Cli(config)
+    cli.ok("db", "upgrade")
+    name, strings = _zone_record(cli.ok("dkim", "keygen", "example.org", "--algorithm", "ed25519"))
+    assert "has no TXT record" in cli.fails(1, "dkim", "activate", "example.org", name.split(".")[0])
+    assert stub.queries == [(name, "TXT", "udp")]  # asked milterd's server, not the system's
+    stub.add(name, "TXT", [s.encode() for s in strings])
+    cli.ok("dkim", "activate", "example.org", name.split(".")[0])
+    status, out, _err = cli("doctor", "--dns", "--no-postfix", "--no-dovecot")
+    assert status == 1 and "dns: _dmarc.example.org TXT: no DMARC record" in out
+    assert ("_dmarc.example.org", "TXT", "udp") in stub.queries

@@ -200,3 +200,25 @@ def test_parse_tags_and_selectors() -> None:
     assert parse_tags(" v=DMARC1 ;P = reject; junk; rua=mailto:a@b; p=none") == {
         "v": "DMARC1", "p": "reject", "rua": "mailto:a@b"}
     assert normalise_selector(" MP2026.Foo-1 ") == "mp2026.foo-1"
+
+
+def test_key_store_gives_the_signer_its_keys(engine: Engine) -> None:
+    from milterd.dkim import SigningKey
+    from milterd.keys import KeyStore
+
+    keys = DkimKeys(engine, Clock())
+    store = KeyStore(engine)
+    assert store.signing_keys("example.org") == []
+    for selector, key_type in (("r1", "rsa"), ("e1", "ed25519"), ("r2", "rsa")):
+        keys.generate("example.org", selector=selector, key_type=key_type)
+        keys.activate("example.org", selector)
+    found = store.signing_keys("example.org")
+    assert [(k.domain, k.selector, k.algorithm) for k in found] == [
+        ("example.org", "r2", "rsa-sha256"), ("example.org", "e1", "ed25519-sha256")]
+    assert all(isinstance(k, SigningKey) for k in found)
+    assert isinstance(serialization.load_pem_private_key(found[0].private_key_pem, None), rsa.RSAPrivateKey)
+    assert isinstance(serialization.load_pem_private_key(found[1].private_key_pem, None),
+                      ed25519.Ed25519PrivateKey)
+    assert "PRIVATE" not in repr(found)
+    keys.retire("example.org", "e1")
+    assert [k.selector for k in store.signing_keys("example.org")] == ["r2"]

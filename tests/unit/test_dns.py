@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailplugins.dns import DnsTempError, mx_records, parse_nameserver, txt_records
+from mailplugins.dns import DnsTempError, mx_records, name_exists, parse_nameserver, txt_records
 from tests.support.stubdns import StubDNS, stub_dns
 
 
@@ -95,3 +95,12 @@ def test_parse_nameserver(text: str, parsed: tuple[str, int]) -> None:
 def test_parse_nameserver_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="expected"):
         parse_nameserver(text)
+
+
+def test_name_exists(stub: StubDNS) -> None:
+    stub.add("mail.example.com", "MX", (10, "mx.example.com"))
+    assert name_exists("mail.example.com", nameservers=[stub.nameserver], timeout=2)
+    assert not name_exists("nothing.example.com", nameservers=[stub.nameserver], timeout=2)
+    stub.servfail.add("broken.example.com")
+    with pytest.raises(DnsTempError):
+        name_exists("broken.example.com", nameservers=[stub.nameserver], timeout=2)

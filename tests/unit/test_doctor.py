@@ -375,6 +375,7 @@ dovecot_storage_version = 2.4.0
 mail_driver = maildir
 mail_gid = 5000
 mail_home = /var/vmail/%{user | domain | lower}/%{user | username | lower}
+mail_inbox_path = /var/vmail/%{user | domain | lower}/%{user | username | lower}/Maildir
 mail_path = /var/vmail/%{user | domain | lower}/%{user | username | lower}/Maildir
 mail_plugins {
   last_login = yes
@@ -408,7 +409,7 @@ def snippet24() -> Any:
 def live24(text: str = DOVECONF_24) -> DovecotLive:
     # doctor reads settings from -a, where defaults are shown: add the two it checks.
     parsed = parse_doveconf(text)
-    settings = {"auth_allow_cleartext": "no", "mail_inbox_path": "", **parsed.settings}
+    settings = {"auth_allow_cleartext": "no", **parsed.settings}
     return DovecotLive(settings, parsed.passdbs, parsed.userdbs, parsed.everywhere)
 
 

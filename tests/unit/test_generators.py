@@ -308,7 +308,7 @@ def test_dovecot24_names_named_lua_blocks_and_translated_paths() -> None:
     assert settings["mail_home"] == "/var/vmail/%{user | domain | lower}/%{user | username | lower}"
     assert settings["mail_path"] == (
         "/var/vmail/%{user | domain | lower}/%{user | username | lower}/Maildir")
-    assert settings["mail_inbox_path"] == ""
+    assert settings["mail_inbox_path"] == settings["mail_path"]
     for gone in ("mail_location", "disable_plaintext_auth", "ssl_cert", "ssl_key"):
         assert gone not in settings
     lua = {"name": "lua", "driver": "lua", "lua_file": "/usr/lib/x/authd/lua/mailplugins-auth.lua"}

@@ -147,3 +147,47 @@ def test_config_errors_name_the_key() -> None:
         parse_config({"database": {"url": "sqlite://"}, "milterd": {}})
     assert config().milterd.nameservers == ()  # type: ignore[union-attr]
     assert config(nameservers=["127.0.0.1:5353"]).milterd.nameservers == (("127.0.0.1", 5353),)  # type: ignore[union-attr]
+
+
+class OneKeyEach:
+    """Real keys (cryptography), as milterd.keys.KeyStore hands them out."""
+
+    def __init__(self) -> None:
+        from mailplugins.dkim_keys import generate_key
+        from milterd.dkim import SigningKey
+
+        self.records: dict[str, list[bytes] | None] = {}
+        self.keys = []
+        for selector, kind, algorithm in (("r1", "rsa", "rsa-sha256"), ("e1", "ed25519", "ed25519-sha256")):
+            pem, public, _bits = generate_key(kind)
+            self.keys.append(SigningKey("example.org", selector, algorithm, pem))
+            self.records[f"{selector}._domainkey.example.org"] = [
+                f"v=DKIM1; k={kind}; p={public}".encode()]
+
+    def signing_keys(self, domain: str) -> list[Any]:
+        return list(self.keys) if domain == "example.org" else []
+
+
+def test_signatures_made_through_live_checks_verify_through_them() -> None:
+    keys = OneKeyEach()
+    store = make_store()
+    checks = LiveChecks(milterd_config(), store=store, db_run=sync_run, cpu_run=sync_run,
+                        dns_run=sync_run, clock=Clock(), delimiters="+", key_store=keys,
+                        txt_lookup=lambda name: keys.records.get(name), now=lambda: 1_800_000_000)
+    headers = [("From", " Alice <alice@example.org>"), ("To", " bob@example.net"),
+               ("Subject", " hello\r\n\tfolded")]
+    signer = result_of(checks.signer("example.org", headers))
+    body = b"Hello Bob,\r\n\r\nsee you.\r\n"
+    signer.feed(body[:7])
+    signer.feed(body[7:])
+    signatures = result_of(checks.sign(signer))
+    assert [s.split("a=", 1)[1].split(";", 1)[0] for s in signatures] == ["rsa-sha256", "ed25519-sha256"]
+    signed = [("DKIM-Signature", s) for s in signatures] + headers
+    verifier = checks.verifier(signed)
+    verifier.feed(body)
+    results = result_of(checks.verify(verifier))
+    assert [(r.result, r.domain) for r in results] == [("pass", "example.org"), ("pass", "example.org")]
+    altered = checks.verifier(signed)
+    altered.feed(body + b"P.S.\r\n")
+    assert {r.result for r in result_of(checks.verify(altered))} == {"fail"}
+    assert result_of(checks.signer("example.net", headers)) is None

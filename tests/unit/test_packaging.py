@@ -34,7 +34,7 @@ def test_installed_distribution_has_the_daemons_and_the_command() -> None:
     distribution = importlib.metadata.distribution("mailplugins")
     daemons = {entry.name for entry in distribution.entry_points if entry.group == "mailplugins.daemons"}
     scripts = {entry.name for entry in distribution.entry_points if entry.group == "console_scripts"}
-    assert {"policyd", "authd", "deliver", "milterd"} <= daemons
+    assert daemons == {"policyd", "authd", "deliver", "milterd"}
     assert "mailplugins" in scripts
     assert distribution.metadata["License-Expression"] == "MIT"
 

@@ -1,14 +1,14 @@
 """DKIM signing keys (milterd), pending -> active -> retired.
 
 Revision ID: 0005
-Revises: 0003 (0004, authd's master users, is chained in before this when it lands)
+Revises: 0004
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
