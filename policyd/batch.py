@@ -13,7 +13,7 @@ Each check keeps its own semantics: it runs inside a ``SAVEPOINT`` (a check that
 rolled back alone and fails alone), its statements see the checks before it in the same
 transaction, and nothing is answered before the commit succeeded (a failed commit fails every
 check of the batch, and each answers its fallback). Counting stays atomic: SQLite's write lock
-is taken at the start of the batch (:func:`policyd.state._write_lock`) and held to its commit.
+is taken at the start of the batch (:func:`policyd.sql.transactions.write_lock`) and held to its commit.
 
 Only SQLite batches (see :func:`batching_runner`). PostgreSQL and MariaDB run many writers at
 once, and a batch would hold the row locks of every subject in it until its commit, making
@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mailplugins.threads import RunInPool
-from policyd.state import _one_writer, _write_lock
+from policyd.sql.transactions import one_writer, write_lock
 
 #: Most checks in one transaction: bounds how long the write lock is held.
 MAX_BATCH = 200
@@ -45,10 +45,10 @@ def run_batch(engine: Engine, jobs: Sequence[_Job]) -> list[tuple[bool, Any]]:
     nothing) when the transaction itself fails. Runs in a database thread.
     """
     results: list[tuple[bool, Any]] = []
-    with _one_writer(engine), engine.connect() as conn:
+    with one_writer(engine), engine.connect() as conn:
         conn.begin()
         try:
-            _write_lock(conn)
+            write_lock(conn)
             cursor = conn.connection.cursor()
             for fn, args, kwargs in jobs:
                 cursor.execute("SAVEPOINT policy_check")
@@ -69,7 +69,7 @@ class GroupCommit:
     """A runner with the database pool's signature whose work is run in batches.
 
     ``run(fn, engine, *args, **kwargs)`` runs ``fn(connection, *args, **kwargs)``: ``fn`` is a
-    :mod:`policyd.state` check, which takes an Engine or a Connection in its transaction. At
+    :mod:`policyd.sql` check, which takes an Engine or a Connection in its transaction. At
     most one batch is in the pool at a time (SQLite has one writer anyway); checks submitted
     meanwhile form the next one.
     """

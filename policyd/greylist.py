@@ -31,7 +31,7 @@ from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 from policyd.codec import PolicyRequest
 from policyd.ratelimit import Clock, Pending
-from policyd.state import GreylistResult, GreylistTiming, greylist_check
+from policyd.sql.greylist import GreylistResult, GreylistTiming, greylist_check
 
 log = Logger(namespace="policyd.greylist")
 

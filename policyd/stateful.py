@@ -40,7 +40,8 @@ from policyd.codec import PolicyRequest
 from policyd.greylist import Greylister
 from policyd.ratelimit import Clock, RateLimiter
 from policyd.spf import SPFChecker, SPFOutcome
-from policyd.state import GreylistTiming, purge
+from policyd.sql.greylist import GreylistTiming
+from policyd.sql.purge import purge
 
 log = Logger(namespace="policyd.stateful")
 

@@ -6,7 +6,7 @@ They live on the same :class:`~mailplugins.db.base.Base` so one Alembic history 
 comparisons (``last_seen < cutoff``) are plain integer range scans on every backend.
 
 Several MX hosts share these rows, so every write that must be atomic is one upsert or one
-transaction holding a row lock (see :mod:`policyd.state`).
+transaction holding a row lock (see :mod:`policyd.sql`).
 """
 
 from __future__ import annotations

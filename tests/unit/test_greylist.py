@@ -29,7 +29,8 @@ from policyd.greylist import (
     whitelisted,
 )
 from policyd.spf import SPFResult
-from policyd.state import GreylistTiming, greylist_check, purge
+from policyd.sql.greylist import GreylistTiming, greylist_check
+from policyd.sql.purge import purge
 from policyd.stateful import StatefulChecks
 from tests.support.sync import migrated_engine, result_of, sync_run
 
