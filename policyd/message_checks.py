@@ -43,7 +43,7 @@ from policyd.spf import SPFChecker, SPFOutcome
 from policyd.sql.greylist import GreylistTiming
 from policyd.sql.purge import purge
 
-log = Logger(namespace="policyd.stateful")
+log = Logger(namespace="policyd.message_checks")
 
 
 
