@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_writethrough -*-
 """Answers sent at once, for request/response protocols whose peer waits for each answer.
 
 Twisted queues every ``transport.write`` for the next reactor turn: an ``epoll_ctl`` to watch for

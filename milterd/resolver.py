@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_milterd_resolver -*-
+# -*- test-case-name: tests.unit.test_milterd_live -*-
 """TXT lookups for milterd: blocking DNS in a thread pool, bounded in time, cached, shared.
 
 The lookup itself is :func:`mailplugins.dns.txt_records` (injected, so tests pass a dict). Each

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_policyd_lookups -*-
+# -*- test-case-name: tests.unit.test_policyd_service -*-
 """Database lookups for the rules, cached in memory with a short TTL.
 
 Every lookup runs the synchronous :class:`~mailplugins.store.Store` method through ``run``
