@@ -67,3 +67,20 @@ def test_worker_pool_errors_arrive_as_failures() -> None:
         assert result.check(ZeroDivisionError)
     finally:
         pool.stop()
+
+
+def test_the_sync_fake_fails_as_the_pool_does() -> None:
+    """Unit tests' SyncPool reports an exception through the Deferred, like WorkerPool.run."""
+    from tests.support.sync import SyncPool, result_of
+
+    def boom() -> None:
+        raise KeyError("x")
+
+    failure = result_of(SyncPool().run(boom))
+    assert isinstance(failure, Failure) and failure.check(KeyError)
+    pool = WorkerPool(DirectReactor(), "test", 1)
+    try:
+        real = wait_for(pool.run(boom))
+        assert isinstance(real, Failure) and real.check(KeyError)
+    finally:
+        pool.stop()
