@@ -282,7 +282,7 @@ def test_dict_protocol_violations_drop_without_a_reply(data: bytes) -> None:
         (b"Lshared/other/key\n", b"N\n"),
         (b"Lshared/passdb/a%b@example.org\n", b"N\n"),
         (b"I0\t0\tshared/quota/\n", b"\n"),
-        (b"I0\t0\tshared/userdb/\n", b"Oshared/userdb/Alice@example.org\t"),
+        (b"I0\t0\tshared/userdb/\n", b"Oshared/userdb/alice@example.org\t"),
     ],
     ids=["nul-in-key", "nul-after-key", "empty-key", "other-key", "routing-form",
          "iterate-elsewhere", "iterate-userdb"],
