@@ -110,3 +110,10 @@ def test_a_dead_runs_directory_goes_and_a_live_ones_stays(tmp_path: Path) -> Non
     mark_owner(live)
     assert stop_dead_runs(tmp_path) == [dead]
     assert not dead.exists() and live.exists() and foreign.exists()
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    from devrig.instances import free_port
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
