@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -34,7 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig import Daemons, Dovecot, free_port, port_open, short_tempdir, wait_until
+from devrig.instances import dovecot_mail_location, dovecot_passwd_file
+from devrig.release import Release
+from tests.rig import Daemons, Dovecot, RigFactory, free_port, port_open, wait_until
 from tests.support.differences import allowed_differences, unexpected, unused
 
 pytestmark = pytest.mark.e2e
@@ -83,14 +84,15 @@ def make_folder(maildir: Path, folder: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def pair() -> Iterator[Pair]:
-    root = short_tempdir("mpx-")
+def pair(release: Release) -> Iterator[Pair]:
+    factory = RigFactory(release, "mpx-")
+    root = factory.root
     ours, theirs = root / "ours", root / "theirs"
     for path in (ours, theirs):
         path.mkdir()
         os.chown(path, NOBODY, NOBODY)
     deliver_port, lmtp_port = free_port(), free_port()
-    daemons = Daemons(root / "mp", {
+    daemons = factory.daemons({
         "mail": {"location": f"{ours}/%d/%n/Maildir", "uid": NOBODY, "gid": NOBODY,
                  "recipient_delimiter": "+"},
         "deliver": {
@@ -115,33 +117,24 @@ def pair() -> Iterator[Pair]:
     users_file.write_text("\n".join(passwd) + "\n", encoding="utf-8")
     for mail_root in (ours, theirs):
         make_folder(mail_root / DOMAIN / "bob" / "Maildir", ".Lists")
-    dovecot = Dovecot(root, lmtp_port=lmtp_port, protocols=(), conf=f"""
-mail_location = maildir:{theirs}/%d/%n/Maildir
-mail_uid = {NOBODY}
+    dovecot = factory.dovecot(lmtp_port=lmtp_port, protocols=(), conf=(
+        dovecot_mail_location(release, f"maildir:{theirs}/%d/%n/Maildir")
+        + f"""mail_uid = {NOBODY}
 mail_gid = {NOBODY}
 first_valid_uid = 1
 hostname = {HOSTNAME}
 recipient_delimiter = +
 lmtp_save_to_detail_mailbox = yes
-passdb {{
-  driver = passwd-file
-  args = {users_file}
-}}
-userdb {{
-  driver = passwd-file
-  args = {users_file}
-}}
-""")
+"""
+        + dovecot_passwd_file(release, users_file)))
     try:
-        daemons.start()
-        dovecot.start()
+        factory.start(daemons)
+        factory.start(dovecot)
         wait_until(lambda: port_open(deliver_port), what="deliver's LMTP port")
         yield Pair(Server("dovecot", lmtp_port, theirs), Server("deliver", deliver_port, ours),
                    dovecot, daemons)
     finally:
-        dovecot.stop()
-        daemons.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        factory.close()
 
 
 # -- sessions ------------------------------------------------------------------------------
