@@ -112,13 +112,13 @@ def test_a_dead_runs_directory_goes_and_a_live_ones_stays(tmp_path: Path) -> Non
     assert not dead.exists() and live.exists() and foreign.exists()
 
 
-<<<<<<< HEAD
 def test_free_port_never_hands_out_a_port_twice() -> None:
     from devrig.instances import free_port
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
-=======
+
+
 def test_a_dovecot24_config_starts_with_the_version_its_conf_names(tmp_path: Path) -> None:
     release = Release("debian99")  # the host's packages, told to be 2.4
     release.__dict__["dovecot_version"] = (2, 4)
@@ -139,4 +139,3 @@ def test_a_dovecot23_config_keeps_the_old_names(tmp_path: Path) -> None:
     text = dovecot.config_path.read_text()
     assert "dovecot_config_version" not in text and "disable_plaintext_auth = no" in text
     assert "address = 127.0.0.1\n    port = 2424" in text
->>>>>>> rig
