@@ -69,7 +69,7 @@ class MilterdConfig:
     key_cache_ttl: float = 10.0
     #: Ask Postfix not to wait for our "continue" to connect, HELO, MAIL, DATA, headers and body
     #: on TCP connections too (always on unix sockets): see docs/milterd.md.
-    no_reply_tcp: bool = False
+    no_reply_tcp: bool = True
     #: Make the signatures in the CPU pool (true) or on the reactor (false).
     sign_in_pool: bool = True
 
@@ -124,7 +124,7 @@ def parse_milterd(f: Fields) -> MilterdConfig:
         max_header_bytes=f.size("max_header_bytes", 1024 * 1024, minimum=4096),
         cache_ttl=f.duration("cache_ttl", 30.0, maximum=86400),
         key_cache_ttl=f.duration("key_cache_ttl", 10.0, maximum=3600),
-        no_reply_tcp=f.boolean("no_reply_tcp", False),
+        no_reply_tcp=f.boolean("no_reply_tcp", True),
         sign_in_pool=f.boolean("sign_in_pool", True),
     )
     f.done()

@@ -80,8 +80,8 @@ class TcpTransport(CountingTransport):
         return self.socket
 
 
-def test_over_tcp_every_command_is_answered_unless_configured() -> None:
-    for configured, expected in ((False, 0), (True, codec.NO_REPLY)):
+def test_over_tcp_no_reply_events_follow_no_reply_tcp() -> None:
+    for configured, expected in ((False, 0), (True, codec.NO_REPLY)):  # default: True
         factory = MilterFactory(FakeChecks(), milterd_config(no_reply_tcp=configured), Clock())
         protocol = factory.buildProtocol(None)
         transport = TcpTransport()
