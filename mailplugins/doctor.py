@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import grp
 import ipaddress
+import os
 import pwd
 import re
 import socket
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 
 from mailplugins.config import Config
 from mailplugins.generators import DovecotSnippet, PostfixSnippet, Setting, parse_endpoint
-from mailplugins.maildir_path import dovecot24_template
+from mailplugins.maildir_path import dovecot24_template, expand_location, split_home
+from mailplugins.store import MailboxRecord
 
 __all__ = [
     "DovecotLive",
@@ -32,6 +34,7 @@ __all__ = [
     "check_domains",
     "check_dovecot",
     "check_dovecot_files",
+    "check_mailbox_paths",
     "check_postfix",
     "literal_variables",
     "parse_doveconf",
@@ -413,7 +416,7 @@ def _db_text(values: Mapping[str, str]) -> str:
     name = values.get("name")
     inner = "  ".join(f"{k} = {v}" for k, v in values.items()
                       if k != "name" and not (k == "driver" and v == name))
-    return (f"{name} " if name else "") + "{ " + inner + " }"
+    return (f"{name} " if name else "") + ("{ " + inner + " }" if inner else "{ }")
 
 
 #: A Dovecot 2.3 variable (``%d``, ``%Ln``, ``%1n``); 2.4 leaves it as it is, silently.
@@ -523,6 +526,35 @@ def check_dovecot_files(
             missing = next((line for line in wanted if line not in have), wanted[0] if wanted else "")
             findings.append(Finding("dovecot", f"{generated.path} differs from the generated file",
                                     f"mailplugins dovecot-config --write (first difference: {missing})"))
+    return findings
+
+
+def check_mailbox_paths(
+    location: str, mailboxes: Iterable[MailboxRecord], is_dir: Callable[[str], bool] = os.path.isdir
+) -> list[Finding]:
+    """Mail left under a mixed-case directory by mailplugins before paths were lower-cased.
+
+    deliver and Dovecot now both use the lower-case spelling (``Alice@`` lives in ``.../alice``);
+    a mailbox stored with capitals whose old directory still exists has mail they no longer see.
+    Directories this process may not read count as absent (run doctor as root or vmail).
+    """
+    home_template, _ = split_home(location)
+    findings: list[Finding] = []
+    for mailbox in mailboxes:
+        try:
+            old = expand_location(home_template, mailbox.local_part, mailbox.domain, lower=False)
+            new = expand_location(home_template, mailbox.local_part, mailbox.domain)
+        except ValueError:
+            continue
+        if old == new or not is_dir(old):
+            continue
+        fix = (f"merge {old} into {new} (both exist), then remove {old}" if is_dir(new)
+               else f"mv {old} {new}")
+        findings.append(Finding(
+            "mailboxes",
+            f"{mailbox.address}: mail in {old} is no longer read (paths are lower-case: {new})",
+            fix,
+        ))
     return findings
 
 

@@ -799,11 +799,19 @@ def dovecot_config(config: Config, options: DovecotOptions | None = None) -> Dov
         userdbs.append({"driver": "dict", "args": dict_args})
     else:
         warnings.append(
-            "no authd.dict_listen: a static userdb derives paths from the login name, so a mailbox "
-            "whose stored local part has capitals differs from deliver's path; add dict_listen"
+            "no authd.dict_listen: the static userdb accepts any user name (allow_all_users), so "
+            "Dovecot's LMTP and doveadm take unknown users too; add dict_listen for a real userdb"
         )
         userdbs.append(_static_userdb(config))
     blocks = [_block("passdb", p) for p in passdbs] + [_block("userdb", u) for u in userdbs]
+    if config.authd.dict_listen:
+        socket_path = _first(config.authd.dict_listen, "authd.dict_listen").path
+        blocks += [
+            "# last_login records each login's time through authd's dict socket",
+            "mail_plugins = $mail_plugins last_login",
+            f"plugin {{\n  last_login_dict = proxy:{socket_path}:lastlogin\n"
+            "  last_login_key = last-login/%u\n}",
+        ]
     blocks += _listener_blocks(config, options)
     return DovecotSnippet(
         source=config.source,

@@ -164,16 +164,19 @@ def split_home(template: str) -> tuple[str, str]:
     return template, template
 
 
-def expand_location(template: str, local: str, domain: str) -> str:
+def expand_location(template: str, local: str, domain: str, *, lower: bool = True) -> str:
     """The Maildir path of ``local@domain`` under ``template`` (``mail.location``).
 
-    The variables see the canonical (lower-case) spelling, whatever case ``local`` has.
+    The variables see the canonical (lower-case) spelling, whatever case ``local`` has;
+    ``lower=False`` gives the path of the spelling as given (where mailplugins before the
+    canonical spelling wrote, for ``doctor`` to find mail left there).
 
     Raises ValueError for an unsafe local part/domain or an unsupported template.
     """
     _check_part("local part", local)
     _check_part("domain", domain)
-    local, domain = canonical(local), canonical(domain)
+    if lower:
+        local, domain = canonical(local), canonical(domain)
     path = _expand(template, {"u": f"{local}@{domain}", "n": local, "d": domain})
     for component in path.split("/"):
         if component in (".", ".."):

@@ -1,11 +1,10 @@
-"""The generated snippets in private stock Postfix 3.7 and Dovecot 2.3 or 2.4, and ``doctor``.
+"""The generated snippets in private stock Postfix and Dovecot, and ``doctor`` against them.
 
-Dovecot runs in both releases (2.4 from the Debian 13 root, tests/support/releases.py); Postfix
-is this machine's 3.7 (the rig's ``release`` fixture will add 3.10).
-
-Postfix must accept the main.cf/master.cf settings (``postfix check`` and a real start, with
-the submission listener up), ``postconf -n``/``-P`` must show them, Dovecot must accept and run
-the dovecot.conf snippet, and ``mailplugins doctor`` must find nothing wrong with the result,
+Once per release (``release``: Debian 12's Postfix 3.7 / Dovecot 2.3, Debian 13's Postfix 3.10 /
+Dovecot 2.4), with the settings generated for that release. Postfix must accept the
+main.cf/master.cf settings (``postfix check`` and a real start, with the submission listener
+up), ``postconf -n``/``-P`` must show them, Dovecot must accept and run the dovecot.conf
+snippet, and ``mailplugins doctor`` must find nothing wrong with the result,
 then report a setting broken on purpose (naming the line that fixes it) and exit 1.
 """
 
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from devrig.release import Release
 from mailplugins.generators import (
     DovecotOptions,
     PostfixOptions,
@@ -29,19 +29,36 @@ from mailplugins.generators import (
     postfix_config,
 )
 from tests.rig import REPO, Daemons, Dovecot, Postfix, free_port, port_open, run, short_tempdir
-from tests.support.releases import (
-    RELEASES,
-    TRIXIE_ROOT,
-    needs_release,
-    run_tool,
-    tool_dir,
-)
+
+LUA_SCRIPT = REPO / "authd" / "lua" / "mailplugins-auth.lua"
 
 pytestmark = pytest.mark.e2e
 
 
+def dovecot_release(release: Release) -> str:
+    return "2.4" if release.dovecot24 else "2.3"
+
+
+def tool_dir(release: Release, directory: Path) -> Path:
+    """``doveconf``/``dovecot``/``doveadm``/``postconf`` wrappers running ``release``'s tools, to put
+    first in PATH for a program that runs them itself (``mailplugins doctor``)."""
+    import shlex
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for tool in ("doveconf", "dovecot", "doveadm", "postconf"):
+        # Absolute paths: the wrapper directory comes first in PATH, in and out of the root.
+        where = next(f"/usr/{d}/{tool}" for d in ("sbin", "bin")
+                     if release.path(f"/usr/{d}/{tool}").exists())
+        wrapper = directory / tool
+        wrapper.write_text("#!/bin/sh\nexec " + " ".join(
+            shlex.quote(part) for part in release.command([where])) + ' "$@"\n')
+        wrapper.chmod(0o755)
+    return directory
+
+
 @dataclass
 class Wired:
+    release: Release
     root: Path
     daemons: Daemons
     postfix: Postfix
@@ -52,6 +69,8 @@ class Wired:
     dovecot_etc: Path
 
     def doctor(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        tools = tool_dir(self.release, self.root / "bin")
+        env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"}
         cmd = [
             sys.executable, "-m", "mailplugins.cli", "--config", str(self.daemons.config_path),
             "doctor",
@@ -63,7 +82,8 @@ class Wired:
             "--dovecot-directory", str(self.dovecot_etc),
             *extra,
         ]
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+                              env=env)
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
@@ -74,12 +94,12 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def wired() -> Iterator[Wired]:
+def wired(release: Release) -> Iterator[Wired]:
     root = short_tempdir("mp-gen-")
     cert, key = make_cert(root)
     submission_port = free_port()
     # The Postfix object only computes paths until start(): the daemons' sockets go in its queue.
-    postfix = Postfix(root)
+    postfix = Postfix(root, release=release)
     private = postfix.queue_dir / "private"
     daemons = Daemons(
         root / "mp",
@@ -100,23 +120,26 @@ def wired() -> Iterator[Wired]:
         queue_directory=str(postfix.queue_dir), submission=f"127.0.0.1:{submission_port}",
         chroot=False, tls_cert=str(cert), tls_key=str(key),
         domain_names=tuple(d.name for d in daemons.store.list_domains()),
+        version=".".join(map(str, release.postfix_version)),
     ))
     assert snippet.warnings == ()
     postfix = Postfix(root, smtp_port=postfix.smtp_port, main=snippet.main_dict(),
-                      services=snippet.master_lines())
+                      services=snippet.master_lines(), release=release)
     dovecot_etc = root / "dovecot-etc"
     dovecot_etc.mkdir()
+    # 2.3: the dict passdb/userdb (the default); 2.4 has no dict driver: always Lua.
     dsnippet = dovecot_config(daemons.config, DovecotOptions(
         config_directory=str(dovecot_etc), tls_cert=str(cert), tls_key=str(key),
-        postfix_queue_directory=str(postfix.queue_dir),
+        postfix_queue_directory=str(postfix.queue_dir), version=dovecot_release(release),
+        lua_script=str(LUA_SCRIPT), lua_script_text=LUA_SCRIPT.read_text(),
     ))
     for generated in dsnippet.files:
         Path(generated.path).write_text(generated.text)
-    dovecot = Dovecot(root, conf=dovecot_conf_text(dsnippet))
+    dovecot = Dovecot(root, conf=dovecot_conf_text(dsnippet), release=release)
     try:
         postfix.start()
         dovecot.start()
-        yield Wired(root, daemons, postfix, dovecot, submission_port, cert, key, dovecot_etc)
+        yield Wired(release, root, daemons, postfix, dovecot, submission_port, cert, key, dovecot_etc)
     finally:
         dovecot.stop()
         postfix.stop()
@@ -125,16 +148,15 @@ def wired() -> Iterator[Wired]:
 
 
 def test_postfix_accepts_and_shows_the_generated_settings(wired: Wired) -> None:
-    etc = str(wired.postfix.etc)
-    assert run(["postfix", "-c", etc, "check"], check=False).returncode == 0
-    shown = run(["postconf", "-c", etc, "-n"]).stdout
+    assert wired.postfix.check().returncode == 0
+    shown = wired.postfix.postconf("-n").stdout
     private = wired.postfix.queue_dir / "private"
     assert "virtual_transport = lmtp:unix:private/mailplugins-deliver\n" in shown, private
     assert "smtpd_sasl_path = private/mailplugins-auth\n" in shown
     assert "virtual_mailbox_domains = example.net, example.org\n" in shown
     assert ("smtpd_recipient_restrictions = check_policy_service { unix:private/mailplugins-policy, "
             "timeout=10s, default_action=DEFER_IF_PERMIT, policy_context=smtp }\n") in shown
-    params = run(["postconf", "-c", etc, "-P"]).stdout
+    params = wired.postfix.postconf("-P").stdout
     service = f"127.0.0.1:{wired.submission_port}/inet"
     assert f"{service}/smtpd_sasl_auth_enable = yes\n" in params
     assert f"{service}/smtpd_tls_security_level = encrypt\n" in params
@@ -150,11 +172,19 @@ def test_postfix_accepts_and_shows_the_generated_settings(wired: Wired) -> None:
 
 
 def test_dovecot_accepts_the_generated_snippet(wired: Wired) -> None:
-    shown = run(["doveconf", "-c", str(wired.dovecot.config_path), "-n"]).stdout
+    result = wired.dovecot.doveconf("-n")
+    shown = result.stdout
+    assert result.returncode == 0 and result.stderr == "", result.stderr
     root = wired.root
-    assert f"mail_location = maildir:{root}/vmail/%d/%n/Maildir\n" in shown
     assert "ssl = required\n" in shown
-    assert f"  args = {wired.dovecot_etc}/mailplugins-dict-auth.conf.ext\n  driver = dict\n" in shown
+    if wired.release.dovecot24:
+        assert ("mail_path = " + str(root) + "/vmail/%{user | domain | lower}/"
+                "%{user | username | lower}/Maildir\n") in shown
+        assert f"passdb lua {{\n  lua_file = {wired.dovecot_etc}/mailplugins-auth.lua\n}}" in shown
+        assert f"userdb lua {{\n  lua_file = {wired.dovecot_etc}/mailplugins-auth.lua\n}}" in shown
+    else:
+        assert f"mail_location = maildir:{root}/vmail/%d/%n/Maildir\n" in shown
+        assert f"  args = {wired.dovecot_etc}/mailplugins-dict-auth.conf.ext\n  driver = dict\n" in shown
     # Running, it serves IMAP with STARTTLS and refuses LOGIN before it.
     assert "error" not in wired.dovecot.log_text().lower(), wired.dovecot.log_text()
 
@@ -164,14 +194,23 @@ def test_dovecot_accepts_the_lua_variant(wired: Wired, tmp_path: Path) -> None:
     options = DovecotOptions(
         config_directory=str(tmp_path), lua=True, lua_script=str(script),
         lua_script_text=script.read_text(), tls_cert=str(wired.cert), tls_key=str(wired.key),
+        version=dovecot_release(wired.release),
     )
     snippet = dovecot_config(wired.daemons.config, options)
     for generated in snippet.files:
         Path(generated.path).write_text(generated.text)
     conf = tmp_path / "dovecot.conf"
-    conf.write_text(f"base_dir = {tmp_path}/run\nprotocols = imap\n" + dovecot_conf_text(snippet))
-    shown = run(["doveconf", "-c", str(conf), "-n"]).stdout
-    assert "  driver = lua\n" in shown
+    text = dovecot_conf_text(snippet)
+    if wired.release.dovecot24:  # the version must be the first setting
+        head, _, rest = text.partition("dovecot_storage_version = 2.4.0\n")
+        text = head + "dovecot_storage_version = 2.4.0\n" + f"base_dir = {tmp_path}/run\n" + rest
+    else:
+        text = f"base_dir = {tmp_path}/run\n" + text
+    conf.write_text(text + "protocols = imap\n")
+    result = run(wired.release.command(["doveconf", "-c", str(conf), "-n"]), check=False)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    shown = result.stdout
+    assert ("passdb lua {\n" if wired.release.dovecot24 else "  driver = lua\n") in shown
     lua = next(Path(f.path) for f in snippet.files if f.path.endswith(".lua"))
     http_port = wired.daemons.config.authd.http_listen[0].split(":")[1]  # type: ignore[union-attr]
     assert f'local base = "http://127.0.0.1:{http_port}"' in lua.read_text()
@@ -184,13 +223,13 @@ def test_doctor_is_happy_with_the_generated_setup(wired: Wired) -> None:
 
 
 def test_doctor_reports_broken_settings_with_the_fix(wired: Wired, tmp_path: Path) -> None:
-    etc = str(wired.postfix.etc)
+    postconf = wired.postfix.postconf
     service = f"127.0.0.1:{wired.submission_port}/inet"
     original = (wired.postfix.etc / "main.cf").read_text(), (wired.postfix.etc / "master.cf").read_text()
     try:
-        run(["postconf", "-c", etc, "-e", "virtual_transport = lmtp:inet:127.0.0.1:24"])
-        run(["postconf", "-c", etc, "-P", "-e", f"{service}/smtpd_tls_security_level=may"])
-        run(["postconf", "-c", etc, "-e", "smtpd_recipient_restrictions = permit"])
+        postconf("-e", "virtual_transport = lmtp:inet:127.0.0.1:24")
+        postconf("-P", "-e", f"{service}/smtpd_tls_security_level=may")
+        postconf("-e", "smtpd_recipient_restrictions = permit")
         wired.daemons.store.add_domain("new.example")
         result = wired.doctor("--no-dovecot")
     finally:
@@ -210,14 +249,26 @@ def test_doctor_reports_broken_settings_with_the_fix(wired: Wired, tmp_path: Pat
 def test_doctor_reports_an_extra_passdb_and_a_wrong_mail_location(wired: Wired) -> None:
     conf = wired.dovecot.config_path
     original = conf.read_text()
+    if wired.release.dovecot24:
+        broken = f"passdb pam {{\n}}\nmail_home = {wired.root}/vmail/%d/%n\n"
+    else:
+        broken = "passdb {\n  driver = pam\n}\nmail_location = mbox:~/mail\n"
     try:
-        conf.write_text(original + "passdb {\n  driver = pam\n}\nmail_location = mbox:~/mail\n")
+        conf.write_text(original + broken)
         result = wired.doctor("--no-postfix")
     finally:
         conf.write_text(original)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "dovecot: extra passdb { driver = pam } is consulted too" in result.stdout
-    assert f"fix: mail_location = maildir:{wired.root}/vmail/%d/%n/Maildir" in result.stdout
+    if wired.release.dovecot24:
+        assert "dovecot: extra passdb pam { } is consulted too" in result.stdout
+        # A 2.3 variable in a 2.4 config: every user would share vmail/%d/%n.
+        assert (f"dovecot: mail_home = {wired.root}/vmail/%d/%n: Dovecot 2.4 takes %d, %n "
+                "literally") in result.stdout
+        assert ("fix: mail_home = " + str(wired.root) + "/vmail/%{user | domain | lower}/"
+                "%{user | username | lower}") in result.stdout
+    else:
+        assert "dovecot: extra passdb { driver = pam } is consulted too" in result.stdout
+        assert f"fix: mail_location = maildir:{wired.root}/vmail/%d/%n/Maildir" in result.stdout
 
 
 def test_doctor_names_a_missing_tool_config_cleanly(wired: Wired, tmp_path: Path) -> None:
@@ -298,15 +349,17 @@ def test_lua_variant_authenticates_through_authd(wired: Wired) -> None:
     snippet = dovecot_config(wired.daemons.config, DovecotOptions(
         config_directory=str(etc), lua=True, lua_script=str(script),
         lua_script_text=script.read_text(), tls_cert=str(wired.cert), tls_key=str(wired.key),
+        version=dovecot_release(wired.release),
     ))
     for generated in snippet.files:
         Path(generated.path).write_text(generated.text)
-    dovecot = Dovecot(wired.root / "lua", conf=dovecot_conf_text(snippet))
+    dovecot = Dovecot(wired.root / "lua", conf=dovecot_conf_text(snippet), release=wired.release)
+    field = "protocol=imap" if wired.release.dovecot24 else "service=imap"
     wired.daemons.start()
     try:
         dovecot.start()
-        good = dovecot.doveadm("auth", "test", "-x", "service=imap", "lua@example.org", "lua secret")
-        bad = dovecot.doveadm("auth", "test", "-x", "service=imap", "lua@example.org", "wrong")
+        good = dovecot.doveadm("auth", "test", "-x", field, "lua@example.org", "lua secret")
+        bad = dovecot.doveadm("auth", "test", "-x", field, "lua@example.org", "wrong")
     finally:
         dovecot.stop()
         wired.daemons.stop()
@@ -318,11 +371,10 @@ def test_lua_variant_authenticates_through_authd(wired: Wired) -> None:
 # -- the generated snippet in each release's own stock Debian configuration ----------------------
 
 
-def stock_dovecot_etc(release: str, target: Path) -> Path:
+def stock_dovecot_etc(release: Release, target: Path) -> Path:
     """Debian's packaged /etc/dovecot of ``release``, copied, with the system passdb left out
     (as wiring.md says to) and conf.d included from the copy: the operator's starting point."""
-    source = Path("/etc/dovecot") if release == "2.3" else TRIXIE_ROOT / "etc" / "dovecot"
-    shutil.copytree(source, target, symlinks=True)
+    shutil.copytree(release.path("/etc/dovecot"), target, symlinks=True)
     conf = target / "dovecot.conf"
     conf.write_text(conf.read_text().replace("!include conf.d/", f"!include {target}/conf.d/"))
     auth = target / "conf.d" / "10-auth.conf"
@@ -331,9 +383,7 @@ def stock_dovecot_etc(release: str, target: Path) -> Path:
     return conf
 
 
-@pytest.mark.parametrize("release", RELEASES)
-def test_generated_snippet_passes_doveconf_without_a_warning(release: str) -> None:
-    needs_release(release)
+def test_generated_snippet_passes_doveconf_without_a_warning(release: Release) -> None:
     root = short_tempdir("mp-gen-conf-")
     try:
         etc = root / "dovecot"
@@ -348,17 +398,17 @@ def test_generated_snippet_passes_doveconf_without_a_warning(release: str) -> No
             "deliver": {"listen": f"unix:{root}/lmtp.sock"},
         })
         snippet = dovecot_config(daemons.config, DovecotOptions(
-            version=release, config_directory=str(etc), lua=True, lua_script=str(script),
+            version=dovecot_release(release), config_directory=str(etc), lua=True, lua_script=str(script),
             lua_script_text=script.read_text(), tls_cert=str(cert), tls_key=str(key),
         ))
         assert snippet.warnings == ()
         (etc / "conf.d" / "99-mailplugins.conf").write_text(dovecot_conf_text(snippet))
         for generated in snippet.files:
             Path(generated.path).write_text(generated.text)
-        shown = run_tool(release, "doveconf", "-c", str(conf), "-n")
+        shown = run(release.command(["doveconf", "-c", str(conf), "-n"]), check=False)
         assert shown.returncode == 0, shown.stderr
         assert shown.stderr == "", shown.stderr  # not one warning
-        if release == "2.4":
+        if release.dovecot24:
             body = [line for line in shown.stdout.splitlines() if not line.startswith("#")]
             assert body[0] == "dovecot_config_version = 2.4.0"
             assert f"passdb lua {{\n  lua_file = {script}\n}}" in shown.stdout
@@ -384,7 +434,7 @@ def test_generated_snippet_passes_doveconf_without_a_warning(release: str) -> No
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert doctor.stdout.startswith("OK: dovecot wired as")
         # A 2.3-style path in a 2.4 configuration: taken literally by 2.4, flagged by doctor.
-        if release == "2.4":
+        if release.dovecot24:
             with (etc / "conf.d" / "99-mailplugins.conf").open("a") as handle:
                 handle.write(f"mail_home = {root}/vmail/%d/%n\n")
             doctor = subprocess.run(doctor.args, capture_output=True, text=True, cwd=REPO,

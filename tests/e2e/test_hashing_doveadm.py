@@ -1,12 +1,18 @@
-"""Our hashes pass `doveadm pw -t`, and hashes from `doveadm pw -s` verify with our code."""
+"""Our hashes pass `doveadm pw -t`, and hashes from `doveadm pw -s` verify with our code.
+
+On both releases (``release``: Dovecot 2.3 on Debian 12, 2.4 on Debian 13).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import subprocess
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
+from devrig.release import Release
 from mailplugins.config.core import parse_passwords
 from mailplugins.hashing import check_password, hash_password
 
@@ -15,8 +21,15 @@ PASSWORD = "Pässwörd with spaces & symbols!"
 DEFAULT = parse_passwords(None)
 
 
-def doveadm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["doveadm", *args], capture_output=True, text=True, check=False)
+@pytest.fixture
+def doveadm(release: Release) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``doveadm`` of the release under test."""
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(release.command(["doveadm", *args]), capture_output=True, text=True,
+                              check=False, timeout=120)
+
+    return run
 
 
 @pytest.mark.parametrize(
@@ -28,7 +41,7 @@ def doveadm(*args: str) -> subprocess.CompletedProcess[str]:
     ],
     ids=["ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT"],
 )
-def test_our_hashes_pass_doveadm(config: object) -> None:
+def test_our_hashes_pass_doveadm(config: object, doveadm: Callable[..., Any]) -> None:
     stored = hash_password(PASSWORD, config)  # type: ignore[arg-type]
     ok = doveadm("pw", "-t", stored, "-p", PASSWORD)
     assert ok.returncode == 0, ok.stderr
@@ -42,7 +55,7 @@ def test_our_hashes_pass_doveadm(config: object) -> None:
     ["ARGON2ID", "ARGON2I", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "SSHA512", "SSHA256",
      "SSHA", "SHA", "CRYPT", "MD5-CRYPT", "PLAIN", "PLAIN-MD5", "SSHA512.b64", "PLAIN.b64"],
 )
-def test_doveadm_hashes_verify_here(scheme: str) -> None:
+def test_doveadm_hashes_verify_here(scheme: str, doveadm: Callable[..., Any]) -> None:
     made = doveadm("pw", "-s", scheme, "-p", PASSWORD)
     assert made.returncode == 0, made.stderr
     stored = made.stdout.strip()
@@ -50,7 +63,7 @@ def test_doveadm_hashes_verify_here(scheme: str) -> None:
     assert not check_password(PASSWORD[:-1], stored)
 
 
-def test_bcrypt_over_72_bytes_interoperates() -> None:
+def test_bcrypt_over_72_bytes_interoperates(doveadm: Callable[..., Any]) -> None:
     long = "x" * 80
     made = doveadm("pw", "-s", "BLF-CRYPT", "-p", long).stdout.strip()
     assert check_password(long, made)

@@ -461,3 +461,28 @@ def test_23_variables_in_a_23_config_are_fine_and_a_release_mismatch_is_named() 
     (finding,) = check_dovecot(snippet24(), dovecot_live())
     assert finding.problem == "the configuration is Dovecot 2.3's, the expected one 2.4's"
     assert finding.fix.startswith("mailplugins dovecot-config --dovecot-version 2.3")
+
+
+def test_mail_left_under_a_mixed_case_directory_is_reported(tmp_path: Any) -> None:
+    from types import SimpleNamespace
+
+    from mailplugins.doctor import check_mailbox_paths
+
+    location = f"{tmp_path}/%d/%n/Maildir"
+    alice = SimpleNamespace(address="Alice@example.org", local_part="Alice", domain="example.org")
+    bob = SimpleNamespace(address="Bob@example.org", local_part="Bob", domain="example.org")
+    carol = SimpleNamespace(address="carol@example.org", local_part="carol", domain="example.org")
+    (tmp_path / "example.org" / "Alice" / "Maildir").mkdir(parents=True)
+    (tmp_path / "example.org" / "Bob").mkdir(parents=True)
+    (tmp_path / "example.org" / "bob").mkdir(parents=True)
+    (tmp_path / "example.org" / "carol").mkdir(parents=True)
+    findings = check_mailbox_paths(location, [alice, bob, carol])  # type: ignore[list-item]
+    assert [(f.problem, f.fix) for f in findings] == [
+        (f"Alice@example.org: mail in {tmp_path}/example.org/Alice is no longer read (paths are "
+         f"lower-case: {tmp_path}/example.org/alice)",
+         f"mv {tmp_path}/example.org/Alice {tmp_path}/example.org/alice"),
+        (f"Bob@example.org: mail in {tmp_path}/example.org/Bob is no longer read (paths are "
+         f"lower-case: {tmp_path}/example.org/bob)",
+         f"merge {tmp_path}/example.org/Bob into {tmp_path}/example.org/bob (both exist), then "
+         f"remove {tmp_path}/example.org/Bob"),
+    ]

@@ -289,6 +289,8 @@ def test_render_dovecot() -> None:
     assert "passdb {\n  driver = dict\n  args = /etc/dovecot/mailplugins-dict-auth.conf.ext\n}" in text
     assert "uri = proxy:" in text
     assert "uri = proxy:" not in dovecot_conf_text(snippet)
+    # last_login through authd's dict socket, on 2.3 as on 2.4.
+    assert "  last_login_dict = proxy:/run/mailplugins/dict.sock:lastlogin\n" in text
 
 
 def _d24(config: Config | None = None, **options: Any) -> Any:
