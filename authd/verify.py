@@ -60,6 +60,7 @@ from mailplugins.clients import client_in, client_ip, client_network
 from mailplugins.config import AuthdConfig, PasswordConfig
 from mailplugins.hashing import HashError, check_password, split_scheme, verify_password
 from mailplugins.store import AppPasswordRecord, MailboxRecord, Store, utcnow
+from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 
 log = Logger(namespace="authd.verify")
@@ -316,7 +317,6 @@ class _Match:
     scheme: str = ""
 
 
-Runner = Callable[..., Deferred[Any]]
 
 
 class Verifier:
@@ -327,8 +327,8 @@ class Verifier:
         *,
         clock: Any,
         store: Store,
-        db_run: Runner,
-        cpu_run: Runner,
+        db_run: RunInPool,
+        cpu_run: RunInPool,
         config: AuthdConfig,
         passwords: PasswordConfig,
         metrics: AuthdMetrics,

@@ -27,18 +27,17 @@ from mailplugins.addresses import Address
 from mailplugins.config.milterd import MilterdConfig
 from mailplugins.senders import login_owns
 from mailplugins.store import MailboxRecord, Resolution, Store
+from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 from milterd import contract
 from milterd.checks import DkimLike, DmarcLike, Headers, SignerLike, SpfLike, VerifierLike
 from milterd.resolver import CachedLookup, Result, TxtResolver
 
-Runner = Callable[..., "Deferred[Any]"]
-
 
 class StoreSenderLookups:
     """:class:`mailplugins.senders.SenderLookups` over the store, each call in the pool."""
 
-    def __init__(self, store: Store, run: Runner, delimiters: str) -> None:
+    def __init__(self, store: Store, run: RunInPool, delimiters: str) -> None:
         self._store = store
         self._run = run
         self.delimiters = delimiters
@@ -59,9 +58,9 @@ class LiveChecks:
         config: MilterdConfig,
         *,
         store: Store,
-        db_run: Runner,
-        cpu_run: Runner,
-        dns_run: Runner,
+        db_run: RunInPool,
+        cpu_run: RunInPool,
+        dns_run: RunInPool,
         clock: Any,
         delimiters: str,
         key_store: Any = None,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_milterd_resolver -*-
+# -*- test-case-name: tests.unit.test_milterd_live -*-
 """TXT lookups for milterd: blocking DNS in a thread pool, bounded in time, cached, shared.
 
 The lookup itself is :func:`mailplugins.dns.txt_records` (injected, so tests pass a dict). Each
@@ -19,13 +19,13 @@ from typing import Any
 from twisted.internet.defer import Deferred, TimeoutError, gatherResults
 from twisted.python.failure import Failure
 
+from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 
 TxtAnswer = list[bytes] | None
 #: What a caller gets per name: the records, None (no record), or the exception (temperror).
 Result = list[bytes] | None | Exception
 
-Runner = Callable[..., "Deferred[Any]"]
 
 
 class DnsTimeout(Exception):
@@ -35,7 +35,7 @@ class DnsTimeout(Exception):
 class TxtResolver:
     def __init__(
         self,
-        run: Runner,
+        run: RunInPool,
         lookup: Callable[[str], TxtAnswer],
         clock: Any,
         *,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_milterd_config -*-
+# -*- test-case-name: tests.unit.test_milterd_live -*-
 """The ``milterd:`` section: listeners, direction, DNS, DMARC policy, limits and timeouts.
 
 One listener serves both directions. A message is *outgoing* (signed) when the client

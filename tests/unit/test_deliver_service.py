@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from deliver.lmtp_codec import Reply
@@ -20,17 +20,7 @@ from mailplugins.db import schema
 from mailplugins.db.engine import make_engine
 from mailplugins.metrics import DaemonMetrics
 from mailplugins.store import Store
-from tests.support.sync import result_of
-
-
-class SyncPool:
-    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        try:
-            return succeed(fn(*args, **kwargs))
-        except Exception as exc:
-            d: Deferred[Any] = Deferred()
-            d.errback(exc)
-            return d
+from tests.support.sync import SyncPool, result_of
 
 
 @pytest.fixture
