@@ -60,6 +60,7 @@ from mailplugins.clients import client_in, client_ip, client_network
 from mailplugins.config import AuthdConfig, PasswordConfig
 from mailplugins.hashing import HashError, check_password, split_scheme, verify_password
 from mailplugins.store import AppPasswordRecord, MailboxRecord, Store, utcnow
+from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 
 log = Logger(namespace="authd.verify")
@@ -107,11 +108,12 @@ class Login:
 def split_login(request: VerifyRequest, separator: str) -> Login:
     """Dovecot's rules: an authzid other than the login names the target and makes the login a
     master user; else ``target<separator>master`` (the first separator) does the same."""
-    if request.authzid and request.authzid != request.user:
+    if request.authzid and request.authzid.casefold() != request.user.casefold():
+        # (Logins are case-insensitive: Alice logging in as alice is no master login.)
         return Login(request.authzid, request.user)
     if separator and separator in request.user:
         target, _, master = request.user.partition(separator)
-        if master and master != target:
+        if master and master.casefold() != target.casefold():
             return Login(target, master)
         return Login(target)
     return Login(request.user)
@@ -315,7 +317,6 @@ class _Match:
     scheme: str = ""
 
 
-Runner = Callable[..., Deferred[Any]]
 
 
 class Verifier:
@@ -326,8 +327,8 @@ class Verifier:
         *,
         clock: Any,
         store: Store,
-        db_run: Runner,
-        cpu_run: Runner,
+        db_run: RunInPool,
+        cpu_run: RunInPool,
         config: AuthdConfig,
         passwords: PasswordConfig,
         metrics: AuthdMetrics,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_deliver_quota -*-
+# -*- test-case-name: tests.unit.test_deliver_maildir -*-
 """Quota usage in the Maildir++ ``maildirsize`` format (blocking; runs in the disk pool).
 
 ``maildirsize`` is what Dovecot's ``quota = maildir`` backend, maildrop and Courier read and

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_deliver_recipients -*-
+# -*- test-case-name: tests.unit.test_deliver_service -*-
 """Recipient decisions: an RCPT address -> the mailboxes (and folders) it delivers to, or a reply.
 
 :func:`resolve_recipient` is synchronous (it runs in the database pool) and pure apart from the

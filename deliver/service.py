@@ -43,10 +43,11 @@ from mailplugins.config import Config, DeliverConfig
 from mailplugins.database import Database
 from mailplugins.metrics import DaemonMetrics
 from mailplugins.threads import WorkerPool
+from mailplugins.ttlcache import TTLCache
 
 log = Logger(namespace="deliver")
 
-#: Entries in the recipient cache before it is emptied (bounded memory).
+#: Entries in the recipient cache at most (the oldest stored go first).
 CACHE_LIMIT = 10_000
 SIZE_BUCKETS = (1024.0, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 DURATION_BUCKETS = (
@@ -351,7 +352,7 @@ class DeliveryService:
         self.authserv_id = self.settings.authserv_id or (
             milterd.authserv_id if milterd is not None else socket.getfqdn()
         )
-        self._cache: dict[str, tuple[float, tuple[Target, ...]]] = {}
+        self._cache: TTLCache[str, tuple[Target, ...]] = TTLCache(CACHE_LIMIT)
 
     @property
     def spool_directory(self) -> str:
@@ -407,10 +408,10 @@ class DeliveryService:
     ) -> Deferred[Recipient | Reply]:
         started = time.monotonic()
         now = self.reactor.seconds()
-        cached = self._cache.get(path)
+        cached = self._cache.get(path, now)
         d: Deferred[Any]
-        if cached is not None and cached[0] > now:
-            d = succeed(cached[1])
+        if cached is not None:
+            d = succeed(cached)
         else:
             d = self.db.run(
                 resolve_recipient,
@@ -455,9 +456,7 @@ class DeliveryService:
         """
         ttl = self.settings.lookup_cache_ttl
         if ttl > 0 and not isinstance(result, Rejection):
-            if len(self._cache) >= CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[path] = (self.reactor.seconds() + ttl, result)
+            self._cache.put(path, result, expires=self.reactor.seconds() + ttl)
         return result
 
     def _rcpt_quota(self, recipient: Recipient, limited: Sequence[Target], size: int) -> Recipient | Reply:

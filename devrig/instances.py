@@ -490,3 +490,12 @@ def dovecot_auth_listener(path: str | Path, mode: str = "0660", user: str = "pos
     the same form in 2.3 and 2.4."""
     return (f"service auth {{\n  unix_listener {path} {{\n    mode = {mode}\n    user = {user}\n"
             f"    group = {group}\n  }}\n}}\n")
+
+
+def dovecot_passwd_file(release: Release, path: str | Path) -> str:
+    """A passwd-file passdb and userdb reading ``path``."""
+    if not release.dovecot24:
+        return "".join(f"{kind} {{\n  driver = passwd-file\n  args = {path}\n}}\n"
+                       for kind in ("passdb", "userdb"))
+    return "".join(f"{kind} passwd-file {{\n  passwd_file_path = {path}\n}}\n"
+                   for kind in ("passdb", "userdb"))

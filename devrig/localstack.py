@@ -108,6 +108,7 @@ class LocalStack:
         database_url: str | None = None,
         policyd: dict[str, Any] | None = None,
         release: Release | None = None,
+        milterd: bool = False,
     ) -> None:
         self.root = Path(root).resolve()
         #: Whose stock Postfix and Dovecot run: the host's by default (see devrig.release).
@@ -116,6 +117,8 @@ class LocalStack:
         self.database_url = database_url or f"sqlite:///{self.root}/mail.db"
         #: Extra policyd settings (rate limits, greylisting, ...) for a new config.
         self.policyd_extra = dict(policyd or {})
+        #: Run milterd too: the demo domain's outgoing mail is DKIM-signed (scripts/run).
+        self.milterd = milterd
         self.ports = ports or Ports()
         self.config_path = self.root / "mailplugins.yaml"
         self.tls_dir = self.root / "tls"
@@ -160,13 +163,29 @@ class LocalStack:
             },
         }
 
+    def milterd_section(self) -> dict[str, Any]:
+        return {
+            "listen": f"unix:{self.postfix.private_dir}/mailplugins-milter:mode=666",
+            "authserv_id": f"mail.{DEMO_DOMAIN}",
+            # Every demo client is on loopback: only authenticated mail is signed.
+            "mynetworks": [],
+        }
+
     def prepare(self) -> Config:
         """Config, schema, demo users and certificate; idempotent."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
         self.postfix.queue_dir.mkdir(parents=True, exist_ok=True)
         if not self.config_path.exists():
-            self.config_path.write_text(yaml.safe_dump(self.config_data(), sort_keys=False))
+            data = self.config_data()
+            if self.milterd:
+                data["milterd"] = self.milterd_section()
+            self.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        elif self.milterd:
+            data = yaml.safe_load(self.config_path.read_text())
+            if "milterd" not in data:  # a run/ made before milterd existed: add it
+                data["milterd"] = self.milterd_section()
+                self.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
         config = load_config(str(self.config_path))
         # The mail root belongs to the mail user, as on a real server: Dovecot may then create
         # a Maildir for a user who has not received mail yet.
@@ -264,10 +283,30 @@ class LocalStack:
         self.dovecot = Dovecot(self.root, conf=dovecot_conf_text(dovecot),
                                imap_port=self.ports.imap, pop3_port=self.ports.pop3,
                                release=self.release)
+        if self.milterd:
+            self.signing_key()
         # Postfix first: it creates the private/ directory the daemons' sockets live in.
         self.postfix.start()
         self.daemons.start()
         self.dovecot.start()
+
+    def signing_key(self) -> None:
+        """An active DKIM key for the demo domain, made with the documented commands (the
+        demo's DNS is not real: ``--no-dns-check``); kept across runs."""
+        database = self.root / "mail.db"
+        if self.database_url == f"sqlite:///{database}" and database.exists():
+            database.chmod(0o600)  # it will hold a private key (dkim keygen refuses otherwise)
+        listed = self.daemons.cli("dkim", "list", "--json")
+        if listed.returncode != 0:
+            raise RuntimeError(f"mailplugins dkim list: {listed.stderr.strip()}")
+        if '"active"' in listed.stdout:
+            return
+        made = self.daemons.cli("dkim", "keygen", DEMO_DOMAIN, "--selector", "demo")
+        if made.returncode != 0 and "already exists" not in made.stderr:
+            raise RuntimeError(f"mailplugins dkim keygen: {made.stderr.strip()}")
+        active = self.daemons.cli("dkim", "activate", DEMO_DOMAIN, "demo", "--no-dns-check")
+        if active.returncode != 0:
+            raise RuntimeError(f"mailplugins dkim activate: {active.stderr.strip()}")
 
     def stop_leftovers(self) -> None:
         """Stop instances a killed earlier run left behind (found by their pid files)."""
@@ -294,6 +333,8 @@ mailplugins mail system running in {self.root}
   IMAP / POP3 (STARTTLS)   127.0.0.1:{p.imap} / 127.0.0.1:{p.pop3}
   passwords                {self.passwords_path}
   logs                     {self.root}/daemons.log, {self.postfix.maillog}, {self.root}/dovecot/dovecot.log
+  DKIM                     {"outgoing mail of " + DEMO_DOMAIN + " is signed (mailplugins dkim list)"
+                             if self.milterd else "off (--no-milterd)"}
 
 Send as bob to alice (self-signed certificate):
   swaks --server 127.0.0.1:{p.submission} --tls --auth PLAIN \\
@@ -326,9 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--release", choices=NAMES, help="run this Debian release's Postfix and "
                         "Dovecot (default: the host's; the other one needs the root scripts/test "
                         "builds)")
+    parser.add_argument("--no-milterd", action="store_true",
+                        help="do not run milterd (no DKIM signing of the demo domain's mail)")
     args = parser.parse_args(argv)
     stack = LocalStack(args.root, database_url=args.database_url,
-                       release=release(args.release) if args.release else None)
+                       release=release(args.release) if args.release else None,
+                       milterd=not args.no_milterd)
     stopping = threading.Event()
 
     def on_signal(_signum: int, _frame: object) -> None:

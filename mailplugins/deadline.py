@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_deadline -*-
 """A deadline for input that must arrive whole, counted from its first byte.
 
 Why not an idle timeout reset on every read: a peer sending one byte a second would then hold

@@ -22,11 +22,11 @@ import base64
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -277,8 +277,15 @@ class DkimKeys:
             row = self._require(session, domain, selector)
             if row.state != "pending":
                 raise StoreError(f"DKIM key {row.selector} of {domain} is {row.state}, not pending")
+            # Whole seconds (MariaDB's DATETIME keeps no more), strictly after the type's last
+            # activation: two activations in one second must still order as they happened.
+            when = self._clock().replace(microsecond=0)
+            last = session.scalar(select(func.max(DkimKey.activated_at)).where(
+                DkimKey.domain == domain, DkimKey.key_type == row.key_type))
+            if last is not None and last >= when:
+                when = last.replace(microsecond=0) + timedelta(seconds=1)
             row.state = "active"
-            row.activated_at = self._clock()
+            row.activated_at = when
             return _record(row)
 
     def retire(self, domain_text: str, selector: str, *, force: bool = False) -> DkimKeyRecord:

@@ -96,8 +96,8 @@ def _query(name: str, rdtype: dns.rdatatype.RdataType, nameservers: Sequence[Nam
         qname = dns.name.from_text(name.rstrip(".") + ".")
     except dns.exception.DNSException as exc:
         raise ValueError(f"not a DNS name: {name!r} ({exc})") from None
-    resolver = resolver_for(nameservers)
     try:
+        resolver = resolver_for(nameservers)  # (no resolv.conf: NoResolverConfiguration)
         # Only this name: a relative name must never be completed with resolv.conf's search list.
         return resolver.resolve(qname, rdtype, lifetime=timeout, search=False)
     except dns.resolver.NXDOMAIN:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_metrics -*-
+# -*- test-case-name: tests.unit.test_runner -*-
 """Prometheus metrics: one registry per daemon, served at ``/metrics`` on its own endpoint."""
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def postfix_release(text: str) -> str:
     return f"{major}.{minor}"
 
 
-Runner = Callable[[Sequence[str]], str]
+RunCommand = Callable[[Sequence[str]], str]
 
 
 def _run(cmd: Sequence[str]) -> str:
@@ -66,7 +66,7 @@ def _run(cmd: Sequence[str]) -> str:
     return result.stdout if result.returncode == 0 else ""
 
 
-def detect_dovecot(run: Runner = _run) -> str:
+def detect_dovecot(run: RunCommand = _run) -> str:
     """The installed Dovecot's major.minor; ValueError when it cannot be told."""
     text = run(["dovecot", "--version"])
     if not text.strip():
@@ -74,7 +74,7 @@ def detect_dovecot(run: Runner = _run) -> str:
     return dovecot_release(text)
 
 
-def detect_postfix(run: Runner = _run) -> str:
+def detect_postfix(run: RunCommand = _run) -> str:
     """The installed Postfix's major.minor; ValueError when it cannot be told."""
     text = run(["postconf", "-d", "-h", "mail_version"])  # -d: needs no main.cf
     if not text.strip():

@@ -30,6 +30,7 @@ from mailplugins.config import Config, ConfigError, load_config
 from mailplugins.daemon import Listener, RunningDaemon, Runtime, daemon_names, load_daemon
 from mailplugins.database import Database
 from mailplugins.db import schema
+from mailplugins.generators import parse_endpoint
 from mailplugins.metrics import DaemonMetrics, metrics_site
 from mailplugins.threads import WorkerPool
 
@@ -108,7 +109,8 @@ def _endpoint(reactor: Any, listener: Listener) -> Any:
             2,
         ) from None
     if isinstance(endpoint, UNIXServerEndpoint):
-        _remove_stale_socket(endpoint._address)
+        # The path as our own endpoint parser reads it (the endpoint keeps it private).
+        _remove_stale_socket(parse_endpoint(listener.endpoint).path)
     return endpoint
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_senders -*-
+# -*- test-case-name: tests.unit.test_policyd_rules -*-
 """Which addresses a login may send as: one rule for policyd (envelope) and milterd (``From:``).
 
 policyd refuses an authenticated ``MAIL FROM`` its login does not own; milterd refuses to sign

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_writethrough -*-
 """Answers sent at once, for request/response protocols whose peer waits for each answer.
 
 Twisted queues every ``transport.write`` for the next reactor turn: an ``epoll_ctl`` to watch for
@@ -13,6 +14,10 @@ socket connection. Any other wrapper transforms the bytes (Twisted's TLS wrapper
 them), so its ``write`` is the only way out: sending under it put answers on a TLS connection
 in clear text. ``ProtocolWrapper`` forwards unknown attributes to its transport, so the check
 is on the class, never on attributes such as ``socket``.
+
+Twisted has no public "is anything queued" question, so this reads ``tcp.Connection``'s write
+buffers (``dataBuffer``, ``offset``, ``_tempDataBuffer``); ``test_writethrough`` pins them, so a
+Twisted upgrade that renames them fails a test instead of reordering answers.
 """
 
 from __future__ import annotations

@@ -152,8 +152,11 @@ def cmd_dns_records(app: App) -> None:
     ttl = app.config.dns.ttl
     if app.args.json:
         print_json([r.as_dict(ttl) for r in records], app.out)
-    else:
-        app.out.write(render_zone(records, ttl))
+        return
+    for host in app.config.dns.mx:
+        if "." not in host:
+            app.out.write(f"; the MX host {host!r} is not a fully qualified name: set dns.mx\n")
+    app.out.write(render_zone(records, ttl))
 
 
 def _normal_domain(text: str) -> str:

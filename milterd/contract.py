@@ -1,27 +1,27 @@
 # -*- test-case-name: tests.unit.test_milterd_live -*-
 """The one place where milterd's daemon meets the DKIM, DMARC, SPF, DNS and key code.
 
-Those modules (``milterd.dkim``, ``milterd.dmarc``, ``milterd.authresults``, ``milterd.keys``,
-``mailplugins.dns``, ``mailplugins.spf``) are written to the signatures of the milterd
-contract; this module adapts their calls to :class:`milterd.checks.Checks`, so a change on
-their side is a change here only. The ones not merged yet are imported when first used.
+``milterd.dkim``, ``milterd.dmarc``, ``milterd.authresults``, ``milterd.keys``,
+``mailplugins.dns`` and ``mailplugins.spf`` are pure logic or blocking calls written to the
+milterd contract; this module adapts them to :class:`milterd.checks.Checks`' structural types,
+so a change on their side is a change here only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
+
+from sqlalchemy import Engine
 
 from mailplugins import dns as core_dns
 from mailplugins import spf as core_spf
-from milterd.checks import DkimLike, DmarcLike, DmarcVerdict, Headers, SpfLike, VerifierLike
+from milterd import authresults
+from milterd import dmarc as dmarc_module
+from milterd.checks import DkimLike, DmarcLike, Headers, SpfLike, VerifierLike
 from milterd.dkim import DkimResult, MessageSigner, MessageVerifier, SigningKey
-
-
-def _module(name: str) -> Any:
-    return importlib.import_module(name)
+from milterd.keys import KeyStore
 
 
 def txt_records(name: str, *, nameservers: Sequence[tuple[str, int]], timeout: float) -> list[bytes] | None:
@@ -30,19 +30,17 @@ def txt_records(name: str, *, nameservers: Sequence[tuple[str, int]], timeout: f
 
 
 def name_exists(name: str, *, nameservers: Sequence[tuple[str, int]], timeout: float) -> bool:
-    """Blocking: does ``name`` exist (DMARC's ``np=``)? A DNS failure counts as existing."""
-    exists = getattr(core_dns, "name_exists", None)
-    if exists is None:
-        return True
+    """Blocking: does ``name`` exist (DMARC's ``np=``)? A DNS failure counts as existing, so
+    the stricter ``np=`` is never applied on a guess."""
     try:
-        return bool(exists(name, nameservers=nameservers, timeout=timeout))
+        return core_dns.name_exists(name, nameservers=nameservers, timeout=timeout)
     except core_dns.DnsTempError:
         return True
 
 
-def key_store(engine: Any) -> Any:
-    """``milterd.keys.KeyStore``: ``signing_keys(domain) -> list[SigningKey]``, blocking."""
-    return _module("milterd.keys").KeyStore(engine)
+def key_store(engine: Engine) -> KeyStore:
+    """``signing_keys(domain) -> list[SigningKey]``, blocking (the database pool)."""
+    return KeyStore(engine)
 
 
 def message_signer(keys: Sequence[SigningKey], headers: Headers, now: int) -> MessageSigner:
@@ -63,8 +61,7 @@ def finish_verifier(verifier: VerifierLike, answers: Mapping[str, object]) -> li
         else:
             txt[name] = core_dns.DnsTempError(str(answer))
     assert isinstance(verifier, MessageVerifier)
-    results: list[DkimResult] = verifier.finish(txt)
-    return list(results)
+    return list(verifier.finish(txt))
 
 
 def use_nameservers(nameservers: Sequence[tuple[str, int]]) -> None:
@@ -80,25 +77,22 @@ def spf_check(client: str, sender: str, helo: str, receiver: str, timeout: float
 def dmarc(from_values: Sequence[str], dkim: Sequence[DkimLike], spf: SpfLike, spf_domain: str,
           lookup: Callable[[str], list[bytes] | None], exists: Callable[[str], bool]) -> DmarcLike:
     """Blocking DMARC (``milterd.dmarc.evaluate``), in the DNS pool."""
-    try:
-        evaluate = _module("milterd.dmarc").evaluate
-    except ImportError:  # pragma: no cover - until milterd.dmarc is merged
-        return DmarcVerdict("none", "", "none", "DMARC not evaluated")
-    result: DmarcLike = evaluate(list(from_values), list(dkim), spf.result, spf_domain, lookup, exists)
-    return result
+    results = cast(list[DkimResult], list(dkim))
+    return dmarc_module.evaluate(list(from_values), results, spf.result, spf_domain, lookup, exists)
 
 
 def compose(authserv_id: str, dkim: Sequence[DkimLike], spf: SpfLike, verdict: DmarcLike,
             disposition: str, *, mailfrom: str, helo: str) -> str:
     """``milterd.authresults.compose`` with our disposition (after milterd.dmarc's downgrade)."""
-    if dataclasses.is_dataclass(verdict) and getattr(verdict, "disposition", None) != disposition:
-        verdict = dataclasses.replace(verdict, disposition=disposition)
-    module = _module("milterd.authresults")
-    auth = module.SpfAuth(spf.result, mailfrom, helo)
-    value: str = module.compose(authserv_id, list(dkim), auth, verdict)
-    return value
+    result: Any = verdict
+    if isinstance(result, dmarc_module.DmarcResult) and result.disposition != disposition:
+        result = dataclasses.replace(result, disposition=disposition)
+    elif not isinstance(result, dmarc_module.DmarcResult):
+        result = dmarc_module.DmarcResult(verdict.result, verdict.header_from, verdict.policy,
+                                          getattr(verdict, "reason", ""), disposition)
+    auth = authresults.SpfAuth(spf.result, mailfrom, helo)
+    return authresults.compose(authserv_id, cast(list[DkimResult], list(dkim)), auth, result)
 
 
 def claims_authserv_id(value: str, authserv_id: str) -> bool:
-    claimed: bool = _module("milterd.authresults").claims_authserv_id(value, authserv_id)
-    return claimed
+    return authresults.claims_authserv_id(value, authserv_id)

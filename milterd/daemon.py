@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_milterd_daemon -*-
+# -*- test-case-name: tests.unit.test_milterd_live -*-
 """milterd as a mailplugins daemon: config, checks, pools, listeners and metrics."""
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ domain are evaluated once.
 from __future__ import annotations
 
 import email.utils
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from mailplugins.addresses import AddressError, normalise_domain
 from mailplugins.dns import DnsTempError
 from milterd.dkim import DkimResult
 
@@ -47,7 +47,6 @@ Exists = Callable[[str], bool]
 
 POLICIES = ("none", "quarantine", "reject")
 MAX_QUERIES = 5
-_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)\Z")
 
 
 @dataclass(frozen=True)
@@ -178,18 +177,16 @@ def from_domains(values: Sequence[str]) -> tuple[list[str], str]:
 
 
 def _domain(address: str) -> str:
+    """The address's domain as an A-label (mailplugins.addresses' rules), "" if unusable:
+    no domain, an address literal, a single label."""
     local, at, domain = address.rpartition("@")
     if not at or not local:
         return ""
-    domain = domain.strip().rstrip(".").lower()
     try:
-        domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
-    except UnicodeError:
+        domain = normalise_domain(domain)
+    except AddressError:
         return ""
-    labels = domain.split(".")
-    if len(domain) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
-        return ""
-    return domain
+    return domain if "." in domain and not domain.startswith("[") else ""
 
 
 def evaluate(from_values: Sequence[str], dkim: Sequence[DkimResult], spf_result: str,

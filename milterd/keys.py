@@ -4,7 +4,8 @@
 A thin adapter: the choice of keys (the rotation rule: per key type, the active key activated
 last) is the core's :meth:`mailplugins.dkim_keys.DkimKeys.signing_keys`, shared with ``dkim list``
 and ``dns-records``; this turns its rows into the signer's :class:`milterd.dkim.SigningKey`.
-Nothing is cached here, so an ``activate`` or ``retire`` applies to the next message.
+Nothing is cached here; the daemon reuses a domain's keys for ``milterd.key_cache_ttl``, so an
+``activate`` or ``retire`` applies within that time.
 """
 
 from __future__ import annotations

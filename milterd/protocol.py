@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from mailplugins.config.milterd import MilterdConfig
 from mailplugins.deadline import Deadline
-from mailplugins.writethrough import _socket_transport, write_now
+from mailplugins.writethrough import write_now
 from milterd import codec
 from milterd.checks import Checks
 from milterd.session import MilterMetrics, MilterSession
@@ -68,8 +68,10 @@ class MilterProtocol(Protocol):
     # -- connection ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        real = _socket_transport(self.transport)
-        sock = getattr(real, "socket", None)
+        sock = _socket_of(self.transport)
+        unix = sock is None or sock.family == socket.AF_UNIX
+        if unix or self._config.no_reply_tcp:
+            self.session.extra_protocol = codec.NO_REPLY
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -111,8 +113,11 @@ class MilterProtocol(Protocol):
                 command = self._queue.popleft()
                 if isinstance(command, codec.Quit):
                     if command.new_connection:
+                        old = self.session
                         self.session = MilterSession(self._checks, self._config, self._clock,
                                                      self._metrics)
+                        self.session.extra_protocol = old.extra_protocol
+                        self.session.silent = old.silent
                         continue
                     self._flush()
                     self._close()
@@ -125,6 +130,9 @@ class MilterProtocol(Protocol):
                     self._close()
                     return
                 if reply is None:
+                    continue
+                if type(command).__name__ in self.session.silent:
+                    # Postfix does not wait for this one; it is always a plain "continue".
                     continue
                 if isinstance(reply, bytes):
                     self._out.append(reply)
@@ -206,6 +214,16 @@ class MilterProtocol(Protocol):
         self._idle.stop()
         self._deadline.stop()
         self.session.close()
+
+
+def _socket_of(transport: Any) -> socket.socket | None:
+    """The socket under a transport (through the connection-limit wrapper), if it has one."""
+    get_handle = getattr(transport, "getHandle", None)
+    try:
+        handle = get_handle() if get_handle is not None else None
+    except Exception:
+        return None
+    return handle if isinstance(handle, socket.socket) else None
 
 
 class MilterFactory(Factory):

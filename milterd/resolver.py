@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_milterd_resolver -*-
+# -*- test-case-name: tests.unit.test_milterd_live -*-
 """TXT lookups for milterd: blocking DNS in a thread pool, bounded in time, cached, shared.
 
 The lookup itself is :func:`mailplugins.dns.txt_records` (injected, so tests pass a dict). Each
@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError, gatherResults
 from twisted.python.failure import Failure
 
+from mailplugins.threads import RunInPool
+from mailplugins.ttlcache import TTLCache
+
 TxtAnswer = list[bytes] | None
 #: What a caller gets per name: the records, None (no record), or the exception (temperror).
 Result = list[bytes] | None | Exception
 
-Runner = Callable[..., "Deferred[Any]"]
 
 
 class DnsTimeout(Exception):
@@ -34,7 +35,7 @@ class DnsTimeout(Exception):
 class TxtResolver:
     def __init__(
         self,
-        run: Runner,
+        run: RunInPool,
         lookup: Callable[[str], TxtAnswer],
         clock: Any,
         *,
@@ -46,9 +47,7 @@ class TxtResolver:
         self._lookup = lookup
         self._clock = clock
         self.timeout = timeout
-        self.ttl = ttl
-        self.size = size
-        self._cache: OrderedDict[str, tuple[float, TxtAnswer]] = OrderedDict()
+        self._cache: TTLCache[str, TxtAnswer] = TTLCache(size, ttl, clock.seconds)
         self._inflight: dict[str, list[Deferred[Result]]] = {}
         #: Lookups that reached DNS (cache misses); for tests and metrics.
         self.queries = 0
@@ -62,13 +61,11 @@ class TxtResolver:
     def txt(self, name: str) -> Deferred[Result]:
         """The answer for ``name``; never fails (errors come back as the exception)."""
         key = name.lower().rstrip(".")
-        entry = self._cache.get(key)
+        entry = self._cache.entry(key)
         if entry is not None:
-            if entry[0] > self._clock.seconds():
-                result: Deferred[Result] = Deferred()
-                result.callback(entry[1])
-                return result
-            del self._cache[key]
+            result: Deferred[Result] = Deferred()
+            result.callback(entry[1])
+            return result
         waiter: Deferred[Result] = Deferred()
         waiters = self._inflight.get(key)
         if waiters is not None:
@@ -89,7 +86,7 @@ class TxtResolver:
                 answer = error if isinstance(error, Exception) else RuntimeError(str(error))
             else:
                 answer = outcome  # type: ignore[assignment]
-                self._put(key, answer)  # type: ignore[arg-type]
+                self._cache.put(key, answer)  # type: ignore[arg-type]
             for each in waiters:
                 if not each.called:
                     each.callback(answer)
@@ -103,14 +100,6 @@ class TxtResolver:
         gathered = gatherResults([self.txt(name) for name in unique])
         return gathered.addCallback(lambda answers: dict(zip(unique, answers, strict=True)))
 
-    def _put(self, key: str, answer: TxtAnswer) -> None:
-        if self.ttl <= 0 or self.size <= 0:
-            return
-        if key in self._cache:
-            del self._cache[key]
-        elif len(self._cache) >= self.size:
-            self._cache.popitem(last=False)
-        self._cache[key] = (self._clock.seconds() + self.ttl, answer)
 
 
 class CachedLookup:
@@ -123,10 +112,7 @@ class CachedLookup:
     def __init__(self, lookup: Callable[[str], TxtAnswer], *, ttl: float, size: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._lookup = lookup
-        self.ttl = ttl
-        self.size = size
-        self._clock = clock
-        self._cache: OrderedDict[str, tuple[float, TxtAnswer]] = OrderedDict()
+        self._cache: TTLCache[str, TxtAnswer] = TTLCache(size, ttl, clock)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -138,15 +124,11 @@ class CachedLookup:
 
     def __call__(self, name: str) -> TxtAnswer:
         key = name.lower().rstrip(".")
-        with self._lock:
-            entry = self._cache.get(key)
-            if entry is not None and entry[0] > self._clock():
-                return entry[1]
+        with self._lock:  # TTLCache is not thread-safe; several pool threads call this
+            entry = self._cache.entry(key)
+        if entry is not None:
+            return entry[1]
         answer = self._lookup(key)  # raises on failure: not cached
-        if self.ttl > 0 and self.size > 0:
-            with self._lock:
-                self._cache.pop(key, None)
-                while len(self._cache) >= self.size:
-                    self._cache.popitem(last=False)
-                self._cache[key] = (self._clock() + self.ttl, answer)
+        with self._lock:
+            self._cache.put(key, answer)
         return answer

@@ -157,6 +157,10 @@ class MilterSession:
         self.helo = ""
         self._macros: dict[str, str] = {}
         self.message = _Message()
+        #: Protocol flags to ask for on top of codec.PROTOCOL (codec.NO_REPLY on unix sockets).
+        self.extra_protocol = 0
+        #: Names of the commands Postfix was told not to wait for (their reply is dropped).
+        self.silent: frozenset[str] = frozenset()
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -172,8 +176,10 @@ class MilterSession:
         if isinstance(command, codec.Header):
             return self._header(command.name, command.value)
         if isinstance(command, codec.OptNeg):
-            answer = codec.negotiate(command)  # NegotiationError: the protocol closes
-            self.negotiated = True
+            answer = codec.negotiate(command, protocol=codec.PROTOCOL | self.extra_protocol)
+            self.negotiated = True  # (NegotiationError: the protocol closes)
+            self.silent = frozenset(name for name, flag in codec.NO_REPLY_FLAGS.items()
+                                    if answer.protocol & flag)
             return codec.encode_optneg(answer)
         if isinstance(command, codec.Connect):
             self.client_name = command.hostname

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from mailplugins.config.policyd import ACTION_VERBS
+from mailplugins.config.actions import ACTION_VERBS
 
 #: "No opinion": the next restriction decides. "Allowed" is always DUNNO, never OK, so that
 #: Postfix's own reject_unauth_destination stays as a backstop.

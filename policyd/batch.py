@@ -13,7 +13,7 @@ Each check keeps its own semantics: it runs inside a ``SAVEPOINT`` (a check that
 rolled back alone and fails alone), its statements see the checks before it in the same
 transaction, and nothing is answered before the commit succeeded (a failed commit fails every
 check of the batch, and each answers its fallback). Counting stays atomic: SQLite's write lock
-is taken at the start of the batch (:func:`policyd.state._write_lock`) and held to its commit.
+is taken at the start of the batch (:func:`policyd.sql.transactions.write_lock`) and held to its commit.
 
 Only SQLite batches (see :func:`batching_runner`). PostgreSQL and MariaDB run many writers at
 once, and a batch would hold the row locks of every subject in it until its commit, making
@@ -29,9 +29,8 @@ from sqlalchemy import Engine
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from policyd.state import _one_writer, _write_lock
-
-Runner = Callable[..., "Deferred[Any]"]
+from mailplugins.threads import RunInPool
+from policyd.sql.transactions import one_writer, write_lock
 
 #: Most checks in one transaction: bounds how long the write lock is held.
 MAX_BATCH = 200
@@ -46,10 +45,10 @@ def run_batch(engine: Engine, jobs: Sequence[_Job]) -> list[tuple[bool, Any]]:
     nothing) when the transaction itself fails. Runs in a database thread.
     """
     results: list[tuple[bool, Any]] = []
-    with _one_writer(engine), engine.connect() as conn:
+    with one_writer(engine), engine.connect() as conn:
         conn.begin()
         try:
-            _write_lock(conn)
+            write_lock(conn)
             cursor = conn.connection.cursor()
             for fn, args, kwargs in jobs:
                 cursor.execute("SAVEPOINT policy_check")
@@ -70,12 +69,12 @@ class GroupCommit:
     """A runner with the database pool's signature whose work is run in batches.
 
     ``run(fn, engine, *args, **kwargs)`` runs ``fn(connection, *args, **kwargs)``: ``fn`` is a
-    :mod:`policyd.state` check, which takes an Engine or a Connection in its transaction. At
+    :mod:`policyd.sql` check, which takes an Engine or a Connection in its transaction. At
     most one batch is in the pool at a time (SQLite has one writer anyway); checks submitted
     meanwhile form the next one.
     """
 
-    def __init__(self, engine: Engine, run: Runner, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH) -> None:
         self._engine = engine
         self._run = run
         self.max_batch = max_batch
@@ -134,7 +133,7 @@ class GroupCommit:
         self._start()
 
 
-def batching_runner(engine: Engine, run: Runner) -> Runner:
+def batching_runner(engine: Engine, run: RunInPool) -> RunInPool:
     """The runner for the state checks: group commit on SQLite, ``run`` itself elsewhere."""
     if engine.dialect.name == "sqlite":
         return GroupCommit(engine, run).run

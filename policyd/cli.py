@@ -16,15 +16,15 @@ from mailplugins.cli import App, CommandError, print_json, print_table
 from mailplugins.clients import client_network
 from mailplugins.config.fields import parse_duration, parse_size
 from policyd.ratelimit import address_subject
-from policyd.state import (
+from policyd.sql.overrides import (
     OverrideError,
-    RateKey,
     list_rate_overrides,
     rate_usage,
     remove_rate_override,
     reset_rate_counters,
     set_rate_override,
 )
+from policyd.sql.ratelimit import RateKey
 
 
 def _period(text: str) -> int:

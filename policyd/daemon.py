@@ -14,9 +14,9 @@ from mailplugins.config import Config
 from mailplugins.connections import ConnectionLimit, LimitedFactory
 from mailplugins.daemon import Listener, Runtime, capped_listeners
 from policyd.lookups import Lookups
+from policyd.message_checks import build_stateful, reload_stateful
 from policyd.protocol import PolicyFactory
 from policyd.service import PolicyMetrics, PolicyService
-from policyd.stateful import build_stateful, reload_stateful
 
 #: Distinct database lookups pending beyond which new misses get the fallback at once.
 MAX_PENDING_LOOKUPS = 1000

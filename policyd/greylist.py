@@ -19,23 +19,22 @@ import re
 from collections.abc import Callable
 from email.utils import formatdate
 from functools import lru_cache
-from typing import Any, cast
+from typing import cast
 
 from sqlalchemy import Engine
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplugins.clients import client_ip, client_network
 from mailplugins.config.policy_state import GreylistConfig
+from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 from policyd.codec import PolicyRequest
 from policyd.ratelimit import Clock, Pending
-from policyd.state import GreylistResult, GreylistTiming, greylist_check
+from policyd.sql.greylist import GreylistResult, GreylistTiming, greylist_check
 
 log = Logger(namespace="policyd.greylist")
 
-Runner = Callable[..., "Deferred[Any]"]
 
 #: BATV: ``prvs=KDDDSSSSSS=user@`` (RFC draft order) and ``prvs=user=KDDDSSSSSS@`` (older).
 _BATV_TAG_FIRST = re.compile(r"^prvs=\d{4}[0-9a-f]{6}=", re.IGNORECASE)
@@ -113,7 +112,7 @@ class Greylister:
         self,
         config: GreylistConfig,
         engine: Engine,
-        run: Runner,
+        run: RunInPool,
         clock: Clock,
         *,
         delimiters: str = "+",

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_policyd_lookups -*-
+# -*- test-case-name: tests.unit.test_policyd_service -*-
 """Database lookups for the rules, cached in memory with a short TTL.
 
 Every lookup runs the synchronous :class:`~mailplugins.store.Store` method through ``run``
@@ -20,11 +20,11 @@ from twisted.python.failure import Failure
 
 from mailplugins.addresses import Address
 from mailplugins.store import MailboxRecord, Resolution, Store
+from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 
 T = TypeVar("T")
 
-Runner = Callable[..., "Deferred[Any]"]
 
 
 class LookupOverloadError(Exception):
@@ -38,7 +38,7 @@ class Lookups:
     def __init__(
         self,
         store: Store,
-        run: Runner,
+        run: RunInPool,
         clock: Callable[[], float],
         *,
         ttl: float,

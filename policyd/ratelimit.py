@@ -4,7 +4,7 @@
 Counting happens at ``protocol_state=DATA`` (one message, ``recipient_count`` recipients: the
 recipients Postfix accepted, so rejected ones never count) and, for rules with byte limits, at
 ``END-OF-MESSAGE`` (the real ``size``). The check and the increment are one database
-transaction (:func:`policyd.state.rate_check`), so several policyd processes on several MX
+transaction (:func:`policyd.sql.ratelimit.rate_check`), so several policyd processes on several MX
 hosts sharing one database together admit exactly the limit.
 
 Each rule's subject is the first non-empty attribute of its ``key`` list: ``sasl_username``
@@ -23,16 +23,16 @@ from functools import lru_cache
 from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Engine
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplugins.addresses import AddressError, parse_address
 from mailplugins.clients import client_network
 from mailplugins.config.policy_state import RateLimitConfig, RateRule
+from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 from policyd.codec import PolicyRequest
-from policyd.state import RateDecision, RateKey, rate_check
+from policyd.sql.ratelimit import RateDecision, RateKey, rate_check
 
 log = Logger(namespace="policyd.ratelimit")
 
@@ -46,7 +46,6 @@ class Clock(Protocol):
 
     def callLater(self, delay: float, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any: ...
 
-Runner = Callable[..., "Deferred[Any]"]
 
 
 @lru_cache(maxsize=65536)
@@ -153,7 +152,7 @@ class RateLimiter:
         self,
         config: RateLimitConfig,
         engine: Engine,
-        run: Runner,
+        run: RunInPool,
         clock: Clock,
         *,
         delimiters: str = "+",

@@ -26,8 +26,8 @@ from mailplugins.store import StoreError
 from policyd.actions import DUNNO, state_label, verb
 from policyd.codec import PolicyRequest
 from policyd.lookups import LookupOverloadError, Lookups
+from policyd.message_checks import StatefulChecks
 from policyd.rules import RULES, Facts
-from policyd.stateful import StatefulChecks
 
 log = Logger(namespace="policyd.service")
 
@@ -74,7 +74,7 @@ class PolicyService:
         self._metrics = metrics
         self._timer = timer
         self._seen_states: set[str] = set()
-        #: SPF, greylisting (RCPT) and rate limits (DATA, END-OF-MESSAGE); see policyd.stateful.
+        #: SPF, greylisting (RCPT) and rate limits (DATA, END-OF-MESSAGE); see policyd.message_checks.
         self.stateful: StatefulChecks | None = None
         self._seen_contexts: set[str] = set()
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplugins.config.policy_state import SPFConfig
 from mailplugins.spf import SPFResult, clean, spf_lookup, use_nameservers
+from mailplugins.threads import RunInPool
 from policyd.codec import PolicyRequest
 from policyd.ratelimit import Clock, Pending
 
@@ -31,7 +31,6 @@ __all__ = ["SPFChecker", "SPFOutcome", "SPFResult", "spf_lookup", "use_nameserve
 
 log = Logger(namespace="policyd.spf")
 
-Runner = Callable[..., "Deferred[Any]"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class SPFOutcome:
 
 
 class SPFChecker:
-    def __init__(self, config: SPFConfig, run: Runner, clock: Clock,
+    def __init__(self, config: SPFConfig, run: RunInPool, clock: Clock,
                  *, max_pending: int = 1000) -> None:
         use_nameservers(config.nameservers)
         self.config = config

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_authd_config -*-
+# -*- test-case-name: tests.unit.test_authd_daemon -*-
 """The ``authd:`` section.
 
 Every delay here is bounded so that a reply always reaches Postfix within its hard-coded 10 s

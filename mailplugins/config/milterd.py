@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_milterd_config -*-
+# -*- test-case-name: tests.unit.test_milterd_live -*-
 """The ``milterd:`` section: listeners, direction, DNS, DMARC policy, limits and timeouts.
 
 One listener serves both directions. A message is *outgoing* (signed) when the client
@@ -64,6 +64,14 @@ class MilterdConfig:
     max_header_bytes: int
     #: Seconds a login's right to a ``From:`` address is reused without the database.
     cache_ttl: float
+    #: Seconds a domain's signing keys are reused without the database: a ``dkim activate`` or
+    #: ``retire`` takes effect within this time.
+    key_cache_ttl: float = 10.0
+    #: Ask Postfix not to wait for our "continue" to connect, HELO, MAIL, DATA, headers and body
+    #: on TCP connections too (always on unix sockets): see docs/milterd.md.
+    no_reply_tcp: bool = False
+    #: Make the signatures in the CPU pool (true) or on the reactor (false).
+    sign_in_pool: bool = True
 
 
 def _authserv_id(value: object) -> str:
@@ -115,6 +123,9 @@ def parse_milterd(f: Fields) -> MilterdConfig:
         max_headers=f.integer("max_headers", 1000, minimum=16, maximum=100_000),
         max_header_bytes=f.size("max_header_bytes", 1024 * 1024, minimum=4096),
         cache_ttl=f.duration("cache_ttl", 30.0, maximum=86400),
+        key_cache_ttl=f.duration("key_cache_ttl", 10.0, maximum=3600),
+        no_reply_tcp=f.boolean("no_reply_tcp", False),
+        sign_in_pool=f.boolean("sign_in_pool", True),
     )
     f.done()
     return config

@@ -28,6 +28,7 @@ import math
 import socket
 from dataclasses import dataclass
 
+from mailplugins.config.actions import check_action
 from mailplugins.config.fields import ConfigError, Fields, IPNetwork, describe
 from mailplugins.dns import parse_nameserver
 
@@ -130,13 +131,6 @@ class SPFConfig:
     fallback_action: str = "DUNNO"
     #: DNS servers for the SPF lookups as (address, port); empty: the system's resolv.conf.
     nameservers: tuple[tuple[str, int], ...] = ()
-
-
-def check_action(value: object) -> str:
-    """The policyd section's action check (imported late: that module imports this one)."""
-    from mailplugins.config.policyd import check_action as check
-
-    return check(value)
 
 
 def _contexts(f: Fields) -> tuple[str, ...] | None:

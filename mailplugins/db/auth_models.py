@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from mailplugins.db.models import Base
+from mailplugins.db.base import Base
 
 
 class AuthFailure(Base):

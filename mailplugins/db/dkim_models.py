@@ -15,7 +15,7 @@ from datetime import datetime
 from sqlalchemy import DateTime, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from mailplugins.db.models import DOMAIN_LEN, Base
+from mailplugins.db.base import DOMAIN_LEN, Base
 
 #: A selector is one or more DNS labels; with ``._domainkey.`` and the domain it must stay a name.
 SELECTOR_LEN = 63

@@ -16,31 +16,14 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Integer,
-    MetaData,
     String,
     Text,
     UniqueConstraint,
     false,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-NAMING = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-#: Length limits chosen to fit MariaDB's index key limit with utf8mb4.
-DOMAIN_LEN = 255
-LOCAL_LEN = 128
-ADDRESS_LEN = 320
-HASH_LEN = 255
-
-
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING)
+from mailplugins.db.base import ADDRESS_LEN, DOMAIN_LEN, HASH_LEN, LOCAL_LEN, Base
 
 
 class Domain(Base):
@@ -164,7 +147,3 @@ class Setting(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
-
-# The daemons' own tables live in their own modules; importing them here registers them on
-# Base.metadata, so Alembic and the schema test see one complete schema.
-from mailplugins.db import auth_models, dkim_models, policy_models  # noqa: E402, F401

@@ -1,12 +1,12 @@
 # -*- test-case-name: tests.unit.test_store -*-
 """Tables holding policyd's shared state: rate-limit counters and overrides, greylisting.
 
-They live on the same :class:`~mailplugins.db.models.Base` so one Alembic history covers them
+They live on the same :class:`~mailplugins.db.base.Base` so one Alembic history covers them
 (revision 0002). Times are integer epoch seconds (``BigInteger``): no time zones, and the hot
 comparisons (``last_seen < cutoff``) are plain integer range scans on every backend.
 
 Several MX hosts share these rows, so every write that must be atomic is one upsert or one
-transaction holding a row lock (see :mod:`policyd.state`).
+transaction holding a row lock (see :mod:`policyd.sql`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Boolean, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from mailplugins.db.models import ADDRESS_LEN, Base
+from mailplugins.db.base import ADDRESS_LEN, Base
 
 #: Rule names (config keys).
 RULE_LEN = 64

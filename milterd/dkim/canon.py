@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
 
-__all__ = ["BodyHasher", "canonicalize_header", "header_block", "header_bytes"]
+__all__ = ["BodyHasher", "canonicalize_header", "crlf_folds", "header_bytes"]
 
 _SPACES = re.compile(rb"  +")  # (a literal prefix: re searches for it at C speed)
 _HEADER_SPACES = re.compile(r"  +")
@@ -28,6 +27,11 @@ def header_bytes(text: str) -> bytes:
     """Header text as the bytes on the wire: UTF-8 (RFC 6532), and bytes a caller decoded
     with ``surrogateescape`` come back unchanged."""
     return text.encode("utf-8", "surrogateescape")
+
+
+def crlf_folds(value: str) -> str:
+    """A header value with every bare LF made CRLF (how it travels on the wire)."""
+    return _BARE_LF.sub("\r\n", value)
 
 
 def canonicalize_header(name: str, value: str, canon: str) -> str:
@@ -101,7 +105,8 @@ class BodyHasher:
             data = data[:-1]
         if self.relaxed:
             # WSP runs -> one SP (tabs first, so the regex only meets spaces), none at line ends.
-            data = data.replace(b"\t", b" ")
+            if b"\t" in data:
+                data = data.replace(b"\t", b" ")
             if b"  " in data:
                 data = _SPACES.sub(b" ", data)
             data = data.replace(b" \r\n", b"\r\n")
@@ -150,8 +155,3 @@ class BodyHasher:
                 self._emit(b"\r\n")
             self._space = False
         return self._hash.digest()
-
-
-def header_block(headers: Sequence[tuple[str, str]], canon: str) -> bytes:
-    """Several headers canonicalized and joined (what a signature hashes, in order)."""
-    return header_bytes("".join(canonicalize_header(n, v, canon) for n, v in headers))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,17 +83,25 @@ def sign_data(private: RSAPrivateKey | Ed25519PrivateKey, data: bytes) -> bytes:
     return private.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
 
 
+_SIGNED = tuple(name.lower() for name in SIGNED_HEADERS)
+_LISTED = tuple(name.lower() for name in LISTED_HEADERS)
+
+
 def sign_header_list(headers: Sequence[tuple[str, str]]) -> list[str]:
     """The ``h=`` names for a message with these headers (see the module docstring)."""
-    counts: dict[str, int] = {}
-    for name, _value in headers:
-        counts[name.lower()] = counts.get(name.lower(), 0) + 1
+    counts = Counter(name.lower() for name, _value in headers)
     names: list[str] = []
-    for name in SIGNED_HEADERS:
-        names.extend([name.lower()] * (counts.get(name.lower(), 0) + 1))
-    for name in LISTED_HEADERS:
-        names.extend([name.lower()] * counts.get(name.lower(), 0))
+    for name in _SIGNED:
+        names.extend([name] * (counts[name] + 1))
+    for name in _LISTED:
+        names.extend([name] * counts[name])
     return names
+
+
+@functools.lru_cache(maxsize=256)
+def _h_tag(names: tuple[str, ...], column: int) -> str:
+    """`` h=...`` folded (most messages share a few header sets: computed once each)."""
+    return _fold_list(" h=", names, ":", column)[0]
 
 
 def _fold_list(prefix: str, items: Sequence[str], sep: str, column: int) -> tuple[str, int]:
@@ -140,7 +149,7 @@ class MessageSigner:
               names: list[str], selected: list[tuple[str, str]], body_hash: str) -> str:
         head = (f" v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain};"
                 f" s={key.selector};\r\n\tt={self._now};")
-        h_text, _column = _fold_list(" h=", names, ":", len(f"t={self._now};") + 1)
+        h_text = _h_tag(tuple(names), len(f"t={self._now};") + 1)
         value = f"{head}{h_text};\r\n\tbh={body_hash};\r\n\tb="
         data = hashed_headers(selected, "relaxed", "DKIM-Signature", value)
         b64 = base64.b64encode(sign_data(private, data)).decode("ascii")

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, utils
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mailplugins.dns import DnsTempError
-from milterd.dkim.canon import BodyHasher
+from milterd.dkim.canon import BodyHasher, crlf_folds
 from milterd.dkim.keyrecord import KeyRecord, KeyRecordError, parse_key_record
 from milterd.dkim.signature import (
     ALGORITHMS,
@@ -87,7 +87,8 @@ class MessageVerifier:
     """
 
     def __init__(self, headers: Sequence[tuple[str, str]], *, now: int | None = None) -> None:
-        self._headers = list(headers)
+        # Folds as CRLF (Postfix hands a milter bare LF between folded lines).
+        self._headers = [(n, v if "\n" not in v else crlf_folds(v)) for n, v in headers]
         self._now = now
         self._entries: list[_Entry] = []
         hashers: dict[tuple[str, str, int | None], BodyHasher] = {}

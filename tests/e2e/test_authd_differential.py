@@ -114,6 +114,8 @@ CASES: Sequence[Case] = (
     whole("plain-lowercase-mech", HELLO + auth(1, ALICE, mech="plain"), 1),
     whole("login-good", HELLO + auth(1, mech="LOGIN") + cont(1, b64(b"alice@example.org"))
           + cont(1, b64(b"alice-pw")), 3),
+    bytewise("login-good-bytewise", HELLO + auth(1, mech="LOGIN")
+             + cont(1, b64(b"alice@example.org")) + cont(1, b64(b"alice-pw")), 3),
     whole("login-initial-response", HELLO + auth(1, b64(b"alice@example.org"), mech="LOGIN")
           + cont(1, b64(b"alice-pw")), 2),
     whole("login-wrong-password", HELLO + auth(1, b64(b"alice@example.org"), mech="LOGIN")
@@ -187,6 +189,10 @@ CASES: Sequence[Case] = (
     whole("long-password-4096", HELLO + auth(1, plain("alice@example.org", "p" * 4096)), 1),
     # -- pipelining and pending-request limits
     whole("pipelined-two", HELLO + auth(1, ALICE) + auth(2, plain("alice@example.org", "x")), 2),
+    bytewise("pipelined-two-bytewise",
+             HELLO + auth(1, ALICE) + auth(2, plain("alice@example.org", "x")), 2),
+    Case("pipelined-split-in-base64", (HELLO + auth(1, ALICE)[:-20], auth(1, ALICE)[-20:]
+                                       + auth(2, plain("bob@example.org", "bob-pw"))), 2),
     whole("pending-32", pending(32), 32),
     whole("pending-33", pending(33), 33),
     whole("cont-while-verifying", HELLO + auth(1, ALICE) + cont(1, "AAAA"), 2),

@@ -82,6 +82,8 @@ def rig(release: Release) -> Iterator[Rig]:
     store.set_enabled("carol@example.org", False)
     store.add_mailbox("dave@example.org", hash_password("dave-pw", passwords), services=["imap"])
     store.add_mailbox("erin@example.org", hash_password("erin-pw", passwords))
+    store.add_mailbox("admin@example.org", hash_password("master-pw", passwords))
+    store.set_master("admin@example.org", True)
     store.add_app_password("Alice@example.org", "phone", hash_password("app-secret", passwords), ["smtp"])
     postfix = factory.postfix(
         main={
@@ -179,3 +181,30 @@ def test_database_failure_gives_454(rig: Rig) -> None:
             conn.execute("ALTER TABLE mailboxes_gone RENAME TO mailboxes")
     # authd resets the connection, so Postfix's next write fails and it reconnects at once.
     assert "235 2.7.0" in rig.swaks("erin@example.org", "erin-pw"), rig.logs()
+
+
+def smtp_plain(rig: Rig, authzid: str, login: str, password: str) -> tuple[int, bytes]:
+    """AUTH PLAIN with an authorization id (swaks cannot send one): the reply code and text."""
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", rig.postfix.smtp_port, timeout=30) as client:
+        client.ehlo("client.example")
+        try:
+            return client.auth("PLAIN", lambda challenge=None: f"{authzid}\0{login}\0{password}")
+        except smtplib.SMTPAuthenticationError as exc:
+            return exc.smtp_code, exc.smtp_error
+
+
+def test_master_user_is_refused_on_smtp(rig: Rig) -> None:
+    """authd.master_user_smtp is off: on submission, sasl_username must be the real sender."""
+    code, _ = smtp_plain(rig, "erin@example.org", "admin@example.org", "master-pw")
+    assert code == 535, rig.logs()
+    # The master user's own login is an ordinary one.
+    code, _ = smtp_plain(rig, "", "admin@example.org", "master-pw")
+    assert code == 235, rig.logs()
+
+
+def test_login_with_a_trailing_space_is_refused(rig: Rig) -> None:
+    """Dovecot's auth_username_chars refuses it; authd no longer maps it to alice."""
+    code, _ = smtp_plain(rig, "", "alice@example.org ", "s3cret pass")
+    assert code == 535, rig.logs()

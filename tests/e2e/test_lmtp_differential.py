@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from devrig.instances import dovecot_mail_location
+from devrig.instances import dovecot_mail_location, dovecot_passwd_file
 from devrig.release import Release
 from tests.rig import Daemons, Dovecot, RigFactory, free_port, port_open, wait_until
 from tests.support.differences import allowed_differences, unexpected, unused
@@ -85,14 +85,6 @@ def make_folder(maildir: Path, folder: str) -> None:
         os.chown(parent, NOBODY, NOBODY)
 
 
-def passwd_file_auth(release: Release, path: Path) -> str:
-    """A passwd-file passdb and userdb reading ``path``, in ``release``'s Dovecot syntax."""
-    kinds = ("passdb", "userdb")
-    if release.dovecot24:
-        return "".join(f"{kind} passwd-file {{\n  passwd_file_path = {path}\n}}\n" for kind in kinds)
-    return "".join(f"{kind} {{\n  driver = passwd-file\n  args = {path}\n}}\n" for kind in kinds)
-
-
 @pytest.fixture(scope="module")
 def pair(release: Release) -> Iterator[Pair]:
     factory = RigFactory(release, "mpx-")
@@ -129,9 +121,14 @@ def pair(release: Release) -> Iterator[Pair]:
         make_folder(mail_root / DOMAIN / "bob" / "Maildir", ".Lists")
     dovecot = factory.dovecot(lmtp_port=lmtp_port, protocols=(), conf=(
         dovecot_mail_location(release, f"maildir:{theirs}/%d/%n/Maildir")
-        + f"mail_uid = {NOBODY}\nmail_gid = {NOBODY}\nfirst_valid_uid = 1\nhostname = {HOSTNAME}\n"
-        + "recipient_delimiter = +\nlmtp_save_to_detail_mailbox = yes\n"
-        + passwd_file_auth(release, users_file)))
+        + f"""mail_uid = {NOBODY}
+mail_gid = {NOBODY}
+first_valid_uid = 1
+hostname = {HOSTNAME}
+recipient_delimiter = +
+lmtp_save_to_detail_mailbox = yes
+"""
+        + dovecot_passwd_file(release, users_file)))
     try:
         factory.start(daemons)
         factory.start(dovecot)
@@ -179,6 +176,9 @@ CASES = [
     Case("data-without-rcpt", (envelope() + b"DATA\r\n",)),
     Case("data-all-rcpts-refused", (envelope(at("nobody")) + b"DATA\r\n",)),
     Case("unknown-command", (b"LHLO client.test\r\nFROB\r\n",)),
+    Case("xforward", (b"LHLO client.test\r\nXFORWARD NAME=spike.test ADDR=192.0.2.1 IDENT=4Abc\r\n"
+                      + transaction(at("alice"), lhlo="NOOP"),)),
+    Case("bdat", (envelope(at("alice")) + b"BDAT 23 LAST\r\nSubject: b\r\n\r\nchunked\r\n",)),
     Case("noop-vrfy-help", (b"LHLO client.test\r\nNOOP\r\nVRFY alice\r\nHELP\r\n",)),
     Case("basic", (transaction(at("alice")),)),
     Case("basic-lockstep", (b"LHLO client.test\r\n", b"MAIL FROM:<s@origin.test>\r\n",

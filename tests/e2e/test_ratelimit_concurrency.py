@@ -3,7 +3,7 @@
 Two ``python`` processes, each with several threads (and so several database connections),
 count messages against one subject as fast as they can, all starting at the same instant. A
 check-then-increment race would let more than the limit through; the transaction in
-:func:`policyd.state.rate_check` must make them admit exactly the limit, together, on
+:func:`policyd.sql.ratelimit.rate_check` must make them admit exactly the limit, together, on
 PostgreSQL, MariaDB and SQLite (WAL file).
 """
 
@@ -19,7 +19,8 @@ from mailplugins.config.core import DatabaseConfig
 from mailplugins.config.policy_state import Window
 from mailplugins.db import schema
 from mailplugins.db.engine import make_engine
-from policyd.state import RateKey, rate_usage
+from policyd.sql.overrides import rate_usage
+from policyd.sql.ratelimit import RateKey
 from tests.rig import REPO
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +35,7 @@ import sys, threading, time
 from mailplugins.config.core import DatabaseConfig
 from mailplugins.config.policy_state import Window
 from mailplugins.db.engine import make_engine
-from policyd.state import RateKey, rate_check
+from policyd.sql.ratelimit import RateKey, rate_check
 
 url = sys.argv[1]
 start, now = float(sys.argv[2]), float(sys.argv[3])

@@ -129,6 +129,7 @@ def test_split_login() -> None:
     assert split("alice@x.org") == Login("alice@x.org")
     assert split("admin@x.org", authzid="alice@x.org") == Login("alice@x.org", "admin@x.org")
     assert split("alice@x.org", authzid="alice@x.org") == Login("alice@x.org")
+    assert split("Alice@X.org", authzid="alice@x.org") == Login("Alice@X.org")
     assert split("alice@x.org*admin@x.org") == Login("alice@x.org", "admin@x.org")
     assert split("alice@x.org*admin@x.org", sep="") == Login("alice@x.org*admin@x.org")
     assert split("alice@x.org*") == Login("alice@x.org")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -22,11 +22,7 @@ from deliver.maildir import Body
 from deliver.service import DeliverMetrics, Envelope, Recipient, Spool
 from mailplugins.config import parse_config
 from mailplugins.metrics import DaemonMetrics
-
-
-class SyncPool:
-    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        return succeed(fn(*args, **kwargs))
+from tests.support.sync import SyncPool
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from deliver.lmtp_codec import Reply
@@ -20,17 +20,7 @@ from mailplugins.db import schema
 from mailplugins.db.engine import make_engine
 from mailplugins.metrics import DaemonMetrics
 from mailplugins.store import Store
-from tests.support.sync import result_of
-
-
-class SyncPool:
-    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        try:
-            return succeed(fn(*args, **kwargs))
-        except Exception as exc:
-            d: Deferred[Any] = Deferred()
-            d.errback(exc)
-            return d
+from tests.support.sync import SyncPool, result_of
 
 
 @pytest.fixture
@@ -533,3 +523,27 @@ def test_a_utf8_mailbox_is_found(make: Any) -> None:
     recipient = rcpt(service, "JÖSÉ@example.org")
     assert isinstance(recipient, Recipient)
     assert [t.address for t in recipient.targets] == ["jösé@example.org"]
+
+
+def test_a_large_message_with_the_received_line_is_still_linked_without_a_copy(
+    make: Any, tmp_path: Path
+) -> None:
+    """The Received: line is fixed at MAIL (id, date), so the header written at the start of
+    the spool file is the one the delivery wants: the spool file itself is linked into new/."""
+    service, _ = make(memory_spool_limit=4096, received_header=True)
+    envelope = Envelope("client.example", "s@o.example", timestamp=1795313444.0)
+    envelope.recipients.append(rcpt(service, "alice@example.org"))
+    data = b"Subject: big\n\n" + (b"y" * 79 + b"\n") * 1000
+    spool = service.new_spool(envelope)
+    for start in range(0, len(data), 4096):
+        spool.add(data[start : start + 4096])
+    (tmp_file,) = (maildir(tmp_path, "alice") / "tmp").iterdir()
+    inode = tmp_file.stat().st_ino
+    body = result_of(spool.finish(len(data), data.count(b"\n")))
+    assert [r.code for r in result_of(service.deliver(envelope, body))] == [250]
+    (new_file,) = (maildir(tmp_path, "alice") / "new").iterdir()
+    assert new_file.stat().st_ino == inode
+    stored = new_file.read_bytes()
+    assert stored.endswith(b"; Sun, 22 Nov 2026 02:10:44 +0000\n" + data)
+    lines = stored.count(b"\n")
+    assert f",S={len(stored)},W={len(stored) + lines}" in new_file.name

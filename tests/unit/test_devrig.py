@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devrig.instances import dovecot_mail_location, dovecot_static_auth, short_tempdir
+from devrig.instances import Dovecot, dovecot_mail_location, dovecot_static_auth, short_tempdir
 from devrig.leftovers import mark_owner, stop_dead_runs
 from devrig.release import Release, bind_paths, host_debian, shown
 from devrig.rootfs import align, renumber
@@ -110,3 +110,32 @@ def test_a_dead_runs_directory_goes_and_a_live_ones_stays(tmp_path: Path) -> Non
     mark_owner(live)
     assert stop_dead_runs(tmp_path) == [dead]
     assert not dead.exists() and live.exists() and foreign.exists()
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    from devrig.instances import free_port
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+
+
+def test_a_dovecot24_config_starts_with_the_version_its_conf_names(tmp_path: Path) -> None:
+    release = Release("debian99")  # the host's packages, told to be 2.4
+    release.__dict__["dovecot_version"] = (2, 4)
+    dovecot = Dovecot(tmp_path, release=release,
+                      conf="auth_mechanisms = plain\ndovecot_config_version = 2.4.1\n")
+    dovecot.write()
+    lines = dovecot.config_path.read_text().splitlines()
+    assert lines[:2] == ["dovecot_config_version = 2.4.1", "dovecot_storage_version = 2.4.0"]
+    assert sum(line.startswith("dovecot_config_version") for line in lines) == 1
+    assert "auth_allow_cleartext = yes" in lines and "disable_plaintext_auth = no" not in lines
+
+
+def test_a_dovecot23_config_keeps_the_old_names(tmp_path: Path) -> None:
+    release = Release("debian98")
+    release.__dict__["dovecot_version"] = (2, 3)
+    dovecot = Dovecot(tmp_path, release=release, conf="", lmtp_port=2424)
+    dovecot.write()
+    text = dovecot.config_path.read_text()
+    assert "dovecot_config_version" not in text and "disable_plaintext_auth = no" in text
+    assert "address = 127.0.0.1\n    port = 2424" in text

@@ -71,6 +71,12 @@ class Keys:
            "e2023._domainkey.example.com": [record(ed_key)]}
 
 
+#: The RSA key as PKCS#1 PEM, the form dkimpy and OpenDKIM read.
+RSA_PKCS1_PEM = Keys.rsa_key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption())
+
+
 def sign(keys: list[SigningKey], headers: Headers = HEADERS, body: bytes = BODY,
          chunk: int = 7) -> Headers:
     """The headers with our DKIM-Signature(s) on top, the body fed in ``chunk``-byte pieces."""
@@ -272,10 +278,7 @@ def test_short_rsa_key_and_rsa_sha1_are_never_pass(monkeypatch: pytest.MonkeyPat
         ("policy", "RSA key of 768 bits is too short (RFC 8301)")]
     # rsa-sha1, signed by dkimpy: verifiable in principle, never a pass, no lookup at all.
     message = join_message(HEADERS, BODY)
-    rsa_pem = Keys.rsa_key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.TraditionalOpenSSL,
-                                         serialization.NoEncryption())
-    sha1 = dkimpy.sign(message, b"r2023", b"example.com", rsa_pem,
+    sha1 = dkimpy.sign(message, b"r2023", b"example.com", RSA_PKCS1_PEM,
                        signature_algorithm=b"rsa-sha1")
     headers, body = split_message(sha1 + message)
     verifier = MessageVerifier(headers)
@@ -287,10 +290,7 @@ def test_short_rsa_key_and_rsa_sha1_are_never_pass(monkeypatch: pytest.MonkeyPat
 def test_body_length_tag_is_handled_safely() -> None:
     """l=: pass only when it covers the whole body; content past it makes it ``policy``."""
     message = join_message(HEADERS, BODY)
-    rsa_pem = Keys.rsa_key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.TraditionalOpenSSL,
-                                         serialization.NoEncryption())
-    signature = dkimpy.sign(message, b"r2023", b"example.com", rsa_pem, length=True,
+    signature = dkimpy.sign(message, b"r2023", b"example.com", RSA_PKCS1_PEM, length=True,
                             canonicalize=(b"relaxed", b"relaxed"))
     headers, body = split_message(signature + message)
     assert parse_signature(headers[0][1]).length is not None
@@ -376,12 +376,9 @@ def dkimpy_ok(message: bytes, idx: int) -> bool:
                                    (b"relaxed", b"simple"), (b"simple", b"relaxed")])
 def test_we_verify_dkimpy_signatures(canon: tuple[bytes, bytes]) -> None:
     message = join_message(HEADERS, BODY)
-    rsa_pem = Keys.rsa_key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.TraditionalOpenSSL,
-                                         serialization.NoEncryption())
     seed = Keys.ed_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                      serialization.NoEncryption())
-    first = dkimpy.sign(message, b"r2023", b"example.com", rsa_pem, canonicalize=canon)
+    first = dkimpy.sign(message, b"r2023", b"example.com", RSA_PKCS1_PEM, canonicalize=canon)
     second = dkimpy.sign(first + message, b"e2023", b"example.com", base64.b64encode(seed),
                          canonicalize=canon, signature_algorithm=b"ed25519-sha256")
     headers, body = split_message(second + first + message)
@@ -430,9 +427,7 @@ def test_we_verify_opendkim_signatures(tmp_path: Path, algorithm: str, canon: st
     if not Path(binary).exists():
         pytest.fail("opendkim is not installed (Debian package opendkim, see scripts/lib.sh)")
     if algorithm == "rsa-sha256":
-        key_pem = Keys.rsa_key.private_bytes(serialization.Encoding.PEM,
-                                             serialization.PrivateFormat.TraditionalOpenSSL,
-                                             serialization.NoEncryption())
+        key_pem = RSA_PKCS1_PEM
         selector = "r2023"
     else:
         key_pem, selector = Keys.ed.private_key_pem, "e2023"
@@ -456,3 +451,12 @@ def test_we_verify_opendkim_signatures(tmp_path: Path, algorithm: str, canon: st
     assert [(r.result, r.algorithm) for r in found] == [("pass", algorithm)], found
     headers, body = split_message(signature.encode() + message.replace(b"Bob,", b"Rob,"))
     assert results(verify(headers, body)) == ["fail"]
+
+
+def test_bare_lf_folds_as_postfix_hands_them_over() -> None:
+    """Postfix gives a milter folded headers with bare LF; they verify as CRLF on the wire."""
+    signed = sign([Keys.rsa, Keys.ed])
+    bare = [(n, v.replace("\r\n", "\n")) for n, v in signed]
+    assert results(verify(bare, BODY)) == ["pass", "pass"]
+    resigned = sign([Keys.ed], headers=[(n, v.replace("\r\n", "\n")) for n, v in HEADERS])
+    assert results(verify(resigned[:1] + HEADERS, BODY)) == ["pass"]

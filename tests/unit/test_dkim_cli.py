@@ -180,6 +180,17 @@ def test_doctor_dns_against_a_stub_server(cli: Cli, stub: StubDNS) -> None:
     assert status == 1 and "dns: _dmarc.example.org TXT: lookup failed:" in out
 
 
+def test_dns_records_warns_of_an_unqualified_mx_host(tmp_path: Path) -> None:
+    config = tmp_path / "mailplugins.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": f"sqlite:///{tmp_path}/mail.db"},
+                                      "dns": {"mx": "myhost"}}))
+    cli = Cli(config)
+    cli.ok("db", "upgrade")
+    lines = cli.ok("dns-records", "example.org").splitlines()
+    assert lines[:2] == ["; the MX host 'myhost' is not a fully qualified name: set dns.mx",
+                         "example.org. 3600 IN MX 10 myhost."]
+
+
 def test_keygen_refuses_a_world_readable_sqlite_database(tmp_path: Path) -> None:
     directory = tmp_path / "db"
     directory.mkdir()

@@ -139,6 +139,19 @@ def test_rotation_rule(keys: DkimKeys) -> None:
     assert _private(keys, "example.org", "ed") == ""  # nothing may sign with it again
 
 
+def test_activations_in_one_second_keep_their_order(engine: Engine) -> None:
+    instant = datetime(2026, 12, 4, 12, 0, 0, 250_000)
+    keys = DkimKeys(engine, lambda: instant)  # every call: the same moment
+    for selector in ("b", "a", "c"):
+        keys.generate("example.org", selector=selector)
+    for selector in ("c", "a", "b"):  # activated in this order, within one second
+        keys.activate("example.org", selector)
+        [signer] = keys.signing_keys("example.org")
+        assert signer.record.selector == selector
+    assert [k.activated_at for k in keys.list_keys()] == [
+        datetime(2026, 12, 4, 12, 0, 2), datetime(2026, 12, 4, 12, 0, 1), datetime(2026, 12, 4, 12, 0, 0)]
+
+
 def test_state_changes_refused(keys: DkimKeys) -> None:
     with pytest.raises(NotFound, match="no DKIM key nope for example.org"):
         keys.activate("example.org", "nope")

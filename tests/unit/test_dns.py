@@ -104,3 +104,16 @@ def test_name_exists(stub: StubDNS) -> None:
     stub.servfail.add("broken.example.com")
     with pytest.raises(DnsTempError):
         name_exists("broken.example.com", nameservers=[stub.nameserver], timeout=2)
+
+
+def test_no_resolver_configuration_is_a_temperror(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dns.resolver
+
+    from mailplugins import dns as core_dns
+
+    def broken(servers: object) -> dns.resolver.Resolver:
+        raise dns.resolver.NoResolverConfiguration("no nameservers")
+
+    monkeypatch.setattr(core_dns, "_resolver", broken)
+    with pytest.raises(DnsTempError, match="NoResolverConfiguration"):
+        txt_records("example.com", timeout=0.5)

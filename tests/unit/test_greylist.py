@@ -28,9 +28,10 @@ from policyd.greylist import (
     triplet_key,
     whitelisted,
 )
+from policyd.message_checks import StatefulChecks
 from policyd.spf import SPFResult
-from policyd.state import GreylistTiming, greylist_check, purge
-from policyd.stateful import StatefulChecks
+from policyd.sql.greylist import GreylistTiming, greylist_check
+from policyd.sql.purge import purge
 from tests.support.sync import migrated_engine, result_of, sync_run
 
 T0 = 1_800_000_000.0

@@ -191,3 +191,67 @@ def test_signatures_made_through_live_checks_verify_through_them() -> None:
     altered.feed(body + b"P.S.\r\n")
     assert {r.result for r in result_of(checks.verify(altered))} == {"fail"}
     assert result_of(checks.signer("example.net", headers)) is None
+
+
+def test_signing_keys_are_reused_for_key_cache_ttl() -> None:
+    keys = OneKeyEach()
+    calls: list[str] = []
+
+    class Counting:
+        def signing_keys(self, domain: str) -> list[Any]:
+            calls.append(domain)
+            return keys.signing_keys(domain)
+
+    clock = Clock()
+    checks = LiveChecks(milterd_config(key_cache_ttl=10), store=make_store(), db_run=sync_run,
+                        cpu_run=sync_run, dns_run=sync_run, clock=clock, delimiters="+",
+                        key_store=Counting(), txt_lookup=lambda name: None)
+    for _ in range(3):
+        assert result_of(checks.signer("example.org", [("From", " a@example.org")])) is not None
+        assert result_of(checks.signer("example.net", [("From", " a@example.net")])) is None
+    assert calls == ["example.org", "example.net"]
+    clock.advance(11)
+    result_of(checks.signer("example.org", [("From", " a@example.org")]))
+    assert calls == ["example.org", "example.net", "example.org"]
+
+
+def test_spf_results_are_reused_but_not_temperrors() -> None:
+    from tests.support.milter_fakes import Spf
+
+    calls: list[tuple[Any, ...]] = []
+    answers = {"a@x.example": "pass", "b@x.example": "temperror"}
+
+    def dns_run(fn: Any, client: str, sender: str, *rest: Any) -> Deferred[Any]:
+        calls.append((client, sender))
+        return succeed(Spf(answers[sender]))
+
+    clock = Clock()
+    checks = LiveChecks(milterd_config(dns_cache_ttl=60), store=make_store(), db_run=sync_run,
+                        cpu_run=sync_run, dns_run=dns_run, clock=clock, delimiters="+",
+                        key_store=NoKeys(), txt_lookup=lambda name: None)
+    for _ in range(2):
+        assert result_of(checks.spf("192.0.2.1", "h", "a@x.example")).result == "pass"
+        assert result_of(checks.spf("192.0.2.1", "h", "b@x.example")).result == "temperror"
+    assert calls == [("192.0.2.1", "a@x.example"), ("192.0.2.1", "b@x.example"), ("192.0.2.1", "b@x.example")]
+    clock.advance(61)
+    result_of(checks.spf("192.0.2.1", "h", "a@x.example"))
+    assert len(calls) == 4
+
+
+def test_dmarc_and_authentication_results_through_live_checks() -> None:
+    from tests.support.milter_fakes import Spf
+
+    records = {"_dmarc.bank.example": [b"v=DMARC1; p=reject"]}
+    checks = LiveChecks(milterd_config(), store=make_store(), db_run=sync_run, cpu_run=sync_run,
+                        dns_run=sync_run, clock=Clock(), delimiters="+", key_store=NoKeys(),
+                        txt_lookup=lambda name: records.get(name))
+    checks._exists = lambda name: True
+    verdict = result_of(checks.dmarc([" CEO <ceo@bank.example>"], [], Spf("fail"), "bank.example"))
+    assert (verdict.result, verdict.policy, verdict.disposition) == ("fail", "reject", "reject")
+    value = checks.authentication_results([], Spf("fail"), verdict, "quarantine",
+                                          mailfrom="ceo@bank.example", helo="h.example")
+    assert value.startswith(" mx.example.test;")
+    assert "dmarc=fail (p=reject dis=quarantine) header.from=bank.example" in value
+    assert "spf=fail smtp.mailfrom=ceo@bank.example" in value
+    assert checks.claims_our_id(value) and checks.claims_our_id(" (x) MX.EXAMPLE.TEST; none")
+    assert not checks.claims_our_id(" mx.example.test.evil; none")

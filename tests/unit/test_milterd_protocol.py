@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -24,12 +25,16 @@ class CountingTransport(StringTransport):
         super().write(data)
 
 
-def connect(checks: FakeChecks | None = None, **config: Any) -> tuple[Any, CountingTransport, Clock]:
+def connect(checks: FakeChecks | None = None, *, unix: bool = False,
+            **config: Any) -> tuple[Any, CountingTransport, Clock]:
+    """A protocol on a fake transport: as over TCP (every command answered) unless ``unix``."""
     clock = Clock()
     factory = MilterFactory(checks or FakeChecks(), milterd_config(**config), clock)
     protocol = factory.buildProtocol(None)
     transport = CountingTransport()
-    protocol.makeConnection(transport)
+    protocol.makeConnection(transport)  # no socket: taken for a unix one
+    if not unix:
+        protocol.session.extra_protocol = 0
     return protocol, transport, clock
 
 
@@ -51,6 +56,39 @@ def test_a_whole_conversation_in_one_read_is_answered_in_one_write() -> None:
     assert transport.writes == 1
     protocol.dataReceived(Mta.QUIT)
     assert transport.disconnecting
+
+
+def test_on_a_unix_socket_postfix_need_not_wait_for_continue() -> None:
+    protocol, transport, _ = connect(unix=True)
+    protocol.dataReceived(START + MESSAGE)
+    replies, _ = codec.decode_replies(transport.value())
+    offer = replies[0].payload
+    assert int.from_bytes(offer[8:12], "big") & codec.NO_REPLY == codec.NO_REPLY
+    # Only end of headers and end of message are answered (and the negotiation).
+    assert [r.code for r in replies] == ["O", "c", "i", "c"]
+    assert transport.writes == 1
+
+
+class TcpTransport(CountingTransport):
+    """Looks like a TCP socket transport to milterd (a real, unconnected AF_INET socket)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+    def getHandle(self) -> socket.socket:
+        return self.socket
+
+
+def test_over_tcp_every_command_is_answered_unless_configured() -> None:
+    for configured, expected in ((False, 0), (True, codec.NO_REPLY)):
+        factory = MilterFactory(FakeChecks(), milterd_config(no_reply_tcp=configured), Clock())
+        protocol = factory.buildProtocol(None)
+        transport = TcpTransport()
+        protocol.makeConnection(transport)
+        assert protocol.session.extra_protocol == expected
+        assert transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        transport.socket.close()
 
 
 def test_byte_by_byte_gives_the_same_replies() -> None:

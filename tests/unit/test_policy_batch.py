@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from mailplugins.config.policy_state import Window
 from mailplugins.db.policy_models import GreylistEntry
 from policyd.batch import GroupCommit, batching_runner, run_batch
-from policyd.state import GreylistTiming, RateKey, greylist_check, rate_check
+from policyd.sql.greylist import GreylistTiming, greylist_check
+from policyd.sql.ratelimit import RateKey, rate_check
 from tests.support.sync import migrated_engine
 
 T0 = 1_800_000_000.0

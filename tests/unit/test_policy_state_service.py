@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred
 
 from mailplugins.config import parse_config
 from mailplugins.config.policy_state import GreylistConfig, RateLimitConfig, RateRule, Window
-from policyd.stateful import StatefulChecks
+from policyd.message_checks import StatefulChecks
 from tests.unit.test_policyd_fixtures import Harness, rcpt
 
 T0 = 1_800_000_000.0

@@ -11,7 +11,7 @@ import yaml
 
 from mailplugins.config import load_config
 from mailplugins.db.engine import make_engine
-from policyd.state import RateKey, rate_check
+from policyd.sql.ratelimit import RateKey, rate_check
 from tests.unit.test_cli import Cli
 
 

@@ -77,3 +77,17 @@ def test_errors_name_the_key(section: dict[str, Any], message: str) -> None:
 @pytest.mark.parametrize("action", ["DUNNO", "dunno", "450 4.7.1 try later", "DEFER_IF_PERMIT x", "OK"])
 def test_fallback_actions_postfix_accepts(action: str) -> None:
     assert parse(fallback_action=action).fallback_action == action
+
+
+def test_state_sections_check_actions_without_the_policyd_section() -> None:
+    """config/policy_state.py imported check_action late from config/policyd.py (a cycle)."""
+    import ast
+    import inspect
+
+    import mailplugins.config.policy_state as state
+    from mailplugins.config.actions import check_action
+
+    tree = ast.parse(inspect.getsource(state))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "mailplugins.config.policyd" not in imported
+    assert state.check_action is check_action

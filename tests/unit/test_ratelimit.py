@@ -16,18 +16,17 @@ from mailplugins.config.policy_state import RateLimitConfig, RateRule, Window, p
 from mailplugins.db.policy_models import RateBucket, RateSubject
 from policyd.codec import PolicyRequest
 from policyd.ratelimit import RateLimiter, rate_keys, subject_for
-from policyd.state import (
-    GreylistTiming,
+from policyd.sql.greylist import GreylistTiming
+from policyd.sql.overrides import (
     OverrideError,
-    RateKey,
     list_rate_overrides,
-    purge,
-    rate_check,
     rate_usage,
     remove_rate_override,
     reset_rate_counters,
     set_rate_override,
 )
+from policyd.sql.purge import purge
+from policyd.sql.ratelimit import RateKey, rate_check
 from tests.support.sync import migrated_engine, result_of, sync_run
 
 T0 = 1_800_000_000.0

@@ -125,7 +125,7 @@ def test_config() -> None:
 
 
 def test_through_the_joined_checks_with_real_pyspf() -> None:
-    from policyd.stateful import StatefulChecks
+    from policyd.message_checks import StatefulChecks
 
     clock = Clock()
     checks = StatefulChecks(engine=None, db_run=sync_run, spf_run=sync_run,  # type: ignore[arg-type]

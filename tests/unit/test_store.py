@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 
 from mailplugins.addresses import parse_address
 from mailplugins.db import schema
-from mailplugins.db.models import Base
+from mailplugins.db.tables import metadata
 from mailplugins.store import AlreadyExists, NotFound, Store, StoreError
 from tests.support.sync import migrated_engine
 
@@ -39,7 +39,7 @@ def test_upgrade_is_idempotent_and_matches_models(engine: Engine) -> None:
     assert schema.current_revision(engine) == schema.head_revision()
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": False}),
-                                Base.metadata)
+                                metadata)
     assert diff == []
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mailplugins.cli import main, parse_passwd_line
+from mailplugins.cli import main
 from mailplugins.hashing import check_password
+from mailplugins.passwd_import import parse_passwd_line
 
 # Made with `doveadm pw -s SHA512-CRYPT -r 5000 -p "pw one"`.
 SHA512 = (

@@ -34,17 +34,17 @@ from mailplugins.config import Config
 from mailplugins.config.policy_state import GreylistConfig, RateLimitConfig, SPFConfig
 from mailplugins.daemon import Runtime
 from mailplugins.metrics import DaemonMetrics
-from mailplugins.threads import WorkerPool
+from mailplugins.threads import RunInPool, WorkerPool
 from policyd.batch import batching_runner
 from policyd.codec import PolicyRequest
 from policyd.greylist import Greylister
 from policyd.ratelimit import Clock, RateLimiter
 from policyd.spf import SPFChecker, SPFOutcome
-from policyd.state import GreylistTiming, purge
+from policyd.sql.greylist import GreylistTiming
+from policyd.sql.purge import purge
 
-log = Logger(namespace="policyd.stateful")
+log = Logger(namespace="policyd.message_checks")
 
-Runner = Callable[..., "Deferred[Any]"]
 
 
 @dataclass
@@ -63,8 +63,8 @@ class StatefulChecks:
         self,
         *,
         engine: Engine,
-        db_run: Runner,
-        spf_run: Runner | None,
+        db_run: RunInPool,
+        spf_run: RunInPool | None,
         clock: Clock,
         budget: float,
         ratelimit: RateLimitConfig | None = None,
@@ -77,7 +77,7 @@ class StatefulChecks:
         self._db_run = db_run
         #: Runs greylisting and rate-limit checks: grouped into shared transactions on SQLite
         #: (made with the first of those checks; kept across reloads).
-        self._state_run: Runner | None = None
+        self._state_run: RunInPool | None = None
         self._spf_run = spf_run
         self._clock = clock
         self.budget = budget
