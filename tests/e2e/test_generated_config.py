@@ -271,6 +271,26 @@ def test_doctor_reports_an_extra_passdb_and_a_wrong_mail_location(wired: Wired) 
         assert f"fix: mail_location = maildir:{wired.root}/vmail/%d/%n/Maildir" in result.stdout
 
 
+def test_doctor_finds_mail_left_under_a_mixed_case_directory(wired: Wired) -> None:
+    """Paths are lower-case now: mail an earlier version wrote to .../Mixed/ is named, with the mv."""
+    from mailplugins.hashing import hash_password
+
+    store = wired.daemons.store
+    store.add_mailbox("Mixed@example.org", hash_password("x", wired.daemons.config.passwords))
+    old = wired.root / "vmail" / "example.org" / "Mixed"
+    (old / "Maildir" / "new").mkdir(parents=True)
+    try:
+        result = wired.doctor("--no-postfix")
+    finally:
+        shutil.rmtree(old)
+        store.remove_mailbox("Mixed@example.org")
+    assert result.returncode == 1, result.stdout + result.stderr
+    new = wired.root / "vmail" / "example.org" / "mixed"
+    assert (f"mailboxes: Mixed@example.org: mail in {old} is no longer read (paths are "
+            f"lower-case: {new})\n    fix: mv {old} {new}\n") in result.stdout
+    assert "1 problem(s) found" in result.stdout
+
+
 def test_doctor_names_a_missing_tool_config_cleanly(wired: Wired, tmp_path: Path) -> None:
     result = wired.doctor("--no-dovecot", "--postfix-config-dir", str(tmp_path / "nope"))
     assert result.returncode == 2

@@ -493,6 +493,19 @@ def test_dovecot_config_command_for_another_release(tmp_path: Any) -> None:
     assert status == 0 and "# For Dovecot 2.3" in out and "mail_location = " in out
 
 
+def test_without_dovecot_installed_the_release_must_be_named(tmp_path: Any, monkeypatch: Any) -> None:
+    assert _cli(tmp_path, "db", "upgrade")[0] == 0
+    monkeypatch.setenv("PATH", str(tmp_path))  # no dovecot, no postconf
+    status, out, err = _cli(tmp_path, "dovecot-config")
+    assert (status, out) == (2, "")
+    assert err == ("mailplugins: cannot run 'dovecot --version': give --dovecot-version 2.3 or 2.4\n")
+    status, out, err = _cli(tmp_path, "postfix-config", "--domains", "list")
+    assert (status, err) == (2, "mailplugins: cannot run 'postconf -d -h mail_version': give "
+                                "--postfix-version\n")
+    status, out, err = _cli(tmp_path, "postfix-config", "--domains", "list", "--postfix-version", "3.10")
+    assert status == 0 and out.count("# For Postfix 3.10 ") == 1
+
+
 def test_postfix_config_command_lists_the_database_domains(tmp_path: Any) -> None:
     assert _cli(tmp_path, "db", "upgrade")[0] == 0
     assert _cli(tmp_path, "domain", "add", "b.example")[0] == 0
