@@ -43,7 +43,7 @@ def test_daemons_do_not_import_each_other_or_the_dev_rig() -> None:
     offending = {}
     for daemon in DAEMONS:
         for path in (ROOT / daemon).rglob("*.py"):
-            names = sorted(n for n in imports(path) if top(n) in DAEMONS + ("devrig",) and top(n) != daemon)
+            names = sorted(n for n in imports(path) if top(n) in (*DAEMONS, "devrig") and top(n) != daemon)
             if names:
                 offending[str(path.relative_to(ROOT))] = names
     assert offending == {}
