@@ -186,7 +186,7 @@ def test_last_login_plugin_writes_through_authd(rig: Rig) -> None:
         lambda: (m := rig.daemons.store.get_mailbox("alice@example.org")) and m.last_login_at and m,
         timeout=10, what="last_login_at to be set",
     )
-    assert mailbox.last_login_at is not None
+    assert mailbox.last_login_at is not None  # type: ignore[attr-defined]
 
 
 def test_imap_bad_password_through_dict(rig: Rig) -> None:
@@ -439,7 +439,7 @@ def test_last_login_recorded_through_authd(stack: Stack) -> None:
         lambda: (m := store.get_mailbox("alice@example.org")) and m.last_login_at and m,
         timeout=10, what="last_login_at to be set",
     )
-    assert mailbox.last_login_at is not None
+    assert mailbox.last_login_at is not None  # type: ignore[attr-defined]
 
 
 def test_authd_down_is_a_temporary_failure(stack: Stack) -> None:

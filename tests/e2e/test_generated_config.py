@@ -212,7 +212,7 @@ def test_dovecot_accepts_the_lua_variant(wired: Wired, tmp_path: Path) -> None:
     shown = result.stdout
     assert ("passdb lua {\n" if wired.release.dovecot24 else "  driver = lua\n") in shown
     lua = next(Path(f.path) for f in snippet.files if f.path.endswith(".lua"))
-    http_port = wired.daemons.config.authd.http_listen[0].split(":")[1]  # type: ignore[union-attr]
+    http_port = wired.daemons.config.authd.http_listen[0].split(":")[1]
     assert f'local base = "http://127.0.0.1:{http_port}"' in lua.read_text()
 
 

@@ -33,7 +33,7 @@ def b64(data: bytes) -> str:
 
 
 def session(**kwargs: object) -> AuthServerSession:
-    return AuthServerSession(**kwargs)  # type: ignore[arg-type]
+    return AuthServerSession(**kwargs)
 
 
 def feed(s: AuthServerSession, data: bytes, now: float = 0.0) -> list[Action]:

@@ -375,7 +375,7 @@ def test_rate_limits_add_data_and_end_of_data_checks() -> None:
     config = make_config()
     assert config.policyd is not None
     policyd = SimpleNamespace(listen=config.policyd.listen, mynetworks=(), ratelimit=object())
-    limited = dataclasses.replace(config, policyd=policyd)  # type: ignore[arg-type]
+    limited = dataclasses.replace(config, policyd=policyd)
     snippet = postfix_config(limited, PostfixOptions(domain_names=("a.example",)))
     main = snippet.main_dict()
     assert main["smtpd_data_restrictions"] == (
@@ -398,7 +398,7 @@ def test_greylisting_or_spf_alone_adds_the_data_check_for_their_headers(check: s
     config = make_config()
     assert config.policyd is not None
     policyd = SimpleNamespace(listen=config.policyd.listen, mynetworks=(), **{check: object()})
-    checked = dataclasses.replace(config, policyd=policyd)  # type: ignore[arg-type]
+    checked = dataclasses.replace(config, policyd=policyd)
     main = postfix_config(checked, PostfixOptions(domain_names=("a.example",))).main_dict()
     assert "policy_context=smtp" in main["smtpd_data_restrictions"]
     assert "smtpd_end_of_data_restrictions" not in main  # PREPEND is not allowed there anyway
