@@ -559,7 +559,8 @@ def check_mailbox_paths(
 
 
 #: Which unit runs each listener, for the fix line.
-_UNITS = {"policyd": "mailplugins-policyd", "authd": "mailplugins-authd", "deliver": "mailplugins-deliver"}
+_UNITS = {"policyd": "mailplugins-policyd", "authd": "mailplugins-authd", "deliver": "mailplugins-deliver",
+          "milterd": "mailplugins-milterd"}
 
 
 def _listeners(config: Config) -> list[tuple[str, str]]:
@@ -571,6 +572,8 @@ def _listeners(config: Config) -> list[tuple[str, str]]:
             found += [(f"authd.{key}", e) for e in getattr(config.authd, key)[:1]]
     if config.deliver is not None:
         found += [("deliver.listen", e) for e in config.deliver.listen[:1]]
+    if config.milterd is not None:
+        found += [("milterd.listen", e) for e in config.milterd.listen[:1]]
     return found
 
 

@@ -382,8 +382,10 @@ def test_lua_passdb_outcomes(stack: Stack) -> None:
     # req.service/req.rip): its failure log names both.
     for service in ("imap", "pop3"):
         needle = f"rip=127.0.0.1 service={service} "
-        wait_until(lambda needle=needle: needle in stack.daemons.output(), timeout=10,
-                   what=f"authd to log the {service} failure with the client address")
+        def logged(needle: str = needle) -> bool:
+            return needle in stack.daemons.output()
+
+        wait_until(logged, timeout=10, what=f"authd to log the {service} failure with the client address")
     assert imap_login(stack.dovecot, "carol@example.org", "carol-pw").startswith("NO")
     assert imap_login(stack.dovecot, "bob@example.org", "bob-pw").startswith("NO")  # smtp only
     assert pop3_login(stack.dovecot, "alice@example.org", "app-pw").startswith("ERR")  # imap only

@@ -1,11 +1,12 @@
 """milterd behind private stock Postfix (each release the rig covers), DNS from a local stub.
 
-One rig per module: Postfix with milterd wired as ``postfix-config`` wires it (port 25
-``default_action=accept``, a submission smtpd with SASL and ``tempfail``, ``non_smtpd_milters``
-``tempfail``), deliver behind ``virtual_transport`` for example.org, mail for ``sink.test``
-relayed to ``smtp-sink -D`` (what Postfix finally sends), Dovecot as the SASL server (one static
-password, logins from our database only), and a stub authoritative DNS server (twisted-free,
-UDP and TCP on loopback) that milterd's ``nameservers`` points at.
+One rig per module: Postfix with milterd wired as ``postfix-config`` wires it (the milter
+settings are taken from ``postfix_config``: port 25 ``default_action=accept``, a submission
+smtpd with SASL and ``tempfail``, ``non_smtpd_milters`` ``tempfail``), deliver behind
+``virtual_transport`` for example.org, mail for ``sink.test`` relayed to ``smtp-sink -D`` (what
+Postfix finally sends), Dovecot as the SASL server (one static password, logins from our
+database only), and a stub authoritative DNS server (UDP and TCP on loopback) that milterd's
+``nameservers`` points at.
 
 Oracles: dkimpy (``dkim.DKIM.verify`` with the stub's records) and Debian's OpenDKIM in test
 mode (``opendkim -t`` with ``TestDNSData``), both for verifying what milterd signed and for
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from devrig.instances import dovecot_auth_listener, dovecot_static_auth
 from devrig.release import Release
 from mailplugins.dkim_keys import DkimKeys
+from mailplugins.generators import PostfixOptions, postfix_config
 from tests.rig import Daemons, Dovecot, Postfix, RigFactory, free_port, port_open, wait_until
 from tests.support.stubdns import StubDNS, stub_dns
 
@@ -189,8 +191,13 @@ def rig(release: Release) -> Iterator[Rig]:
             stub.add(record.dns_name, "TXT", [text[i:i + 255].encode() for i in range(0, len(text), 255)])
         stub.add("_dmarc.example.org", "TXT", [b"v=DMARC1; p=reject"])
 
-        def milter(default_action: str, endpoint: str = "unix:private/mailplugins-milter") -> str:
-            return f"{{ {endpoint}, command_timeout=30s, default_action={default_action} }}"
+        # The milter settings exactly as `mailplugins postfix-config` writes them.
+        generated = postfix_config(daemons.config, PostfixOptions(
+            queue_directory=str(root / "postfix" / "queue"), chroot=False)).main_dict()
+        milters = {name: generated[name] for name in (
+            "milter_protocol", "smtpd_milters", "non_smtpd_milters", "mailplugins_submission_milters")}
+        assert "default_action=accept" in milters["smtpd_milters"]
+        assert "default_action=tempfail" in milters["mailplugins_submission_milters"]
 
         dump = root / "sink" / "dump"
         dump.parent.mkdir()
@@ -203,18 +210,16 @@ def rig(release: Release) -> Iterator[Rig]:
                 "smtpd_relay_restrictions":
                     "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination",
                 "mynetworks": "127.0.0.0/8",
-                "milter_protocol": "6",
-                "smtpd_milters": milter("accept"),
-                "non_smtpd_milters": milter("tempfail"),
-                "submission_milters": milter("tempfail"),
-                "submission_tcp_milters": milter("tempfail", f"inet:127.0.0.1:{milter_tcp}"),
+                **milters,
+                "submission_tcp_milters": milters["mailplugins_submission_milters"].replace(
+                    "unix:private/mailplugins-milter", f"inet:127.0.0.1:{milter_tcp}"),
                 "smtpd_sasl_type": "dovecot",
                 "smtpd_sasl_path": "private/auth",
             },
             services=[
                 f"127.0.0.1:{submission_port} inet n - n - - smtpd",
                 "  -o smtpd_sasl_auth_enable=yes",
-                "  -o smtpd_milters=$submission_milters",
+                "  -o smtpd_milters=$mailplugins_submission_milters",
                 "  -o milter_macro_daemon_name=ORIGINATING",
             ],
         )
@@ -325,15 +330,15 @@ def test_authenticated_mail_leaves_signed_and_verifies_with_dkimpy_and_opendkim(
 
 
 def test_the_same_over_tcp(rig: Rig) -> None:
-    rig.postfix.set_main(submission_milters="$submission_tcp_milters")
+    saved = rig.postfix.main["mailplugins_submission_milters"]
+    rig.postfix.set_main(mailplugins_submission_milters="$submission_tcp_milters")
     rig.postfix.reload()
     try:
         code, text = submit(rig, OUTGOING.replace(b"{n}", b"out-tcp"))
         assert code == 250, (text, rig.logs())
         assert dkimpy_verify(rig, message_of(rig.sunk_with(b"<out-tcp@example.org>"))) == [True, True]
     finally:
-        rig.postfix.set_main(submission_milters="{ unix:private/mailplugins-milter, "
-                             "command_timeout=30s, default_action=tempfail }")
+        rig.postfix.set_main(mailplugins_submission_milters=saved)
         rig.postfix.reload()
 
 

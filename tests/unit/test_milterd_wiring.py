@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mailplugins.doctor import PostfixLive, check_postfix, milter_problem
 from mailplugins.generators import PostfixOptions, PostfixSnippet, postfix_config
 from tests.unit.test_doctor import GOOD_M, GOOD_N, GOOD_P, POSTCONF_D
@@ -68,3 +70,13 @@ def test_milter_default_action_falls_back_to_the_global_one() -> None:
     assert milter_problem("{ a, default_action=tempfail }", "a", {}) is None
     assert milter_problem("{ a, default_action=tempfail }", "a", main) == (
         "has a with default_action=accept (want tempfail)")
+
+
+def test_doctor_probes_milterd_too(tmp_path: Path) -> None:
+    from mailplugins.doctor import probe_daemons
+
+    config = make_config(policyd=None, authd=None, deliver=None,
+                         milterd={"listen": f"unix:{tmp_path}/milter.sock"})
+    (finding,) = probe_daemons(config, timeout=1)
+    assert finding.problem.startswith(f"milterd.listen: nothing answers at {tmp_path}/milter.sock (")
+    assert finding.fix == "systemctl start mailplugins-milterd (then: journalctl -u mailplugins-milterd)"
