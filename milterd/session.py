@@ -255,7 +255,9 @@ class MilterSession:
         message = self.message
         if name.lower() == AR_NAME.lower():
             message.ar_count += 1
-            if self._checks.claims_our_id(value):
+            if len(message.forged) < self.config.max_headers and self._checks.claims_our_id(value):
+                # Bounded like the headers kept: any left over sit below Postfix's Received:,
+                # where deliver never looks (deliver/junk.py).
                 message.forged.append(message.ar_count)
         if message.overflow or message.done:
             return codec.CONTINUE
