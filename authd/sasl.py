@@ -114,7 +114,8 @@ class AuthClientProtocol(Protocol):
 
         def done(verdict: Verdict) -> None:
             if not self._closed:
-                answer = self.session.verified(action.request_id, verdict.outcome, verdict.user)
+                answer = self.session.verified(action.request_id, verdict.outcome, verdict.user,
+                                               action.serial)
                 self._carry_out(answer)
                 self._close_if_ended()
 

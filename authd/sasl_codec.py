@@ -227,6 +227,9 @@ class Verify:
     service: str
     remote_ip: str | None
     secured: bool
+    #: Which request of that id this is: an id may be reused once its request failed (CONT
+    #: while verifying, CANCEL), and the old verification's answer must not answer the new one.
+    serial: int = 0
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,7 @@ class _Request:
     #: When the request started waiting for a CONT (None while being verified).
     waiting_since: float | None
     login: str | None = None
+    serial: int = 0
 
 
 def _line(*fields: str) -> Send:
@@ -284,6 +288,7 @@ class AuthServerSession:
         self.client_minor: int | None = None
         self.client_pid: int | None = None
         self.requests: dict[int, _Request] = {}
+        self._serial = 0
         self.closed = False
 
     @property
@@ -384,7 +389,9 @@ class AuthServerSession:
             # parameters are by Dovecot.
         if service is None:
             raise ProtocolError("AUTH without service= or protocol=")
-        request = _Request(request_id, mechanism, service, remote_ip, secured, None)
+        self._serial += 1
+        request = _Request(request_id, mechanism, service, remote_ip, secured, None,
+                           serial=self._serial)
         if len(self.requests) >= self.max_requests:
             # One request too many: that request fails, the ones in flight go on.
             return self._fail(request, MechFailure("Too many pending requests", "temp_fail"))
@@ -434,7 +441,7 @@ class AuthServerSession:
         # user= we return is what Postfix trusts, so only a real master user gets through).
         return [
             Verify(request.id, request.mechanism.name, result, request.service,
-                   request.remote_ip, request.secured)
+                   request.remote_ip, request.secured, request.serial)
         ]
 
     def _fail(self, request: _Request, failure: MechFailure) -> list[Action]:
@@ -449,11 +456,17 @@ class AuthServerSession:
 
     # -- answers from verification ---------------------------------------------------------
 
-    def verified(self, request_id: int, outcome: Outcome, user: str | None = None) -> list[Action]:
-        """The verification of ``request_id`` finished; ``user`` is the canonical login on OK."""
-        request = self.requests.pop(request_id, None)
-        if request is None or self.closed:
+    def verified(
+        self, request_id: int, outcome: Outcome, user: str | None = None, serial: int | None = None
+    ) -> list[Action]:
+        """The verification of ``request_id`` finished; ``user`` is the canonical login on OK.
+
+        ``serial`` (from the Verify) makes sure the answer goes to the request that asked: when
+        that one has failed meanwhile and its id was reused, the late answer is dropped."""
+        request = self.requests.get(request_id)
+        if request is None or self.closed or (serial is not None and request.serial != serial):
             return []
+        del self.requests[request_id]
         if outcome is Outcome.OK:
             assert user is not None
             return [_line("OK", str(request_id), "user=" + tab_escape(user))]

@@ -41,7 +41,6 @@ import hmac
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -157,14 +156,14 @@ def _printable(text: str, limit: int = 128) -> str:
 @dataclass
 class _Counter:
     failures: int
-    last: float
     fingerprint: bytes
 
 
 class Throttle:
     """Failure counters per key (client network or login), with bounded memory.
 
-    Pure: ``now`` is passed in. The oldest keys are forgotten first when the table is full.
+    Pure: ``now`` is passed in. A counter lasts ``window`` seconds after its last failure; the
+    keys failed longest ago are forgotten first when the table is full.
     """
 
     def __init__(
@@ -181,14 +180,10 @@ class Throttle:
         self.maximum = maximum
         self.window = window
         self.size = size
-        self._table: OrderedDict[str, _Counter] = OrderedDict()
+        self._table: TTLCache[str, _Counter] = TTLCache(size)
 
     def _get(self, key: str, now: float) -> _Counter | None:
-        counter = self._table.get(key)
-        if counter is not None and now - counter.last > self.window:
-            del self._table[key]
-            return None
-        return counter
+        return self._table.get(key, now)
 
     def penalty(
         self, keys: list[str], now: float, shared: Mapping[str, int] | None = None
@@ -209,18 +204,14 @@ class Throttle:
         for key in keys:
             counter = self._get(key, now)
             if counter is None:
-                self._table[key] = _Counter(1, now, fingerprint)
-                while len(self._table) > self.size:
-                    self._table.popitem(last=False)
-                continue
-            if not hmac.compare_digest(counter.fingerprint, fingerprint):
+                counter = _Counter(1, fingerprint)
+            elif not hmac.compare_digest(counter.fingerprint, fingerprint):
                 counter.failures += 1
             counter.fingerprint = fingerprint
-            counter.last = now
-            self._table.move_to_end(key)
+            self._table.put(key, counter, expires=now + self.window)
 
     def success(self, key: str) -> None:
-        self._table.pop(key, None)
+        self._table.discard(key)
 
     def __len__(self) -> int:
         return len(self._table)

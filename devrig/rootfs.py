@@ -8,7 +8,9 @@ groups ``postfix``, ``postdrop``, ``dovecot``, ``dovenull`` must have the same n
 
 Run by ``scripts/lib.sh`` with the system Python (standard library only) before any venv exists:
 ``python3 devrig/rootfs.py ids`` prints the host's ids (part of the root's recipe stamp);
-``python3 devrig/rootfs.py align ROOT`` renumbers the root's entries and the files they own.
+``python3 devrig/rootfs.py align ROOT`` renumbers the root's entries and the files they own;
+``python3 devrig/rootfs.py mirror CODENAME`` prints the Debian mirror the host's apt sources use
+for that suite (when ``apt-get indextargets`` knows none: no package lists downloaded yet).
 """
 
 from __future__ import annotations
@@ -99,6 +101,34 @@ def align(root: Path, host: Path = Path("/")) -> None:
     chown_tree(root, uids, gids)
 
 
+def apt_mirror(codename: str, etc: Path = Path("/etc/apt")) -> str | None:
+    """The first ``deb`` URI serving ``codename`` in the one-line and deb822 sources files."""
+    one_line = [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list"))]
+    for path in one_line:
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            words = line.split("#", 1)[0].split()
+            if words[:1] != ["deb"]:
+                continue
+            words = words[1:]
+            if words and words[0].startswith("["):  # [options]
+                while words and not words[0].endswith("]"):
+                    words.pop(0)
+                words = words[1:]
+            if len(words) >= 2 and words[1] == codename:
+                return words[0]
+    for path in sorted((etc / "sources.list.d").glob("*.sources")):
+        for stanza in path.read_text().split("\n\n"):
+            fields = {}
+            for line in stanza.splitlines():
+                if ":" in line and not line.startswith(("#", " ")):
+                    key, _, value = line.partition(":")
+                    fields[key.strip().lower()] = value.split()
+            if ("deb" in fields.get("types", []) and codename in fields.get("suites", [])
+                    and fields.get("uris") and fields.get("enabled", ["yes"]) != ["no"]):
+                return fields["uris"][0]
+    return None
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["ids"]:
         users, groups = read_ids(Path("/etc/passwd")), read_ids(Path("/etc/group"))
@@ -107,7 +137,12 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "align":
         align(Path(argv[1]))
         return 0
-    print("usage: rootfs.py ids | align ROOT", file=sys.stderr)
+    if len(argv) == 2 and argv[0] == "mirror":
+        mirror = apt_mirror(argv[1])
+        if mirror:
+            print(mirror)
+        return 0 if mirror else 1
+    print("usage: rootfs.py ids | align ROOT | mirror CODENAME", file=sys.stderr)
     return 2
 
 

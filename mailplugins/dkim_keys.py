@@ -23,10 +23,11 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, Row, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -183,7 +184,8 @@ def _activation_order(key: DkimKeyRecord) -> tuple[datetime, int]:
     return (key.activated_at or key.created_at, key.id)
 
 
-def _record(row: DkimKey) -> DkimKeyRecord:
+def _record(row: DkimKey | Row[Any]) -> DkimKeyRecord:
+    """From an ORM row or a plain one (same attribute names)."""
     return DkimKeyRecord(
         id=row.id, domain=row.domain, selector=row.selector, key_type=row.key_type, bits=row.bits,
         public_key=row.public_key, state=row.state, created_at=row.created_at,
@@ -312,12 +314,14 @@ class DkimKeys:
             domain = parse_domain(domain_text)
         except AddressError:
             return []
-        with self._session() as session:
-            rows = list(session.scalars(select(DkimKey).where(
-                DkimKey.domain == domain, DkimKey.state == "active")))
-            by_id = {row.id: row for row in rows}
-            return [PrivateKey(key, by_id[key.id].private_key.encode("ascii"))
-                    for key in choose_signers(_record(row) for row in rows)]
+        # Once per message (less milterd's cache): plain rows, no ORM session (a third cheaper).
+        table = DkimKey.__table__
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(table).where(table.c.domain == domain,
+                                                    table.c.state == "active")).all()
+        by_id = {row.id: row for row in rows}
+        return [PrivateKey(key, by_id[key.id].private_key.encode("ascii"))
+                for key in choose_signers(_record(row) for row in rows)]
 
 
 def signing_ids(keys: Sequence[DkimKeyRecord]) -> set[int]:

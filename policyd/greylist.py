@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mailplugins.clients import client_ip, client_network
+from mailplugins.clients import client_in, client_network
 from mailplugins.config.policy_state import GreylistConfig
 from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
@@ -79,11 +79,7 @@ def exact_client(client: str) -> str | None:
 
 def whitelisted(request: PolicyRequest, config: GreylistConfig) -> bool:
     """Client network, verified client host name suffix, or recipient domain/address."""
-    address = client_ip(request.get("client_address"))
-    if address is not None and any(
-        address in network for network in config.whitelist_networks
-        if network.version == address.version
-    ):
+    if client_in(request.get("client_address"), config.whitelist_networks):
         return True
     name = request.get("client_name").lower().rstrip(".")
     if name and name != "unknown":

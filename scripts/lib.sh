@@ -68,8 +68,13 @@ host_debian() {
 debian_mirror() {
     local codename
     codename="$(. /etc/os-release && echo "$VERSION_CODENAME")"
-    apt-get indextargets --format '$(REPO_URI) $(CODENAME)' 2>/dev/null \
-        | awk -v c="$codename" '$2 == c { print $1; exit }'
+    local mirror
+    mirror="$(apt-get indextargets --format '$(REPO_URI) $(CODENAME)' 2>/dev/null \
+        | awk -v c="$codename" '$2 == c { print $1; exit }')"
+    # No package lists yet (apt-get indextargets knows only downloaded ones): read the sources.
+    [ -n "$mirror" ] || mirror="$(python3 devrig/rootfs.py mirror "$codename" || true)"
+    # One spelling (apt's, with the slash) so the root's recipe stamp does not change with it.
+    [ -z "$mirror" ] || echo "${mirror%/}/"
 }
 
 # ensure_release_root: the root of the release the host is not (Debian 13 on a Debian 12 host,

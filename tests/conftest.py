@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,7 +50,7 @@ def rig_factory(release: Release) -> Iterator[RigFactory]:
         yield factory
 
 
-def _server_database(admin_url: str, backend: str) -> Iterator[str]:
+def _server_database(admin_url: str, backend: str) -> Generator[str, None, None]:
     """A fresh, uniquely named database on a local server, dropped afterwards."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url

@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 import yaml
 
-from devrig.instances import (  # noqa: F401 - the rig's public API
+from devrig.instances import (
     Dovecot,
     Postfix,
     ServeProcess,
@@ -35,6 +35,24 @@ from mailplugins.db.engine import make_engine
 from mailplugins.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: The rig's public API, the re-exported devrig helpers included.
+__all__ = [
+    "REPO",
+    "Daemons",
+    "Dovecot",
+    "Postfix",
+    "RigFactory",
+    "ServeProcess",
+    "Stoppable",
+    "free_port",
+    "port_open",
+    "run",
+    "short_tempdir",
+    "unix_socket_open",
+    "wait_until",
+    "write_config",
+]
 
 
 def write_config(path: str | Path, data: Mapping[str, Any]) -> Path:

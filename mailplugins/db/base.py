@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_store -*-
+# -*- test-case-name: tests.unit.test_db_tables -*-
 """The declarative base every table module shares, its constraint naming and column sizes.
 
 Each table module (``models``, ``policy_models``, ``auth_models``, ``dkim_models``) imports

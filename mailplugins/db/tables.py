@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_store -*-
+# -*- test-case-name: tests.unit.test_db_tables -*-
 """The whole schema: every table module imported, so ``metadata`` holds every table.
 
 Alembic's ``env.py`` and the schema test compare against this; the daemons import only the

@@ -186,7 +186,7 @@ def test_last_login_plugin_writes_through_authd(rig: Rig) -> None:
         lambda: (m := rig.daemons.store.get_mailbox("alice@example.org")) and m.last_login_at and m,
         timeout=10, what="last_login_at to be set",
     )
-    assert mailbox.last_login_at is not None
+    assert mailbox.last_login_at is not None  # type: ignore[attr-defined]
 
 
 def test_imap_bad_password_through_dict(rig: Rig) -> None:
@@ -232,6 +232,35 @@ def test_lua_route_good_bad_app_password(rig: Rig) -> None:
     assert imap_login(rig.lua_dovecot, "nobody@example.org", "x").startswith("NO")
     assert imap_login(rig.lua_dovecot, "carol@example.org", "carol-pw").startswith("NO")
     assert imap_login(rig.lua_dovecot, "bob@example.org", "bob-pw").startswith("NO")
+
+
+def test_lua_userdb_on_dovecot_23(rig: Rig) -> None:
+    """The script's userdb functions work on 2.3 too (the generator keeps the dict userdb there)."""
+    script = next(rig.root.glob("mailplugins-auth.lua"))
+    dovecot = Dovecot(
+        rig.root / "dc-lua-userdb", release=find_release("debian12"),
+        conf=(f"passdb {{\n  driver = lua\n  args = file={script} blocking=yes\n}}\n"
+              f"userdb {{\n  driver = lua\n  args = file={script} blocking=yes\n}}\n"),
+    )
+    dovecot.start()
+    try:
+        found = dovecot.doveadm("user", "ALICE@example.org")
+        listed = dovecot.doveadm("user", "*")
+        unknown = dovecot.doveadm("user", "nobody@example.org")
+        login = imap_login(dovecot, "Alice@example.org", "alice-pw")
+    finally:
+        dovecot.stop()
+    assert found.returncode == 0, found.stdout + found.stderr + dovecot.log_text()[-3000:]
+    fields = dict(line.split(None, 1) for line in found.stdout.splitlines()[1:] if line.strip())
+    location = expand_location(rig.daemons.config.mail.location, "alice", "example.org")
+    assert fields["user"] == "alice@example.org"
+    assert fields["mail"] == f"maildir:{location}"
+    assert fields["quota_rule"] == "*:bytes=1000000"
+    users = listed.stdout.split()
+    assert "alice@example.org" in users and "bob@example.org" in users, listed.stderr
+    assert "carol@example.org" not in users  # disabled
+    assert unknown.returncode == 67
+    assert login == "OK b'0'", dovecot.log_text()[-3000:]
 
 
 def test_lua_http_client_gets_100_continue(rig: Rig) -> None:
@@ -348,6 +377,15 @@ def test_mixed_case_login_reads_its_own_mail(stack: Stack) -> None:
 def test_lua_passdb_outcomes(stack: Stack) -> None:
     assert imap_login(stack.dovecot, "alice@example.org", "app-pw").startswith("OK"), stack.logs()
     assert imap_login(stack.dovecot, "alice@example.org", "wrong").startswith("NO")
+    assert pop3_login(stack.dovecot, "alice@example.org", "wrong-too").startswith("ERR")
+    # authd got the service and the client address (2.4: req.protocol/req.remote_ip, 2.3:
+    # req.service/req.rip): its failure log names both.
+    for service in ("imap", "pop3"):
+        needle = f"rip=127.0.0.1 service={service} "
+        def logged(needle: str = needle) -> bool:
+            return needle in stack.daemons.output()
+
+        wait_until(logged, timeout=10, what=f"authd to log the {service} failure with the client address")
     assert imap_login(stack.dovecot, "carol@example.org", "carol-pw").startswith("NO")
     assert imap_login(stack.dovecot, "bob@example.org", "bob-pw").startswith("NO")  # smtp only
     assert pop3_login(stack.dovecot, "alice@example.org", "app-pw").startswith("ERR")  # imap only
@@ -403,7 +441,7 @@ def test_last_login_recorded_through_authd(stack: Stack) -> None:
         lambda: (m := store.get_mailbox("alice@example.org")) and m.last_login_at and m,
         timeout=10, what="last_login_at to be set",
     )
-    assert mailbox.last_login_at is not None
+    assert mailbox.last_login_at is not None  # type: ignore[attr-defined]
 
 
 def test_authd_down_is_a_temporary_failure(stack: Stack) -> None:

@@ -192,7 +192,8 @@ def smtp_plain(rig: Rig, authzid: str, login: str, password: str) -> tuple[int, 
         try:
             return client.auth("PLAIN", lambda challenge=None: f"{authzid}\0{login}\0{password}")
         except smtplib.SMTPAuthenticationError as exc:
-            return exc.smtp_code, exc.smtp_error
+            error = exc.smtp_error
+            return exc.smtp_code, error.encode() if isinstance(error, str) else error
 
 
 def test_master_user_is_refused_on_smtp(rig: Rig) -> None:

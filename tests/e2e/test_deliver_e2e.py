@@ -136,12 +136,12 @@ def imap_fetch_all(rig: Rig, user: str, mailbox: str = "INBOX") -> list[tuple[by
         status, data = imap.select(mailbox, readonly=True)
         assert status == "OK", data
         count = int(data[0] or 0)
-        messages = []
+        messages: list[tuple[bytes, int]] = []
         for number in range(1, count + 1):
             status, parts = imap.fetch(str(number), "(RFC822.SIZE RFC822)")
             assert status == "OK"
             header, content = parts[0]  # type: ignore[misc]
-            size = int(re.search(rb"RFC822\.SIZE (\d+)", header).group(1))  # type: ignore[union-attr]
+            size = int(re.search(rb"RFC822\.SIZE (\d+)", header).group(1))
             messages.append((content, size))
         return messages
     finally:
@@ -237,7 +237,7 @@ def test_alias_expansion_hardlinks_one_file(rig: Rig) -> None:
 
 
 def test_kill_during_data_then_retry_leaves_exactly_one_copy(rig: Rig) -> None:
-    pid = rig.daemons.process.pid  # type: ignore[union-attr]
+    pid = rig.daemons.process.pid
     body = (b"y" * 76 + b"\r\n") * 200_000  # ~15 MB: DATA takes a while
     message = b"Subject: crash\r\n\r\n" + body
 

@@ -212,7 +212,7 @@ def test_dovecot_accepts_the_lua_variant(wired: Wired, tmp_path: Path) -> None:
     shown = result.stdout
     assert ("passdb lua {\n" if wired.release.dovecot24 else "  driver = lua\n") in shown
     lua = next(Path(f.path) for f in snippet.files if f.path.endswith(".lua"))
-    http_port = wired.daemons.config.authd.http_listen[0].split(":")[1]  # type: ignore[union-attr]
+    http_port = wired.daemons.config.authd.http_listen[0].split(":")[1]
     assert f'local base = "http://127.0.0.1:{http_port}"' in lua.read_text()
 
 
@@ -269,6 +269,26 @@ def test_doctor_reports_an_extra_passdb_and_a_wrong_mail_location(wired: Wired) 
     else:
         assert "dovecot: extra passdb { driver = pam } is consulted too" in result.stdout
         assert f"fix: mail_location = maildir:{wired.root}/vmail/%d/%n/Maildir" in result.stdout
+
+
+def test_doctor_finds_mail_left_under_a_mixed_case_directory(wired: Wired) -> None:
+    """Paths are lower-case now: mail an earlier version wrote to .../Mixed/ is named, with the mv."""
+    from mailplugins.hashing import hash_password
+
+    store = wired.daemons.store
+    store.add_mailbox("Mixed@example.org", hash_password("x", wired.daemons.config.passwords))
+    old = wired.root / "vmail" / "example.org" / "Mixed"
+    (old / "Maildir" / "new").mkdir(parents=True)
+    try:
+        result = wired.doctor("--no-postfix")
+    finally:
+        shutil.rmtree(old)
+        store.remove_mailbox("Mixed@example.org")
+    assert result.returncode == 1, result.stdout + result.stderr
+    new = wired.root / "vmail" / "example.org" / "mixed"
+    assert (f"mailboxes: Mixed@example.org: mail in {old} is no longer read (paths are "
+            f"lower-case: {new})\n    fix: mv {old} {new}\n") in result.stdout
+    assert "1 problem(s) found" in result.stdout
 
 
 def test_doctor_names_a_missing_tool_config_cleanly(wired: Wired, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def doveadm(release: Release) -> Callable[..., subprocess.CompletedProcess[str]]
     ids=["ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT"],
 )
 def test_our_hashes_pass_doveadm(config: object, doveadm: Callable[..., Any]) -> None:
-    stored = hash_password(PASSWORD, config)  # type: ignore[arg-type]
+    stored = hash_password(PASSWORD, config)
     ok = doveadm("pw", "-t", stored, "-p", PASSWORD)
     assert ok.returncode == 0, ok.stderr
     assert "(verified)" in ok.stdout

@@ -92,7 +92,7 @@ class Outside:
             header = dkim.sign(message, b"e1", domain.encode(), self.ed_seed,
                                canonicalize=(b"relaxed", b"relaxed"),
                                signature_algorithm=b"ed25519-sha256")
-        return header + message
+        return bytes(header) + message
 
 
 @dataclass
@@ -451,7 +451,8 @@ def test_milterd_down_nothing_lost(rig: Rig) -> None:
         try:
             code, text = submit(rig, OUTGOING.replace(b"{n}", b"out-down"))
         except smtplib.SMTPResponseException as exc:
-            code, text = exc.smtp_code, exc.smtp_error
+            error = exc.smtp_error
+            code, text = exc.smtp_code, error.encode() if isinstance(error, str) else error
         assert 400 <= code < 500, (code, text)
         # sendmail: the mail waits in Postfix's queue.
         process = subprocess.run(

@@ -192,7 +192,7 @@ def test_socket_activation_and_readiness(scratch: Path) -> None:
             reply += chunk
         client.close()
         assert reply.startswith(b"action="), (reply, (scratch / "log").read_text())
-        states = []
+        states: list[str] = []
         deadline = time.monotonic() + 30
         while not any(s.startswith("READY=1") for s in states) and time.monotonic() < deadline:
             states.append(notify.recv(4096).decode())

@@ -23,7 +23,7 @@ class Echo(LineOnlyReceiver):
     delimiter = b"\n"
 
     def lineReceived(self, line: bytes) -> None:
-        self.sendLine(b"echo " + line + b" " + self.factory.tag.encode())  # type: ignore[attr-defined]
+        self.sendLine(b"echo " + line + b" " + self.factory.tag.encode())
 
 
 class EchoDaemon:
@@ -54,9 +54,9 @@ def _load(name: str) -> Any:
 
 
 if __name__ == "__main__":
-    runner.load_daemon = _load  # type: ignore[assignment]
-    runner.daemon_names = lambda: ["deliver"]
-    daemon_module.load_daemon = _load  # type: ignore[assignment]
+    vars(runner)["load_daemon"] = _load
+    vars(runner)["daemon_names"] = lambda: ["deliver"]
+    daemon_module.load_daemon = _load
     from mailplugins.cli import main
 
     sys.exit(main(sys.argv[1:]))

@@ -106,7 +106,7 @@ def test_shared_counters_are_swept_periodically() -> None:
         schema.upgrade(db.engine)
         failures.record_failure(db.engine, ["ip:192.0.2.1"], "aa", now=0, window=600)
         assert running.sweeper is not None and running.sweeper.running
-        db.run = lambda fn, *args: calls.append((fn, *args)) or succeed(fn(*args))  # type: ignore[method-assign]
+        db.run = lambda fn, *args: calls.append((fn, *args)) or succeed(fn(*args))  # type: ignore[method-assign, assignment, func-returns-value]
         reactor = running.runtime.reactor
         reactor.advance(SWEEP_INTERVAL + 1)
         assert calls and calls[0][0] is failures.purge

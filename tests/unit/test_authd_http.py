@@ -110,7 +110,7 @@ def ask(site: VerifySite, path: str, fields: dict[str, str]) -> tuple[int, bytes
     transport = StringTransport()
     channel.makeConnection(transport)
     body = urlencode(fields).encode()
-    channel.dataReceived(  # type: ignore[attr-defined]
+    channel.dataReceived(
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
         f"Content-Length: {len(body)}\r\n\r\n".encode() + body
     )

@@ -33,7 +33,7 @@ def b64(data: bytes) -> str:
 
 
 def session(**kwargs: object) -> AuthServerSession:
-    return AuthServerSession(**kwargs)  # type: ignore[arg-type]
+    return AuthServerSession(**kwargs)
 
 
 def feed(s: AuthServerSession, data: bytes, now: float = 0.0) -> list[Action]:
@@ -54,7 +54,8 @@ def test_handshake_is_byte_exact_and_in_postfix_order() -> None:
 def test_postfix_plain_with_initial_response() -> None:
     actions = feed(session(), HELLO + POSTFIX_AUTH)
     assert actions == [
-        Verify(1, "PLAIN", Credentials("alice@example.org", "s3cret", ""), "smtp", "192.0.2.7", False)
+        Verify(1, "PLAIN", Credentials("alice@example.org", "s3cret", ""), "smtp", "192.0.2.7", False,
+               serial=1)
     ]
 
 
@@ -197,6 +198,22 @@ def test_cont_while_verifying_fails_that_request_like_dovecot() -> None:
     assert not s.closed
     # The verification's late answer is thrown away, as Dovecot does.
     assert s.verified(1, Outcome.OK, "alice@example.org") == []
+
+
+@pytest.mark.parametrize("abandon", [b"CONT\t1\tAAAA\n", b"CANCEL\t1\n"])
+def test_a_late_answer_never_answers_a_reused_id(abandon: bytes) -> None:
+    """Request 1 fails (or is cancelled) while verifying and its id is reused: the first
+    verification's OK must not answer the second request."""
+    s = session()
+    (first,) = feed(s, HELLO + POSTFIX_AUTH)
+    feed(s, abandon)
+    wrong = b64(b"\0bob@example.org\0wrong")
+    (second,) = feed(s, f"AUTH\t1\tPLAIN\tservice=smtp\tresp={wrong}\n".encode())
+    assert isinstance(first, Verify) and isinstance(second, Verify)
+    assert s.verified(1, Outcome.OK, "alice@example.org", first.serial) == []
+    assert sent(s.verified(1, Outcome.FAIL, None, second.serial)) == (
+        b"FAIL\t1\tuser=bob@example.org\n"
+    )
 
 
 @pytest.mark.parametrize(

@@ -295,7 +295,7 @@ def test_half_close_passes_through_the_connection_limit_wrapper() -> None:
     wrapper.makeConnection(transport)
     assert IHalfCloseableProtocol.providedBy(wrapper)
     wrapper.dataReceived(wire(recipient="x@other.example"))
-    IHalfCloseableProtocol(wrapper).readConnectionLost()
+    IHalfCloseableProtocol(wrapper).readConnectionLost()  # type: ignore[misc]
     assert transport.value() == RELAY
     assert transport.disconnecting
     # A protocol without half-close support (deliver's) keeps Twisted's close at EOF.

@@ -155,7 +155,7 @@ def test_load_config_reads_file(tmp_path: Path) -> None:
 def test_config_is_frozen(tmp_path: Path) -> None:
     config = parse_config(base(tmp_path))
     with pytest.raises(AttributeError):
-        config.mail = None  # type: ignore[misc]
+        config.mail = None  # type: ignore[misc, assignment]
 
 
 def test_ssl_listener_without_pyopenssl_is_a_one_line_error(

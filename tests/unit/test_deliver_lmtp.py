@@ -39,7 +39,7 @@ class FakeService:
         return d
 
     def new_spool(self, envelope: Envelope | None = None) -> Spool:
-        return Spool(self.spool_dir, self.settings.memory_spool_limit, SyncPool())  # type: ignore[arg-type]
+        return Spool(self.spool_dir, self.settings.memory_spool_limit, SyncPool())
 
     def deliver(self, envelope: Envelope, body: Body) -> Deferred[list[Reply]]:
         d: Deferred[list[Reply]] = Deferred()
@@ -60,14 +60,14 @@ def make(**deliver: Any) -> tuple[LMTPServer, StringTransport, FakeService, Cloc
                            "mail": {"location": "/tmp/x/%d/%n", "uid": 0, "gid": 0}, "deliver": section})
     service = FakeService(config.deliver)
     clock = Clock()
-    protocol = LMTPServer(service, clock)  # type: ignore[arg-type]
+    protocol = LMTPServer(service, clock)
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport, service, clock
 
 
 def take(transport: StringTransport) -> list[str]:
-    lines = transport.value().decode().split("\r\n")[:-1]
+    lines: list[str] = transport.value().decode().split("\r\n")[:-1]
     transport.clear()
     return lines
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from deliver import maildir as maildir_module
 from deliver.maildir import (
     Body,
     MaildirWriter,
@@ -125,7 +124,7 @@ def test_cross_device_link_falls_back_to_a_copy(tmp_path: Path, monkeypatch: pyt
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         real_link(src, dst)
 
-    monkeypatch.setattr(maildir_module.os, "link", link)
+    monkeypatch.setattr("deliver.maildir.os.link", link)
     written, failures = w.write(b"", Body(size=3, bare_newlines=1, data=b"hi\n"), roots)
     assert failures == {}
     a, b = ((Path(r) / "new" / written.names[r]) for r in roots)
@@ -144,7 +143,7 @@ def test_disk_full_while_writing_raises_and_cleans_tmp(
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(maildir_module.os, "fsync", full)
+    monkeypatch.setattr("deliver.maildir.os.fsync", full)
     with pytest.raises(OSError, match="No space") as info:
         w.write(b"", Body(size=1, bare_newlines=1, data=b"\n"), [root])
     assert info.value.errno == errno.ENOSPC

@@ -46,7 +46,7 @@ def make(tmp_path: Path) -> Any:
         clock = Clock()
         db = Database(clock, config.database, store=store)
         db.pool = SyncPool()  # type: ignore[assignment]
-        service = DeliveryService(clock, config, db, SyncPool(), DeliverMetrics(DaemonMetrics("deliver")),  # type: ignore[arg-type]
+        service = DeliveryService(clock, config, db, SyncPool(), DeliverMetrics(DaemonMetrics("deliver")),
                                   clock=lambda: 1795313444.590986)
         return service, store
 
@@ -244,7 +244,7 @@ def test_spool_reads_on_while_the_disk_keeps_up_and_waits_when_it_falls_behind(t
     from deliver.service import Spool
 
     pool = ManualPool()
-    spool = Spool(str(tmp_path / "spool"), 1000, pool)  # type: ignore[arg-type]
+    spool = Spool(str(tmp_path / "spool"), 1000, pool)
     assert spool.add(b"a" * 600) is None  # in memory
     assert spool.add(b"b" * 600) is None  # first batch goes to the disk; reading goes on
     assert len(pool.jobs) == 1

@@ -13,7 +13,7 @@ import pytest
 from devrig.instances import Dovecot, dovecot_mail_location, dovecot_static_auth, short_tempdir
 from devrig.leftovers import mark_owner, stop_dead_runs
 from devrig.release import Release, bind_paths, host_debian, shown
-from devrig.rootfs import align, renumber
+from devrig.rootfs import align, apt_mirror, renumber
 
 
 def test_short_tempdir_is_short_and_traversable_by_the_mail_users() -> None:
@@ -139,3 +139,16 @@ def test_a_dovecot23_config_keeps_the_old_names(tmp_path: Path) -> None:
     text = dovecot.config_path.read_text()
     assert "dovecot_config_version" not in text and "disable_plaintext_auth = no" in text
     assert "address = 127.0.0.1\n    port = 2424" in text
+
+
+def test_the_mirror_comes_from_either_sources_format(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text("# deb http://old.example/debian trixie main\n"
+                                           "deb [arch=amd64] http://one.example/debian bookworm main\n")
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://sec.example/debian-security\nSuites: trixie-security\n\n"
+        "Types: deb deb-src\nURIs: http://two.example/debian\nSuites: trixie trixie-updates\n"
+        "Components: main\n")
+    assert apt_mirror("bookworm", tmp_path) == "http://one.example/debian"
+    assert apt_mirror("trixie", tmp_path) == "http://two.example/debian"
+    assert apt_mirror("forky", tmp_path) is None

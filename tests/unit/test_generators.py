@@ -375,7 +375,7 @@ def test_rate_limits_add_data_and_end_of_data_checks() -> None:
     config = make_config()
     assert config.policyd is not None
     policyd = SimpleNamespace(listen=config.policyd.listen, mynetworks=(), ratelimit=object())
-    limited = dataclasses.replace(config, policyd=policyd)  # type: ignore[arg-type]
+    limited = dataclasses.replace(config, policyd=policyd)
     snippet = postfix_config(limited, PostfixOptions(domain_names=("a.example",)))
     main = snippet.main_dict()
     assert main["smtpd_data_restrictions"] == (
@@ -398,7 +398,7 @@ def test_greylisting_or_spf_alone_adds_the_data_check_for_their_headers(check: s
     config = make_config()
     assert config.policyd is not None
     policyd = SimpleNamespace(listen=config.policyd.listen, mynetworks=(), **{check: object()})
-    checked = dataclasses.replace(config, policyd=policyd)  # type: ignore[arg-type]
+    checked = dataclasses.replace(config, policyd=policyd)
     main = postfix_config(checked, PostfixOptions(domain_names=("a.example",))).main_dict()
     assert "policy_context=smtp" in main["smtpd_data_restrictions"]
     assert "smtpd_end_of_data_restrictions" not in main  # PREPEND is not allowed there anyway
@@ -491,6 +491,19 @@ def test_dovecot_config_command_for_another_release(tmp_path: Any) -> None:
     assert status == 2 and err.startswith("mailplugins: Dovecot 2.2 is not supported")
     status, out, err = _cli(tmp_path, "dovecot-config", "--dovecot-version", "2.3")
     assert status == 0 and "# For Dovecot 2.3" in out and "mail_location = " in out
+
+
+def test_without_dovecot_installed_the_release_must_be_named(tmp_path: Any, monkeypatch: Any) -> None:
+    assert _cli(tmp_path, "db", "upgrade")[0] == 0
+    monkeypatch.setenv("PATH", str(tmp_path))  # no dovecot, no postconf
+    status, out, err = _cli(tmp_path, "dovecot-config")
+    assert (status, out) == (2, "")
+    assert err == ("mailplugins: cannot run 'dovecot --version': give --dovecot-version 2.3 or 2.4\n")
+    status, out, err = _cli(tmp_path, "postfix-config", "--domains", "list")
+    assert (status, err) == (2, "mailplugins: cannot run 'postconf -d -h mail_version': give "
+                                "--postfix-version\n")
+    status, out, err = _cli(tmp_path, "postfix-config", "--domains", "list", "--postfix-version", "3.10")
+    assert status == 0 and out.count("# For Postfix 3.10 ") == 1
 
 
 def test_postfix_config_command_lists_the_database_domains(tmp_path: Any) -> None:

@@ -15,7 +15,7 @@ def test_log_lines_are_one_line_even_with_failures() -> None:
              "log_namespace": "policyd.protocol"}
     assert format_line(event) == "warn policyd.protocol: hello there | world\n"
     try:
-        {}["missing"]
+        dict[str, int]()["missing"]
     except KeyError:
         failure = Failure()
     event = {"log_format": "lookup failed", "log_level": LogLevel.error, "log_namespace": "x",

@@ -54,7 +54,7 @@ def test_ownership_is_cached_for_cache_ttl() -> None:
     checks = live(clock, cache_ttl=30)
     calls: list[Any] = []
     original = checks._senders.mailbox
-    checks._senders.mailbox = lambda address: calls.append(address) or original(address)  # type: ignore[method-assign]
+    checks._senders.mailbox = lambda address: calls.append(address) or original(address)  # type: ignore[method-assign, func-returns-value]
     for _ in range(3):
         assert result_of(checks.may_send_as("alice@example.org", "alice@example.org"))
     assert len(calls) == 1
@@ -113,7 +113,7 @@ def test_daemon_builds_listeners_and_reloads() -> None:
     db = Database(reactor, cfg.database)
     metrics = DaemonMetrics("milterd")
     runtime = Runtime(reactor, cfg, db, metrics, WorkerPool(reactor, "cpu", 1))
-    checks = LiveChecks(cfg.milterd, store=db.store, db_run=sync_run, cpu_run=sync_run,  # type: ignore[arg-type]
+    checks = LiveChecks(cfg.milterd, store=db.store, db_run=sync_run, cpu_run=sync_run,
                         dns_run=sync_run, clock=reactor, delimiters="+", key_store=NoKeys(),
                         txt_lookup=lambda name: None)
     try:
@@ -145,8 +145,8 @@ def test_config_errors_name_the_key() -> None:
         config(nameservers=["not-an-ip"])
     with pytest.raises(ConfigError, match=r"milterd.listen: required"):
         parse_config({"database": {"url": "sqlite://"}, "milterd": {}})
-    assert config().milterd.nameservers == ()  # type: ignore[union-attr]
-    assert config(nameservers=["127.0.0.1:5353"]).milterd.nameservers == (("127.0.0.1", 5353),)  # type: ignore[union-attr]
+    assert config().milterd.nameservers == ()
+    assert config(nameservers=["127.0.0.1:5353"]).milterd.nameservers == (("127.0.0.1", 5353),)
 
 
 class OneKeyEach:
@@ -245,7 +245,7 @@ def test_dmarc_and_authentication_results_through_live_checks() -> None:
     checks = LiveChecks(milterd_config(), store=make_store(), db_run=sync_run, cpu_run=sync_run,
                         dns_run=sync_run, clock=Clock(), delimiters="+", key_store=NoKeys(),
                         txt_lookup=lambda name: records.get(name))
-    checks._exists = lambda name: True
+    checks._exists = lambda name: True  # type: ignore[assignment]
     verdict = result_of(checks.dmarc([" CEO <ceo@bank.example>"], [], Spf("fail"), "bank.example"))
     assert (verdict.result, verdict.policy, verdict.disposition) == ("fail", "reject", "reject")
     value = checks.authentication_results([], Spf("fail"), verdict, "quarantine",

@@ -90,4 +90,4 @@ def test_state_sections_check_actions_without_the_policyd_section() -> None:
     tree = ast.parse(inspect.getsource(state))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "mailplugins.config.policyd" not in imported
-    assert state.check_action is check_action
+    assert vars(state)["check_action"] is check_action

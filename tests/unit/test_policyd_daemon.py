@@ -86,7 +86,8 @@ def test_max_connections_is_one_cap_across_listeners() -> None:
 
     running, db = build(config(max_connections=2))
     try:
-        first, second = (listener.factory for listener in running.listeners)
+        factories: list[Any] = [listener.factory for listener in running.listeners]
+        first, second = factories
         for factory in (first, second):
             factory.buildProtocol(None).makeConnection(StringTransport())
         refused = StringTransport()

@@ -57,11 +57,12 @@ def write(workdir: Path, listen: object, *, upgrade: bool = True, **extra: objec
 
 
 def echo_serve(config: Path, env: dict[str, str] | None = None, **kwargs: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    process: subprocess.Popen[str] = subprocess.Popen(
         [sys.executable, "-m", "tests.support.echo_daemon", "--config", str(config), "serve"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env or dict(os.environ), **kwargs,  # type: ignore[call-overload]
     )
+    return process
 
 
 def test_serve_with_no_daemon_configured_exits_2(workdir: Path) -> None:

@@ -128,7 +128,7 @@ def test_through_the_joined_checks_with_real_pyspf() -> None:
     from policyd.message_checks import StatefulChecks
 
     clock = Clock()
-    checks = StatefulChecks(engine=None, db_run=sync_run, spf_run=sync_run,  # type: ignore[arg-type]
+    checks = StatefulChecks(engine=None, db_run=sync_run, spf_run=sync_run,
                             clock=clock, budget=2.0, spf=SPFConfig(receiver="mx.example.org"))
 
     def rcpt(**attrs: str) -> Any:
@@ -173,7 +173,7 @@ def test_configured_nameservers_become_the_resolver_pyspf_asks() -> None:
     try:
         use_nameservers((("127.0.0.1", 5353),))
         servers = dns.resolver.get_default_resolver().nameservers
-        assert [(s.address, s.port) for s in servers] == [("127.0.0.1", 5353)]  # type: ignore[union-attr]
+        assert [(s.address, s.port) for s in servers] == [("127.0.0.1", 5353)]
     finally:
         use_nameservers(())
     assert dns.resolver.get_default_resolver().nameservers != servers

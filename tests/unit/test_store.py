@@ -90,7 +90,7 @@ def test_mailboxes_round_trip(store: Store) -> None:
     assert store.replace_password_hash(record.id, "{PLAIN}new", "{PLAIN}rehashed")
     assert not store.replace_password_hash(record.id, "{PLAIN}new", "{PLAIN}other")
     store.record_login(record.id)
-    assert store.get_mailbox_by_id(record.id).last_login_at is not None  # type: ignore[union-attr]
+    assert store.get_mailbox_by_id(record.id).last_login_at is not None
     store.add_mailbox("alice@bücher.de", "{PLAIN}a")
     assert [m.address for m in store.list_mailboxes()] == ["Bob@example.org", "alice@xn--bcher-kva.de"]
     assert [m.address for m in store.list_mailboxes("bücher.de")] == ["alice@xn--bcher-kva.de"]

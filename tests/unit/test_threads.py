@@ -26,7 +26,11 @@ class DirectReactor:
 def wait_for(d: Any) -> Any:
     done = threading.Event()
     box: list[Any] = []
-    d.addBoth(lambda r: (box.append(r), done.set()))
+    def arrived(result: Any) -> None:
+        box.append(result)
+        done.set()
+
+    d.addBoth(arrived)
     assert done.wait(10)
     return box[0]
 

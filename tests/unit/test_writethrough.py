@@ -23,7 +23,7 @@ class Recording(tcp.Connection):
         self.connected = True
         self.queued: list[bytes] = []
 
-    def write(self, data: bytes) -> None:  # type: ignore[override]
+    def write(self, data: bytes) -> None:
         self.queued.append(data)
         self._tempDataBuffer.append(data)
 
@@ -79,7 +79,7 @@ def test_any_other_wrapper_gets_the_bytes(pair: tuple[Recording, socket.socket])
     tls = Encrypting(WrappingFactory(Factory()), Protocol())
     tls.makeConnection(transport)
     assert tls.socket is transport.socket  # ProtocolWrapper forwards attributes: not a test
-    write_now(counted(tls), b"action=DUNNO\n\n")  # type: ignore[arg-type]
+    write_now(counted(tls), b"action=DUNNO\n\n")
     assert Encrypting.written == [b"action=DUNNO\n\n"]
     with pytest.raises(TimeoutError):
         peer.recv(100)
