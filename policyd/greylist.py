@@ -19,10 +19,8 @@ import re
 from collections.abc import Callable
 from email.utils import formatdate
 from functools import lru_cache
-from typing import cast
 
 from sqlalchemy import Engine
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplugins.clients import client_in, client_network
@@ -30,7 +28,7 @@ from mailplugins.config.policy_state import GreylistConfig
 from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 from policyd.codec import PolicyRequest
-from policyd.ratelimit import Clock, Pending
+from policyd.pooled import Clock, PooledCheck, fallback
 from policyd.sql.greylist import GreylistResult, GreylistTiming, greylist_check
 
 log = Logger(namespace="policyd.greylist")
@@ -101,7 +99,7 @@ def greylist_header(config: GreylistConfig, seconds: int, now: float) -> str:
     return re.sub(r"%([thd%])", lambda m: values.get(m.group(1), "%"), config.header)
 
 
-class Greylister:
+class Greylister(PooledCheck):
     """Decides one RCPT request; never fails, always within the configured ``timeout``."""
 
     def __init__(
@@ -115,13 +113,10 @@ class Greylister:
         max_pending: int = 1000,
         cache_size: int = 100_000,
     ) -> None:
+        super().__init__(run, clock, max_pending)
         self.config = config
         self._engine = engine
-        self._run = run
-        self._clock = clock
         self.delimiters = delimiters
-        self.max_pending = max_pending
-        self.pending = Pending()
         #: Decisions the database need not be asked again about, with their end of validity:
         #: a triplet still inside its delay (greylisted until first seen + delay, which every
         #: MX agrees on), a passed triplet and an auto-whitelisted client (for
@@ -160,20 +155,18 @@ class Greylister:
                 if status == "greylisted":
                     return config.action.replace("%s", str(int(until - now))), None
                 return None, None
-        if self.pending.count >= self.max_pending:
+        if self.overloaded:
             self.observe("failed")
-            return _fallback(config.fallback_action), None
+            return fallback(config.fallback_action), None
         try:
-            work = self._run(self.pending.track(greylist_check), self._engine, key, client, now,
-                             self.timing)
             limit = config.timeout if timeout is None else min(config.timeout, timeout)
-            work.addTimeout(limit, cast(IReactorTime, self._clock))
+            work = self.submit(limit, greylist_check, self._engine, key, client, now, self.timing)
             result: GreylistResult = await work
         except Exception as exc:
             log.warn("greylist check failed ({error}); answering {action}",
                      error=type(exc).__name__, action=config.fallback_action)
             self.observe("failed")
-            return _fallback(config.fallback_action), None
+            return fallback(config.fallback_action), None
         self.observe(result.status)
         if result.status == "greylisted":
             self._remember(key, now + result.seconds, "greylisted")
@@ -193,7 +186,3 @@ class Greylister:
     def forget(self) -> None:
         """Drop remembered decisions (reload: the timing may have changed)."""
         self._known.clear()
-
-
-def _fallback(action: str) -> str | None:
-    return None if action.upper() == "DUNNO" else action

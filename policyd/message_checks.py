@@ -38,7 +38,8 @@ from mailplugins.threads import RunInPool, WorkerPool
 from policyd.batch import batching_runner
 from policyd.codec import PolicyRequest
 from policyd.greylist import Greylister
-from policyd.ratelimit import Clock, RateLimiter
+from policyd.pooled import Clock
+from policyd.ratelimit import RateLimiter
 from policyd.spf import SPFChecker, SPFOutcome
 from policyd.sql.greylist import GreylistTiming
 from policyd.sql.purge import purge

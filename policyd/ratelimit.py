@@ -16,14 +16,12 @@ default). Addresses also look up per-domain (``@domain``) and per-mailbox overri
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Protocol, TypeVar, cast
+from typing import TypeVar
 
 from sqlalchemy import Engine
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplugins.addresses import AddressError, parse_address
@@ -32,19 +30,12 @@ from mailplugins.config.policy_state import RateLimitConfig, RateRule
 from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 from policyd.codec import PolicyRequest
+from policyd.pooled import Clock, PooledCheck, fallback
 from policyd.sql.ratelimit import RateDecision, RateKey, rate_check
 
 log = Logger(namespace="policyd.ratelimit")
 
 T = TypeVar("T")
-
-
-class Clock(Protocol):
-    """What the checks need of the reactor (a ``task.Clock`` in tests)."""
-
-    def seconds(self) -> float: ...
-
-    def callLater(self, delay: float, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any: ...
 
 
 
@@ -115,29 +106,6 @@ def _count(request: PolicyRequest, name: str) -> int:
         return 0
 
 
-class Pending:
-    """Work handed to a pool and not finished yet, counted until the work itself ends (a
-    request that gave up waiting still holds a thread), so a hung database cannot make the
-    pool's queue grow without bound."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count = 0
-
-    def track(self, fn: Callable[..., T]) -> Callable[..., T]:
-        with self._lock:
-            self.count += 1
-
-        def tracked(*args: Any, **kwargs: Any) -> T:
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                with self._lock:
-                    self.count -= 1
-
-        return tracked
-
-
 @dataclass
 class RateLimitStats:
     admitted: int = 0
@@ -145,7 +113,7 @@ class RateLimitStats:
     failed: int = 0
 
 
-class RateLimiter:
+class RateLimiter(PooledCheck):
     """Decides DATA and END-OF-MESSAGE requests; never fails, always within ``timeout``."""
 
     def __init__(
@@ -159,13 +127,10 @@ class RateLimiter:
         max_pending: int = 1000,
         saturated_size: int = 100_000,
     ) -> None:
+        super().__init__(run, clock, max_pending)
         self.config = config
         self._engine = engine
-        self._run = run
-        self._clock = clock
         self.delimiters = delimiters
-        self.max_pending = max_pending
-        self.pending = Pending()
         self.stats = RateLimitStats()
         #: (rule, subject) -> epoch second until which every message is refused anyway
         #: (see RateDecision.saturated_until): a sender hammering past its limit costs no
@@ -205,22 +170,19 @@ class RateLimiter:
         self, keys: list[RateKey], *, messages: int, recipients: int, size: int
     ) -> str | None:
         config = self.config
-        if self.pending.count >= self.max_pending:
+        if self.overloaded:
             # The database is not keeping up: answer at once instead of queueing without end.
             self._outcome("failed")
-            return _fallback(config.fallback_action)
+            return fallback(config.fallback_action)
         try:
-            work = self._run(
-                self.pending.track(rate_check), self._engine, keys, self._clock.seconds(),
-                messages=messages, recipients=recipients, size=size,
-            )
-            work.addTimeout(config.timeout, cast(IReactorTime, self._clock))
+            work = self.submit(config.timeout, rate_check, self._engine, keys, self._clock.seconds(),
+                               messages=messages, recipients=recipients, size=size)
             decision: RateDecision = await work
         except Exception as exc:
             log.warn("rate limit check failed ({error}); answering {action}",
                      error=type(exc).__name__, action=config.fallback_action)
             self._outcome("failed")
-            return _fallback(config.fallback_action)
+            return fallback(config.fallback_action)
         if decision.admitted:
             self._outcome("admitted")
             return None
@@ -236,7 +198,3 @@ class RateLimiter:
     def _outcome(self, outcome: str) -> None:
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
         self.observe(outcome)
-
-
-def _fallback(action: str) -> str | None:
-    return None if action.upper() == "DUNNO" else action

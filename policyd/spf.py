@@ -16,16 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplugins.config.policy_state import SPFConfig
 from mailplugins.spf import SPFResult, clean, spf_lookup, use_nameservers
 from mailplugins.threads import RunInPool
 from policyd.codec import PolicyRequest
-from policyd.ratelimit import Clock, Pending
+from policyd.pooled import Clock, PooledCheck
 
 __all__ = ["SPFChecker", "SPFOutcome", "SPFResult", "spf_lookup", "use_nameservers"]
 
@@ -42,15 +40,12 @@ class SPFOutcome:
     header: str | None
 
 
-class SPFChecker:
+class SPFChecker(PooledCheck):
     def __init__(self, config: SPFConfig, run: RunInPool, clock: Clock,
                  *, max_pending: int = 1000) -> None:
+        super().__init__(run, clock, max_pending)
         use_nameservers(config.nameservers)
         self.config = config
-        self._run = run
-        self._clock = clock
-        self.max_pending = max_pending
-        self.pending = Pending()
         #: Called with the result for metrics.
         self.observe: Callable[[str], None] = lambda result: None
 
@@ -61,14 +56,13 @@ class SPFChecker:
         client = request.get("client_address")
         sender = request.get("sender")
         helo = request.get("helo_name")
-        if self.pending.count >= self.max_pending:
+        if self.overloaded:
             found = SPFResult("temperror", f"TempError ({config.receiver}: SPF check overloaded) "
                                            f"client-ip={clean(client)}")
         else:
             try:
-                work = self._run(self.pending.track(spf_lookup), client, sender, helo,
-                                 config.receiver, max(limit, 0.05))
-                work.addTimeout(limit + 0.2, cast(IReactorTime, self._clock))
+                work = self.submit(limit + 0.2, spf_lookup, client, sender, helo, config.receiver,
+                                   max(limit, 0.05))
                 found = await work
             except Exception as exc:
                 log.warn("SPF check failed ({error})", error=type(exc).__name__)

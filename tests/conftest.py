@@ -9,11 +9,13 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 from devrig.leftovers import stop_dead_runs
 from devrig.release import NAMES, Release
 from devrig.release import release as find_release
 from tests.rig import RigFactory, short_tempdir
+from tests.support.sync import migrated_engine
 
 PG_ADMIN_URL = os.environ.get("MAILPLUGINS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_ADMIN_URL = os.environ.get("MAILPLUGINS_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -83,3 +85,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield from _server_database(PG_ADMIN_URL, "postgresql")
     else:
         yield from _server_database(MYSQL_ADMIN_URL, "mysql")
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    """An in-memory SQLite engine with the schema (one connection)."""
+    yield from migrated_engine("sqlite://", pool_size=1)
+
+
+@pytest.fixture
+def any_engine(database_url: str) -> Iterator[Engine]:
+    """An engine with the schema on each backend of ``database_url``."""
+    yield from migrated_engine(database_url, pool_size=2)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     Engine,
@@ -15,8 +16,8 @@ from mailplugins.db.policy_models import (
     RateBucket,
     RateOverride,
 )
+from mailplugins.db.upsert import upsert_stmt
 from policyd.sql.ratelimit import RateKey, Usage, effective_windows, override_limits, window_total
-from policyd.sql.transactions import upsert
 
 #: An override limit meaning "no limit" (NULL means "inherit the configured limit").
 UNLIMITED = -1
@@ -81,12 +82,12 @@ def set_rate_override(
             raise OverrideError("a limit must be -1 (unlimited) or a count")
     key = normalise_override_subject(subject)
     values = {"messages": messages, "recipients": recipients, "bytes": size}
+    updates: dict[str, Any] = {name: (lambda c, new, name=name: getattr(new, name)) for name in values}
     with engine.begin() as conn:
-        upsert(
+        conn.execute(upsert_stmt(
             conn, RateOverride.__table__, {"rule": rule, "subject": key, "period": period, **values},
-            ("rule", "subject", "period"),
-            {name: (lambda c, new, name=name: getattr(new, name)) for name in values},
-        )
+            ("rule", "subject", "period"), updates,
+        ))
     return OverrideRecord(rule, key, period, messages, recipients, size)
 
 

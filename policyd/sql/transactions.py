@@ -1,12 +1,13 @@
 # -*- test-case-name: tests.unit.test_ratelimit -*-
 """Transactions for policyd's state: isolation, one SQLite writer per process, the write lock,
-upserts, and hot statements compiled once per dialect and run on the DBAPI cursor."""
+and hot statements compiled once per dialect and run on the DBAPI cursor (upserts are the
+core's :mod:`mailplugins.db.upsert`)."""
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,8 +15,6 @@ from sqlalchemy import (
     Connection,
     Engine,
 )
-
-from mailplugins.db.upsert import upsert_stmt as _upsert_stmt
 
 
 def transaction(engine: Engine) -> Any:
@@ -60,17 +59,6 @@ def write_lock(conn: Connection) -> None:
     The server backends lock rows instead (FOR UPDATE, upserts)."""
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql("UPDATE policy_greylist_clients SET passes = passes WHERE 0")
-
-
-def upsert(
-    conn: Connection,
-    table: Any,
-    values: Mapping[str, Any],
-    keys: Sequence[str],
-    updates: Mapping[str, Any],
-) -> None:
-    """One atomic insert-or-update statement; ``updates`` may use ``excluded``/``inserted``."""
-    conn.execute(_upsert_stmt(conn, table, values, keys, updates))
 
 
 Target = Engine | Connection

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,20 +31,10 @@ from policyd.message_checks import StatefulChecks
 from policyd.spf import SPFResult
 from policyd.sql.greylist import GreylistTiming, greylist_check
 from policyd.sql.purge import purge
-from tests.support.sync import migrated_engine, result_of, sync_run
+from tests.support.sync import result_of, sync_run
 
 T0 = 1_800_000_000.0
 DAY = 86400
-
-
-@pytest.fixture
-def engine() -> Iterator[Engine]:
-    yield from migrated_engine("sqlite://", pool_size=1)
-
-
-@pytest.fixture
-def any_engine(database_url: str) -> Iterator[Engine]:
-    yield from migrated_engine(database_url, pool_size=2)
 
 
 def request(**attrs: str) -> PolicyRequest:
