@@ -268,8 +268,18 @@ def normalise(line: str) -> str:
 
 
 def outcome(session: Session) -> list[str]:
+    """The replies in order per request id. The order between ids is not compared: each
+    reply names its request, a server may finish pipelined requests in any order (authd
+    verifies in a thread pool, so a cheap FAIL can overtake a slow hash), and Postfix sends
+    one request at a time."""
     replies = [normalise(line) for line in session.lines]
-    return replies + (["<closed>"] if session.closed else [])
+    by_id = sorted(replies, key=_request_id)
+    return by_id + (["<closed>"] if session.closed else [])
+
+
+def _request_id(reply: str) -> int:
+    fields = reply.split("\t")
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else -1
 
 
 def handshake_shape(lines: Sequence[str]) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,8 @@ from tests.rig import Daemons
 
 pytestmark = pytest.mark.e2e
 
+#: The Received: header deliver adds (one line plus its folded continuation lines).
+RECEIVED = re.compile(rb"^Received: [^\n]*\n(?:[ \t][^\n]*\n)*", re.MULTILINE)
 NOBODY = 65534
 FS_SIZE = "2m"
 #: DATA above this streams to disk while it arrives (deliver's minimum is 4 KiB).
@@ -128,6 +131,10 @@ class Rig:
                 assert size == len(content), path.name
         assert found.keys() == self.saved.keys()
         for key, content in found.items():
+            # deliver's own trace line (Dovecot's form) comes after Delivered-To; the rest is
+            # exactly what was sent.
+            content, traces = RECEIVED.subn(b"", content, count=1)
+            assert traces == 1, f"{key}: no Received: line"
             assert content == self.saved[key], f"{key}: {len(content)} octets on disk"
 
         def clean() -> bool:
