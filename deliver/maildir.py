@@ -257,6 +257,7 @@ class MaildirWriter:
         clock: Callable[[], float] = time.time,
         stale_tmp_age: float = 36 * 3600,
         stale_tmp_interval: float = 3600,
+        journal_lock: threading.Lock | None = None,
     ) -> None:
         self.names = NameGenerator(hostname, clock)
         self.uid = uid
@@ -268,7 +269,8 @@ class MaildirWriter:
         self._chown = os.geteuid() == 0
         self._last_clean: dict[str, float] = {}
         self._clean_lock = threading.Lock()
-        self._journal_lock = threading.Lock()
+        # Shared by the writers a reload replaces, so two never append to a journal at once.
+        self._journal_lock = journal_lock if journal_lock is not None else threading.Lock()
 
     # -- ownership and directories -------------------------------------------------------
 

@@ -16,6 +16,7 @@ import hashlib
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -312,6 +313,23 @@ class Spool:
         return result
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one delivery reads from the configuration, built whole by a reload.
+
+    A delivery (or a recipient check) takes the service's current snapshot once, on the
+    reactor, and passes it down to its disk work: a reload in between swaps the service's
+    reference and never changes what that delivery sees.
+    """
+
+    config: Config
+    settings: DeliverConfig
+    writer: MaildirWriter
+    quota: QuotaTracker
+    authserv_id: str
+    cache: TTLCache[str, tuple[Target, ...]]
+
+
 class DeliveryService:
     """Recipient checks and deliveries for every connection of one deliver daemon."""
 
@@ -331,66 +349,103 @@ class DeliveryService:
         self.metrics = metrics
         self._clock = clock
         self.in_flight: set[Deferred[Any]] = set()
-        self.reload(config)
+        #: One lock for the redelivery journals across reloads: the writers of two
+        #: snapshots (one finishing a delivery, one starting) must not append at once.
+        self._journal_lock = threading.Lock()
+        self.current: Snapshot = self._snapshot(config)
 
     def reload(self, config: Config) -> None:
-        assert config.deliver is not None
-        self.config = config
-        self.settings: DeliverConfig = config.deliver
+        """Build the new snapshot whole, then swap the one reference: a delivery in flight
+        keeps the snapshot it started with (settings, writer and quota never mix)."""
+        self.current = self._snapshot(config)
+
+    def _snapshot(self, config: Config) -> Snapshot:
+        settings = config.deliver
+        assert settings is not None
         owner = (config.mail.uid, config.mail.gid)
-        self.writer = MaildirWriter(
-            hostname=self.settings.hostname,
+        writer = MaildirWriter(
+            hostname=settings.hostname,
             uid=config.mail.uid,
             gid=config.mail.gid,
-            default_folders=self.settings.default_folders,
+            default_folders=settings.default_folders,
             clock=self._clock,
-            stale_tmp_age=self.settings.stale_tmp_age,
-            stale_tmp_interval=self.settings.stale_tmp_interval,
+            stale_tmp_age=settings.stale_tmp_age,
+            stale_tmp_interval=settings.stale_tmp_interval,
+            journal_lock=self._journal_lock,
         )
-        self.quota = QuotaTracker(owner if os.geteuid() == 0 else None)
         milterd = getattr(config, "milterd", None)
-        self.authserv_id = self.settings.authserv_id or (
+        authserv_id = settings.authserv_id or (
             milterd.authserv_id if milterd is not None else socket.getfqdn()
         )
-        self._cache: TTLCache[str, tuple[Target, ...]] = TTLCache(CACHE_LIMIT)
+        return Snapshot(
+            config=config,
+            settings=settings,
+            writer=writer,
+            quota=QuotaTracker(owner if os.geteuid() == 0 else None),
+            authserv_id=authserv_id,
+            cache=TTLCache(CACHE_LIMIT),
+        )
+
+    # Read-only views of the current snapshot (for callers outside one delivery).
+    @property
+    def config(self) -> Config:
+        return self.current.config
+
+    @property
+    def settings(self) -> DeliverConfig:
+        return self.current.settings
+
+    @property
+    def writer(self) -> MaildirWriter:
+        return self.current.writer
+
+    @property
+    def quota(self) -> QuotaTracker:
+        return self.current.quota
+
+    @property
+    def authserv_id(self) -> str:
+        return self.current.authserv_id
 
     @property
     def spool_directory(self) -> str:
-        if self.settings.spool_directory:
-            return self.settings.spool_directory
-        return os.path.join(mail_root(self.config.mail.location), ".mailplugins-spool")
+        snap = self.current
+        if snap.settings.spool_directory:
+            return snap.settings.spool_directory
+        return os.path.join(mail_root(snap.config.mail.location), ".mailplugins-spool")
 
     def new_spool(self, envelope: Envelope | None = None) -> Spool:
         """A spool for one DATA; a large message spools straight into the Maildir tmp/ of
         the envelope's first destination, which then costs no copy (see MaildirWriter.write)."""
+        snap = self.current
         destination = None
         if envelope is not None and envelope.recipients:
-            destination = functools.partial(self._open_destination, envelope)
-        return Spool(self.spool_directory, self.settings.memory_spool_limit, self.disk, destination)
+            destination = functools.partial(self._open_destination, snap, envelope)
+        return Spool(self.spool_directory, snap.settings.memory_spool_limit, self.disk, destination)
 
-    def _open_destination(self, envelope: Envelope) -> tuple[TmpFile, IO[bytes]]:
+    def _open_destination(self, snap: Snapshot, envelope: Envelope) -> tuple[TmpFile, IO[bytes]]:
         recipient = envelope.recipients[0]
-        header = self._header(envelope, recipient)
-        return self.writer.open_tmp(self._directory(recipient.targets[0]), header)
+        header = self._header(snap, envelope, recipient)
+        return snap.writer.open_tmp(self._directory(snap, recipient.targets[0]), header)
 
-    def _header(self, envelope: Envelope, recipient: Recipient) -> bytes:
-        mode = self.settings.delivered_to
+    def _header(self, snap: Snapshot, envelope: Envelope, recipient: Recipient) -> bytes:
+        mode = snap.settings.delivered_to
         single = len(envelope.recipients) == 1
         delivered_to = mode == "always" or (mode == "single" and single)
         received = ""
-        if self.settings.received_header:
-            received = received_line(envelope, self.settings.hostname, recipient.path if single else None)
+        if snap.settings.received_header:
+            received = received_line(envelope, snap.settings.hostname, recipient.path if single else None)
         return build_header(envelope.sender, recipient, delivered_to, received)
 
-    def _directory(self, target: Target, junk: bool = False) -> str:
+    def _directory(self, snap: Snapshot, target: Target, junk: bool = False) -> str:
         """The folder directory a target's copy goes to, creating the Maildir on first use."""
-        self.writer.ensure_maildir(target.maildir)
+        snap.writer.ensure_maildir(target.maildir)
         if junk:
-            return self.writer.folder_dir(target.maildir, self.settings.junk_folder, create=True)
+            return snap.writer.folder_dir(target.maildir, snap.settings.junk_folder, create=True)
         folder = None
-        if self.settings.detail_folders and target.detail:
+        if snap.settings.detail_folders and target.detail:
             folder = folder_for_detail(target.detail)
-        return self.writer.folder_dir(target.maildir, folder, create=self.settings.autocreate_detail_folders)
+        return snap.writer.folder_dir(target.maildir, folder, create=snap.settings.autocreate_detail_folders)
 
     def _track(self, d: Deferred[Any]) -> None:
         self.in_flight.add(d)
@@ -406,9 +461,10 @@ class DeliveryService:
     def check_recipient(
         self, path: str, original: str | None, declared_size: int | None
     ) -> Deferred[Recipient | Reply]:
+        snap = self.current
         started = time.monotonic()
         now = self.reactor.seconds()
-        cached = self._cache.get(path, now)
+        cached = snap.cache.get(path, now)
         d: Deferred[Any]
         if cached is not None:
             d = succeed(cached)
@@ -417,13 +473,13 @@ class DeliveryService:
                 resolve_recipient,
                 self.db.store,
                 path,
-                location=self.config.mail.location,
-                delimiters=self.config.mail.recipient_delimiter,
-                disabled_action=self.settings.disabled,
-                postmaster=self.settings.postmaster,
+                location=snap.config.mail.location,
+                delimiters=snap.config.mail.recipient_delimiter,
+                disabled_action=snap.settings.disabled,
+                postmaster=snap.settings.postmaster,
             )
             d.addTimeout(self.db.timeout, self.reactor)
-            d.addCallback(self._remember, path)
+            d.addCallback(self._remember, snap, path)
 
         def resolved(result: tuple[Target, ...] | Rejection) -> Any:
             self.metrics.duration.labels("resolve").observe(time.monotonic() - started)
@@ -435,7 +491,7 @@ class DeliveryService:
             if declared_size is None or not limited:
                 self.metrics.recipients.labels("accepted").inc()
                 return recipient
-            return self.disk.run(self._rcpt_quota, recipient, limited, declared_size)
+            return self.disk.run(self._rcpt_quota, snap, recipient, limited, declared_size)
 
         def failed(failure: Failure) -> Reply:
             if failure.check(TimeoutError):
@@ -449,42 +505,47 @@ class DeliveryService:
         d.addErrback(failed)
         return d
 
-    def _remember(self, result: tuple[Target, ...] | Rejection, path: str) -> Any:
+    def _remember(self, result: tuple[Target, ...] | Rejection, snap: Snapshot, path: str) -> Any:
         """Cache found mailboxes briefly: a busy MX sees the same recipients again and again.
 
         Rejections are not cached, so a mailbox added a moment ago gets mail at once.
         """
-        ttl = self.settings.lookup_cache_ttl
+        ttl = snap.settings.lookup_cache_ttl
         if ttl > 0 and not isinstance(result, Rejection):
-            self._cache.put(path, result, expires=self.reactor.seconds() + ttl)
+            snap.cache.put(path, result, expires=self.reactor.seconds() + ttl)
         return result
 
-    def _rcpt_quota(self, recipient: Recipient, limited: Sequence[Target], size: int) -> Recipient | Reply:
+    def _rcpt_quota(
+        self, snap: Snapshot, recipient: Recipient, limited: Sequence[Target], size: int
+    ) -> Recipient | Reply:
         """Blocking: refuse at RCPT when the declared SIZE is already over the room left."""
         for target in limited:
             try:
-                check = self.quota.check(target.maildir, target.quota_bytes, size)
+                check = snap.quota.check(target.maildir, target.quota_bytes, size)
             except OSError:
                 continue  # decide after DATA
             if not check.fits(size):
                 self.metrics.quota_rejections.labels("rcpt").inc()
                 self.metrics.recipients.labels("over_quota").inc()
-                return self._quota_reply(recipient.path)
+                return self._quota_reply(snap, recipient.path)
         self.metrics.recipients.labels("accepted").inc()
         return recipient
 
-    def _quota_reply(self, path: str) -> Reply:
-        if self.settings.quota_tempfail:
+    def _quota_reply(self, snap: Snapshot, path: str) -> Reply:
+        if snap.settings.quota_tempfail:
             return Reply(452, "4.2.2", f"<{path}> Mailbox is full, try again later")
         return Reply(552, "5.2.2", f"<{path}> Mailbox is full")
 
     # -- DATA ---------------------------------------------------------------------------
 
     def deliver(self, envelope: Envelope, body: Body) -> Deferred[list[Reply]]:
-        """Write the message for every accepted recipient; one reply each, in RCPT order."""
+        """Write the message for every accepted recipient; one reply each, in RCPT order.
+
+        The current snapshot is taken here, once: the disk work uses only it."""
+        snap = self.current
         self.metrics.message_size.observe(body.size)
         started = time.monotonic()
-        d = self.disk.run(self._deliver_then_close, envelope, body)
+        d = self.disk.run(self._deliver_then_close, snap, envelope, body)
 
         def done(replies: list[Reply]) -> list[Reply]:
             self.metrics.duration.labels("write").observe(time.monotonic() - started)
@@ -506,40 +567,40 @@ class DeliveryService:
         self._track(d)
         return d
 
-    def _deliver_then_close(self, envelope: Envelope, body: Body) -> list[Reply]:
+    def _deliver_then_close(self, snap: Snapshot, envelope: Envelope, body: Body) -> list[Reply]:
         """Closing a spool file frees its pages: disk work, so it stays off the reactor."""
         try:
-            return self._deliver_blocking(envelope, body)
+            return self._deliver_blocking(snap, envelope, body)
         finally:
             body.close()
 
-    def _is_junk(self, body: Body) -> bool:
+    def _is_junk(self, snap: Snapshot, body: Body) -> bool:
         """milterd's DMARC verdict says quarantine (see deliver.junk): file into Junk."""
-        if not self.settings.junk_folder:
+        if not snap.settings.junk_folder:
             return False
         if body.spool is None:
             head = body.data[:HEAD_LIMIT]
         else:
             head = os.pread(body.spool.fileno(), HEAD_LIMIT, body.offset)
-        return quarantined(head, self.authserv_id)
+        return quarantined(head, snap.authserv_id)
 
-    def _deliver_blocking(self, envelope: Envelope, body: Body) -> list[Reply]:
-        junk = self._is_junk(body)
+    def _deliver_blocking(self, snap: Snapshot, envelope: Envelope, body: Body) -> list[Reply]:
+        junk = self._is_junk(snap, body)
         if junk:
             self.metrics.junk.inc()
         # Per recipient, per target: None (fine so far) or a (reply, metric result) failure.
         failures: list[list[tuple[Reply, str] | None]] = []
         groups: dict[bytes, list[_Member]] = {}
         for index, recipient in enumerate(envelope.recipients):
-            header = self._header(envelope, recipient)
+            header = self._header(snap, envelope, recipient)
             size = len(header) + body.size
             outcome: list[tuple[Reply, str] | None] = []
             failures.append(outcome)
             key = redelivery_key(envelope, recipient, body.size)
             for target in recipient.targets:
                 try:
-                    directory = self._directory(target, junk)
-                    if key is not None and self.writer.delivered_before(target.maildir, key):
+                    directory = self._directory(snap, target, junk)
+                    if key is not None and snap.writer.delivered_before(target.maildir, key):
                         log.info("{path}: queue ID {ident} already saved in {maildir}: a redelivery "
                                  "after a lost reply, not saved again", path=recipient.path,
                                  ident=envelope.ident, maildir=target.maildir)
@@ -547,10 +608,10 @@ class DeliveryService:
                         outcome.append(None)
                         continue
                     if target.quota_bytes > 0:
-                        check = self.quota.check(target.maildir, target.quota_bytes, size)
+                        check = snap.quota.check(target.maildir, target.quota_bytes, size)
                         if not check.fits(size):
                             self.metrics.quota_rejections.labels("data").inc()
-                            outcome.append((self._quota_reply(recipient.path), "over_quota"))
+                            outcome.append((self._quota_reply(snap, recipient.path), "over_quota"))
                             continue
                 except OSError as exc:
                     log.error("cannot prepare Maildir {maildir}: {error}", maildir=target.maildir,
@@ -562,8 +623,8 @@ class DeliveryService:
         for header, members in groups.items():
             directories = list(dict.fromkeys(m.directory for m in members))
             try:
-                written, errors = self.writer.write(header, body, directories,
-                                                    functools.partial(self._journal, members))
+                written, errors = snap.writer.write(header, body, directories,
+                                                    functools.partial(self._journal, snap, members))
             except (OSError, DeliveryError) as exc:
                 log.error("cannot write message: {error}", error=str(exc))
                 errors = dict.fromkeys(directories, exc)
@@ -584,7 +645,7 @@ class DeliveryService:
                 if member.directory not in recorded:
                     recorded.add(member.directory)
                     try:
-                        self.quota.record(target.maildir, target.quota_bytes, written.size)
+                        snap.quota.record(target.maildir, target.quota_bytes, written.size)
                     except OSError as exc:
                         log.warn("cannot update maildirsize: {error}", error=str(exc))
         replies = []
@@ -607,7 +668,7 @@ class DeliveryService:
             replies.append(reply)
         return replies
 
-    def _journal(self, members: Sequence[_Member], directory: str, name: str) -> None:
+    def _journal(self, snap: Snapshot, members: Sequence[_Member], directory: str, name: str) -> None:
         """Record ``name`` for every member delivering into ``directory`` with a redelivery
         key, before the link makes it visible (MaildirWriter.write calls this): a kill at any
         point leaves a retry either nothing in ``new/`` or the file its line names."""
@@ -615,7 +676,7 @@ class DeliveryService:
             if member.key is None or member.directory != directory:
                 continue
             try:
-                self.writer.record_delivery(member.target.maildir, member.key, directory, name)
+                snap.writer.record_delivery(member.target.maildir, member.key, directory, name)
             except OSError as exc:
                 log.warn("cannot record delivery in {maildir}: {error}",
                          maildir=member.target.maildir, error=str(exc))

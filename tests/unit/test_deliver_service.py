@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -547,3 +548,46 @@ def test_a_large_message_with_the_received_line_is_still_linked_without_a_copy(
     assert stored.endswith(b"; Sun, 22 Nov 2026 02:10:44 +0000\n" + data)
     lines = stored.count(b"\n")
     assert f",S={len(stored)},W={len(stored) + lines}" in new_file.name
+
+
+def test_a_delivery_racing_a_reload_uses_the_snapshot_it_started_with(make: Any, tmp_path: Path) -> None:
+    """Issue 14: a reload between the start of a delivery and its disk work must not change
+    the hostname (file name), Delivered-To mode or folder rules that one delivery uses."""
+    service, _ = make(hostname="vm", delivered_to="always", autocreate_detail_folders=False)
+    envelope = Envelope("client", "s@o.example")
+    recipient = rcpt(service, "alice+Lists@example.org")
+    assert isinstance(recipient, Recipient)
+    envelope.recipients.append(recipient)
+    data = b"Subject: race\n\nbody\n"
+    disk = ManualPool()
+    service.disk = disk  # type: ignore[assignment]
+    started = service.deliver(envelope, Body(len(data), data.count(b"\n"), data=data))
+    old_writer, old_quota = service.writer, service.quota
+
+    new_settings = dataclasses.replace(
+        service.settings, hostname="vm2", delivered_to="never", autocreate_detail_folders=True
+    )
+    service.reload(dataclasses.replace(service.config, deliver=new_settings))
+    assert service.settings.hostname == "vm2"
+    assert service.writer is not old_writer and service.quota is not old_quota
+
+    disk.step()  # the disk work runs only now, after the reload
+    replies: list[Reply] = result_of(started)
+    assert [(r.code, r.enhanced) for r in replies] == [(250, "2.0.0")]
+    files = list((maildir(tmp_path, "alice") / "new").iterdir())
+    assert len(files) == 1  # INBOX: the old snapshot does not autocreate the Lists folder
+    assert not (maildir(tmp_path, "alice") / ".Lists").exists()
+    assert ".vm," in files[0].name  # the old writer's hostname
+    assert files[0].read_bytes().startswith(
+        b"Return-Path: <s@o.example>\nDelivered-To: alice+Lists@example.org\n"
+    )  # the old Delivered-To mode
+
+
+def test_the_writers_of_two_snapshots_share_one_journal_lock(make: Any) -> None:
+    """A delivery finishing on the old writer and one starting on the new must not append
+    to the same redelivery journal at once."""
+    service, _ = make()
+    old = service.current.writer
+    service.reload(service.config)
+    assert service.current.writer is not old
+    assert service.current.writer._journal_lock is old._journal_lock
