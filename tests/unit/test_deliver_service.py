@@ -560,7 +560,7 @@ def test_a_delivery_racing_a_reload_uses_the_snapshot_it_started_with(make: Any,
     envelope.recipients.append(recipient)
     data = b"Subject: race\n\nbody\n"
     disk = ManualPool()
-    service.disk = disk  # type: ignore[assignment]
+    service.disk = disk
     started = service.deliver(envelope, Body(len(data), data.count(b"\n"), data=data))
     old_writer, old_quota = service.writer, service.quota
 
