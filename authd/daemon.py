@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -21,6 +21,7 @@ from authd.verify import Verifier
 from mailplugins.config import Config
 from mailplugins.connections import ConnectionLimit, LimitedFactory
 from mailplugins.daemon import Listener, Runtime, capped_listeners
+from mailplugins.timers import PeriodicService
 
 log = Logger(namespace="authd.daemon")
 #: Seconds between sweeps of stale shared failure counters.
@@ -39,7 +40,27 @@ class RunningAuthd:
     limit: ConnectionLimit
     listeners: list[Listener] = field(default_factory=list)
     limited: list[LimitedFactory] = field(default_factory=list)
-    sweeper: LoopingCall | None = None
+    #: The periodic jobs that run now: a child is added or removed as its setting requires.
+    timers: MultiService = field(default_factory=MultiService)
+    #: Purges stale shared failure counters; a child of ``timers`` while ``penalty_shared``.
+    sweeper: PeriodicService = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sweeper = PeriodicService("sweep", SWEEP_INTERVAL, self.sweep, self.runtime.reactor)
+
+    def start(self) -> None:
+        self.timers.startService()
+        self._set_timers()
+
+    def _set_timers(self) -> None:
+        """Start or stop exactly the timers the current settings need (at build and reload)."""
+        section = self.runtime.config.authd
+        assert section is not None
+        sweeping = self.sweeper.parent is not None
+        if section.penalty_shared and not sweeping:
+            self.sweeper.setServiceParent(self.timers)  # a running parent starts it
+        elif not section.penalty_shared and sweeping:
+            self.sweeper.disownServiceParent()  # and stops it
 
     def reload(self, config: Config) -> None:
         section = config.authd
@@ -54,10 +75,12 @@ class RunningAuthd:
         assert isinstance(resource, VerifyResource)
         resource.failure_delay = section.http_failure_delay
         self.limit.maximum = section.max_connections
+        self.runtime.config = config  # the runner does this too; the timers read it
+        self._set_timers()
 
     def stop(self) -> Deferred[None] | None:
-        if self.sweeper is not None and self.sweeper.running:
-            self.sweeper.stop()
+        if self.timers.running:
+            self.timers.stopService()  # the timers stop at once; a sweep in flight just ends
         return None
 
     def sweep(self) -> Deferred[Any]:
@@ -126,10 +149,7 @@ class AuthdPlugin:
         running = RunningAuthd(
             runtime, verifier, sasl, backend, dict_factory, http, limit, listeners, limited
         )
-        if section.penalty_shared:
-            running.sweeper = LoopingCall(running.sweep)
-            running.sweeper.clock = runtime.reactor
-            running.sweeper.start(SWEEP_INTERVAL, now=False)
+        running.start()
         return running
 
 

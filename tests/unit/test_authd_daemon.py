@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.defer import succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from authd.daemon import DAEMON, RunningAuthd
@@ -105,7 +105,7 @@ def test_shared_counters_are_swept_periodically() -> None:
     try:
         schema.upgrade(db.engine)
         failures.record_failure(db.engine, ["ip:192.0.2.1"], "aa", now=0, window=600)
-        assert running.sweeper is not None and running.sweeper.running
+        assert running.sweeper.running
         db.run = lambda fn, *args: calls.append((fn, *args)) or succeed(fn(*args))  # type: ignore[method-assign, assignment, func-returns-value]
         reactor = running.runtime.reactor
         reactor.advance(SWEEP_INTERVAL + 1)
@@ -113,6 +113,8 @@ def test_shared_counters_are_swept_periodically() -> None:
         assert failures.failure_counts(db.engine, ["ip:192.0.2.1"], now=0, window=10**9) == {}
         running.stop()
         assert not running.sweeper.running
+        reactor.advance(SWEEP_INTERVAL * 3)
+        assert len(calls) == 1
     finally:
         db.close()
 
@@ -120,8 +122,84 @@ def test_shared_counters_are_swept_periodically() -> None:
 def test_no_sweeper_without_sharing() -> None:
     running, db = build(config(penalty_shared=False))
     try:
-        assert running.sweeper is None
+        assert not running.sweeper.running
     finally:
+        db.close()
+
+
+def sweeps(running: RunningAuthd, db: Database) -> list[Any]:
+    """Stub the database pool: each sweep appends its job instead of touching a database."""
+    from authd import failures
+
+    calls: list[Any] = []
+
+    def run(fn: Any, *args: Any) -> Any:
+        assert fn is failures.purge
+        calls.append(args)
+        return succeed(None)
+
+    db.run = run  # type: ignore[method-assign, assignment]
+    return calls
+
+
+def test_reload_switches_the_sweep_on_and_off() -> None:
+    """Issue 14: penalty_shared switched on by SIGHUP starts the sweep, switched off stops it."""
+    from authd.daemon import SWEEP_INTERVAL
+
+    running, db = build(config(penalty_shared=False, penalty_window="10m"))
+    calls = sweeps(running, db)
+    reactor = running.runtime.reactor
+    try:
+        reactor.advance(SWEEP_INTERVAL * 2)
+        assert calls == []
+        running.reload(config(penalty_shared=True, penalty_window="20m"))
+        reactor.advance(SWEEP_INTERVAL)
+        assert len(calls) == 1
+        assert running.sweeper.running
+        assert calls[0][-1] == 1200  # the reloaded penalty_window
+        reactor.advance(SWEEP_INTERVAL)
+        assert len(calls) == 2
+        running.reload(config(penalty_shared=True))  # still on: the same one timer
+        reactor.advance(SWEEP_INTERVAL)
+        assert len(calls) == 3
+        running.reload(config(penalty_shared=False))
+        reactor.advance(SWEEP_INTERVAL * 3)
+        assert len(calls) == 3
+        assert not running.sweeper.running
+        running.reload(config(penalty_shared=True))
+        reactor.advance(SWEEP_INTERVAL)
+        assert len(calls) == 4
+        assert running.stop() is None
+        assert not running.sweeper.running
+        reactor.advance(SWEEP_INTERVAL * 3)
+        assert len(calls) == 4
+    finally:
+        db.close()
+
+
+def test_a_failing_sweep_does_not_stop_the_next() -> None:
+    from authd.daemon import SWEEP_INTERVAL
+
+    running, db = build(config(penalty_shared=True))
+    calls: list[str] = []
+
+    def run(fn: Any, *args: Any) -> Any:
+        calls.append("run")
+        if len(calls) == 1:
+            raise RuntimeError("pool is gone")  # raised, not through a Deferred
+        if len(calls) == 2:
+            return fail(RuntimeError("database down"))
+        return succeed(None)
+
+    db.run = run  # type: ignore[method-assign, assignment]
+    reactor = running.runtime.reactor
+    try:
+        for expected in (1, 2, 3, 4):
+            reactor.advance(SWEEP_INTERVAL)
+            assert len(calls) == expected
+        assert running.sweeper.running
+    finally:
+        running.stop()
         db.close()
 
 
