@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import threading
@@ -98,6 +99,12 @@ class DaemonsApart(ServeProcess):
     def stop(self) -> int | None:
         statuses = [serve.stop() for serve in reversed(self.each.values())]
         return next((status for status in statuses if status), statuses[-1])
+
+
+def demo_password() -> str:
+    """16 letters and digits: token_urlsafe can start with '-', which the printed swaks and
+    IMAP LOGIN lines would take for an option (seen: swaks "Unknown option")."""
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(16))
 
 
 class LocalStack:
@@ -214,7 +221,7 @@ class LocalStack:
         for user in DEMO_USERS:
             address = f"{user}@{DEMO_DOMAIN}"
             if store.get_mailbox(address) is None:
-                password = secrets.token_urlsafe(12)
+                password = demo_password()
                 store.add_mailbox(address, hash_password(password, config.passwords))
                 self.passwords[address] = password
         self.passwords_path.write_text("".join(f"{a} {p}\n" for a, p in self.passwords.items()))

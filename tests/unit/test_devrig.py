@@ -152,3 +152,11 @@ def test_the_mirror_comes_from_either_sources_format(tmp_path: Path) -> None:
     assert apt_mirror("bookworm", tmp_path) == "http://one.example/debian"
     assert apt_mirror("trixie", tmp_path) == "http://two.example/debian"
     assert apt_mirror("forky", tmp_path) is None
+
+
+def test_demo_passwords_never_look_like_an_option() -> None:
+    from devrig.localstack import demo_password
+
+    passwords = {demo_password() for _ in range(500)}
+    assert len(passwords) == 500
+    assert all(len(p) == 16 and p.isalnum() for p in passwords)
