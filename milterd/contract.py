@@ -47,8 +47,9 @@ def message_signer(keys: Sequence[SigningKey], headers: Headers, now: int) -> Me
     return MessageSigner(keys, headers, now=now)
 
 
-def message_verifier(headers: Headers) -> MessageVerifier:
-    return MessageVerifier(headers)
+def message_verifier(headers: Headers, now: int) -> MessageVerifier:
+    """``now`` lets x= (signature expiry) be checked."""
+    return MessageVerifier(headers, now=now)
 
 
 def finish_verifier(verifier: VerifierLike, answers: Mapping[str, object]) -> list[DkimLike]:

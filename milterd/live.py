@@ -147,7 +147,7 @@ class LiveChecks:
     # -- incoming --------------------------------------------------------------------------
 
     def verifier(self, headers: Headers) -> VerifierLike:
-        return contract.message_verifier(headers)
+        return contract.message_verifier(headers, int(self._now()))
 
     def verify(self, verifier: VerifierLike) -> Deferred[list[DkimLike]]:
         names = verifier.key_names()

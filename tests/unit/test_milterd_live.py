@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import re
 from typing import Any
 
 import pytest
@@ -191,6 +193,38 @@ def test_signatures_made_through_live_checks_verify_through_them() -> None:
     altered.feed(body + b"P.S.\r\n")
     assert {r.result for r in result_of(checks.verify(altered))} == {"fail"}
     assert result_of(checks.signer("example.net", headers)) is None
+
+
+def test_expired_signatures_fail_through_live_checks() -> None:
+    """The daemon's verifier knows the time, so x= in the past is a fail (RFC 6376 3.5)."""
+    from milterd.dkim.sign import load_signing_key, sign_data
+    from milterd.dkim.signature import hashed_headers, parse_signature, select_headers, strip_b_value
+
+    keys = OneKeyEach()
+    ed = keys.keys[1]
+    now = 1_800_000_000
+    checks = LiveChecks(milterd_config(), store=make_store(), db_run=sync_run, cpu_run=sync_run,
+                        dns_run=sync_run, clock=Clock(), delimiters="+", key_store=keys,
+                        txt_lookup=lambda name: keys.records.get(name), now=lambda: now)
+    headers = [("From", " alice@example.org"), ("Subject", " hello")]
+    body = b"Hello\r\n"
+
+    def signed(expires: int) -> list[tuple[str, str]]:
+        signer = result_of(checks.signer("example.org", headers))
+        signer.feed(body)
+        ours = next(s for s in result_of(checks.sign(signer)) if "ed25519" in s)
+        times = f"t={expires - 3600}; x={expires};"
+        value, added = re.subn(r"\bt=(\d+);", times, strip_b_value(ours), count=1)
+        assert added == 1, ours
+        sig = parse_signature(value + "AAAA")
+        data = hashed_headers(select_headers(headers, sig.headers), "relaxed", "DKIM-Signature", value)
+        b = base64.b64encode(sign_data(load_signing_key(ed), data)).decode()
+        return [("DKIM-Signature", value + b), *headers]
+
+    for expires, expected in ((now + 60, "pass"), (now - 60, "fail")):
+        verifier = checks.verifier(signed(expires))
+        verifier.feed(body)
+        assert [r.result for r in result_of(checks.verify(verifier))] == [expected]
 
 
 def test_signing_keys_are_reused_for_key_cache_ttl() -> None:
