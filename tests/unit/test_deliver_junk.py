@@ -65,5 +65,5 @@ def test_a_spooled_message_is_read_from_its_file(make: Any, tmp_path: Path) -> N
     spool = (tmp_path / "spool").open("w+b")
     spool.write(b"HEAD" + data)
     body = Body(len(data), 0, spool=spool, offset=4)
-    assert service._is_junk(body)
+    assert service._is_junk(service.current, body)
     body.close()
