@@ -116,6 +116,9 @@ class Envelope:
     timestamp: float = 0.0
     #: The transaction's ID, in the Received: line and the 250 replies (as Dovecot does).
     id: str = field(default_factory=transaction_id)
+    #: The service's snapshot taken when DATA started (new_spool): the spool's Maildir tmp
+    #: file and the delivery then use the same settings, writer and quota.
+    snapshot: Snapshot | None = None
 
 
 def _clean_header_value(text: str) -> str:
@@ -419,8 +422,10 @@ class DeliveryService:
         the envelope's first destination, which then costs no copy (see MaildirWriter.write)."""
         snap = self.current
         destination = None
-        if envelope is not None and envelope.recipients:
-            destination = functools.partial(self._open_destination, snap, envelope)
+        if envelope is not None:
+            envelope.snapshot = snap
+            if envelope.recipients:
+                destination = functools.partial(self._open_destination, snap, envelope)
         return Spool(self.spool_directory, snap.settings.memory_spool_limit, self.disk, destination)
 
     def _open_destination(self, snap: Snapshot, envelope: Envelope) -> tuple[TmpFile, IO[bytes]]:
@@ -541,8 +546,9 @@ class DeliveryService:
     def deliver(self, envelope: Envelope, body: Body) -> Deferred[list[Reply]]:
         """Write the message for every accepted recipient; one reply each, in RCPT order.
 
-        The current snapshot is taken here, once: the disk work uses only it."""
-        snap = self.current
+        The snapshot is the one taken when DATA started (or the current one, for a body that
+        did not come through new_spool), once: the disk work uses only it."""
+        snap = envelope.snapshot or self.current
         self.metrics.message_size.observe(body.size)
         started = time.monotonic()
         d = self.disk.run(self._deliver_then_close, snap, envelope, body)

@@ -591,3 +591,31 @@ def test_the_writers_of_two_snapshots_share_one_journal_lock(make: Any) -> None:
     service.reload(service.config)
     assert service.current.writer is not old
     assert service.current.writer._journal_lock is old._journal_lock
+
+
+def test_a_reload_during_data_leaves_the_message_on_the_snapshot_data_started_with(
+    make: Any, tmp_path: Path
+) -> None:
+    """The snapshot is taken when DATA starts: a large message spooled into the old writer's
+    Maildir tmp/ is delivered with the old settings, not the ones a reload brought mid-DATA."""
+    service, _ = make(hostname="vm", memory_spool_limit=4096, delivered_to="always")
+    envelope = Envelope("client", "s@o.example")
+    recipient = rcpt(service, "alice@example.org")
+    assert isinstance(recipient, Recipient)
+    envelope.recipients.append(recipient)
+    data = b"Subject: big\n\n" + b"x" * 10000 + b"\n"
+    spool = service.new_spool(envelope)
+    spool.add(data[:6000])
+    new_settings = dataclasses.replace(service.settings, hostname="vm2", delivered_to="never")
+    service.reload(dataclasses.replace(service.config, deliver=new_settings))
+    spool.add(data[6000:])
+    body = result_of(spool.finish(len(data), data.count(b"\n")))
+    assert isinstance(body, Body)
+    replies: list[Reply] = result_of(service.deliver(envelope, body))
+    assert [(r.code, r.enhanced) for r in replies] == [(250, "2.0.0")]
+    files = list((maildir(tmp_path, "alice") / "new").iterdir())
+    assert len(files) == 1 and ".vm," in files[0].name
+    assert files[0].read_bytes() == (
+        b"Return-Path: <s@o.example>\nDelivered-To: alice@example.org\n" + data
+    )
+    assert everything_under(maildir(tmp_path, "alice") / "tmp") == []
