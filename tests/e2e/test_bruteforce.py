@@ -88,8 +88,12 @@ def test_hundred_wrong_passwords_then_the_right_one_elsewhere(authd: Daemons) ->
         finally:
             client.close()
 
-    with ThreadPoolExecutor(max_workers=25) as pool:
-        results = [outcome for batch in pool.map(attack, range(25)) for outcome in batch]
+    try:
+        with ThreadPoolExecutor(max_workers=25) as pool:
+            results = [outcome for batch in pool.map(attack, range(25)) for outcome in batch]
+    except OSError as exc:
+        other = [line for line in authd.output().splitlines() if "authentication failed" not in line]
+        raise AssertionError(f"authd closed a connection: {exc}\n" + "\n".join(other[-40:])) from exc
     assert results == ["FAIL"] * 100
 
     client = AuthClient(path)
