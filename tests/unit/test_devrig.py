@@ -65,8 +65,8 @@ def test_align_rewrites_passwd_group_and_file_owners(tmp_path: Path) -> None:
 
 
 def test_bind_paths_drop_what_a_parent_brings() -> None:
-    assert bind_paths(["/tmp/a", "/tmp", "/work/x/", "/work/xy", "/work/x/lua"]) == [
-        "/tmp", "/work/x", "/work/xy"]
+    assert bind_paths(["/tmp/a", "/tmp", "/srv/x/", "/srv/xy", "/srv/x/lua"]) == [
+        "/tmp", "/srv/x", "/srv/xy"]
 
 
 def test_host_release_name_comes_from_os_release(tmp_path: Path) -> None:
