@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from devrig.release import Release
-from mailplugins.generators import (
+from mailplugins.wiring.postfix import (
     DovecotOptions,
     PostfixOptions,
     dovecot_conf_text,

@@ -26,7 +26,11 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from mailplugins import __version__
 from mailplugins.config import Config, ConfigError, config_path, load_config
 from mailplugins.config.fields import parse_size
-from mailplugins.generators import (
+from mailplugins.hashing import hash_password
+from mailplugins.passwd_import import never_logs_in, parse_passwd_line
+from mailplugins.releases import detect_dovecot, detect_postfix, dovecot_release, postfix_release
+from mailplugins.store import SERVICES, AlreadyExists, Store, StoreError
+from mailplugins.wiring.postfix import (
     DEBIAN_CERT,
     DEBIAN_KEY,
     DovecotOptions,
@@ -39,13 +43,9 @@ from mailplugins.generators import (
     render_dovecot,
     render_postfix,
 )
-from mailplugins.hashing import hash_password
-from mailplugins.passwd_import import never_logs_in, parse_passwd_line
-from mailplugins.releases import detect_dovecot, detect_postfix, dovecot_release, postfix_release
-from mailplugins.store import SERVICES, AlreadyExists, Store, StoreError
 
 if TYPE_CHECKING:
-    from mailplugins.doctor import Finding
+    from mailplugins.wiring.doctor import Finding
 
 COMMANDS_GROUP = "mailplugins.commands"
 EXIT_FAILED = 1
@@ -495,7 +495,7 @@ class App:
         from mailplugins import dns
         from mailplugins.dkim_keys import DkimKeys, signing_ids
         from mailplugins.dns_records import check_domain, expected_records
-        from mailplugins.doctor import Finding
+        from mailplugins.wiring.doctor import Finding
 
         servers, timeout = self.dns_servers()
         keys = DkimKeys(self.store.engine)

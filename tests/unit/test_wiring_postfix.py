@@ -1,4 +1,4 @@
-"""The Postfix and Dovecot snippets as pure functions of a Config (mailplugins.generators)."""
+"""The Postfix and Dovecot snippets as pure functions of a Config (mailplugins.wiring.postfix)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from mailplugins.config import Config, parse_config
-from mailplugins.generators import (
+from mailplugins.wiring.postfix import (
     DovecotOptions,
     PostfixOptions,
     dovecot_conf_text,

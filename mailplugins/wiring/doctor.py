@@ -1,7 +1,7 @@
-# -*- test-case-name: tests.unit.test_doctor -*-
+# -*- test-case-name: tests.unit.test_wiring_doctor -*-
 """``mailplugins doctor``: compare the live Postfix and Dovecot settings with the generated ones.
 
-The expectations come from :mod:`mailplugins.generators` (one source of truth); the live values
+The expectations come from :mod:`mailplugins.wiring.postfix` (one source of truth); the live values
 from ``postconf -n`` (over ``postconf -d`` for what is left at its default), ``postconf -M``/``-P``
 for master.cf, and ``doveconf -n``/``doveconf -a``. Parsing and comparing are pure functions of
 that text so they are tested on canned output; :func:`run_postconf` and :func:`run_doveconf` are
@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mailplugins.config import Config
-from mailplugins.generators import DovecotSnippet, PostfixSnippet, Setting, parse_endpoint
 from mailplugins.maildir_path import dovecot24_template, expand_location, split_home
 from mailplugins.store import MailboxRecord
+from mailplugins.wiring.postfix import DovecotSnippet, PostfixSnippet, Setting, parse_endpoint
 
 __all__ = [
     "DovecotLive",

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_generators -*-
+# -*- test-case-name: tests.unit.test_wiring_postfix -*-
 """The Postfix and Dovecot settings that wire the stock servers to the daemons as configured.
 
 Pure functions of a :class:`~mailplugins.config.Config` plus a few operator choices (TLS files,
