@@ -35,13 +35,8 @@ from mailplugins.db import schema
 from mailplugins.db.engine import make_engine
 from mailplugins.hashing import hash_password
 from mailplugins.store import Store
-from mailplugins.wiring.postfix import (
-    DovecotOptions,
-    PostfixOptions,
-    dovecot_conf_text,
-    dovecot_config,
-    postfix_config,
-)
+from mailplugins.wiring.dovecot import DovecotOptions, dovecot_conf_text, dovecot_config
+from mailplugins.wiring.postfix import PostfixOptions, postfix_config
 
 DEMO_DOMAIN = "example.test"
 #: authd's Lua script in the checkout (the root sees the checkout at the same path).

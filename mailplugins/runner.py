@@ -32,7 +32,7 @@ from mailplugins.database import Database
 from mailplugins.db import schema
 from mailplugins.metrics import DaemonMetrics, metrics_site
 from mailplugins.threads import WorkerPool
-from mailplugins.wiring.postfix import parse_endpoint
+from mailplugins.wiring.endpoints import parse_endpoint
 
 log = Logger(namespace="mailplugins.runner")
 

@@ -1,20 +1,19 @@
 """The ``mailplugins`` command; daemons add their subcommands through ``mailplugins.commands``.
 
-What a daemon's command module needs (the ``App`` its handlers get, the error and output
-helpers) is importable from here.
+``app`` holds the state a command gets and the output helpers, ``accounts`` and ``wiring`` the
+command groups, ``main`` the parser and the entry point. What a daemon's command module needs
+(the ``App`` its handlers get, the error and output helpers) is importable from here.
 """
 
-from mailplugins.cli.main import (
+from mailplugins.cli.app import (
     EXIT_FAILED,
     EXIT_USAGE,
-    App,
     CommandError,
-    build_parser,
-    main,
     nameserver_option,
     print_json,
     print_table,
 )
+from mailplugins.cli.main import App, build_parser, main
 
 __all__ = [
     "EXIT_FAILED",

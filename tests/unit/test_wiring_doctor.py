@@ -6,25 +6,17 @@ from typing import Any
 
 import pytest
 
-from mailplugins.wiring.doctor import (
+from mailplugins.wiring.doctor import check_domains, check_dovecot, check_postfix, split_restrictions
+from mailplugins.wiring.dovecot import DovecotOptions, dovecot_config
+from mailplugins.wiring.live import (
     DovecotLive,
     PostfixLive,
-    check_domains,
-    check_dovecot,
-    check_postfix,
     parse_doveconf,
     parse_postconf,
     parse_postconf_master,
     parse_postconf_params,
-    split_restrictions,
 )
-from mailplugins.wiring.postfix import (
-    DovecotOptions,
-    PostfixOptions,
-    PostfixSnippet,
-    dovecot_config,
-    postfix_config,
-)
+from mailplugins.wiring.postfix import PostfixOptions, PostfixSnippet, postfix_config
 from tests.unit.test_wiring_postfix import make_config
 
 POSTCONF_D = """\
@@ -337,7 +329,7 @@ def test_dovecot_files_compared_without_comments_and_spacing() -> None:
 def test_probe_daemons(tmp_path: Any) -> None:
     import socket
 
-    from mailplugins.wiring.doctor import probe_daemons
+    from mailplugins.wiring.probe import probe_daemons
 
     listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listening.bind(str(tmp_path / "policy.sock"))
