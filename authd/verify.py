@@ -41,8 +41,8 @@ import hmac
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -52,15 +52,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from authd import failures
+from authd.caches import Loaded, RecordCache, SuccessCache
+from authd.logins import Verdict, VerifyRequest, bad_username, printable, split_login
 from authd.metrics import AuthdMetrics
 from authd.sasl_codec import Outcome
+from authd.throttle import Throttle, network_key
 from mailplugins.addresses import AddressError, parse_address
-from mailplugins.clients import client_in, client_ip, client_network
+from mailplugins.clients import client_in
 from mailplugins.config import AuthdConfig, PasswordConfig
 from mailplugins.hashing import HashError, check_password, split_scheme, verify_password
 from mailplugins.store import AppPasswordRecord, MailboxRecord, Store, utcnow
 from mailplugins.threads import RunInPool
-from mailplugins.ttlcache import TTLCache
 
 log = Logger(namespace="authd.verify")
 
@@ -80,204 +82,6 @@ SHARED_RETRY = 10.0
 
 #: Longest password checked: passlib refuses more, and no real password comes near it.
 MAX_PASSWORD_BYTES = 4096
-
-
-@dataclass(frozen=True)
-class VerifyRequest:
-    user: str
-    password: str = field(repr=False)
-    service: str
-    remote_ip: str | None
-    #: Label for metrics only: ``plain``, ``login`` or ``http``.
-    mechanism: str
-    secured: bool = False
-    #: The mailbox to log in as (PLAIN's authzid); set and different from ``user`` it makes
-    #: ``user`` a master user's login.
-    authzid: str = ""
-
-
-@dataclass(frozen=True)
-class Login:
-    """Who logs in (``target``) and, for a master-user login, with whose credentials."""
-
-    target: str
-    master: str | None = None
-
-
-def split_login(request: VerifyRequest, separator: str) -> Login:
-    """Dovecot's rules: an authzid other than the login names the target and makes the login a
-    master user; else ``target<separator>master`` (the first separator) does the same."""
-    if request.authzid and request.authzid.casefold() != request.user.casefold():
-        # (Logins are case-insensitive: Alice logging in as alice is no master login.)
-        return Login(request.authzid, request.user)
-    if separator and separator in request.user:
-        target, _, master = request.user.partition(separator)
-        if master and master.casefold() != target.casefold():
-            return Login(target, master)
-        return Login(target)
-    return Login(request.user)
-
-
-def bad_username(login: str, allowed: str) -> str | None:
-    """Why Dovecot (``auth_username_chars``) would refuse ``login``, or None.
-
-    An empty ``allowed`` allows everything, as in Dovecot; non-ASCII characters (EAI logins) are
-    then allowed too, else refused like any other character outside the set.
-    """
-    if not login:
-        return "empty login"
-    if not allowed:
-        return None
-    for char in login:
-        if char not in allowed:
-            shown = f"0x{ord(char):02x}" if ord(char) < 0x80 else f"U+{ord(char):04X}"
-            return f"login character {shown} not allowed by username_chars"
-    return None
-
-
-@dataclass(frozen=True)
-class Verdict:
-    outcome: Outcome
-    #: The canonical login (stored address) when the outcome is OK.
-    user: str | None = None
-    #: Why it failed, for the operator's log only (clients never see it).
-    reason: str = ""
-
-
-def _printable(text: str, limit: int = 128) -> str:
-    """A client-supplied string made safe for one log line (no control characters)."""
-    cut = text[:limit]
-    return "".join(c if c.isprintable() else "?" for c in cut) + ("..." if len(text) > limit else "")
-
-
-# -- brute-force counters ----------------------------------------------------------------------
-
-
-@dataclass
-class _Counter:
-    failures: int
-    fingerprint: bytes
-
-
-class Throttle:
-    """Failure counters per key (client network or login), with bounded memory.
-
-    Pure: ``now`` is passed in. A counter lasts ``window`` seconds after its last failure; the
-    keys failed longest ago are forgotten first when the table is full.
-    """
-
-    def __init__(
-        self,
-        *,
-        threshold: int,
-        initial: float,
-        maximum: float,
-        window: float,
-        size: int,
-    ) -> None:
-        self.threshold = threshold
-        self.initial = initial
-        self.maximum = maximum
-        self.window = window
-        self.size = size
-        self._table: TTLCache[str, _Counter] = TTLCache(size)
-
-    def _get(self, key: str, now: float) -> _Counter | None:
-        return self._table.get(key, now)
-
-    def penalty(
-        self, keys: list[str], now: float, shared: Mapping[str, int] | None = None
-    ) -> float:
-        """Seconds to hold the next request for any of ``keys``; ``shared`` adds the counts
-        other hosts recorded (the larger of the two counts applies)."""
-        worst = 0.0
-        for key in keys:
-            counter = self._get(key, now)
-            failures = max(counter.failures if counter else 0, (shared or {}).get(key, 0))
-            if failures < self.threshold:
-                continue
-            steps = min(failures - self.threshold, 32)
-            worst = max(worst, min(self.maximum, self.initial * 2**steps))
-        return worst
-
-    def failure(self, keys: list[str], fingerprint: bytes, now: float) -> None:
-        for key in keys:
-            counter = self._get(key, now)
-            if counter is None:
-                counter = _Counter(1, fingerprint)
-            elif not hmac.compare_digest(counter.fingerprint, fingerprint):
-                counter.failures += 1
-            counter.fingerprint = fingerprint
-            self._table.put(key, counter, expires=now + self.window)
-
-    def success(self, key: str) -> None:
-        self._table.discard(key)
-
-    def __len__(self) -> int:
-        return len(self._table)
-
-
-def network_key(remote_ip: str | None, ipv6_prefix: int) -> str | None:
-    """The counter key of a client: its IPv4 address, or its IPv6 network."""
-    address = client_ip(remote_ip) if remote_ip else None
-    if address is None or remote_ip is None:
-        return None
-    if address.version == 6:
-        return f"ip:{client_network(remote_ip, 32, ipv6_prefix)}"
-    return f"ip:{address}"
-
-
-# -- success cache ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _CacheEntry:
-    #: None when the main password matched, else the app password's id.
-    app_password_id: int | None
-
-
-class SuccessCache:
-    """Remembers good (mailbox, password version, password) triples as HMACs, never passwords."""
-
-    def __init__(self, ttl: float, size: int, secret: bytes | None = None) -> None:
-        self._secret = secret or os.urandom(32)
-        self._entries: TTLCache[bytes, _CacheEntry] = TTLCache(size, ttl)
-
-    @property
-    def ttl(self) -> float:
-        return self._entries.ttl
-
-    @property
-    def size(self) -> int:
-        return self._entries.size
-
-    def key(self, mailbox: MailboxRecord, password: str) -> bytes:
-        message = f"{mailbox.id}|{mailbox.password_version}|".encode() + password.encode("utf-8")
-        return hmac.new(self._secret, message, hashlib.sha256).digest()
-
-    def get(self, key: bytes, now: float) -> _CacheEntry | None:
-        return self._entries.get(key, now)
-
-    def put(self, key: bytes, app_password_id: int | None, now: float) -> None:
-        self._entries.put(key, _CacheEntry(app_password_id), now)
-
-    def discard(self, key: bytes) -> None:
-        self._entries.discard(key)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-Loaded = tuple[MailboxRecord | None, list[AppPasswordRecord]]
-
-
-class RecordCache(TTLCache[str, Loaded]):
-    """Mailbox records (and their app passwords) for a few seconds, so a burst of logins costs
-    one database read; ``ttl`` bounds how long a password change or a disable takes to apply.
-    ``replace`` keeps an entry's expiry (e.g. after recording a login)."""
-
-    def __init__(self, ttl: float, size: int) -> None:
-        super().__init__(size, ttl)
 
 
 _thread_state = threading.local()
@@ -306,8 +110,6 @@ class _Match:
     app_password_id: int | None
     new_hash: str | None = None
     scheme: str = ""
-
-
 
 
 class Verifier:
@@ -447,8 +249,8 @@ class Verifier:
             log.info(
                 "authentication failed: user={user} rip={rip} service={service} "
                 "mechanism={mechanism}: {reason}",
-                user=_printable(request.user), rip=_printable(request.remote_ip or ""),
-                service=_printable(request.service), mechanism=request.mechanism,
+                user=printable(request.user), rip=printable(request.remote_ip or ""),
+                service=printable(request.service), mechanism=request.mechanism,
                 reason=verdict.reason,
             )
             if keys:
@@ -605,7 +407,7 @@ class Verifier:
     ) -> Generator[Deferred[Any], Any, Verdict]:
         """``master`` logs in as ``target`` with its own (main) password."""
         if request.service == "smtp" and not self.config.master_user_smtp:
-            return Verdict(Outcome.FAIL, reason=f"master user login as {_printable(target)} "
+            return Verdict(Outcome.FAIL, reason=f"master user login as {printable(target)} "
                                                 "refused on SMTP (master_user_smtp is off)")
         found: tuple[str, Loaded] | Verdict = yield self._lookup(master)
         if isinstance(found, Verdict):
@@ -615,7 +417,7 @@ class Verifier:
             return Verdict(Outcome.UNKNOWN, reason="unknown master user")
         if not master_box.master:
             return Verdict(Outcome.FAIL, reason=f"{master_box.address} is not a master user "
-                                                f"(tried to log in as {_printable(target)})")
+                                                f"(tried to log in as {printable(target)})")
         # App passwords are a mailbox's own: only the master's main password opens other ones.
         checked: Verdict | None = yield self._check_password(request, key, master_box, [])
         if checked is not None:
@@ -626,7 +428,7 @@ class Verifier:
         _key, (mailbox, _target_apps) = target_found
         if mailbox is None:
             return Verdict(Outcome.UNKNOWN, reason=f"master user {master_box.address}: "
-                                                   f"no mailbox {_printable(target)}")
+                                                   f"no mailbox {printable(target)}")
         if not mailbox.enabled:
             return Verdict(Outcome.DISABLED, reason=f"master user {master_box.address}: "
                                                     f"{mailbox.address} is disabled")
@@ -636,7 +438,7 @@ class Verifier:
         log.info(
             "master user {master} logged in as {user}: rip={rip} service={service}",
             master=master_box.address, user=mailbox.address,
-            rip=_printable(request.remote_ip or ""), service=_printable(request.service),
+            rip=printable(request.remote_ip or ""), service=printable(request.service),
         )
         self.metrics.master_logins.inc()
         return Verdict(Outcome.OK, mailbox.address)
