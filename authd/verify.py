@@ -112,6 +112,18 @@ class _Match:
     scheme: str = ""
 
 
+@dataclass(frozen=True)
+class VerifierState:
+    """Everything a reload replaces, swapped as one reference; a verification reads it once at
+    its start and finishes on it, whatever reloads happen while it waits."""
+
+    config: AuthdConfig
+    passwords: PasswordConfig
+    cache: SuccessCache
+    records: RecordCache
+    throttle: Throttle
+
+
 class Verifier:
     """Turns a :class:`VerifyRequest` into a :class:`Verdict`; the Deferred never fails."""
 
@@ -136,13 +148,12 @@ class Verifier:
         self._cpu_run = cpu_run
         self.metrics = metrics
         self.wallclock = wallclock
-        self.config = config
-        self.passwords = passwords
         #: The injected cache key (tests); kept so a reload's new cache uses it too.
         self._cache_secret = secret
-        self.cache = SuccessCache(config.cache_ttl, config.cache_size, secret)
-        self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
-        self.throttle = self._new_throttle(config)
+        self.state = VerifierState(
+            config, passwords, SuccessCache(config.cache_ttl, config.cache_size, secret),
+            RecordCache(config.lookup_cache_ttl, config.cache_size), self._new_throttle(config),
+        )
         self._fingerprint_key = secret or os.urandom(32)
         self.shared_counts = failures.CountCache(SHARED_COUNT_TTL, config.penalty_table_size)
         self._shared_unavailable_until = 0.0
@@ -157,32 +168,44 @@ class Verifier:
             size=config.penalty_table_size,
         )
 
+    @property
+    def config(self) -> AuthdConfig:
+        return self.state.config
+
+    @property
+    def cache(self) -> SuccessCache:
+        return self.state.cache
+
     def reload(self, config: AuthdConfig, passwords: PasswordConfig) -> None:
-        """New settings; counters and cached successes stay unless their sizing changed."""
-        if (config.cache_ttl, config.cache_size) != (self.config.cache_ttl, self.config.cache_size):
-            self.cache = SuccessCache(config.cache_ttl, config.cache_size, self._cache_secret)
-        self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
+        """New settings as one new state; counters and cached successes stay unless their
+        sizing changed; cached records are dropped (they may hold what the reload is about)."""
+        old = self.state
+        cache = old.cache
+        if (config.cache_ttl, config.cache_size) != (old.config.cache_ttl, old.config.cache_size):
+            cache = SuccessCache(config.cache_ttl, config.cache_size, self._cache_secret)
+        throttle = old.throttle
         if (
             config.penalty_threshold, config.penalty_initial, config.penalty_max,
             config.penalty_window, config.penalty_table_size,
         ) != (
-            self.config.penalty_threshold, self.config.penalty_initial, self.config.penalty_max,
-            self.config.penalty_window, self.config.penalty_table_size,
+            old.config.penalty_threshold, old.config.penalty_initial, old.config.penalty_max,
+            old.config.penalty_window, old.config.penalty_table_size,
         ):
-            self.throttle = self._new_throttle(config)
-        self.config = config
-        self.passwords = passwords
+            throttle = self._new_throttle(config)
+        records = RecordCache(config.lookup_cache_ttl, config.cache_size)
+        self.state = VerifierState(config, passwords, cache, records, throttle)
 
     def trusted(self, remote_ip: str | None) -> bool:
-        return client_in(remote_ip, self.config.trusted_networks)
+        return client_in(remote_ip, self.state.config.trusted_networks)
 
     def verify(
         self, request: VerifyRequest, failure_delay: float | None = None
     ) -> Deferred[Verdict]:
         """Answer within ``request_timeout``: a verdict, or TEMPFAIL if the backend is too slow."""
+        state = self.state
         start = self.clock.seconds()
-        deadline = start + self.config.request_timeout
-        delay = self.config.failure_delay if failure_delay is None else failure_delay
+        deadline = start + state.config.request_timeout
+        delay = state.config.failure_delay if failure_delay is None else failure_delay
         result: Deferred[Verdict] = Deferred()
         delayed = [0.0]
 
@@ -208,8 +231,8 @@ class Verifier:
             log.failure("verification failed unexpectedly", failure)
             answer(Verdict(Outcome.TEMPFAIL))
 
-        timer = self.clock.callLater(self.config.request_timeout, too_slow)
-        work = self._verify(request, deadline, delay, delayed)
+        timer = self.clock.callLater(state.config.request_timeout, too_slow)
+        work = self._verify(request, state, deadline, delay, delayed)
         work.addCallbacks(answer, failed)
         return result
 
@@ -226,25 +249,26 @@ class Verifier:
 
     @inlineCallbacks
     def _verify(
-        self, request: VerifyRequest, deadline: float, failure_delay: float, delayed: list[float]
+        self, request: VerifyRequest, state: VerifierState, deadline: float, failure_delay: float,
+        delayed: list[float],
     ) -> Generator[Deferred[Any], Any, Verdict]:
-        trusted = self.trusted(request.remote_ip)
+        trusted = client_in(request.remote_ip, state.config.trusted_networks)
         keys: list[str] = []
         shared: dict[str, int] = {}
         if not trusted:
-            ip_key = network_key(request.remote_ip, self.config.penalty_ipv6_prefix)
+            ip_key = network_key(request.remote_ip, state.config.penalty_ipv6_prefix)
             if ip_key:
                 keys.append(ip_key)
             keys.append("user:" + request.user.casefold())
-            if self.config.penalty_shared:
-                shared = yield self._shared_counts(keys)
-            penalty = self.throttle.penalty(keys, self.clock.seconds(), shared)
+            if state.config.penalty_shared:
+                shared = yield self._shared_counts(keys, state)
+            penalty = state.throttle.penalty(keys, self.clock.seconds(), shared)
             if penalty > 0:
                 self.metrics.penalties.inc()
                 self.metrics.penalty_seconds.inc(penalty)
                 yield self._sleep(penalty, deadline, delayed)
         decided_from = self.clock.seconds()
-        verdict: Verdict = yield self._decide(request)
+        verdict: Verdict = yield self._decide(request, state)
         if verdict.outcome in (Outcome.FAIL, Outcome.UNKNOWN, Outcome.DISABLED):
             log.info(
                 "authentication failed: user={user} rip={rip} service={service} "
@@ -255,29 +279,29 @@ class Verifier:
             )
             if keys:
                 fingerprint = self._fingerprint(request)
-                self.throttle.failure(keys, fingerprint, self.clock.seconds())
-                if self.config.penalty_shared:
-                    self._share_failure(keys, fingerprint)
+                state.throttle.failure(keys, fingerprint, self.clock.seconds())
+                if state.config.penalty_shared:
+                    self._share_failure(keys, fingerprint, state)
                 # Every failure is answered failure_delay after it was looked at, whether a hash
                 # was computed or not, so the timing tells nothing about which logins exist.
                 # Trusted clients (webmail...) get the answer at once.
                 remaining = decided_from + failure_delay - self.clock.seconds()
                 yield self._sleep(remaining, deadline, delayed)
         elif verdict.outcome is Outcome.OK and keys:
-            self.throttle.success(keys[-1])
+            state.throttle.success(keys[-1])
             if shared.get(keys[-1]):  # the login had failures on record: forgive them
                 self.shared_counts.forget(keys[-1])
                 self._background(self._db_run(failures.clear, self.store.engine, keys[-1]), "clear")
         return verdict
 
-    def _shared_counts(self, keys: list[str]) -> Deferred[dict[str, int]]:
+    def _shared_counts(self, keys: list[str], state: VerifierState) -> Deferred[dict[str, int]]:
         """Other hosts' failure counts for ``keys``, through a short cache; on a slow or failed
         database read the local counters decide alone (never a delayed login)."""
         now = self.clock.seconds()
         missing = self.shared_counts.missing(keys, now)
         if not missing or now < self._shared_unavailable_until:
             return succeed(self.shared_counts.counts(keys, now))
-        window = int(self.config.penalty_window)
+        window = int(state.config.penalty_window)
         read: Deferred[dict[str, int]] = self._db_run(
             failures.failure_counts, self.store.engine, missing, int(now), window
         )
@@ -295,12 +319,12 @@ class Verifier:
 
         return read.addCallbacks(got, failed)
 
-    def _share_failure(self, keys: list[str], fingerprint: bytes) -> None:
+    def _share_failure(self, keys: list[str], fingerprint: bytes, state: VerifierState) -> None:
         now = self.clock.seconds()
         self.shared_counts.bump(keys, now)
         self._background(
             self._db_run(failures.record_failure, self.store.engine, keys, fingerprint.hex(),
-                         int(now), int(self.config.penalty_window)),
+                         int(now), int(state.config.penalty_window)),
             "record",
         )
 
@@ -321,7 +345,9 @@ class Verifier:
         return mailbox, self.store.app_passwords_for(mailbox.id)
 
     @inlineCallbacks
-    def _lookup(self, login: str) -> Generator[Deferred[Any], Any, tuple[str, Loaded] | Verdict]:
+    def _lookup(
+        self, login: str, state: VerifierState
+    ) -> Generator[Deferred[Any], Any, tuple[str, Loaded] | Verdict]:
         """The mailbox of ``login`` (through the record cache), or the Verdict that ends here."""
         try:
             address = parse_address(login)
@@ -329,7 +355,7 @@ class Verifier:
             return Verdict(Outcome.UNKNOWN, reason="not an address")
         if address.routing:
             return Verdict(Outcome.UNKNOWN, reason="routing address")
-        loaded = self.records.get(address.key, self.clock.seconds())
+        loaded = state.records.get(address.key, self.clock.seconds())
         if loaded is None:
             try:
                 lookup: Deferred[Loaded] = self._db_run(self._load, str(address))
@@ -340,14 +366,16 @@ class Verifier:
                 log.error("database lookup failed: {error}", error=type(exc).__name__)
                 return Verdict(Outcome.TEMPFAIL)
             assert loaded is not None
-            self.records.put(address.key, loaded, self.clock.seconds())
+            state.records.put(address.key, loaded, self.clock.seconds())
         return address.key, loaded
 
     @inlineCallbacks
-    def _decide(self, request: VerifyRequest) -> Generator[Deferred[Any], Any, Verdict]:
-        login = split_login(request, self.config.master_user_separator)
+    def _decide(
+        self, request: VerifyRequest, state: VerifierState
+    ) -> Generator[Deferred[Any], Any, Verdict]:
+        login = split_login(request, state.config.master_user_separator)
         for name in (login.target, login.master):
-            why = None if name is None else bad_username(name, self.config.username_chars)
+            why = None if name is None else bad_username(name, state.config.username_chars)
             if why:
                 return Verdict(Outcome.UNKNOWN, reason=why)
         if not request.password:
@@ -357,9 +385,11 @@ class Verifier:
                 Outcome.FAIL, reason=f"password longer than {MAX_PASSWORD_BYTES} bytes (not checked)"
             )
         if login.master is not None:
-            verdict: Verdict = yield self._decide_master(request, login.target, login.master)
+            verdict: Verdict = yield self._decide_master(
+                request, login.target, login.master, state
+            )
             return verdict
-        found: tuple[str, Loaded] | Verdict = yield self._lookup(login.target)
+        found: tuple[str, Loaded] | Verdict = yield self._lookup(login.target, state)
         if isinstance(found, Verdict):
             return found
         key, (mailbox, apps) = found
@@ -367,7 +397,7 @@ class Verifier:
             return Verdict(Outcome.UNKNOWN, reason="unknown user")
         if not mailbox.allows(request.service):
             return Verdict(Outcome.FAIL, reason="service not allowed for this mailbox")
-        checked: Verdict | None = yield self._check_password(request, key, mailbox, apps)
+        checked: Verdict | None = yield self._check_password(request, key, mailbox, apps, state)
         if checked is not None:
             return checked
         return Verdict(Outcome.OK, mailbox.address)
@@ -375,41 +405,42 @@ class Verifier:
     @inlineCallbacks
     def _check_password(
         self, request: VerifyRequest, key: str, mailbox: MailboxRecord,
-        apps: list[AppPasswordRecord],
+        apps: list[AppPasswordRecord], state: VerifierState,
     ) -> Generator[Deferred[Any], Any, Verdict | None]:
         """None when ``request.password`` opens ``mailbox`` (enabled), else the Verdict."""
         now = self.clock.seconds()
-        cache_key = self.cache.key(mailbox, request.password)
-        entry = self.cache.get(cache_key, now)
+        cache_key = state.cache.key(mailbox, request.password)
+        entry = state.cache.get(cache_key, now)
         if entry is not None and self._still_valid(entry.app_password_id, apps, request.service):
             self.metrics.cache.labels("hit").inc()
             match: _Match | None = _Match(entry.app_password_id)
         else:
             self.metrics.cache.labels("miss").inc()
             try:
-                match = yield self._cpu_run(self._hash_work, request, mailbox, apps)
+                match = yield self._cpu_run(self._hash_work, request, mailbox, apps,
+                                           state.config.hash_niceness, state.passwords)
             except Exception as exc:
                 log.error("password check failed: {error}", error=type(exc).__name__)
                 return Verdict(Outcome.TEMPFAIL)
         if match is None:
-            self.cache.discard(cache_key)
+            state.cache.discard(cache_key)
             return Verdict(Outcome.FAIL, reason="wrong password")
         if not mailbox.enabled:
             return Verdict(Outcome.DISABLED, reason="mailbox disabled")
         if entry is None:
-            self.cache.put(cache_key, match.app_password_id, now)
-        self._after_success(mailbox, match, key, apps)
+            state.cache.put(cache_key, match.app_password_id, now)
+        self._after_success(mailbox, match, key, apps, state)
         return None
 
     @inlineCallbacks
     def _decide_master(
-        self, request: VerifyRequest, target: str, master: str
+        self, request: VerifyRequest, target: str, master: str, state: VerifierState
     ) -> Generator[Deferred[Any], Any, Verdict]:
         """``master`` logs in as ``target`` with its own (main) password."""
-        if request.service == "smtp" and not self.config.master_user_smtp:
+        if request.service == "smtp" and not state.config.master_user_smtp:
             return Verdict(Outcome.FAIL, reason=f"master user login as {printable(target)} "
                                                 "refused on SMTP (master_user_smtp is off)")
-        found: tuple[str, Loaded] | Verdict = yield self._lookup(master)
+        found: tuple[str, Loaded] | Verdict = yield self._lookup(master, state)
         if isinstance(found, Verdict):
             return found
         key, (master_box, _apps) = found
@@ -419,10 +450,10 @@ class Verifier:
             return Verdict(Outcome.FAIL, reason=f"{master_box.address} is not a master user "
                                                 f"(tried to log in as {printable(target)})")
         # App passwords are a mailbox's own: only the master's main password opens other ones.
-        checked: Verdict | None = yield self._check_password(request, key, master_box, [])
+        checked: Verdict | None = yield self._check_password(request, key, master_box, [], state)
         if checked is not None:
             return checked
-        target_found: tuple[str, Loaded] | Verdict = yield self._lookup(target)
+        target_found: tuple[str, Loaded] | Verdict = yield self._lookup(target, state)
         if isinstance(target_found, Verdict):
             return target_found
         _key, (mailbox, _target_apps) = target_found
@@ -465,14 +496,16 @@ class Verifier:
         return ok, scheme
 
     def _hash_work(
-        self, request: VerifyRequest, mailbox: MailboxRecord, apps: list[AppPasswordRecord]
+        self, request: VerifyRequest, mailbox: MailboxRecord, apps: list[AppPasswordRecord],
+        niceness: int, passwords: PasswordConfig,
     ) -> _Match | None:
-        """In the CPU pool: the main password first, then each app password for this service."""
-        _lower_thread_priority(self.config.hash_niceness)
+        """In the CPU pool: the main password first, then each app password for this service
+        (the settings come as arguments: a reload never changes them under a running hash)."""
+        _lower_thread_priority(niceness)
         try:
             scheme = split_scheme(mailbox.password)[0]
             started = time.perf_counter()
-            verification = verify_password(request.password, mailbox.password, self.passwords)
+            verification = verify_password(request.password, mailbox.password, passwords)
             self.metrics.verify_duration.labels(scheme).observe(time.perf_counter() - started)
             if verification.ok:
                 return _Match(None, verification.new_hash, verification.scheme)
@@ -484,7 +517,8 @@ class Verifier:
         return None
 
     def _after_success(
-        self, mailbox: MailboxRecord, match: _Match, key: str, apps: list[AppPasswordRecord]
+        self, mailbox: MailboxRecord, match: _Match, key: str, apps: list[AppPasswordRecord],
+        state: VerifierState,
     ) -> None:
         """Bookkeeping after the answer: last login, app password use, rehash; errors logged."""
         now = self.wallclock()
@@ -496,7 +530,7 @@ class Verifier:
             return
         if record_login:
             # The cached record must not ask for the same write again at the next login.
-            self.records.replace(key, (dataclasses.replace(mailbox, last_login_at=now), apps))
+            state.records.replace(key, (dataclasses.replace(mailbox, last_login_at=now), apps))
 
         def work() -> bool:
             if record_login:
