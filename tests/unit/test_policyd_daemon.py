@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from mailplugins.config import Config, parse_config
@@ -144,7 +145,12 @@ def test_a_purge_built_at_start_runs_and_follows_reloads() -> None:
         stateful = running.service.stateful
         assert stateful is not None
         seen: list[Any] = []
-        stateful.purge_now = lambda checks=None: seen.append(checks)  # type: ignore[method-assign]
+
+        def purge_now(checks: Any = None) -> Deferred[Any]:
+            seen.append(checks)
+            return succeed(None)
+
+        stateful.purge_now = purge_now  # type: ignore[method-assign]
         running.reload(config(greylist={**GREYLIST, "purge_interval": "2m"}, cache_ttl="5s"))
         reactor = running.runtime.reactor
         reactor.advance(120)
