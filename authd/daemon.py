@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 from twisted.application.service import MultiService
@@ -18,10 +19,10 @@ from authd.http import VerifyResource, VerifySite
 from authd.metrics import AuthdMetrics
 from authd.sasl import AuthClientFactory
 from authd.verify import Verifier
-from mailplugins.config import Config
+from mailplugins.config import AuthdConfig, Config
 from mailplugins.connections import ConnectionLimit, LimitedFactory
 from mailplugins.daemon import Listener, Runtime, capped_listeners
-from mailplugins.timers import PeriodicService
+from mailplugins.timers import Periodic, Timers
 
 log = Logger(namespace="authd.daemon")
 #: Seconds between sweeps of stale shared failure counters.
@@ -40,29 +41,36 @@ class RunningAuthd:
     limit: ConnectionLimit
     listeners: list[Listener] = field(default_factory=list)
     limited: list[LimitedFactory] = field(default_factory=list)
-    #: The periodic jobs that run now: a child is added or removed as its setting requires.
-    timers: MultiService = field(default_factory=MultiService)
-    #: Purges stale shared failure counters; a child of ``timers`` while ``penalty_shared``.
-    sweeper: PeriodicService = field(init=False)
+    #: Started at build, stopped by :meth:`stop`; its child ``timers`` holds the periodic jobs.
+    services: MultiService = field(default_factory=MultiService)
+    #: The periodic jobs the settings want: the shared-failure sweep while ``penalty_shared``.
+    timers: Timers = field(init=False)
 
     def __post_init__(self) -> None:
-        self.sweeper = PeriodicService("sweep", SWEEP_INTERVAL, self.sweep, self.runtime.reactor)
+        self.timers = Timers(self.runtime.reactor)
+        self.timers.setName("timers")
+        self.timers.setServiceParent(self.services)
+
+    @property
+    def sweeping(self) -> bool:
+        return bool(self.services.running) and "sweep" in self.timers.names()
 
     def start(self) -> None:
-        self.timers.startService()
+        self.services.startService()
         self._set_timers()
 
     def _set_timers(self) -> None:
         """Start or stop exactly the timers the current settings need (at build and reload)."""
         section = self.runtime.config.authd
         assert section is not None
-        sweeping = self.sweeper.parent is not None
-        if section.penalty_shared and not sweeping:
-            self.sweeper.setServiceParent(self.timers)  # a running parent starts it
-        elif not section.penalty_shared and sweeping:
-            self.sweeper.disownServiceParent()  # and stops it
+        jobs = [Periodic("sweep", SWEEP_INTERVAL, partial(self.sweep, section))] \
+            if section.penalty_shared else []
+        self.timers.want(jobs)
 
     def reload(self, config: Config) -> None:
+        """The verifier swaps its whole state (settings, caches, throttle) in one step, and a
+        verification finishes on the state it started with; each front end takes its new
+        settings in one assignment, read per connection or per request."""
         section = config.authd
         assert section is not None
         self.verifier.reload(section, config.passwords)
@@ -79,13 +87,13 @@ class RunningAuthd:
         self._set_timers()
 
     def stop(self) -> Deferred[None] | None:
-        if self.timers.running:
-            self.timers.stopService()  # the timers stop at once; a sweep in flight just ends
+        if self.services.running:
+            self.services.stopService()  # the timers stop at once; a sweep in flight just ends
         return None
 
-    def sweep(self) -> Deferred[Any]:
+    def sweep(self, section: AuthdConfig | None = None) -> Deferred[Any]:
         """Drop shared failure counters that no longer count (in the database pool)."""
-        section = self.runtime.config.authd
+        section = section or self.runtime.config.authd
         assert section is not None
         engine = self.runtime.db.engine
         now = int(self.runtime.reactor.seconds())

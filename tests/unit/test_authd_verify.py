@@ -328,3 +328,40 @@ def test_reload_keeps_the_injected_cache_secret() -> None:
     verifier.reload(bigger, rig.passwords)
     assert len(verifier.cache) == 0 and verifier.cache.size == bigger.cache_size
     assert verifier.cache.key(mailbox, "s3cret") == expected
+
+
+def test_a_verification_racing_a_reload_finishes_on_the_state_it_started_with() -> None:
+    """penalty_shared is switched on while a failing login waits for its mailbox: that login is
+    not shared (its state had sharing off); the next one, on the new state, is."""
+    from authd import failures
+
+    rig = Rig(penalty_shared=False)
+    pending: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+    ran: list[Any] = []
+
+    def gated(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if getattr(fn, "__name__", "") == "_load":
+            d: Deferred[Any] = Deferred()
+            pending.append((fn, args, d))
+            return d
+        ran.append(fn)
+        return sync_run(fn, *args)
+
+    rig.verifier._db_run = gated
+    results: list[Verdict] = []
+    rig.verifier.verify(VerifyRequest("alice@example.org", "wrong1", "imap", "192.0.2.1", "plain")
+                        ).addCallback(results.append)
+    assert len(pending) == 1
+    rig.verifier.reload(make_config(penalty_shared=True).authd, rig.passwords)
+    fn, args, d = pending.pop()
+    d.callback(fn(*args))
+    rig.clock.advance(5)
+    assert results and results[0].outcome is Outcome.FAIL
+    assert failures.record_failure not in ran
+
+    rig.verifier.verify(VerifyRequest("alice@example.org", "wrong2", "imap", "192.0.2.1", "plain")
+                        ).addCallback(results.append)
+    fn, args, d = pending.pop()
+    d.callback(fn(*args))
+    rig.clock.advance(5)
+    assert len(results) == 2 and failures.record_failure in ran
