@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
@@ -22,7 +21,7 @@ from authd.verify import Verifier
 from mailplugins.config import AuthdConfig, Config
 from mailplugins.connections import ConnectionLimit, LimitedFactory
 from mailplugins.daemon import Listener, Runtime, capped_listeners
-from mailplugins.timers import Periodic, Timers
+from mailplugins.timers import DaemonServices, Periodic, Timers
 
 log = Logger(namespace="authd.daemon")
 #: Seconds between sweeps of stale shared failure counters.
@@ -41,15 +40,16 @@ class RunningAuthd:
     limit: ConnectionLimit
     listeners: list[Listener] = field(default_factory=list)
     limited: list[LimitedFactory] = field(default_factory=list)
-    #: Started at build, stopped by :meth:`stop`; its child ``timers`` holds the periodic jobs.
-    services: MultiService = field(default_factory=MultiService)
-    #: The periodic jobs the settings want: the shared-failure sweep while ``penalty_shared``.
-    timers: Timers = field(init=False)
+    #: Started at build, stopped by :meth:`stop`; its ``timers`` hold the periodic jobs (the
+    #: shared-failure sweep while ``penalty_shared``).
+    services: DaemonServices = field(init=False)
 
     def __post_init__(self) -> None:
-        self.timers = Timers(self.runtime.reactor)
-        self.timers.setName("timers")
-        self.timers.setServiceParent(self.services)
+        self.services = DaemonServices(self.runtime.reactor)
+
+    @property
+    def timers(self) -> Timers:
+        return self.services.timers
 
     @property
     def sweeping(self) -> bool:
@@ -87,8 +87,7 @@ class RunningAuthd:
         self._set_timers()
 
     def stop(self) -> Deferred[None] | None:
-        if self.services.running:
-            self.services.stopService()  # the timers stop at once; a sweep in flight just ends
+        self.services.stop()  # the timers stop at once; a sweep in flight just ends
         return None
 
     def sweep(self, section: AuthdConfig | None = None) -> Deferred[Any]:

@@ -92,3 +92,19 @@ class Timers(MultiService):
     def names(self) -> list[str]:
         """The jobs that run now (sorted), for tests and logs."""
         return sorted(self.namedServices)
+
+
+class DaemonServices(MultiService):
+    """What a running daemon starts when it is built and stops with :meth:`stop`: the parent of
+    its ``timers`` (and of any other service it comes to own; the runner keeps the listeners)."""
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__()
+        self.timers = Timers(clock)
+        self.timers.setName("timers")
+        self.timers.setServiceParent(self)
+
+    def stop(self) -> None:
+        """Stop every child at once (a step in flight just ends); twice is harmless."""
+        if self.running:
+            self.stopService()

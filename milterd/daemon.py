@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.unit.test_milterd_live -*-
 """milterd as a mailplugins daemon: config, checks, pools, listeners and metrics.
 
-Like the other daemons, the running daemon holds a :class:`MultiService` with a ``timers``
-child; milterd's settings want no periodic job (its caches expire entry by entry). A reload
+Like the other daemons, the running daemon holds its
+:class:`~mailplugins.timers.DaemonServices` with ``timers``; milterd's settings want no periodic
+job (its caches expire entry by entry). A reload
 builds new :class:`~milterd.live.LiveChecks` from the new config and gives it, with the new
 settings, to the factory: each connection takes the pair once, when it opens, so a message in
 flight never mixes old and new settings.
@@ -14,7 +15,6 @@ import gc
 from dataclasses import dataclass, field
 from typing import cast
 
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 
@@ -22,7 +22,7 @@ from mailplugins.config import Config
 from mailplugins.connections import ConnectionLimit, LimitedFactory
 from mailplugins.daemon import Listener, Runtime, capped_listeners
 from mailplugins.threads import WorkerPool
-from mailplugins.timers import Timers
+from mailplugins.timers import DaemonServices, Timers
 from milterd.live import LiveChecks
 from milterd.protocol import MilterFactory
 from milterd.session import MilterMetrics
@@ -37,13 +37,15 @@ class RunningMilterd:
     limit: ConnectionLimit
     limited: list[LimitedFactory]
     listeners: list[Listener] = field(default_factory=list)
-    #: Started at build, stopped by :meth:`stop`; ``timers`` wants no job today.
-    services: MultiService = field(default_factory=MultiService)
+    #: Started at build, stopped by :meth:`stop`; its ``timers`` want no job today.
+    services: DaemonServices = field(init=False)
 
     def __post_init__(self) -> None:
-        self.timers = Timers(self.factory.clock)
-        self.timers.setName("timers")
-        self.timers.setServiceParent(self.services)
+        self.services = DaemonServices(self.factory.clock)
+
+    @property
+    def timers(self) -> Timers:
+        return self.services.timers
 
     def start(self) -> None:
         self.services.startService()
@@ -58,8 +60,7 @@ class RunningMilterd:
         self.limit.maximum = section.max_connections
 
     def stop(self) -> Deferred[None] | None:
-        if self.services.running:
-            self.services.stopService()
+        self.services.stop()
         self.dns_pool.stop()
         return None
 

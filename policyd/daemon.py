@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.unit.test_policyd_daemon -*-
 """policyd as a mailplugins daemon: wiring of config, lookups, service, timers and listeners.
 
-The running daemon is a :class:`~twisted.application.service.MultiService` whose child
-``timers`` runs the periodic jobs the settings need (the greylisting and rate-limit purge). A
+The running daemon holds its :class:`~mailplugins.timers.DaemonServices` (a ``MultiService``)
+whose ``timers`` run the periodic jobs the settings need (the greylisting and rate-limit purge). A
 reload builds the next :class:`~policyd.service.Snapshot` whole (settings, a fresh lookup
 cache, the stateful checks) and swaps it in; requests in flight finish on theirs.
 """
@@ -13,14 +13,13 @@ import gc
 from dataclasses import dataclass, field
 from typing import cast
 
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 
 from mailplugins.config import Config
 from mailplugins.connections import ConnectionLimit, LimitedFactory
 from mailplugins.daemon import Listener, Runtime, capped_listeners
-from mailplugins.timers import Timers
+from mailplugins.timers import DaemonServices, Timers
 from policyd.lookups import Lookups
 from policyd.message_checks import build_stateful, reload_stateful
 from policyd.protocol import PolicyFactory
@@ -50,14 +49,15 @@ class RunningPolicyd:
     limit: ConnectionLimit
     limited: list[LimitedFactory]
     listeners: list[Listener] = field(default_factory=list)
-    #: Started at build, stopped by :meth:`stop`; its child ``timers`` holds the periodic jobs.
-    services: MultiService = field(default_factory=MultiService)
-    timers: Timers = field(init=False)
+    #: Started at build, stopped by :meth:`stop`; its ``timers`` hold the periodic jobs.
+    services: DaemonServices = field(init=False)
 
     def __post_init__(self) -> None:
-        self.timers = Timers(self.runtime.reactor)
-        self.timers.setName("timers")
-        self.timers.setServiceParent(self.services)
+        self.services = DaemonServices(self.runtime.reactor)
+
+    @property
+    def timers(self) -> Timers:
+        return self.services.timers
 
     @property
     def lookups(self) -> Lookups:
@@ -84,8 +84,7 @@ class RunningPolicyd:
         self.limit.maximum = section.max_connections
 
     def stop(self) -> Deferred[None] | None:
-        if self.services.running:
-            self.services.stopService()  # the timers stop at once; a purge in flight just ends
+        self.services.stop()  # the timers stop at once; a purge in flight just ends
         if self.service.stateful is not None:
             self.service.stateful.close()
         return None

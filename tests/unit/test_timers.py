@@ -8,7 +8,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from mailplugins.timers import Periodic, PeriodicService, Timers
+from mailplugins.timers import DaemonServices, Periodic, PeriodicService, Timers
 
 
 def test_steps_run_every_interval_from_one_interval_after_start() -> None:
@@ -137,3 +137,16 @@ def test_jobs_wanted_before_the_start_run_only_once_started_and_stop_with_it() -
     timers.stopService()
     clock.advance(30)
     assert calls == [40]
+
+
+def test_daemon_services_stop_their_timers_once() -> None:
+    clock = Clock()
+    calls: list[float] = []
+    services = DaemonServices(clock)
+    services.startService()
+    services.timers.want([Periodic("purge", 10, lambda: calls.append(clock.seconds()))])
+    clock.advance(10)
+    services.stop()
+    services.stop()
+    clock.advance(30)
+    assert calls == [10] and not services.timers.running
