@@ -12,7 +12,7 @@ import argparse
 import getpass
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -138,3 +138,20 @@ def nameserver_option(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--nameserver", action="append", type=_nameserver, metavar="ADDR[:PORT]",
                      help="DNS server to ask (repeatable; default: milterd.nameservers, else the "
                      "system resolver); e.g. the zone's own server, to skip caches")
+
+
+def command_group(
+    commands: Any, name: str, help_text: str, wrap: Callable[[Any], Any] = lambda fn: fn
+) -> Callable[[str, Any, str], argparse.ArgumentParser]:
+    """Add ``mailplugins NAME ACTION ...`` to ``commands``; returns ``action(name, handler,
+    help)``, which adds one action (its parser, for the arguments) with ``wrap(handler)``."""
+    parser = commands.add_parser(name, help=help_text, description=help_text)
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                    parser_class=type(parser))
+
+    def action(action_name: str, handler: Any, text: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = actions.add_parser(action_name, help=text, description=text)
+        sub.set_defaults(handler=wrap(handler))
+        return sub
+
+    return action
