@@ -62,13 +62,6 @@ class Lookups:
     def pending(self) -> int:
         return len(self._inflight)
 
-    def reconfigure(self, *, ttl: float, size: int, delimiters: str) -> None:
-        """Take new settings and forget everything cached (SIGHUP)."""
-        self.cache.ttl = ttl
-        self.cache.size = size
-        self.delimiters = delimiters
-        self.clear()
-
     def clear(self) -> None:
         self._generation += 1
         self.cache.clear()

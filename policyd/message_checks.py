@@ -267,10 +267,6 @@ class StatefulChecks:
 
     # -- expiry ------------------------------------------------------------------------------
 
-    def purge_settings(self) -> tuple[GreylistTiming, int, float] | None:
-        """The current checks' purge settings (see :meth:`CheckSet.purge_settings`)."""
-        return self.checks.purge_settings()
-
     def purge_now(self, checks: CheckSet | None = None) -> Deferred[Any]:
         """Delete expired greylisting and rate-limit rows, in the database pool."""
         settings = (checks or self.checks).purge_settings()

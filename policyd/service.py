@@ -114,12 +114,6 @@ class PolicyService:
         self.snapshot = snapshot
         self._seen_contexts.clear()
 
-    def reconfigure(self, config: PolicydConfig) -> None:
-        """New settings with the same lookups and the stateful checks' current set."""
-        stateful = self._stateful
-        self.swap(Snapshot(config, self.snapshot.lookups,
-                           stateful.checks if stateful is not None else None))
-
     def handle(self, request: PolicyRequest) -> str | Deferred[str]:
         """The action for ``request``: at once when every fact is cached (the hot path runs
         without a single Deferred), else a Deferred that fires within the budget. Never fails.
