@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_cli -*-
+# -*- test-case-name: tests.unit.test_cli_accounts -*-
 """``mailplugins domain|user|alias|sender|app-password``: the accounts in the database."""
 
 from __future__ import annotations

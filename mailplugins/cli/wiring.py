@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_wiring_postfix -*-
+# -*- test-case-name: tests.unit.test_cli_wiring -*-
 """``mailplugins postfix-config|dovecot-config|doctor``: wiring stock Postfix and Dovecot."""
 
 from __future__ import annotations
