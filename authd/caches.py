@@ -8,7 +8,7 @@ import hmac
 import os
 from dataclasses import dataclass
 
-from mailplugins.store import AppPasswordRecord, MailboxRecord
+from mailplugins.records import AppPasswordRecord, MailboxRecord
 from mailplugins.ttlcache import TTLCache
 
 

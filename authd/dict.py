@@ -45,7 +45,8 @@ from mailplugins.addresses import AddressError, parse_address
 from mailplugins.config import AuthdConfig, Config, MailConfig
 from mailplugins.deadline import Deadline
 from mailplugins.maildir_path import canonical, expand_location
-from mailplugins.store import MailboxRecord, Store
+from mailplugins.records import MailboxRecord
+from mailplugins.store import Store
 
 log = Logger(namespace="authd.dict")
 

@@ -61,7 +61,8 @@ from mailplugins.addresses import AddressError, parse_address
 from mailplugins.clients import client_in
 from mailplugins.config import AuthdConfig, PasswordConfig
 from mailplugins.hashing import HashError, check_password, split_scheme, verify_password
-from mailplugins.store import AppPasswordRecord, MailboxRecord, Store, utcnow
+from mailplugins.records import AppPasswordRecord, MailboxRecord, utcnow
+from mailplugins.store import Store
 from mailplugins.threads import RunInPool
 
 log = Logger(namespace="authd.verify")

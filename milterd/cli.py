@@ -36,7 +36,7 @@ from mailplugins.dkim_keys import (
     signing_ids,
 )
 from mailplugins.dns_records import expected_records, render_zone
-from mailplugins.store import StoreError
+from mailplugins.records import StoreError
 
 
 def _keys(app: App) -> DkimKeys:

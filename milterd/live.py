@@ -25,8 +25,9 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from mailplugins.addresses import Address
 from mailplugins.config.milterd import MilterdConfig
+from mailplugins.records import MailboxRecord, Resolution
 from mailplugins.senders import login_owns
-from mailplugins.store import MailboxRecord, Resolution, Store
+from mailplugins.store import Store
 from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 from milterd import contract

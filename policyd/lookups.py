@@ -19,7 +19,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from mailplugins.addresses import Address
-from mailplugins.store import MailboxRecord, Resolution, Store
+from mailplugins.records import MailboxRecord, Resolution
+from mailplugins.store import Store
 from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from mailplugins.config.policyd import PolicydConfig
 from mailplugins.metrics import DaemonMetrics
-from mailplugins.store import StoreError
+from mailplugins.records import StoreError
 from policyd.actions import DUNNO, state_label, verb
 from policyd.codec import PolicyRequest
 from policyd.lookups import LookupOverloadError, Lookups

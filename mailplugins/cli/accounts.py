@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from mailplugins.config.fields import parse_size
 from mailplugins.passwd_import import never_logs_in, parse_passwd_line
-from mailplugins.store import SERVICES, AlreadyExists, StoreError
+from mailplugins.records import SERVICES, AlreadyExists, StoreError
 
 if TYPE_CHECKING:
     pass

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from mailplugins import __version__
 from mailplugins.config import ConfigError, config_path
-from mailplugins.store import StoreError
+from mailplugins.records import StoreError
 
 if TYPE_CHECKING:
     pass

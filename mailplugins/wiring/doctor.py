@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from mailplugins.maildir_path import dovecot24_template, expand_location, split_home
-from mailplugins.store import MailboxRecord
+from mailplugins.records import MailboxRecord
 from mailplugins.wiring.dovecot import DovecotSnippet
 from mailplugins.wiring.live import DovecotLive, PostfixLive
 from mailplugins.wiring.postfix import PostfixSnippet

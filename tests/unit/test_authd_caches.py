@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from authd.caches import RecordCache, SuccessCache
-from mailplugins.store import MailboxRecord
+from mailplugins.records import MailboxRecord
 
 
 def _mailbox(version: int) -> MailboxRecord:
