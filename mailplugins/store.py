@@ -47,22 +47,11 @@ from mailplugins.records import (
 ALIAS_RECURSION_LIMIT = 1000
 ALIAS_DEPTH_LIMIT = 20
 
+#: Store, and (re-exported for code written before mailplugins.records) the records and errors.
 __all__ = [
-    "ALIAS_DEPTH_LIMIT",
-    "ALIAS_RECURSION_LIMIT",
-    "SERVICES",
-    "AliasRecord",
-    "AlreadyExists",
-    "AppPasswordRecord",
-    "Delivery",
-    "DomainRecord",
-    "GrantRecord",
-    "MailboxRecord",
-    "NotFound",
-    "Resolution",
-    "Store",
-    "StoreError",
-    "utcnow",
+    "ALIAS_DEPTH_LIMIT", "ALIAS_RECURSION_LIMIT", "SERVICES", "AliasRecord", "AlreadyExists",
+    "AppPasswordRecord", "Delivery", "DomainRecord", "GrantRecord", "MailboxRecord", "NotFound",
+    "Resolution", "Store", "StoreError", "utcnow",
 ]
 
 

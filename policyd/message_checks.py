@@ -337,7 +337,8 @@ def _metrics(checks: StatefulChecks, metrics: DaemonMetrics) -> None:
 
 
 def build_stateful(runtime: Runtime) -> StatefulChecks:
-    """The checks for ``runtime``'s config, with their pools, metrics and purge timer."""
+    """The checks for ``runtime``'s config, with their SPF pool and metrics (the daemon runs
+    the timers :meth:`StatefulChecks.periodic` asks for)."""
     config = runtime.config
     section = config.policyd
     assert section is not None
