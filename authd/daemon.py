@@ -63,14 +63,15 @@ class RunningAuthd:
         """Start or stop exactly the timers the current settings need (at build and reload)."""
         section = self.runtime.config.authd
         assert section is not None
-        jobs = [Periodic("sweep", SWEEP_INTERVAL, partial(self.sweep, section))] \
-            if section.penalty_shared else []
+        jobs: list[Periodic] = []
+        if section.penalty_shared:
+            jobs.append(Periodic("sweep", SWEEP_INTERVAL, partial(self.sweep, section)))
         self.timers.want(jobs)
 
     def reload(self, config: Config) -> None:
         """The verifier swaps its whole state (settings, caches, throttle) in one step, and a
-        verification finishes on the state it started with; each front end takes its new
-        settings in one assignment, read per connection or per request."""
+        verification finishes on the state it started with; each front end (SASL, dict, HTTP)
+        takes its new settings in one assignment."""
         section = config.authd
         assert section is not None
         self.verifier.reload(section, config.passwords)
