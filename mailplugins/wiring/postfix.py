@@ -2,9 +2,9 @@
 """The Postfix settings that wire stock Postfix to the daemons as configured.
 
 Pure functions of a :class:`~mailplugins.config.Config` plus a few operator choices (TLS files,
-where Postfix's queue lives, which domains exist): ``mailplugins postfix-config`` and
-``mailplugins dovecot-config`` render them, ``mailplugins doctor`` compares them with the live
-``postconf``/``doveconf`` output, and the end-to-end tests feed them to private stock servers.
+where Postfix's queue lives, which domains exist): ``mailplugins postfix-config`` renders them,
+``mailplugins doctor`` compares them with the live ``postconf`` output, and the end-to-end tests
+feed them to private stock servers (:mod:`mailplugins.wiring.dovecot` does the same for Dovecot).
 Keeping one source for all three is the point: the doctor can never expect something the
 generator would not write.
 
