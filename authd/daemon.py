@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
@@ -18,10 +18,10 @@ from authd.http import VerifyResource, VerifySite
 from authd.metrics import AuthdMetrics
 from authd.sasl import AuthClientFactory
 from authd.verify import Verifier
-from mailplugins.config import Config
+from mailplugins.config import AuthdConfig, Config
 from mailplugins.connections import ConnectionLimit, LimitedFactory
 from mailplugins.daemon import Listener, Runtime, capped_listeners
-from mailplugins.timers import PeriodicService
+from mailplugins.timers import DaemonServices, Periodic, Timers
 
 log = Logger(namespace="authd.daemon")
 #: Seconds between sweeps of stale shared failure counters.
@@ -40,29 +40,38 @@ class RunningAuthd:
     limit: ConnectionLimit
     listeners: list[Listener] = field(default_factory=list)
     limited: list[LimitedFactory] = field(default_factory=list)
-    #: The periodic jobs that run now: a child is added or removed as its setting requires.
-    timers: MultiService = field(default_factory=MultiService)
-    #: Purges stale shared failure counters; a child of ``timers`` while ``penalty_shared``.
-    sweeper: PeriodicService = field(init=False)
+    #: Started at build, stopped by :meth:`stop`; its ``timers`` hold the periodic jobs (the
+    #: shared-failure sweep while ``penalty_shared``).
+    services: DaemonServices = field(init=False)
 
     def __post_init__(self) -> None:
-        self.sweeper = PeriodicService("sweep", SWEEP_INTERVAL, self.sweep, self.runtime.reactor)
+        self.services = DaemonServices(self.runtime.reactor)
+
+    @property
+    def timers(self) -> Timers:
+        return self.services.timers
+
+    @property
+    def sweeping(self) -> bool:
+        return bool(self.services.running) and "sweep" in self.timers.names()
 
     def start(self) -> None:
-        self.timers.startService()
+        self.services.startService()
         self._set_timers()
 
     def _set_timers(self) -> None:
         """Start or stop exactly the timers the current settings need (at build and reload)."""
         section = self.runtime.config.authd
         assert section is not None
-        sweeping = self.sweeper.parent is not None
-        if section.penalty_shared and not sweeping:
-            self.sweeper.setServiceParent(self.timers)  # a running parent starts it
-        elif not section.penalty_shared and sweeping:
-            self.sweeper.disownServiceParent()  # and stops it
+        jobs: list[Periodic] = []
+        if section.penalty_shared:
+            jobs.append(Periodic("sweep", SWEEP_INTERVAL, partial(self.sweep, section)))
+        self.timers.want(jobs)
 
     def reload(self, config: Config) -> None:
+        """The verifier swaps its whole state (settings, caches, throttle) in one step, and a
+        verification finishes on the state it started with; each front end (SASL, dict, HTTP)
+        takes its new settings in one assignment."""
         section = config.authd
         assert section is not None
         self.verifier.reload(section, config.passwords)
@@ -79,13 +88,12 @@ class RunningAuthd:
         self._set_timers()
 
     def stop(self) -> Deferred[None] | None:
-        if self.timers.running:
-            self.timers.stopService()  # the timers stop at once; a sweep in flight just ends
+        self.services.stop()  # the timers stop at once; a sweep in flight just ends
         return None
 
-    def sweep(self) -> Deferred[Any]:
+    def sweep(self, section: AuthdConfig | None = None) -> Deferred[Any]:
         """Drop shared failure counters that no longer count (in the database pool)."""
-        section = self.runtime.config.authd
+        section = section or self.runtime.config.authd
         assert section is not None
         engine = self.runtime.db.engine
         now = int(self.runtime.reactor.seconds())

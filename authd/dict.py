@@ -45,7 +45,8 @@ from mailplugins.addresses import AddressError, parse_address
 from mailplugins.config import AuthdConfig, Config, MailConfig
 from mailplugins.deadline import Deadline
 from mailplugins.maildir_path import canonical, expand_location
-from mailplugins.store import MailboxRecord, Store
+from mailplugins.records import MailboxRecord
+from mailplugins.store import Store
 
 log = Logger(namespace="authd.dict")
 
@@ -123,14 +124,8 @@ class DictBackend:
         if parts is None:
             return None
         kind, service, user = parts
-        try:
-            address = parse_address(user)
-        except AddressError:
-            return None
-        if address.routing:
-            return None
-        mailbox = self.store.get_mailbox(address)
-        if mailbox is None or not mailbox.enabled:
+        mailbox = self._enabled_mailbox(user)
+        if mailbox is None:
             return None
         if kind == "master":
             if not mailbox.master:
@@ -161,6 +156,14 @@ class DictBackend:
         For the Lua userdb (``POST /userdb``): the same answer as the dict userdb's, in the
         field names of Dovecot ``release``. ValueError when the mailbox has no safe path.
         """
+        mailbox = self._enabled_mailbox(user)
+        if mailbox is None:
+            return None
+        return userdb_fields(mailbox, self.config.mail, release)
+
+    def _enabled_mailbox(self, user: str) -> MailboxRecord | None:
+        """The enabled mailbox ``user`` names (any spelling); None for anything else (not an
+        address, a routing address, unknown, disabled)."""
         try:
             address = parse_address(user)
         except AddressError:
@@ -170,7 +173,7 @@ class DictBackend:
         mailbox = self.store.get_mailbox(address)
         if mailbox is None or not mailbox.enabled:
             return None
-        return userdb_fields(mailbox, self.config.mail, release)
+        return mailbox
 
     def users(self) -> list[str]:
         """Every enabled mailbox's canonical login, for ``doveadm user '*'`` and ``-A``."""

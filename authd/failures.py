@@ -5,7 +5,7 @@ A password-guessing botnet spreads its attempts over every MX and submission hos
 kept per process would let each host see only its share. Each failure is one atomic upsert
 (retrying the same wrong password does not count again); before verifying, a host reads the
 counters of the client's network and of the login, through a short cache so that a burst of
-logins costs one read. The local, in-memory :class:`~authd.verify.Throttle` still answers on
+logins costs one read. The local, in-memory :class:`~authd.throttle.Throttle` still answers on
 its own when the database is slow or down: sharing adds to the defence, never delays a login
 by more than its database budget.
 

@@ -38,8 +38,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from authd.dict import DictBackend
+from authd.logins import Verdict, VerifyRequest
 from authd.sasl_codec import Outcome
-from authd.verify import Verdict, Verifier, VerifyRequest
+from authd.verify import Verifier
 from mailplugins.deadline import Deadline
 
 log = Logger(namespace="authd.http")

@@ -23,9 +23,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from authd.logins import Verdict, VerifyRequest
 from authd.metrics import AuthdMetrics
 from authd.sasl_codec import AuthServerSession, Drop, Send, Verify, handshake
-from authd.verify import Verdict, Verifier, VerifyRequest
+from authd.verify import Verifier
 from mailplugins.config import AuthdConfig
 from mailplugins.deadline import Deadline
 

@@ -41,8 +41,8 @@ import hmac
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -52,15 +52,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from authd import failures
+from authd.caches import Loaded, RecordCache, SuccessCache
+from authd.logins import Verdict, VerifyRequest, bad_username, printable, split_login
 from authd.metrics import AuthdMetrics
 from authd.sasl_codec import Outcome
+from authd.throttle import Throttle, network_key
 from mailplugins.addresses import AddressError, parse_address
-from mailplugins.clients import client_in, client_ip, client_network
+from mailplugins.clients import client_in
 from mailplugins.config import AuthdConfig, PasswordConfig
 from mailplugins.hashing import HashError, check_password, split_scheme, verify_password
-from mailplugins.store import AppPasswordRecord, MailboxRecord, Store, utcnow
+from mailplugins.records import AppPasswordRecord, MailboxRecord, utcnow
+from mailplugins.store import Store
 from mailplugins.threads import RunInPool
-from mailplugins.ttlcache import TTLCache
 
 log = Logger(namespace="authd.verify")
 
@@ -80,204 +83,6 @@ SHARED_RETRY = 10.0
 
 #: Longest password checked: passlib refuses more, and no real password comes near it.
 MAX_PASSWORD_BYTES = 4096
-
-
-@dataclass(frozen=True)
-class VerifyRequest:
-    user: str
-    password: str = field(repr=False)
-    service: str
-    remote_ip: str | None
-    #: Label for metrics only: ``plain``, ``login`` or ``http``.
-    mechanism: str
-    secured: bool = False
-    #: The mailbox to log in as (PLAIN's authzid); set and different from ``user`` it makes
-    #: ``user`` a master user's login.
-    authzid: str = ""
-
-
-@dataclass(frozen=True)
-class Login:
-    """Who logs in (``target``) and, for a master-user login, with whose credentials."""
-
-    target: str
-    master: str | None = None
-
-
-def split_login(request: VerifyRequest, separator: str) -> Login:
-    """Dovecot's rules: an authzid other than the login names the target and makes the login a
-    master user; else ``target<separator>master`` (the first separator) does the same."""
-    if request.authzid and request.authzid.casefold() != request.user.casefold():
-        # (Logins are case-insensitive: Alice logging in as alice is no master login.)
-        return Login(request.authzid, request.user)
-    if separator and separator in request.user:
-        target, _, master = request.user.partition(separator)
-        if master and master.casefold() != target.casefold():
-            return Login(target, master)
-        return Login(target)
-    return Login(request.user)
-
-
-def bad_username(login: str, allowed: str) -> str | None:
-    """Why Dovecot (``auth_username_chars``) would refuse ``login``, or None.
-
-    An empty ``allowed`` allows everything, as in Dovecot; non-ASCII characters (EAI logins) are
-    then allowed too, else refused like any other character outside the set.
-    """
-    if not login:
-        return "empty login"
-    if not allowed:
-        return None
-    for char in login:
-        if char not in allowed:
-            shown = f"0x{ord(char):02x}" if ord(char) < 0x80 else f"U+{ord(char):04X}"
-            return f"login character {shown} not allowed by username_chars"
-    return None
-
-
-@dataclass(frozen=True)
-class Verdict:
-    outcome: Outcome
-    #: The canonical login (stored address) when the outcome is OK.
-    user: str | None = None
-    #: Why it failed, for the operator's log only (clients never see it).
-    reason: str = ""
-
-
-def _printable(text: str, limit: int = 128) -> str:
-    """A client-supplied string made safe for one log line (no control characters)."""
-    cut = text[:limit]
-    return "".join(c if c.isprintable() else "?" for c in cut) + ("..." if len(text) > limit else "")
-
-
-# -- brute-force counters ----------------------------------------------------------------------
-
-
-@dataclass
-class _Counter:
-    failures: int
-    fingerprint: bytes
-
-
-class Throttle:
-    """Failure counters per key (client network or login), with bounded memory.
-
-    Pure: ``now`` is passed in. A counter lasts ``window`` seconds after its last failure; the
-    keys failed longest ago are forgotten first when the table is full.
-    """
-
-    def __init__(
-        self,
-        *,
-        threshold: int,
-        initial: float,
-        maximum: float,
-        window: float,
-        size: int,
-    ) -> None:
-        self.threshold = threshold
-        self.initial = initial
-        self.maximum = maximum
-        self.window = window
-        self.size = size
-        self._table: TTLCache[str, _Counter] = TTLCache(size)
-
-    def _get(self, key: str, now: float) -> _Counter | None:
-        return self._table.get(key, now)
-
-    def penalty(
-        self, keys: list[str], now: float, shared: Mapping[str, int] | None = None
-    ) -> float:
-        """Seconds to hold the next request for any of ``keys``; ``shared`` adds the counts
-        other hosts recorded (the larger of the two counts applies)."""
-        worst = 0.0
-        for key in keys:
-            counter = self._get(key, now)
-            failures = max(counter.failures if counter else 0, (shared or {}).get(key, 0))
-            if failures < self.threshold:
-                continue
-            steps = min(failures - self.threshold, 32)
-            worst = max(worst, min(self.maximum, self.initial * 2**steps))
-        return worst
-
-    def failure(self, keys: list[str], fingerprint: bytes, now: float) -> None:
-        for key in keys:
-            counter = self._get(key, now)
-            if counter is None:
-                counter = _Counter(1, fingerprint)
-            elif not hmac.compare_digest(counter.fingerprint, fingerprint):
-                counter.failures += 1
-            counter.fingerprint = fingerprint
-            self._table.put(key, counter, expires=now + self.window)
-
-    def success(self, key: str) -> None:
-        self._table.discard(key)
-
-    def __len__(self) -> int:
-        return len(self._table)
-
-
-def network_key(remote_ip: str | None, ipv6_prefix: int) -> str | None:
-    """The counter key of a client: its IPv4 address, or its IPv6 network."""
-    address = client_ip(remote_ip) if remote_ip else None
-    if address is None or remote_ip is None:
-        return None
-    if address.version == 6:
-        return f"ip:{client_network(remote_ip, 32, ipv6_prefix)}"
-    return f"ip:{address}"
-
-
-# -- success cache ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _CacheEntry:
-    #: None when the main password matched, else the app password's id.
-    app_password_id: int | None
-
-
-class SuccessCache:
-    """Remembers good (mailbox, password version, password) triples as HMACs, never passwords."""
-
-    def __init__(self, ttl: float, size: int, secret: bytes | None = None) -> None:
-        self._secret = secret or os.urandom(32)
-        self._entries: TTLCache[bytes, _CacheEntry] = TTLCache(size, ttl)
-
-    @property
-    def ttl(self) -> float:
-        return self._entries.ttl
-
-    @property
-    def size(self) -> int:
-        return self._entries.size
-
-    def key(self, mailbox: MailboxRecord, password: str) -> bytes:
-        message = f"{mailbox.id}|{mailbox.password_version}|".encode() + password.encode("utf-8")
-        return hmac.new(self._secret, message, hashlib.sha256).digest()
-
-    def get(self, key: bytes, now: float) -> _CacheEntry | None:
-        return self._entries.get(key, now)
-
-    def put(self, key: bytes, app_password_id: int | None, now: float) -> None:
-        self._entries.put(key, _CacheEntry(app_password_id), now)
-
-    def discard(self, key: bytes) -> None:
-        self._entries.discard(key)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-Loaded = tuple[MailboxRecord | None, list[AppPasswordRecord]]
-
-
-class RecordCache(TTLCache[str, Loaded]):
-    """Mailbox records (and their app passwords) for a few seconds, so a burst of logins costs
-    one database read; ``ttl`` bounds how long a password change or a disable takes to apply.
-    ``replace`` keeps an entry's expiry (e.g. after recording a login)."""
-
-    def __init__(self, ttl: float, size: int) -> None:
-        super().__init__(size, ttl)
 
 
 _thread_state = threading.local()
@@ -308,6 +113,16 @@ class _Match:
     scheme: str = ""
 
 
+@dataclass(frozen=True)
+class VerifierState:
+    """Everything a reload replaces, swapped as one reference; a verification reads it once at
+    its start and finishes on it, whatever reloads happen while it waits."""
+
+    config: AuthdConfig
+    passwords: PasswordConfig
+    cache: SuccessCache
+    records: RecordCache
+    throttle: Throttle
 
 
 class Verifier:
@@ -334,13 +149,12 @@ class Verifier:
         self._cpu_run = cpu_run
         self.metrics = metrics
         self.wallclock = wallclock
-        self.config = config
-        self.passwords = passwords
         #: The injected cache key (tests); kept so a reload's new cache uses it too.
         self._cache_secret = secret
-        self.cache = SuccessCache(config.cache_ttl, config.cache_size, secret)
-        self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
-        self.throttle = self._new_throttle(config)
+        self.state = VerifierState(
+            config, passwords, SuccessCache(config.cache_ttl, config.cache_size, secret),
+            RecordCache(config.lookup_cache_ttl, config.cache_size), self._new_throttle(config),
+        )
         self._fingerprint_key = secret or os.urandom(32)
         self.shared_counts = failures.CountCache(SHARED_COUNT_TTL, config.penalty_table_size)
         self._shared_unavailable_until = 0.0
@@ -355,32 +169,44 @@ class Verifier:
             size=config.penalty_table_size,
         )
 
+    @property
+    def config(self) -> AuthdConfig:
+        return self.state.config
+
+    @property
+    def cache(self) -> SuccessCache:
+        return self.state.cache
+
     def reload(self, config: AuthdConfig, passwords: PasswordConfig) -> None:
-        """New settings; counters and cached successes stay unless their sizing changed."""
-        if (config.cache_ttl, config.cache_size) != (self.config.cache_ttl, self.config.cache_size):
-            self.cache = SuccessCache(config.cache_ttl, config.cache_size, self._cache_secret)
-        self.records = RecordCache(config.lookup_cache_ttl, config.cache_size)
+        """New settings as one new state; counters and cached successes stay unless their
+        sizing changed; cached records are dropped (they may hold what the reload is about)."""
+        old = self.state
+        cache = old.cache
+        if (config.cache_ttl, config.cache_size) != (old.config.cache_ttl, old.config.cache_size):
+            cache = SuccessCache(config.cache_ttl, config.cache_size, self._cache_secret)
+        throttle = old.throttle
         if (
             config.penalty_threshold, config.penalty_initial, config.penalty_max,
             config.penalty_window, config.penalty_table_size,
         ) != (
-            self.config.penalty_threshold, self.config.penalty_initial, self.config.penalty_max,
-            self.config.penalty_window, self.config.penalty_table_size,
+            old.config.penalty_threshold, old.config.penalty_initial, old.config.penalty_max,
+            old.config.penalty_window, old.config.penalty_table_size,
         ):
-            self.throttle = self._new_throttle(config)
-        self.config = config
-        self.passwords = passwords
+            throttle = self._new_throttle(config)
+        records = RecordCache(config.lookup_cache_ttl, config.cache_size)
+        self.state = VerifierState(config, passwords, cache, records, throttle)
 
     def trusted(self, remote_ip: str | None) -> bool:
-        return client_in(remote_ip, self.config.trusted_networks)
+        return client_in(remote_ip, self.state.config.trusted_networks)
 
     def verify(
         self, request: VerifyRequest, failure_delay: float | None = None
     ) -> Deferred[Verdict]:
         """Answer within ``request_timeout``: a verdict, or TEMPFAIL if the backend is too slow."""
+        state = self.state
         start = self.clock.seconds()
-        deadline = start + self.config.request_timeout
-        delay = self.config.failure_delay if failure_delay is None else failure_delay
+        deadline = start + state.config.request_timeout
+        delay = state.config.failure_delay if failure_delay is None else failure_delay
         result: Deferred[Verdict] = Deferred()
         delayed = [0.0]
 
@@ -406,8 +232,8 @@ class Verifier:
             log.failure("verification failed unexpectedly", failure)
             answer(Verdict(Outcome.TEMPFAIL))
 
-        timer = self.clock.callLater(self.config.request_timeout, too_slow)
-        work = self._verify(request, deadline, delay, delayed)
+        timer = self.clock.callLater(state.config.request_timeout, too_slow)
+        work = self._verify(request, state, deadline, delay, delayed)
         work.addCallbacks(answer, failed)
         return result
 
@@ -424,58 +250,59 @@ class Verifier:
 
     @inlineCallbacks
     def _verify(
-        self, request: VerifyRequest, deadline: float, failure_delay: float, delayed: list[float]
+        self, request: VerifyRequest, state: VerifierState, deadline: float, failure_delay: float,
+        delayed: list[float],
     ) -> Generator[Deferred[Any], Any, Verdict]:
-        trusted = self.trusted(request.remote_ip)
+        trusted = client_in(request.remote_ip, state.config.trusted_networks)
         keys: list[str] = []
         shared: dict[str, int] = {}
         if not trusted:
-            ip_key = network_key(request.remote_ip, self.config.penalty_ipv6_prefix)
+            ip_key = network_key(request.remote_ip, state.config.penalty_ipv6_prefix)
             if ip_key:
                 keys.append(ip_key)
             keys.append("user:" + request.user.casefold())
-            if self.config.penalty_shared:
-                shared = yield self._shared_counts(keys)
-            penalty = self.throttle.penalty(keys, self.clock.seconds(), shared)
+            if state.config.penalty_shared:
+                shared = yield self._shared_counts(keys, state)
+            penalty = state.throttle.penalty(keys, self.clock.seconds(), shared)
             if penalty > 0:
                 self.metrics.penalties.inc()
                 self.metrics.penalty_seconds.inc(penalty)
                 yield self._sleep(penalty, deadline, delayed)
         decided_from = self.clock.seconds()
-        verdict: Verdict = yield self._decide(request)
+        verdict: Verdict = yield self._decide(request, state)
         if verdict.outcome in (Outcome.FAIL, Outcome.UNKNOWN, Outcome.DISABLED):
             log.info(
                 "authentication failed: user={user} rip={rip} service={service} "
                 "mechanism={mechanism}: {reason}",
-                user=_printable(request.user), rip=_printable(request.remote_ip or ""),
-                service=_printable(request.service), mechanism=request.mechanism,
+                user=printable(request.user), rip=printable(request.remote_ip or ""),
+                service=printable(request.service), mechanism=request.mechanism,
                 reason=verdict.reason,
             )
             if keys:
                 fingerprint = self._fingerprint(request)
-                self.throttle.failure(keys, fingerprint, self.clock.seconds())
-                if self.config.penalty_shared:
-                    self._share_failure(keys, fingerprint)
+                state.throttle.failure(keys, fingerprint, self.clock.seconds())
+                if state.config.penalty_shared:
+                    self._share_failure(keys, fingerprint, state)
                 # Every failure is answered failure_delay after it was looked at, whether a hash
                 # was computed or not, so the timing tells nothing about which logins exist.
                 # Trusted clients (webmail...) get the answer at once.
                 remaining = decided_from + failure_delay - self.clock.seconds()
                 yield self._sleep(remaining, deadline, delayed)
         elif verdict.outcome is Outcome.OK and keys:
-            self.throttle.success(keys[-1])
+            state.throttle.success(keys[-1])
             if shared.get(keys[-1]):  # the login had failures on record: forgive them
                 self.shared_counts.forget(keys[-1])
                 self._background(self._db_run(failures.clear, self.store.engine, keys[-1]), "clear")
         return verdict
 
-    def _shared_counts(self, keys: list[str]) -> Deferred[dict[str, int]]:
+    def _shared_counts(self, keys: list[str], state: VerifierState) -> Deferred[dict[str, int]]:
         """Other hosts' failure counts for ``keys``, through a short cache; on a slow or failed
         database read the local counters decide alone (never a delayed login)."""
         now = self.clock.seconds()
         missing = self.shared_counts.missing(keys, now)
         if not missing or now < self._shared_unavailable_until:
             return succeed(self.shared_counts.counts(keys, now))
-        window = int(self.config.penalty_window)
+        window = int(state.config.penalty_window)
         read: Deferred[dict[str, int]] = self._db_run(
             failures.failure_counts, self.store.engine, missing, int(now), window
         )
@@ -493,12 +320,12 @@ class Verifier:
 
         return read.addCallbacks(got, failed)
 
-    def _share_failure(self, keys: list[str], fingerprint: bytes) -> None:
+    def _share_failure(self, keys: list[str], fingerprint: bytes, state: VerifierState) -> None:
         now = self.clock.seconds()
         self.shared_counts.bump(keys, now)
         self._background(
             self._db_run(failures.record_failure, self.store.engine, keys, fingerprint.hex(),
-                         int(now), int(self.config.penalty_window)),
+                         int(now), int(state.config.penalty_window)),
             "record",
         )
 
@@ -519,7 +346,9 @@ class Verifier:
         return mailbox, self.store.app_passwords_for(mailbox.id)
 
     @inlineCallbacks
-    def _lookup(self, login: str) -> Generator[Deferred[Any], Any, tuple[str, Loaded] | Verdict]:
+    def _lookup(
+        self, login: str, state: VerifierState
+    ) -> Generator[Deferred[Any], Any, tuple[str, Loaded] | Verdict]:
         """The mailbox of ``login`` (through the record cache), or the Verdict that ends here."""
         try:
             address = parse_address(login)
@@ -527,7 +356,7 @@ class Verifier:
             return Verdict(Outcome.UNKNOWN, reason="not an address")
         if address.routing:
             return Verdict(Outcome.UNKNOWN, reason="routing address")
-        loaded = self.records.get(address.key, self.clock.seconds())
+        loaded = state.records.get(address.key, self.clock.seconds())
         if loaded is None:
             try:
                 lookup: Deferred[Loaded] = self._db_run(self._load, str(address))
@@ -538,14 +367,16 @@ class Verifier:
                 log.error("database lookup failed: {error}", error=type(exc).__name__)
                 return Verdict(Outcome.TEMPFAIL)
             assert loaded is not None
-            self.records.put(address.key, loaded, self.clock.seconds())
+            state.records.put(address.key, loaded, self.clock.seconds())
         return address.key, loaded
 
     @inlineCallbacks
-    def _decide(self, request: VerifyRequest) -> Generator[Deferred[Any], Any, Verdict]:
-        login = split_login(request, self.config.master_user_separator)
+    def _decide(
+        self, request: VerifyRequest, state: VerifierState
+    ) -> Generator[Deferred[Any], Any, Verdict]:
+        login = split_login(request, state.config.master_user_separator)
         for name in (login.target, login.master):
-            why = None if name is None else bad_username(name, self.config.username_chars)
+            why = None if name is None else bad_username(name, state.config.username_chars)
             if why:
                 return Verdict(Outcome.UNKNOWN, reason=why)
         if not request.password:
@@ -555,9 +386,11 @@ class Verifier:
                 Outcome.FAIL, reason=f"password longer than {MAX_PASSWORD_BYTES} bytes (not checked)"
             )
         if login.master is not None:
-            verdict: Verdict = yield self._decide_master(request, login.target, login.master)
+            verdict: Verdict = yield self._decide_master(
+                request, login.target, login.master, state
+            )
             return verdict
-        found: tuple[str, Loaded] | Verdict = yield self._lookup(login.target)
+        found: tuple[str, Loaded] | Verdict = yield self._lookup(login.target, state)
         if isinstance(found, Verdict):
             return found
         key, (mailbox, apps) = found
@@ -565,7 +398,7 @@ class Verifier:
             return Verdict(Outcome.UNKNOWN, reason="unknown user")
         if not mailbox.allows(request.service):
             return Verdict(Outcome.FAIL, reason="service not allowed for this mailbox")
-        checked: Verdict | None = yield self._check_password(request, key, mailbox, apps)
+        checked: Verdict | None = yield self._check_password(request, key, mailbox, apps, state)
         if checked is not None:
             return checked
         return Verdict(Outcome.OK, mailbox.address)
@@ -573,41 +406,42 @@ class Verifier:
     @inlineCallbacks
     def _check_password(
         self, request: VerifyRequest, key: str, mailbox: MailboxRecord,
-        apps: list[AppPasswordRecord],
+        apps: list[AppPasswordRecord], state: VerifierState,
     ) -> Generator[Deferred[Any], Any, Verdict | None]:
         """None when ``request.password`` opens ``mailbox`` (enabled), else the Verdict."""
         now = self.clock.seconds()
-        cache_key = self.cache.key(mailbox, request.password)
-        entry = self.cache.get(cache_key, now)
+        cache_key = state.cache.key(mailbox, request.password)
+        entry = state.cache.get(cache_key, now)
         if entry is not None and self._still_valid(entry.app_password_id, apps, request.service):
             self.metrics.cache.labels("hit").inc()
             match: _Match | None = _Match(entry.app_password_id)
         else:
             self.metrics.cache.labels("miss").inc()
             try:
-                match = yield self._cpu_run(self._hash_work, request, mailbox, apps)
+                match = yield self._cpu_run(self._hash_work, request, mailbox, apps,
+                                           state.config.hash_niceness, state.passwords)
             except Exception as exc:
                 log.error("password check failed: {error}", error=type(exc).__name__)
                 return Verdict(Outcome.TEMPFAIL)
         if match is None:
-            self.cache.discard(cache_key)
+            state.cache.discard(cache_key)
             return Verdict(Outcome.FAIL, reason="wrong password")
         if not mailbox.enabled:
             return Verdict(Outcome.DISABLED, reason="mailbox disabled")
         if entry is None:
-            self.cache.put(cache_key, match.app_password_id, now)
-        self._after_success(mailbox, match, key, apps)
+            state.cache.put(cache_key, match.app_password_id, now)
+        self._after_success(mailbox, match, key, apps, state)
         return None
 
     @inlineCallbacks
     def _decide_master(
-        self, request: VerifyRequest, target: str, master: str
+        self, request: VerifyRequest, target: str, master: str, state: VerifierState
     ) -> Generator[Deferred[Any], Any, Verdict]:
         """``master`` logs in as ``target`` with its own (main) password."""
-        if request.service == "smtp" and not self.config.master_user_smtp:
-            return Verdict(Outcome.FAIL, reason=f"master user login as {_printable(target)} "
+        if request.service == "smtp" and not state.config.master_user_smtp:
+            return Verdict(Outcome.FAIL, reason=f"master user login as {printable(target)} "
                                                 "refused on SMTP (master_user_smtp is off)")
-        found: tuple[str, Loaded] | Verdict = yield self._lookup(master)
+        found: tuple[str, Loaded] | Verdict = yield self._lookup(master, state)
         if isinstance(found, Verdict):
             return found
         key, (master_box, _apps) = found
@@ -615,18 +449,18 @@ class Verifier:
             return Verdict(Outcome.UNKNOWN, reason="unknown master user")
         if not master_box.master:
             return Verdict(Outcome.FAIL, reason=f"{master_box.address} is not a master user "
-                                                f"(tried to log in as {_printable(target)})")
+                                                f"(tried to log in as {printable(target)})")
         # App passwords are a mailbox's own: only the master's main password opens other ones.
-        checked: Verdict | None = yield self._check_password(request, key, master_box, [])
+        checked: Verdict | None = yield self._check_password(request, key, master_box, [], state)
         if checked is not None:
             return checked
-        target_found: tuple[str, Loaded] | Verdict = yield self._lookup(target)
+        target_found: tuple[str, Loaded] | Verdict = yield self._lookup(target, state)
         if isinstance(target_found, Verdict):
             return target_found
         _key, (mailbox, _target_apps) = target_found
         if mailbox is None:
             return Verdict(Outcome.UNKNOWN, reason=f"master user {master_box.address}: "
-                                                   f"no mailbox {_printable(target)}")
+                                                   f"no mailbox {printable(target)}")
         if not mailbox.enabled:
             return Verdict(Outcome.DISABLED, reason=f"master user {master_box.address}: "
                                                     f"{mailbox.address} is disabled")
@@ -636,7 +470,7 @@ class Verifier:
         log.info(
             "master user {master} logged in as {user}: rip={rip} service={service}",
             master=master_box.address, user=mailbox.address,
-            rip=_printable(request.remote_ip or ""), service=_printable(request.service),
+            rip=printable(request.remote_ip or ""), service=printable(request.service),
         )
         self.metrics.master_logins.inc()
         return Verdict(Outcome.OK, mailbox.address)
@@ -663,14 +497,16 @@ class Verifier:
         return ok, scheme
 
     def _hash_work(
-        self, request: VerifyRequest, mailbox: MailboxRecord, apps: list[AppPasswordRecord]
+        self, request: VerifyRequest, mailbox: MailboxRecord, apps: list[AppPasswordRecord],
+        niceness: int, passwords: PasswordConfig,
     ) -> _Match | None:
-        """In the CPU pool: the main password first, then each app password for this service."""
-        _lower_thread_priority(self.config.hash_niceness)
+        """In the CPU pool: the main password first, then each app password for this service
+        (the settings come as arguments: a reload never changes them under a running hash)."""
+        _lower_thread_priority(niceness)
         try:
             scheme = split_scheme(mailbox.password)[0]
             started = time.perf_counter()
-            verification = verify_password(request.password, mailbox.password, self.passwords)
+            verification = verify_password(request.password, mailbox.password, passwords)
             self.metrics.verify_duration.labels(scheme).observe(time.perf_counter() - started)
             if verification.ok:
                 return _Match(None, verification.new_hash, verification.scheme)
@@ -682,7 +518,8 @@ class Verifier:
         return None
 
     def _after_success(
-        self, mailbox: MailboxRecord, match: _Match, key: str, apps: list[AppPasswordRecord]
+        self, mailbox: MailboxRecord, match: _Match, key: str, apps: list[AppPasswordRecord],
+        state: VerifierState,
     ) -> None:
         """Bookkeeping after the answer: last login, app password use, rehash; errors logged."""
         now = self.wallclock()
@@ -694,7 +531,7 @@ class Verifier:
             return
         if record_login:
             # The cached record must not ask for the same write again at the next login.
-            self.records.replace(key, (dataclasses.replace(mailbox, last_login_at=now), apps))
+            state.records.replace(key, (dataclasses.replace(mailbox, last_login_at=now), apps))
 
         def work() -> bool:
             if record_login:

@@ -33,15 +33,10 @@ from devrig.release import NAMES, Release, host, release
 from mailplugins.config import Config, load_config
 from mailplugins.db import schema
 from mailplugins.db.engine import make_engine
-from mailplugins.generators import (
-    DovecotOptions,
-    PostfixOptions,
-    dovecot_conf_text,
-    dovecot_config,
-    postfix_config,
-)
 from mailplugins.hashing import hash_password
 from mailplugins.store import Store
+from mailplugins.wiring.dovecot import DovecotOptions, dovecot_conf_text, dovecot_config
+from mailplugins.wiring.postfix import PostfixOptions, postfix_config
 
 DEMO_DOMAIN = "example.test"
 #: authd's Lua script in the checkout (the root sees the checkout at the same path).

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mailplugins.addresses import AddressError, parse_domain
 from mailplugins.db.dkim_models import SELECTOR_LEN, DkimKey
-from mailplugins.store import AlreadyExists, NotFound, StoreError, utcnow
+from mailplugins.records import AlreadyExists, NotFound, StoreError, utcnow
 
 __all__ = [
     "DEFAULT_RSA_BITS",

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_generators -*-
+# -*- test-case-name: tests.unit.test_wiring_postfix -*-
 """Which Postfix and Dovecot the generated settings are for: detected, or named by the operator.
 
 Debian 12 ships Postfix 3.7 and Dovecot 2.3, Debian 13 Postfix 3.10 and Dovecot 2.4; the two

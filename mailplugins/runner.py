@@ -30,9 +30,9 @@ from mailplugins.config import Config, ConfigError, load_config
 from mailplugins.daemon import Listener, RunningDaemon, Runtime, daemon_names, load_daemon
 from mailplugins.database import Database
 from mailplugins.db import schema
-from mailplugins.generators import parse_endpoint
 from mailplugins.metrics import DaemonMetrics, metrics_site
 from mailplugins.threads import WorkerPool
+from mailplugins.wiring.endpoints import parse_endpoint
 
 log = Logger(namespace="mailplugins.runner")
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable
 from typing import Protocol
 
 from mailplugins.addresses import Address, AddressError, parse_address
-from mailplugins.store import MailboxRecord, Resolution
+from mailplugins.records import MailboxRecord, Resolution
 
 
 class SenderLookups(Protocol):

@@ -2,8 +2,9 @@
 """Queries and changes on the user database, as plain synchronous methods.
 
 Everything here blocks: the CLI calls it directly, daemons through their database
-:class:`~mailplugins.threads.WorkerPool`. Methods return frozen records, never ORM objects or
-result proxies, so nothing lazy crosses a thread boundary.
+:class:`~mailplugins.threads.WorkerPool`. Methods return frozen records
+(:mod:`mailplugins.records`), never ORM objects or result proxies, so nothing lazy crosses a
+thread boundary. The records and errors stay importable from here too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -27,109 +28,31 @@ from mailplugins.db.models import (
     SenderGrant,
     Setting,
 )
+from mailplugins.records import (
+    SERVICES,
+    AliasRecord,
+    AlreadyExists,
+    AppPasswordRecord,
+    Delivery,
+    DomainRecord,
+    GrantRecord,
+    MailboxRecord,
+    NotFound,
+    Resolution,
+    StoreError,
+    utcnow,
+)
 
-SERVICES = ("smtp", "imap", "pop3", "lmtp")
 #: Alias chains deeper than this are a loop or a mistake (Postfix's virtual_alias_recursion_limit).
 ALIAS_RECURSION_LIMIT = 1000
 ALIAS_DEPTH_LIMIT = 20
 
-
-class StoreError(Exception):
-    """An operation that cannot be done; the message is one line for the operator."""
-
-
-class NotFound(StoreError):
-    pass
-
-
-class AlreadyExists(StoreError):
-    pass
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-@dataclass(frozen=True)
-class DomainRecord:
-    name: str
-    mailboxes: int
-    aliases: int
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class MailboxRecord:
-    id: int
-    local_part: str
-    domain: str
-    password: str
-    enabled: bool
-    quota_bytes: int
-    services: frozenset[str]
-    password_version: int
-    created_at: datetime
-    last_login_at: datetime | None
-    #: A master user: may log in as any other mailbox with its own password (see docs/authd.md).
-    master: bool = False
-
-    @property
-    def address(self) -> str:
-        return str(Address(self.local_part, self.domain, quoted=_needs_quotes(self.local_part)))
-
-    def allows(self, service: str) -> bool:
-        """Unknown services (e.g. ``doveadm``, ``sieve``) follow the IMAP flag."""
-        return (service if service in SERVICES else "imap") in self.services
-
-
-@dataclass(frozen=True)
-class AliasRecord:
-    address: str
-    targets: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class AppPasswordRecord:
-    id: int
-    name: str
-    password: str
-    services: frozenset[str]
-    created_at: datetime
-    last_used_at: datetime | None
-
-    def allows(self, service: str) -> bool:
-        return not self.services or (service if service in SERVICES else "imap") in self.services
-
-
-@dataclass(frozen=True)
-class GrantRecord:
-    login: str
-    address: str
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One local mailbox a recipient resolves to, with the ``+detail`` that applies to it."""
-
-    mailbox: MailboxRecord
-    detail: str | None
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """What a recipient address in one of our domains resolves to."""
-
-    deliveries: tuple[Delivery, ...] = ()
-    #: Alias targets outside our domains (Postfix's virtual_alias_maps forwards those).
-    forwards: tuple[str, ...] = ()
-    #: Local mailboxes found but disabled (they are not in ``deliveries``).
-    disabled: tuple[MailboxRecord, ...] = ()
-    #: The recipient matched only through a ``@domain`` catch-all.
-    catch_all: bool = False
-
-    @property
-    def exists(self) -> bool:
-        return bool(self.deliveries or self.forwards or self.disabled)
+#: Store, and (re-exported for code written before mailplugins.records) the records and errors.
+__all__ = [
+    "ALIAS_DEPTH_LIMIT", "ALIAS_RECURSION_LIMIT", "SERVICES", "AliasRecord", "AlreadyExists",
+    "AppPasswordRecord", "Delivery", "DomainRecord", "GrantRecord", "MailboxRecord", "NotFound",
+    "Resolution", "Store", "StoreError", "utcnow",
+]
 
 
 @dataclass
@@ -139,13 +62,6 @@ class _Expansion:
     disabled: list[MailboxRecord] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     steps: int = 0
-
-
-def _needs_quotes(local: str) -> bool:
-    try:
-        return parse_address(f"{local}@x.invalid").local != local
-    except AddressError:
-        return True
 
 
 def _mailbox_record(row: Mailbox, domain: str) -> MailboxRecord:

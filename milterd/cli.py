@@ -17,7 +17,15 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from mailplugins.cli import EXIT_USAGE, App, CommandError, nameserver_option, print_json, print_table
+from mailplugins.cli import (
+    EXIT_USAGE,
+    App,
+    CommandError,
+    command_group,
+    nameserver_option,
+    print_json,
+    print_table,
+)
 from mailplugins.dkim_keys import (
     KEY_TYPES,
     MAX_RSA_BITS,
@@ -28,7 +36,7 @@ from mailplugins.dkim_keys import (
     signing_ids,
 )
 from mailplugins.dns_records import expected_records, render_zone
-from mailplugins.store import StoreError
+from mailplugins.records import StoreError
 
 
 def _keys(app: App) -> DkimKeys:
@@ -170,16 +178,8 @@ def _normal_domain(text: str) -> str:
 
 def register(commands: Any) -> None:
     """Add ``dkim`` and ``dns-records`` to ``mailplugins`` (entry point ``mailplugins.commands``)."""
-    text = "DKIM signing keys: generate, activate, retire, list (milterd)"
-    parser = commands.add_parser("dkim", help=text, description=text)
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
-                                    parser_class=type(parser))
-
-    def action(name: str, fn: Any, help_text: str) -> argparse.ArgumentParser:
-        sub: argparse.ArgumentParser = actions.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=fn)
-        return sub
-
+    action = command_group(commands, "dkim",
+                           "DKIM signing keys: generate, activate, retire, list (milterd)")
     sub = action("keygen", cmd_keygen, "create a pending key and print its DNS TXT record")
     sub.add_argument("domain")
     sub.add_argument("--selector", help="default: mp<YYYYMM> and r (rsa) or e (ed25519)")

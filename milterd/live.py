@@ -25,8 +25,9 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from mailplugins.addresses import Address
 from mailplugins.config.milterd import MilterdConfig
+from mailplugins.records import MailboxRecord, Resolution
 from mailplugins.senders import login_owns
-from mailplugins.store import MailboxRecord, Resolution, Store
+from mailplugins.store import Store
 from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 from milterd import contract
@@ -68,6 +69,7 @@ class LiveChecks:
         now: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self._store = store
         self._db_run = db_run
         self._cpu_run = cpu_run
         self._dns_run = dns_run
@@ -99,12 +101,14 @@ class LiveChecks:
     def authserv_id(self) -> str:
         return self.config.authserv_id
 
-    def reconfigure(self, config: MilterdConfig, delimiters: str) -> None:
-        self.config = config
-        self._senders.delimiters = delimiters
-        self._owned = TTLCache(10_000, config.cache_ttl, self._clock.seconds)
-        self._signing = TTLCache(10_000, config.key_cache_ttl, self._clock.seconds)
-        self._build_dns(config)
+    def renewed(self, config: MilterdConfig, delimiters: str) -> LiveChecks:
+        """A new instance for a reloaded config (empty caches, the same pools, key store and
+        clock): a reload swaps it in whole, and connections open before it keep this one."""
+        return LiveChecks(
+            config, store=self._store, db_run=self._db_run, cpu_run=self._cpu_run,
+            dns_run=self._dns_run, clock=self._clock, delimiters=delimiters, key_store=self._keys,
+            txt_lookup=self._txt_lookup, now=self._now,
+        )
 
     # -- outgoing --------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from mailplugins.cli import App, CommandError, print_json, print_table
+from mailplugins.cli import App, CommandError, command_group, print_json, print_table
 from mailplugins.clients import client_network
 from mailplugins.config.fields import parse_duration, parse_size
 from policyd.ratelimit import address_subject
@@ -135,16 +135,8 @@ def _wrap(fn: Any) -> Any:
 
 def register(commands: Any) -> None:
     """Add ``ratelimit`` to the ``mailplugins`` command (entry point ``mailplugins.commands``)."""
-    text = "per-mailbox and per-domain rate-limit overrides (policyd)"
-    parser = commands.add_parser("ratelimit", help=text, description=text)
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
-                                    parser_class=type(parser))
-
-    def action(name: str, fn: Any, help_text: str) -> argparse.ArgumentParser:
-        sub: argparse.ArgumentParser = actions.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=_wrap(fn))
-        return sub
-
+    action = command_group(commands, "ratelimit",
+                           "per-mailbox and per-domain rate-limit overrides (policyd)", _wrap)
     sub = action("set", cmd_set, "set the limits of SUBJECT (user@domain or @domain) in one window")
     sub.add_argument("rule")
     sub.add_argument("subject")

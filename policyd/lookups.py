@@ -19,7 +19,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from mailplugins.addresses import Address
-from mailplugins.store import MailboxRecord, Resolution, Store
+from mailplugins.records import MailboxRecord, Resolution
+from mailplugins.store import Store
 from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 
@@ -61,13 +62,6 @@ class Lookups:
     @property
     def pending(self) -> int:
         return len(self._inflight)
-
-    def reconfigure(self, *, ttl: float, size: int, delimiters: str) -> None:
-        """Take new settings and forget everything cached (SIGHUP)."""
-        self.cache.ttl = ttl
-        self.cache.size = size
-        self.delimiters = delimiters
-        self.clear()
 
     def clear(self) -> None:
         self._generation += 1

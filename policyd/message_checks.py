@@ -15,6 +15,13 @@ Never at END-OF-MESSAGE, where Postfix does not allow PREPEND. The memory holds 
 
 Each check has a timeout within the policyd budget and a fallback; expired rows are purged
 from the database pool on a timer, never on the reactor.
+
+The checks a configuration asks for are one :class:`CheckSet`, built whole by
+:meth:`StatefulChecks.configure` and swapped as one reference: a request decides with the set it
+started with (the service hands it in), whatever SIGHUP does meanwhile. The per-message memory,
+the SQLite transaction grouping and the SPF pool outlive reloads. :meth:`StatefulChecks.periodic`
+says which timers the current set needs (the daemon's :class:`~mailplugins.timers.Timers` runs
+them): the purge while greylisting or rate limits are on.
 """
 
 from __future__ import annotations
@@ -22,12 +29,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from functools import partial
+from typing import Any
 
 from sqlalchemy import Engine
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailplugins.config import Config
@@ -35,6 +41,7 @@ from mailplugins.config.policy_state import GreylistConfig, RateLimitConfig, SPF
 from mailplugins.daemon import Runtime
 from mailplugins.metrics import DaemonMetrics
 from mailplugins.threads import RunInPool, WorkerPool
+from mailplugins.timers import Periodic
 from policyd.batch import batching_runner
 from policyd.codec import PolicyRequest
 from policyd.greylist import Greylister
@@ -59,6 +66,36 @@ def _runs_in(contexts: tuple[str, ...] | None, request: PolicyRequest) -> bool:
     return contexts is None or request.get("policy_context") in contexts
 
 
+@dataclass(frozen=True)
+class CheckSet:
+    """The checks of one configuration; a reload makes a new one, never changes this one."""
+
+    ratelimit: RateLimiter | None = None
+    greylist: Greylister | None = None
+    spf: SPFChecker | None = None
+    budget: float = 1.0
+    delimiters: str = "+"
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.ratelimit, self.greylist, self.spf))
+
+    def purge_settings(self) -> tuple[GreylistTiming, int, float] | None:
+        """What a purge needs: greylist timing, longest rate window, interval; None if off."""
+        if not (self.greylist or self.ratelimit):
+            return None
+        timing = self.greylist.timing if self.greylist else GreylistTiming()
+        intervals = []
+        longest = 0
+        if self.greylist:
+            intervals.append(self.greylist.config.purge_interval)
+        if self.ratelimit:
+            config = self.ratelimit.config
+            intervals.append(config.purge_interval)
+            longest = max([rule.longest for rule in config.rules] + [config.max_override_period])
+        return timing, longest, min(intervals)
+
+
 class StatefulChecks:
     def __init__(
         self,
@@ -81,14 +118,10 @@ class StatefulChecks:
         self._state_run: RunInPool | None = None
         self._spf_run = spf_run
         self._clock = clock
-        self.budget = budget
-        self.delimiters = delimiters
         self.memory_size = memory_size
         self._messages: OrderedDict[str, _Message] = OrderedDict()
-        self.ratelimit: RateLimiter | None = None
-        self.greylist: Greylister | None = None
-        self.spf: SPFChecker | None = None
-        self._purge_loop: LoopingCall | None = None
+        #: The current checks, replaced whole by :meth:`configure`.
+        self.checks = CheckSet(budget=budget, delimiters=delimiters)
         #: The SPF thread pool, when the daemon made one (stopped with the checks).
         self.spf_pool: WorkerPool | None = None
         self.observers: dict[str, Callable[[str], None]] = {}
@@ -96,7 +129,19 @@ class StatefulChecks:
 
     @property
     def enabled(self) -> bool:
-        return any((self.ratelimit, self.greylist, self.spf))
+        return self.checks.enabled
+
+    @property
+    def ratelimit(self) -> RateLimiter | None:
+        return self.checks.ratelimit
+
+    @property
+    def greylist(self) -> Greylister | None:
+        return self.checks.greylist
+
+    @property
+    def spf(self) -> SPFChecker | None:
+        return self.checks.spf
 
     def configure(
         self,
@@ -105,33 +150,36 @@ class StatefulChecks:
         spf: SPFConfig | None,
         budget: float,
         delimiters: str,
-    ) -> None:
-        """Take a (re)loaded configuration; counters and the database state are kept."""
-        self.budget = budget
-        self.delimiters = delimiters
+    ) -> CheckSet:
+        """Build the checks of a (re)loaded configuration and make them current in one step;
+        the database state and the per-message memory are kept."""
         state_run = self._state_run
         if state_run is None and (ratelimit or greylist):
             state_run = self._state_run = batching_runner(self._engine, self._db_run)
-        self.ratelimit = (
-            RateLimiter(ratelimit, self._engine, state_run, self._clock, delimiters=delimiters)
-            if ratelimit and state_run else None
-        )
-        self.greylist = (
-            Greylister(greylist, self._engine, state_run, self._clock, delimiters=delimiters)
-            if greylist and state_run else None
-        )
         if spf is not None and self._spf_run is None:
             raise ValueError("SPF needs a worker pool")
-        self.spf = SPFChecker(spf, self._spf_run, self._clock) if spf and self._spf_run else None
+        checks = CheckSet(
+            ratelimit=(
+                RateLimiter(ratelimit, self._engine, state_run, self._clock, delimiters=delimiters)
+                if ratelimit and state_run else None
+            ),
+            greylist=(
+                Greylister(greylist, self._engine, state_run, self._clock, delimiters=delimiters)
+                if greylist and state_run else None
+            ),
+            spf=SPFChecker(spf, self._spf_run, self._clock) if spf and self._spf_run else None,
+            budget=budget,
+            delimiters=delimiters,
+        )
         for name, observer in self.observers.items():
-            self.observe(name, observer)
+            _observe(checks, name, observer)
+        self.checks = checks
+        return checks
 
     def observe(self, check: str, observer: Callable[[str], None]) -> None:
         """Report each outcome of ``check`` ("ratelimit", "greylist", "spf") to ``observer``."""
         self.observers[check] = observer
-        target = getattr(self, check)
-        if target is not None:
-            target.observe = observer
+        _observe(self.checks, check, observer)
 
     # -- per-message memory ----------------------------------------------------------------
 
@@ -165,15 +213,21 @@ class StatefulChecks:
 
     # -- decisions ---------------------------------------------------------------------------
 
-    async def at_rcpt(self, request: PolicyRequest, trusted: bool) -> str | None:
-        """SPF and greylisting for an unauthenticated client; None when neither objects."""
-        if trusted or not (self.spf or self.greylist):
+    async def at_rcpt(
+        self, request: PolicyRequest, trusted: bool, checks: CheckSet | None = None
+    ) -> str | None:
+        """SPF and greylisting for an unauthenticated client; None when neither objects.
+
+        ``checks`` is the set the request started with (the current one if not given).
+        """
+        checks = checks or self.checks
+        if trusted or not (checks.spf or checks.greylist):
             return None
         # Leave a margin of the budget for the reply itself.
-        deadline = self._clock.seconds() + self.budget * 0.9
+        deadline = self._clock.seconds() + checks.budget * 0.9
         message = self._message(request)
         outcome: SPFOutcome | None = None
-        spf = self.spf
+        spf = checks.spf
         if spf is not None and _runs_in(spf.config.contexts, request):
             outcome = message.spf
             if outcome is None:
@@ -183,7 +237,7 @@ class StatefulChecks:
             if outcome.action is not None:
                 return outcome.action
             self._queue(message, outcome.header)
-        greylist = self.greylist
+        greylist = checks.greylist
         if greylist is not None and _runs_in(greylist.config.contexts, request):
             spf_passed = outcome is not None and outcome.result == "pass"
             if not (greylist.config.skip_on_spf_pass and spf_passed):
@@ -193,8 +247,8 @@ class StatefulChecks:
                 self._queue(message, header)
         return self._next_header(message)
 
-    async def at_data(self, request: PolicyRequest) -> str | None:
-        ratelimit = self.ratelimit
+    async def at_data(self, request: PolicyRequest, checks: CheckSet | None = None) -> str | None:
+        ratelimit = (checks or self.checks).ratelimit
         if ratelimit is not None and _runs_in(ratelimit.config.contexts, request):
             action = await ratelimit.at_data(request)
             if action is not None:
@@ -203,31 +257,19 @@ class StatefulChecks:
         message = self._messages.get(instance) if instance else None
         return self._next_header(message) if message is not None else None
 
-    async def at_end_of_message(self, request: PolicyRequest) -> str | None:
-        ratelimit = self.ratelimit
+    async def at_end_of_message(
+        self, request: PolicyRequest, checks: CheckSet | None = None
+    ) -> str | None:
+        ratelimit = (checks or self.checks).ratelimit
         if ratelimit is not None and _runs_in(ratelimit.config.contexts, request):
             return await ratelimit.at_end_of_message(request)
         return None
 
     # -- expiry ------------------------------------------------------------------------------
 
-    def purge_settings(self) -> tuple[GreylistTiming, int, float] | None:
-        """What a purge needs: greylist timing, longest rate window, interval; None if off."""
-        if not (self.greylist or self.ratelimit):
-            return None
-        timing = self.greylist.timing if self.greylist else GreylistTiming()
-        intervals = []
-        longest = 0
-        if self.greylist:
-            intervals.append(self.greylist.config.purge_interval)
-        if self.ratelimit:
-            config = self.ratelimit.config
-            intervals.append(config.purge_interval)
-            longest = max([rule.longest for rule in config.rules] + [config.max_override_period])
-        return timing, longest, min(intervals)
-
-    def purge_now(self) -> Deferred[Any]:
-        settings = self.purge_settings()
+    def purge_now(self, checks: CheckSet | None = None) -> Deferred[Any]:
+        """Delete expired greylisting and rate-limit rows, in the database pool."""
+        settings = (checks or self.checks).purge_settings()
         if settings is None:
             return Deferred.fromCoroutine(_nothing())
         timing, longest, _interval = settings
@@ -242,39 +284,37 @@ class StatefulChecks:
         work.addCallbacks(done, failed)
         return work
 
-    def start(self) -> None:
-        """Start the purge timer (first run after one interval)."""
-        self.stop()
-        settings = self.purge_settings()
+    def periodic(self) -> list[Periodic]:
+        """The timers the current checks need: the purge while greylisting or rate limits are
+        on (first run one interval after it starts), none otherwise."""
+        checks = self.checks
+        settings = checks.purge_settings()
         if settings is None:
-            return
-        loop = LoopingCall(self.purge_now)
-        loop.clock = cast(IReactorTime, self._clock)
-        loop.start(settings[2], now=False)
-        self._purge_loop = loop
-
-    def stop(self) -> None:
-        if self._purge_loop is not None and self._purge_loop.running:
-            self._purge_loop.stop()
-        self._purge_loop = None
+            return []
+        return [Periodic("purge", settings[2], partial(self.purge_now, checks))]
 
     def close(self) -> None:
-        """Daemon shutdown: stop the timer and the SPF pool."""
-        self.stop()
+        """Daemon shutdown: stop the SPF pool (the daemon stops the timers)."""
         if self.spf_pool is not None:
             self.spf_pool.stop()
 
-    async def decide_late(self, request: PolicyRequest) -> str:
+    async def decide_late(self, request: PolicyRequest, checks: CheckSet | None = None) -> str:
         """DATA and END-OF-MESSAGE for the service: an action, DUNNO when none."""
         if request.get("protocol_state") == "END-OF-MESSAGE":
-            action = await self.at_end_of_message(request)
+            action = await self.at_end_of_message(request, checks)
         else:
-            action = await self.at_data(request)
+            action = await self.at_data(request, checks)
         return action if action is not None else "DUNNO"
 
 
 async def _nothing() -> None:
     return None
+
+
+def _observe(checks: CheckSet, check: str, observer: Callable[[str], None]) -> None:
+    target = getattr(checks, check)
+    if target is not None:
+        target.observe = observer
 
 
 def _metrics(checks: StatefulChecks, metrics: DaemonMetrics) -> None:
@@ -297,7 +337,8 @@ def _metrics(checks: StatefulChecks, metrics: DaemonMetrics) -> None:
 
 
 def build_stateful(runtime: Runtime) -> StatefulChecks:
-    """The checks for ``runtime``'s config, with their pools, metrics and purge timer."""
+    """The checks for ``runtime``'s config, with their SPF pool and metrics (the daemon runs
+    the timers :meth:`StatefulChecks.periodic` asks for)."""
     config = runtime.config
     section = config.policyd
     assert section is not None
@@ -317,14 +358,12 @@ def build_stateful(runtime: Runtime) -> StatefulChecks:
     )
     checks.spf_pool = pool
     _metrics(checks, runtime.metrics)
-    checks.start()
     return checks
 
 
-def reload_stateful(checks: StatefulChecks, config: Config) -> None:
-    """SIGHUP: new settings; database state and the per-message memory are kept."""
+def reload_stateful(checks: StatefulChecks, config: Config) -> CheckSet:
+    """SIGHUP: the new settings' checks; database state and the per-message memory are kept."""
     section = config.policyd
     assert section is not None
-    checks.configure(section.ratelimit, section.greylist, section.spf, section.budget,
-                     config.mail.recipient_delimiter)
-    checks.start()
+    return checks.configure(section.ratelimit, section.greylist, section.spf, section.budget,
+                            config.mail.recipient_delimiter)

@@ -6,12 +6,17 @@ an action (at once, or through a Deferred that never fails): the first rule that
 opinion, ``DUNNO`` when none does (and for every protocol state other than RCPT), or the
 configured fallback action when a lookup fails or the budget runs out. Timing is read from
 injected callables; nothing here knows about sockets.
+
+A request decides with one :class:`Snapshot` (settings, lookups and their cache, the stateful
+checks), read once when it arrives; a reload builds the next snapshot whole and swaps it in, so
+a request in flight never mixes old and new settings.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -22,11 +27,11 @@ from twisted.python.failure import Failure
 
 from mailplugins.config.policyd import PolicydConfig
 from mailplugins.metrics import DaemonMetrics
-from mailplugins.store import StoreError
+from mailplugins.records import StoreError
 from policyd.actions import DUNNO, state_label, verb
 from policyd.codec import PolicyRequest
 from policyd.lookups import LookupOverloadError, Lookups
-from policyd.message_checks import StatefulChecks
+from policyd.message_checks import CheckSet, StatefulChecks
 from policyd.rules import RULES, Facts
 
 log = Logger(namespace="policyd.service")
@@ -59,6 +64,16 @@ class PolicyMetrics:
         self.fallbacks.labels(reason).inc()
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What one request decides with, replaced whole by a reload."""
+
+    config: PolicydConfig
+    lookups: Lookups
+    #: The stateful checks' set for ``config`` (None: no stateful checks attached).
+    checks: CheckSet | None = None
+
+
 class PolicyService:
     def __init__(
         self,
@@ -68,18 +83,35 @@ class PolicyService:
         metrics: PolicyMetrics | None = None,
         timer: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self.config = config
-        self.lookups = lookups
+        self.snapshot = Snapshot(config, lookups)
         self._clock = clock
         self._metrics = metrics
         self._timer = timer
         self._seen_states: set[str] = set()
         #: SPF, greylisting (RCPT) and rate limits (DATA, END-OF-MESSAGE); see policyd.message_checks.
-        self.stateful: StatefulChecks | None = None
+        self._stateful: StatefulChecks | None = None
         self._seen_contexts: set[str] = set()
 
-    def reconfigure(self, config: PolicydConfig) -> None:
-        self.config = config
+    @property
+    def config(self) -> PolicydConfig:
+        return self.snapshot.config
+
+    @property
+    def lookups(self) -> Lookups:
+        return self.snapshot.lookups
+
+    @property
+    def stateful(self) -> StatefulChecks | None:
+        return self._stateful
+
+    @stateful.setter
+    def stateful(self, checks: StatefulChecks | None) -> None:
+        self._stateful = checks
+        self.snapshot = replace(self.snapshot, checks=checks.checks if checks is not None else None)
+
+    def swap(self, snapshot: Snapshot) -> None:
+        """Make ``snapshot`` the one new requests use (requests in flight keep theirs)."""
+        self.snapshot = snapshot
         self._seen_contexts.clear()
 
     def handle(self, request: PolicyRequest) -> str | Deferred[str]:
@@ -88,12 +120,15 @@ class PolicyService:
         """
         started = self._timer()
         state = request.get("protocol_state")
-        config = self.config
-        stateful = self.stateful
+        snapshot = self.snapshot
+        config = snapshot.config
+        stateful = self._stateful
+        checks = snapshot.checks
         if state == "RCPT":
-            decision = self._decide(request, config)
-        elif stateful is not None and stateful.enabled and state in ("DATA", "END-OF-MESSAGE"):
-            decision = stateful.decide_late(request)
+            decision = self._decide(request, snapshot)
+        elif (stateful is not None and checks is not None and checks.enabled
+              and state in ("DATA", "END-OF-MESSAGE")):
+            decision = stateful.decide_late(request, checks)
         else:
             # Nothing to check outside RCPT; DUNNO lets Postfix's own restrictions decide.
             self._note_state(state)
@@ -139,8 +174,9 @@ class PolicyService:
             log.info("policy_context {context!r} has no rule set in policyd.contexts: "
                      "running the global checks", context=context)
 
-    async def _decide(self, request: PolicyRequest, config: PolicydConfig) -> str:
-        facts = Facts(request, self.lookups, config.mynetworks)
+    async def _decide(self, request: PolicyRequest, snapshot: Snapshot) -> str:
+        config = snapshot.config
+        facts = Facts(request, snapshot.lookups, config.mynetworks)
         if facts.context and facts.context not in config.contexts:
             self._note_context(facts.context)
         for name in config.checks_for(facts.context):
@@ -153,8 +189,8 @@ class PolicyService:
                     context=facts.context or "-",
                 )
                 return action
-        if self.stateful is not None:
-            late = await self.stateful.at_rcpt(request, facts.trusted)
+        if self._stateful is not None and snapshot.checks is not None:
+            late = await self._stateful.at_rcpt(request, facts.trusted, snapshot.checks)
             if late is not None:
                 return late
         return DUNNO

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailplugins.config.fields import ConfigError, Fields, describe
@@ -72,26 +73,24 @@ def parse_database(fields: Fields | None) -> DatabaseConfig:
     return config
 
 
-def _user_id(value: object) -> int:
+def _account_id(value: object, kind: str, number: str, lookup: Callable[[str], int]) -> int:
+    """A uid or gid: a non-negative number, or a name looked up in the system's database."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str):
         try:
-            return pwd.getpwnam(value).pw_uid
+            return lookup(value)
         except KeyError:
-            raise ValueError(f"no such user: {describe(value)}") from None
-    raise ValueError(f"expected a user name or uid, got {describe(value)}")
+            raise ValueError(f"no such {kind}: {describe(value)}") from None
+    raise ValueError(f"expected a {kind} name or {number}, got {describe(value)}")
+
+
+def _user_id(value: object) -> int:
+    return _account_id(value, "user", "uid", lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def _group_id(value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        try:
-            return grp.getgrnam(value).gr_gid
-        except KeyError:
-            raise ValueError(f"no such group: {describe(value)}") from None
-    raise ValueError(f"expected a group name or gid, got {describe(value)}")
+    return _account_id(value, "group", "gid", lambda name: grp.getgrnam(name).gr_gid)
 
 
 def _location(value: object) -> str:

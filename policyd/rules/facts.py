@@ -16,7 +16,7 @@ from functools import lru_cache
 from mailplugins.addresses import Address, AddressError, normalise_domain, parse_address
 from mailplugins.clients import client_in
 from mailplugins.config.fields import IPNetwork
-from mailplugins.store import Resolution
+from mailplugins.records import Resolution
 from policyd.codec import PolicyRequest
 from policyd.lookups import Lookups
 

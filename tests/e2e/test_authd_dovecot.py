@@ -31,9 +31,9 @@ import pytest
 
 from devrig.release import Release
 from devrig.release import release as find_release
-from mailplugins.generators import DovecotOptions, dovecot_conf_text, dovecot_config
 from mailplugins.hashing import hash_password
 from mailplugins.maildir_path import expand_location
+from mailplugins.wiring.dovecot import DovecotOptions, dovecot_conf_text, dovecot_config
 from tests.e2e.test_generated_config import make_cert
 from tests.rig import REPO, Daemons, Dovecot, free_port, short_tempdir, unix_socket_open, wait_until
 

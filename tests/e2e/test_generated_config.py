@@ -21,13 +21,8 @@ from pathlib import Path
 import pytest
 
 from devrig.release import Release
-from mailplugins.generators import (
-    DovecotOptions,
-    PostfixOptions,
-    dovecot_conf_text,
-    dovecot_config,
-    postfix_config,
-)
+from mailplugins.wiring.dovecot import DovecotOptions, dovecot_conf_text, dovecot_config
+from mailplugins.wiring.postfix import PostfixOptions, postfix_config
 from tests.rig import REPO, Daemons, Dovecot, Postfix, free_port, port_open, run, short_tempdir
 
 LUA_SCRIPT = REPO / "authd" / "lua" / "mailplugins-auth.lua"

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from devrig.instances import dovecot_auth_listener, dovecot_static_auth
 from devrig.release import Release
 from mailplugins.dkim_keys import DkimKeys
-from mailplugins.generators import PostfixOptions, postfix_config
+from mailplugins.wiring.postfix import PostfixOptions, postfix_config
 from tests.rig import Daemons, Dovecot, Postfix, RigFactory, free_port, port_open, wait_until
 from tests.support.stubdns import StubDNS, stub_dns
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from mailplugins.generators import SHIPPED_SOCKETS, parse_endpoint
+from mailplugins.wiring.endpoints import SHIPPED_SOCKETS, parse_endpoint
 from tests.rig import REPO, short_tempdir, wait_until, write_config
 
 pytestmark = pytest.mark.e2e

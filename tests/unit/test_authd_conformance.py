@@ -8,15 +8,9 @@ from typing import Any
 import pytest
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
+from authd.logins import Login, Verdict, VerifyRequest, bad_username, split_login
 from authd.sasl_codec import Outcome
-from authd.verify import (
-    MAX_PASSWORD_BYTES,
-    Login,
-    Verdict,
-    VerifyRequest,
-    bad_username,
-    split_login,
-)
+from authd.verify import MAX_PASSWORD_BYTES
 from mailplugins.config import ConfigError
 from mailplugins.config.authd import DOVECOT_USERNAME_CHARS
 from tests.unit.test_authd_verify import Rig, make_config

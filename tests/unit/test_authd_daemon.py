@@ -105,14 +105,14 @@ def test_shared_counters_are_swept_periodically() -> None:
     try:
         schema.upgrade(db.engine)
         failures.record_failure(db.engine, ["ip:192.0.2.1"], "aa", now=0, window=600)
-        assert running.sweeper.running
+        assert running.sweeping
         db.run = lambda fn, *args: calls.append((fn, *args)) or succeed(fn(*args))  # type: ignore[method-assign, assignment, func-returns-value]
         reactor = running.runtime.reactor
         reactor.advance(SWEEP_INTERVAL + 1)
         assert calls and calls[0][0] is failures.purge
         assert failures.failure_counts(db.engine, ["ip:192.0.2.1"], now=0, window=10**9) == {}
         running.stop()
-        assert not running.sweeper.running
+        assert not running.sweeping
         reactor.advance(SWEEP_INTERVAL * 3)
         assert len(calls) == 1
     finally:
@@ -122,7 +122,7 @@ def test_shared_counters_are_swept_periodically() -> None:
 def test_no_sweeper_without_sharing() -> None:
     running, db = build(config(penalty_shared=False))
     try:
-        assert not running.sweeper.running
+        assert not running.sweeping
     finally:
         db.close()
 
@@ -155,7 +155,7 @@ def test_reload_switches_the_sweep_on_and_off() -> None:
         running.reload(config(penalty_shared=True, penalty_window="20m"))
         reactor.advance(SWEEP_INTERVAL)
         assert len(calls) == 1
-        assert running.sweeper.running
+        assert running.sweeping
         assert calls[0][-1] == 1200  # the reloaded penalty_window
         reactor.advance(SWEEP_INTERVAL)
         assert len(calls) == 2
@@ -165,12 +165,12 @@ def test_reload_switches_the_sweep_on_and_off() -> None:
         running.reload(config(penalty_shared=False))
         reactor.advance(SWEEP_INTERVAL * 3)
         assert len(calls) == 3
-        assert not running.sweeper.running
+        assert not running.sweeping
         running.reload(config(penalty_shared=True))
         reactor.advance(SWEEP_INTERVAL)
         assert len(calls) == 4
         assert running.stop() is None
-        assert not running.sweeper.running
+        assert not running.sweeping
         reactor.advance(SWEEP_INTERVAL * 3)
         assert len(calls) == 4
     finally:
@@ -197,7 +197,7 @@ def test_a_failing_sweep_does_not_stop_the_next() -> None:
         for expected in (1, 2, 3, 4):
             reactor.advance(SWEEP_INTERVAL)
             assert len(calls) == expected
-        assert running.sweeper.running
+        assert running.sweeping
     finally:
         running.stop()
         db.close()

@@ -10,9 +10,11 @@ import pytest
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
+from authd.caches import SuccessCache
+from authd.logins import Verdict, VerifyRequest
 from authd.metrics import AuthdMetrics
 from authd.sasl_codec import Outcome
-from authd.verify import SuccessCache, Throttle, Verdict, Verifier, VerifyRequest, network_key
+from authd.verify import Verifier
 from mailplugins.config import AuthdConfig, PasswordConfig, parse_config
 from mailplugins.db import schema
 from mailplugins.db.engine import make_engine
@@ -278,30 +280,6 @@ def test_unusable_stored_hash_fails_without_crashing(rig: Rig) -> None:
     assert rig.verify()[0].outcome is Outcome.FAIL
 
 
-def test_throttle_table_is_bounded() -> None:
-    throttle = Throttle(threshold=1, initial=1, maximum=4, window=60, size=100)
-    for i in range(1000):
-        throttle.failure([f"user:{i}"], b"x", 0.0)
-    assert len(throttle) == 100
-    assert throttle.penalty(["user:999"], 1.0) == 1
-    assert throttle.penalty(["user:999"], 100.0) == 0  # window passed
-
-
-def test_success_cache_is_bounded() -> None:
-    cache = SuccessCache(60, 10)
-    for i in range(50):
-        cache.put(bytes([i]), None, 0.0)
-    assert len(cache) == 10
-
-
-def test_network_keys() -> None:
-    assert network_key("192.0.2.1", 48) == "ip:192.0.2.1"
-    assert network_key("2001:db8:1:2::5", 48) == "ip:2001:db8:1::/48"
-    assert network_key("::ffff:192.0.2.1", 48) == "ip:192.0.2.1"
-    assert network_key("", 48) is None
-    assert network_key("junk", 48) is None
-
-
 def test_failure_timing_does_not_reveal_whether_a_hash_ran() -> None:
     rig = Rig(failure_delay="2s")
 
@@ -350,3 +328,40 @@ def test_reload_keeps_the_injected_cache_secret() -> None:
     verifier.reload(bigger, rig.passwords)
     assert len(verifier.cache) == 0 and verifier.cache.size == bigger.cache_size
     assert verifier.cache.key(mailbox, "s3cret") == expected
+
+
+def test_a_verification_racing_a_reload_finishes_on_the_state_it_started_with() -> None:
+    """penalty_shared is switched on while a failing login waits for its mailbox: that login is
+    not shared (its state had sharing off); the next one, on the new state, is."""
+    from authd import failures
+
+    rig = Rig(penalty_shared=False)
+    pending: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+    ran: list[Any] = []
+
+    def gated(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if getattr(fn, "__name__", "") == "_load":
+            d: Deferred[Any] = Deferred()
+            pending.append((fn, args, d))
+            return d
+        ran.append(fn)
+        return sync_run(fn, *args)
+
+    rig.verifier._db_run = gated
+    results: list[Verdict] = []
+    rig.verifier.verify(VerifyRequest("alice@example.org", "wrong1", "imap", "192.0.2.1", "plain")
+                        ).addCallback(results.append)
+    assert len(pending) == 1
+    rig.verifier.reload(make_config(penalty_shared=True).authd, rig.passwords)
+    fn, args, d = pending.pop()
+    d.callback(fn(*args))
+    rig.clock.advance(5)
+    assert results and results[0].outcome is Outcome.FAIL
+    assert failures.record_failure not in ran
+
+    rig.verifier.verify(VerifyRequest("alice@example.org", "wrong2", "imap", "192.0.2.1", "plain")
+                        ).addCallback(results.append)
+    fn, args, d = pending.pop()
+    d.callback(fn(*args))
+    rig.clock.advance(5)
+    assert len(results) == 2 and failures.record_failure in ran

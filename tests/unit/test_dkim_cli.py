@@ -17,7 +17,7 @@ from mailplugins.db.dkim_models import DkimKey
 from mailplugins.db.engine import make_engine
 from mailplugins.dns_records import split_txt
 from tests.support.stubdns import StubDNS, stub_dns
-from tests.unit.test_cli import Cli
+from tests.unit.test_cli_accounts import Cli
 
 MX = "mail.example.org"
 

@@ -18,7 +18,7 @@ from mailplugins.db.engine import make_engine
 from milterd.dkim import MessageSigner
 from milterd.keys import KeyStore
 from tests.support.stubdns import StubDNS, stub_dns
-from tests.unit.test_cli import Cli
+from tests.unit.test_cli_accounts import Cli
 from tests.unit.test_dkim_cli import _zone_record
 
 HEADERS = [("From", " Alice <alice@example.org>"), ("To", " bob@example.net"),

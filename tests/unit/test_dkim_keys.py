@@ -22,7 +22,7 @@ from mailplugins.dkim_keys import (
     parse_tags,
     signing_ids,
 )
-from mailplugins.store import AlreadyExists, NotFound, StoreError
+from mailplugins.records import AlreadyExists, NotFound, StoreError
 from tests.support.sync import migrated_engine
 
 

@@ -19,6 +19,7 @@ from mailplugins.config.policy_state import (
     parse_greylist,
 )
 from mailplugins.db.policy_models import GreylistClient, GreylistEntry
+from mailplugins.timers import Timers
 from policyd.codec import PolicyRequest
 from policyd.greylist import (
     Greylister,
@@ -286,11 +287,13 @@ def test_purge_timer_runs_in_the_pool(engine: Engine) -> None:
 
     c = StatefulChecks(engine=engine, db_run=run, spf_run=None, clock=clock, budget=2.0,
                        greylist=GreylistConfig(purge_interval=60))
-    c.start()
+    timers = Timers(clock)
+    timers.startService()
+    timers.want(c.periodic())
     assert calls == []
     clock.advance(60)
     assert calls == ["purge"]
-    c.stop()
+    timers.stopService()
     clock.advance(120)
     assert calls == ["purge"]
 

@@ -124,7 +124,16 @@ def test_daemon_builds_listeners_and_reloads() -> None:
             ("milterd.listen[0]", "tcp:0:interface=127.0.0.1"),
             ("milterd.listen[1]", "unix:/tmp/mp-m.sock"),
         ]
+        before = running.factory.buildProtocol(None)
+        old_checks = running.checks
         running.reload(config(max_connections=7, authserv_id="other.example"))
+        # A connection open before the reload keeps its checks and settings; a new one gets
+        # the new ones, together.
+        assert before._checks is old_checks and before._config.authserv_id == "mx.example.test"
+        after = running.factory.buildProtocol(None)
+        assert after._checks is running.checks is not old_checks
+        assert after._config.authserv_id == running.checks.authserv_id == "other.example"
+        assert running.timers.names() == [] and running.services.running
         assert running.limit.maximum == 7
         assert [limited.limit for limited in running.limited] == [running.limit] * 2
         assert running.checks.authserv_id == "other.example"
@@ -132,6 +141,7 @@ def test_daemon_builds_listeners_and_reloads() -> None:
         text = metrics.render().decode()
         assert "mailplugins_milterd_dns_cache_entries 0.0" in text
         assert running.stop() is None
+        assert not running.services.running
     finally:
         db.close()
 

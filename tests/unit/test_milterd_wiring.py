@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailplugins.doctor import PostfixLive, check_postfix, milter_problem
-from mailplugins.generators import PostfixOptions, PostfixSnippet, postfix_config
-from tests.unit.test_doctor import GOOD_M, GOOD_N, GOOD_P, POSTCONF_D
-from tests.unit.test_generators import make_config
+from mailplugins.wiring.doctor import check_postfix, milter_problem
+from mailplugins.wiring.live import PostfixLive
+from mailplugins.wiring.postfix import PostfixOptions, PostfixSnippet, postfix_config
+from tests.unit.test_wiring_doctor import GOOD_M, GOOD_N, GOOD_P, POSTCONF_D
+from tests.unit.test_wiring_postfix import make_config
 
 MILTER = "unix:/var/spool/postfix/private/mailplugins-milter:mode=660"
 OPTIONS = PostfixOptions(domain_names=("example.org", "example.net"))
@@ -73,7 +74,7 @@ def test_milter_default_action_falls_back_to_the_global_one() -> None:
 
 
 def test_doctor_probes_milterd_too(tmp_path: Path) -> None:
-    from mailplugins.doctor import probe_daemons
+    from mailplugins.wiring.probe import probe_daemons
 
     config = make_config(policyd=None, authd=None, deliver=None,
                          milterd={"listen": f"unix:{tmp_path}/milter.sock"})

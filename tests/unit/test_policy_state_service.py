@@ -7,8 +7,10 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 
 from mailplugins.config import parse_config
-from mailplugins.config.policy_state import GreylistConfig, RateLimitConfig, RateRule, Window
+from mailplugins.config.policy_state import GreylistConfig, RateLimitConfig, RateRule, SPFConfig, Window
 from policyd.message_checks import StatefulChecks
+from policyd.service import Snapshot
+from policyd.spf import SPFResult
 from tests.unit.test_policyd_fixtures import Harness, rcpt
 
 T0 = 1_800_000_000.0
@@ -88,3 +90,36 @@ def test_config_sections_reach_the_policyd_config() -> None:
     bare = parse_config({"database": {"url": "sqlite://"},
                          "policyd": {"listen": "tcp:0:interface=127.0.0.1"}}).policyd
     assert bare is not None and (bare.greylist, bare.ratelimit, bare.spf) == (None, None, None)
+
+
+def test_a_request_racing_a_reload_decides_with_the_snapshot_it_started_with() -> None:
+    """Greylisting is switched off while a request waits for SPF: it is still greylisted (its
+    snapshot had greylisting), and the next request, on the new snapshot, is not."""
+    h = Harness()
+    h.clock.advance(T0)
+    pending: list[Deferred[Any]] = []
+
+    def spf_run(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        pending.append(d)
+        return d
+
+    stateful = StatefulChecks(
+        engine=h.store.engine, db_run=lambda fn, *a, **k: maybeDeferred(fn, *a, **k),
+        spf_run=spf_run, clock=h.clock, budget=2.0,
+        greylist=GreylistConfig(hostname="mx.example.org"), spf=SPFConfig(receiver="mx.example.org"),
+    )
+    h.service.stateful = stateful
+    before: list[str] = []
+    h.service.decide(rcpt(instance="a.1")).addCallback(before.append)
+    assert before == [] and len(pending) == 1
+
+    checks = stateful.configure(None, None, SPFConfig(receiver="mx.example.org"), 2.0, "+")
+    h.service.swap(Snapshot(h.config, h.lookups, checks))
+    pending.pop().callback(SPFResult("neutral", "Neutral (test)"))
+    assert len(before) == 1 and before[0].startswith("DEFER_IF_PERMIT 4.7.1 Greylisted")
+
+    after: list[str] = []
+    h.service.decide(rcpt(instance="b.1")).addCallback(after.append)
+    pending.pop().callback(SPFResult("neutral", "Neutral (test)"))
+    assert after == ["PREPEND Received-SPF: Neutral (test)"]

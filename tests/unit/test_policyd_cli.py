@@ -12,7 +12,7 @@ import yaml
 from mailplugins.config import load_config
 from mailplugins.db.engine import make_engine
 from policyd.sql.ratelimit import RateKey, rate_check
-from tests.unit.test_cli import Cli
+from tests.unit.test_cli_accounts import Cli
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from mailplugins.config import Config, parse_config
@@ -95,4 +97,64 @@ def test_max_connections_is_one_cap_across_listeners() -> None:
         assert refused.disconnecting  # two open in the daemon, one on each listener: full
         assert running.limit.open == 2
     finally:
+        db.close()
+
+
+GREYLIST = {"hostname": "mx.example.org", "purge_interval": "10m"}
+RATELIMIT = {"rules": {"r": {"windows": [{"period": "1h", "messages": 5}]}}, "purge_interval": "5m"}
+
+
+def purge_interval(running: RunningPolicyd) -> float | None:
+    from mailplugins.timers import PeriodicService
+
+    if "purge" not in running.timers.names():
+        return None
+    timer = running.timers.getServiceNamed("purge")
+    assert isinstance(timer, PeriodicService) and timer.running
+    return timer.interval
+
+
+@pytest.mark.parametrize(("section", "interval"), [
+    ({"greylist": GREYLIST}, 600.0),
+    ({"ratelimit": RATELIMIT}, 300.0),
+    ({"greylist": GREYLIST, "ratelimit": RATELIMIT}, 300.0),
+])
+def test_reload_starts_and_stops_the_purge_with_its_settings(section: dict[str, Any],
+                                                             interval: float) -> None:
+    running, db = build(config())
+    try:
+        assert running.timers.names() == []
+        running.reload(config(**section))
+        assert purge_interval(running) == interval
+        running.reload(config())
+        assert running.timers.names() == []
+        running.reload(config(**section))
+        assert purge_interval(running) == interval
+        running.stop()
+        assert not running.timers.running
+    finally:
+        db.close()
+
+
+def test_a_purge_built_at_start_runs_and_follows_reloads() -> None:
+    running, db = build(config(greylist=GREYLIST))
+    try:
+        assert purge_interval(running) == 600.0
+        running.reload(config(greylist={**GREYLIST, "purge_interval": "2m"}))
+        assert purge_interval(running) == 120.0
+        stateful = running.service.stateful
+        assert stateful is not None
+        seen: list[Any] = []
+
+        def purge_now(checks: Any = None) -> Deferred[Any]:
+            seen.append(checks)
+            return succeed(None)
+
+        stateful.purge_now = purge_now  # type: ignore[method-assign]
+        running.reload(config(greylist={**GREYLIST, "purge_interval": "2m"}, cache_ttl="5s"))
+        reactor = running.runtime.reactor
+        reactor.advance(120)
+        assert seen == [running.service.snapshot.checks]  # the latest settings' purge
+    finally:
+        running.stop()
         db.close()

@@ -216,3 +216,27 @@ def test_unknown_context_is_reported_once() -> None:
     noted = [e for e in events if e.get("context") == "submision"]
     assert len(noted) == 1
     assert not [e for e in events if e.get("context") == "submission"]
+
+
+def test_a_request_racing_a_reload_finishes_on_its_snapshot() -> None:
+    """The reload swaps settings and lookups while a RCPT waits for the database: that request
+    ends with its own snapshot's settings and lookups; the next one uses the new ones."""
+    from policyd.lookups import Lookups
+    from policyd.service import Snapshot
+    from tests.unit.test_policyd_fixtures import policyd_config
+
+    run = ManualRun()
+    h = Harness(run=run)
+    results: list[str] = []
+    h.handle(recipient="nobody@example.org").addCallback(results.append)
+    assert results == [] and run.calls
+    new_run = ManualRun()
+    new_lookups = Lookups(h.store, new_run, h.clock.seconds, ttl=30)
+    h.service.swap(Snapshot(policyd_config(recipient_validation=False), new_lookups))
+    run.complete_all()
+    assert len(results) == 1 and results[0].startswith("550 ")  # its validation, its lookups
+    assert new_run.calls == []
+    after: list[str] = []
+    h.handle(recipient="nobody@example.org").addCallback(after.append)
+    new_run.complete_all()
+    assert after == ["DUNNO"]  # the new snapshot: validation off, the new lookups asked

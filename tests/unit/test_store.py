@@ -12,7 +12,8 @@ from sqlalchemy import Engine
 from mailplugins.addresses import parse_address
 from mailplugins.db import schema
 from mailplugins.db.tables import metadata
-from mailplugins.store import AlreadyExists, NotFound, Store, StoreError
+from mailplugins.records import AlreadyExists, NotFound, StoreError
+from mailplugins.store import Store
 from tests.support.sync import migrated_engine
 
 

@@ -1,4 +1,4 @@
-"""The Postfix and Dovecot snippets as pure functions of a Config (mailplugins.generators)."""
+"""The Postfix snippet as a pure function of a Config (mailplugins.wiring.postfix); the commands."""
 
 from __future__ import annotations
 
@@ -7,16 +7,7 @@ from typing import Any
 import pytest
 
 from mailplugins.config import Config, parse_config
-from mailplugins.generators import (
-    DovecotOptions,
-    PostfixOptions,
-    dovecot_conf_text,
-    dovecot_config,
-    parse_endpoint,
-    postfix_config,
-    render_dovecot,
-    render_postfix,
-)
+from mailplugins.wiring.postfix import PostfixOptions, postfix_config, render_postfix
 
 LUA = 'local url = "http://127.0.0.1:9643/verify"\nfunction auth_password_verify(req, pass) end\n'
 
@@ -44,37 +35,6 @@ def make_config(**overrides: Any) -> Config:
         else:
             raw[key] = value
     return parse_config(raw, "/etc/mailplugins/mailplugins.yaml")
-
-
-# -- endpoints ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "kind", "where"),
-    [
-        ("unix:/var/spool/postfix/private/x:mode=660", "unix", "/var/spool/postfix/private/x"),
-        ("unix:address=/run/a.sock:lockfile=0", "unix", "/run/a.sock"),
-        ("tcp:9640:interface=127.0.0.1", "inet", "127.0.0.1:9640"),
-        ("tcp:port=9640:interface=192.0.2.7", "inet", "192.0.2.7:9640"),
-        ("tcp6:9640:interface=\\:\\:1", "inet", "[::1]:9640"),
-        ("tcp:9640", "inet", "127.0.0.1:9640"),
-        ("systemd:domain=UNIX:name=policy", "unix", "/var/spool/postfix/private/mailplugins-policy"),
-        ("systemd:domain=INET:name=http", "inet", "127.0.0.1:9643"),
-    ],
-)
-def test_parse_endpoint(text: str, kind: str, where: str) -> None:
-    endpoint = parse_endpoint(text)
-    assert endpoint.kind == kind
-    assert (endpoint.path if kind == "unix" else endpoint.inet()) == where
-
-
-@pytest.mark.parametrize("text", ["ssl:443", "systemd:domain=UNIX:name=mine", "unix:", "tcp:x"])
-def test_parse_endpoint_refuses(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_endpoint(text)
-
-
-# -- Postfix -----------------------------------------------------------------------------------------
 
 
 def test_postfix_sockets_are_relative_to_the_queue_directory() -> None:
@@ -214,140 +174,6 @@ def test_render_postfix_is_main_cf_then_master_cf() -> None:
     assert "/etc/mailplugins/mailplugins.yaml" in text.splitlines()[0]
 
 
-# -- Dovecot -----------------------------------------------------------------------------------------
-
-
-def test_dovecot_dict_passdb_and_userdb() -> None:
-    snippet = dovecot_config(make_config(), DovecotOptions())
-    settings = {s.name: s.value for s in snippet.settings}
-    assert settings["mail_location"] == "maildir:/var/vmail/%d/%n/Maildir"
-    assert settings["mail_uid"] == "5000"
-    assert settings["ssl"] == "required"
-    assert settings["auth_mechanisms"] == "plain login"
-    args = "/etc/dovecot/mailplugins-dict-auth.conf.ext"
-    assert snippet.passdbs == ({"driver": "dict", "args": args},)
-    assert snippet.userdbs == ({"driver": "dict", "args": args},)
-    (ext,) = snippet.files
-    assert ext.path == args
-    assert "uri = proxy:/run/mailplugins/dict.sock:auth" in ext.text.splitlines()
-    assert "idle_msecs" not in ext.text.replace("No idle_msecs", "")
-    assert "  key = passdb/%s/%u" in ext.text.splitlines()
-    assert "  key = userdb/%u" in ext.text.splitlines()
-
-
-def test_dovecot_lua_points_at_the_installed_script_when_the_url_matches() -> None:
-    options = DovecotOptions(lua=True, lua_script="/usr/lib/x/authd/lua/mailplugins-auth.lua",
-                             lua_script_text=LUA)
-    snippet = dovecot_config(make_config(), options)
-    assert snippet.passdbs == (
-        {"driver": "lua", "args": "file=/usr/lib/x/authd/lua/mailplugins-auth.lua blocking=yes"},)
-    assert snippet.userdbs[0]["driver"] == "dict"
-    assert [f.path for f in snippet.files] == ["/etc/dovecot/mailplugins-dict-auth.conf.ext"]
-
-
-def test_dovecot_lua_copy_with_the_configured_url() -> None:
-    config = make_config(authd={"http_listen": "tcp:9700:interface=127.0.0.1"})
-    options = DovecotOptions(lua=True, lua_script="/pkg/mailplugins-auth.lua", lua_script_text=LUA)
-    snippet = dovecot_config(config, options)
-    assert snippet.passdbs[0]["args"] == "file=/etc/dovecot/mailplugins-auth.lua blocking=yes"
-    lua = next(f for f in snippet.files if f.path.endswith(".lua"))
-    assert 'local url = "http://127.0.0.1:9700/verify"' in lua.text
-
-
-def test_dovecot_lua_without_dict_uses_a_static_userdb_and_warns() -> None:
-    config = make_config(authd={"dict_listen": None})
-    snippet = dovecot_config(config, DovecotOptions(lua=True, lua_script="/s.lua", lua_script_text=LUA))
-    (userdb,) = snippet.userdbs
-    assert userdb["driver"] == "static"
-    assert "home=/var/vmail/%d/%n " in userdb["args"]
-    assert "mail=maildir:/var/vmail/%d/%n/Maildir" in userdb["args"]
-    assert snippet.warnings
-
-
-def test_dovecot_errors() -> None:
-    with pytest.raises(ValueError, match="authd is not configured"):
-        dovecot_config(make_config(authd=None))
-    with pytest.raises(ValueError, match="dict_listen"):
-        dovecot_config(make_config(authd={"dict_listen": None}))
-    with pytest.raises(ValueError, match="Lua script"):
-        dovecot_config(make_config(), DovecotOptions(lua=True))
-    with pytest.raises(ValueError, match="unix socket"):
-        dovecot_config(make_config(authd={"dict_listen": "tcp:9000:interface=127.0.0.1"}))
-
-
-def test_dovecot_auth_socket_for_postfix_when_authd_has_no_sasl() -> None:
-    snippet = dovecot_config(make_config(authd={"sasl_listen": None}))
-    assert any("unix_listener /var/spool/postfix/private/auth" in block for block in snippet.blocks)
-    main = postfix_config(make_config(authd={"sasl_listen": None}),
-                          PostfixOptions(domain_names=("a.example",))).main_dict()
-    assert main["smtpd_sasl_path"] == "private/auth"
-
-
-def test_render_dovecot() -> None:
-    snippet = dovecot_config(make_config())
-    text = render_dovecot(snippet)
-    assert "passdb {\n  driver = dict\n  args = /etc/dovecot/mailplugins-dict-auth.conf.ext\n}" in text
-    assert "uri = proxy:" in text
-    assert "uri = proxy:" not in dovecot_conf_text(snippet)
-    # last_login through authd's dict socket, on 2.3 as on 2.4.
-    assert "  last_login_dict = proxy:/run/mailplugins/dict.sock:lastlogin\n" in text
-
-
-def _d24(config: Config | None = None, **options: Any) -> Any:
-    return dovecot_config(config or make_config(), DovecotOptions(
-        version="2.4", lua_script="/usr/lib/x/authd/lua/mailplugins-auth.lua", lua_script_text=LUA,
-        **options))
-
-
-def test_dovecot24_names_named_lua_blocks_and_translated_paths() -> None:
-    snippet = _d24()
-    assert [s.name for s in snippet.settings][:2] == ["dovecot_config_version", "dovecot_storage_version"]
-    settings = {s.name: s.value for s in snippet.settings}
-    assert settings["dovecot_config_version"] == "2.4.0"  # Debian 13's dovecot.conf says 2.4.0
-    assert settings["auth_allow_cleartext"] == "no"
-    assert settings["ssl_server_cert_file"] == "/etc/ssl/certs/ssl-cert-snakeoil.pem"
-    assert settings["mail_driver"] == "maildir"
-    assert settings["mail_home"] == "/var/vmail/%{user | domain | lower}/%{user | username | lower}"
-    assert settings["mail_path"] == (
-        "/var/vmail/%{user | domain | lower}/%{user | username | lower}/Maildir")
-    assert settings["mail_inbox_path"] == settings["mail_path"]
-    for gone in ("mail_location", "disable_plaintext_auth", "ssl_cert", "ssl_key"):
-        assert gone not in settings
-    lua = {"name": "lua", "driver": "lua", "lua_file": "/usr/lib/x/authd/lua/mailplugins-auth.lua"}
-    assert snippet.passdbs == (lua,) and snippet.userdbs == (lua,)
-    text = dovecot_conf_text(snippet)
-    assert "passdb lua {\n  lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua\n}" in text
-    assert "userdb lua {\n  lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua\n}" in text
-    assert "dict_proxy_socket_path = /run/mailplugins/dict.sock" in text  # last_login
-    assert "allow_all_users" not in text and "driver = dict" not in text
-    assert "%d" not in text and "%n" not in text and "%u" not in text
-    body = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert body[0] == "dovecot_config_version = 2.4.0"
-
-
-def test_dovecot24_refuses_an_untranslatable_location_naming_the_key() -> None:
-    config = make_config(mail={"location": "/var/vmail/x%%n/%n"})  # a literal "%n" directory
-    with pytest.raises(ValueError, match=r"^mail\.location: "):
-        _d24(config)
-
-
-def test_dovecot24_needs_the_http_listener() -> None:
-    with pytest.raises(ValueError, match="http_listen"):
-        _d24(make_config(authd={"http_listen": None}))
-
-
-def test_dovecot24_without_dict_has_no_last_login() -> None:
-    text = dovecot_conf_text(_d24(make_config(authd={"dict_listen": None})))
-    assert "last_login" not in text and "passdb lua {" in text
-
-
-def test_dovecot24_lua_copy_with_the_configured_url() -> None:
-    snippet = _d24(make_config(authd={"http_listen": "tcp:9700:interface=127.0.0.1"}))
-    assert snippet.passdbs[0]["lua_file"] == "/etc/dovecot/mailplugins-auth.lua"
-    (lua,) = snippet.files
-    assert 'local url = "http://127.0.0.1:9700/verify"' in lua.text
-
-
 def test_release_parsing() -> None:
     from mailplugins.releases import detect_dovecot, detect_postfix, dovecot_release, postfix_release
 
@@ -454,91 +280,6 @@ def test_dashboard_uses_only_exported_metrics() -> None:
                 and not re.search(r"_(config_last_reload_.*|connections_total|open_connections)$", n)}
     shown = {n.removesuffix("_bucket") for n in used}
     assert sorted(specific - shown) == []
-
-
-# -- the commands --------------------------------------------------------------------------------------
-
-
-def _cli(tmp_path: Any, *args: str, authd: bool = True) -> tuple[int, str, str]:
-    import io
-
-    import yaml
-
-    from mailplugins.cli import main
-
-    config = tmp_path / "mailplugins.yaml"
-    data: dict[str, Any] = {
-        "database": {"url": f"sqlite:///{tmp_path}/mail.db"},
-        "mail": {"location": "/var/vmail/%d/%n/Maildir", "uid": 5000, "gid": 5000},
-        "deliver": {"listen": "systemd:domain=UNIX:name=lmtp"},
-    }
-    if authd:
-        data["authd"] = {"sasl_listen": "systemd:domain=UNIX:name=sasl",
-                         "dict_listen": "systemd:domain=UNIX:name=dict"}
-    config.write_text(yaml.safe_dump(data))
-    out, err = io.StringIO(), io.StringIO()
-    status = main(["--config", str(config), *args], io.StringIO(""), out, err)
-    return status, out.getvalue(), err.getvalue()
-
-
-def test_dovecot_config_command_for_another_release(tmp_path: Any) -> None:
-    status, out, err = _cli(tmp_path, "dovecot-config", "--dovecot-version", "2.4")
-    # The test config has no http_listen: 2.4 needs it, said in one line, exit 2.
-    assert (status, out) == (2, "")
-    assert err == ("mailplugins: authd.http_listen is not set: Dovecot 2.4 has no dict passdb, "
-                   "it asks authd over HTTP (Lua)\n")
-    status, out, err = _cli(tmp_path, "dovecot-config", "--dovecot-version", "2.2")
-    assert status == 2 and err.startswith("mailplugins: Dovecot 2.2 is not supported")
-    status, out, err = _cli(tmp_path, "dovecot-config", "--dovecot-version", "2.3")
-    assert status == 0 and "# For Dovecot 2.3" in out and "mail_location = " in out
-
-
-def test_without_dovecot_installed_the_release_must_be_named(tmp_path: Any, monkeypatch: Any) -> None:
-    assert _cli(tmp_path, "db", "upgrade")[0] == 0
-    monkeypatch.setenv("PATH", str(tmp_path))  # no dovecot, no postconf
-    status, out, err = _cli(tmp_path, "dovecot-config")
-    assert (status, out) == (2, "")
-    assert err == ("mailplugins: cannot run 'dovecot --version': give --dovecot-version 2.3 or 2.4\n")
-    status, out, err = _cli(tmp_path, "postfix-config", "--domains", "list")
-    assert (status, err) == (2, "mailplugins: cannot run 'postconf -d -h mail_version': give "
-                                "--postfix-version\n")
-    status, out, err = _cli(tmp_path, "postfix-config", "--domains", "list", "--postfix-version", "3.10")
-    assert status == 0 and out.count("# For Postfix 3.10 ") == 1
-
-
-def test_postfix_config_command_lists_the_database_domains(tmp_path: Any) -> None:
-    assert _cli(tmp_path, "db", "upgrade")[0] == 0
-    assert _cli(tmp_path, "domain", "add", "b.example")[0] == 0
-    assert _cli(tmp_path, "domain", "add", "a.example")[0] == 0
-    status, out, err = _cli(tmp_path, "postfix-config", "--submission", "127.0.0.1:2587", "--no-chroot")
-    assert status == 0, err
-    assert "\nvirtual_mailbox_domains = a.example, b.example\n" in out
-    assert "\nvirtual_transport = lmtp:unix:private/mailplugins-deliver\n" in out
-    assert "\n127.0.0.1:2587 inet  n       -       n" in out
-    assert "# WARNING: policyd is not configured" in out
-
-
-def test_dovecot_config_command_writes_its_files(tmp_path: Any) -> None:
-    target = tmp_path / "dovecot"
-    status, out, err = _cli(tmp_path, "dovecot-config", "--write", "--dovecot-directory", str(target))
-    assert status == 0, err
-    conf = target / "conf.d" / "99-mailplugins.conf"
-    ext = target / "mailplugins-dict-auth.conf.ext"
-    assert out.splitlines() == [f"wrote {conf}", f"wrote {ext}"]
-    assert f"args = {ext}" in conf.read_text()
-    assert "uri = proxy:/run/mailplugins/dict.sock:auth" in ext.read_text()
-    assert ext.stat().st_mode & 0o777 == 0o640
-    import grp
-    import os
-
-    if os.geteuid() == 0:  # the dovecot group may read it (Debian's dovecot-core makes the group)
-        assert ext.stat().st_gid == grp.getgrnam("dovecot").gr_gid
-
-
-def test_dovecot_config_without_authd_is_a_usage_error(tmp_path: Any) -> None:
-    status, out, err = _cli(tmp_path, "dovecot-config", authd=False)
-    assert (status, out) == (2, "")
-    assert err == "mailplugins: authd is not configured: Dovecot needs authd's dict or HTTP listener\n"
 
 
 def test_mynetworks_follow_policyd() -> None:

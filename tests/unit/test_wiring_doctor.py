@@ -1,4 +1,4 @@
-"""Doctor logic on canned ``postconf``/``doveconf`` output (mailplugins.doctor)."""
+"""Doctor logic on canned ``postconf``/``doveconf`` output (mailplugins.wiring.doctor)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,18 @@ from typing import Any
 
 import pytest
 
-from mailplugins.doctor import (
+from mailplugins.wiring.doctor import check_domains, check_dovecot, check_postfix, split_restrictions
+from mailplugins.wiring.dovecot import DovecotOptions, dovecot_config
+from mailplugins.wiring.live import (
     DovecotLive,
     PostfixLive,
-    check_domains,
-    check_dovecot,
-    check_postfix,
     parse_doveconf,
     parse_postconf,
     parse_postconf_master,
     parse_postconf_params,
-    split_restrictions,
 )
-from mailplugins.generators import (
-    DovecotOptions,
-    PostfixOptions,
-    PostfixSnippet,
-    dovecot_config,
-    postfix_config,
-)
-from tests.unit.test_generators import make_config
+from mailplugins.wiring.postfix import PostfixOptions, PostfixSnippet, postfix_config
+from tests.unit.test_wiring_postfix import make_config
 
 POSTCONF_D = """\
 virtual_mailbox_domains = $virtual_mailbox_maps
@@ -314,7 +306,7 @@ def test_dovecot_extra_and_missing_passdb() -> None:
 
 
 def test_dovecot_files_compared_without_comments_and_spacing() -> None:
-    from mailplugins.doctor import check_dovecot_files
+    from mailplugins.wiring.doctor import check_dovecot_files
 
     snippet = dovecot_config(make_config())
     (generated,) = snippet.files
@@ -337,7 +329,7 @@ def test_dovecot_files_compared_without_comments_and_spacing() -> None:
 def test_probe_daemons(tmp_path: Any) -> None:
     import socket
 
-    from mailplugins.doctor import probe_daemons
+    from mailplugins.wiring.probe import probe_daemons
 
     listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listening.bind(str(tmp_path / "policy.sock"))
@@ -466,7 +458,7 @@ def test_23_variables_in_a_23_config_are_fine_and_a_release_mismatch_is_named() 
 def test_mail_left_under_a_mixed_case_directory_is_reported(tmp_path: Any) -> None:
     from types import SimpleNamespace
 
-    from mailplugins.doctor import check_mailbox_paths
+    from mailplugins.wiring.doctor import check_mailbox_paths
 
     location = f"{tmp_path}/%d/%n/Maildir"
     alice = SimpleNamespace(address="Alice@example.org", local_part="Alice", domain="example.org")
