@@ -468,7 +468,11 @@ class App:
                 checked.append("postfix")
             if not self.args.no_dovecot:
                 dsnippet = dovecot_config(self.config, self._dovecot_options())
-                findings += doctor.check_dovecot(dsnippet, doctor.run_doveconf(self.args.dovecot_config))
+                from mailplugins.dict_socket import check_dict_socket
+
+                dlive = doctor.run_doveconf(self.args.dovecot_config)
+                findings += doctor.check_dovecot(dsnippet, dlive)
+                findings += check_dict_socket(self.config, dlive)
                 findings += doctor.check_dovecot_files(dsnippet)
                 findings += doctor.check_mailbox_paths(self.config.mail.location,
                                                        self.store.iter_mailboxes())
