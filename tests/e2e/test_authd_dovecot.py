@@ -315,6 +315,7 @@ def stack(release: Release) -> Iterator[Stack]:
                 "metrics": f"tcp:{metrics_port}:interface=127.0.0.1",
                 "failure_delay": "0.2s",
                 "penalty_threshold": 100,
+                "master_user_separator": "*",
             },
             "deliver": {"listen": f"unix:{lmtp_socket}:mode=666", "hostname": "deliver.test"},
         },
@@ -328,6 +329,19 @@ def stack(release: Release) -> Iterator[Stack]:
     store.add_mailbox("carol@example.org", hash_password("carol-pw", passwords))
     store.set_enabled("carol@example.org", False)
     store.add_app_password("alice@example.org", "laptop", hash_password("app-pw", passwords), ["imap"])
+    # A master user, and dave with one message for it to find (the generated master passdb).
+    store.add_mailbox("admin@example.org", hash_password("master-pw", passwords))
+    store.set_master("admin@example.org", True)
+    store.add_mailbox("dave@example.org", hash_password("dave-pw", passwords))
+    dave = Path(expand_location(daemons.config.mail.location, "dave", "example.org"))
+    for sub in ("cur", "new", "tmp"):
+        (dave / sub).mkdir(parents=True)
+    (dave / "new" / "1700000000.M1P1.test").write_bytes(
+        b"From: x@example.net\r\nSubject: for dave\r\n\r\nhello dave\r\n")
+    for directory, _dirs, files in os.walk(vmail):
+        os.chown(directory, NOBODY.pw_uid, NOBODY.pw_gid)
+        for name in files:
+            os.chown(os.path.join(directory, name), NOBODY.pw_uid, NOBODY.pw_gid)
     etc = root / "etc"
     etc.mkdir()
     cert, key = make_cert(root)
@@ -450,7 +464,8 @@ def test_doveadm_user_fields_and_iteration(stack: Stack) -> None:
         assert fields["mail"] == f"maildir:{location}"
     listed = stack.dovecot.doveadm("user", "*")
     assert listed.returncode == 0, listed.stderr + stack.logs()
-    assert listed.stdout.split() == ["alice@example.org", "bob@example.org"]
+    assert listed.stdout.split() == ["admin@example.org", "alice@example.org", "bob@example.org",
+                                     "dave@example.org"]
     assert stack.dovecot.doveadm("user", "nobody@example.org").returncode == 67  # EX_NOUSER
 
 
@@ -501,6 +516,47 @@ def _dict_sets(stack: Stack) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("mailplugins_authd_dict_requests_total{")
                and 'command="commit"' in line and 'result="ok"' in line)
+
+
+def _generated_dict_dovecot(stack: Stack) -> Dovecot:
+    """Dovecot 2.3 with dovecot-config's default (dict) wiring against the stack's authd."""
+    etc = stack.root / "etc-dict"
+    etc.mkdir()
+    cert, key = make_cert(etc)
+    snippet = dovecot_config(stack.daemons.config, DovecotOptions(
+        version="2.3", config_directory=str(etc), tls_cert=str(cert), tls_key=str(key)))
+    for generated in snippet.files:
+        Path(generated.path).write_text(generated.text)
+    plaintext = "ssl = no\ndisable_plaintext_auth = no\nauth_failure_delay = 0\n"
+    return Dovecot(stack.root / "dc-dict", conf=dovecot_conf_text(snippet) + plaintext,
+                   release=stack.dovecot.release).start()
+
+
+def test_generated_master_passdb_logs_a_master_user_in(stack: Stack) -> None:
+    """dovecot-config writes the master passdb (and auth_master_user_separator from
+    authd.master_user_separator): imapsync-style logins as dave, on 2.4 (Lua) and on 2.3 with
+    both generated routes (Lua, and the default dict route)."""
+    dovecots = [stack.dovecot]
+    if stack.release == "2.3":
+        dovecots.append(_generated_dict_dovecot(stack))
+    try:
+        for dovecot in dovecots:
+            logs = f"{dovecot.log_text()[-3000:]}\n{stack.daemons.output()[-2000:]}"
+            assert imap_login(dovecot, "dave@example.org*admin@example.org", "master-pw") \
+                == "OK b'1'", logs
+            assert imap_master_plain(dovecot, "dave@example.org", "admin@example.org",
+                                     "master-pw") == "OK b'1' b'1'", logs
+            assert imap_login(dovecot, "admin@example.org", "master-pw") == "OK b'0'", logs
+            # Not a master user; a wrong master password; a mailbox that does not exist.
+            assert imap_login(dovecot, "dave@example.org*alice@example.org", "alice-pw") \
+                .startswith("NO")
+            assert imap_login(dovecot, "dave@example.org*admin@example.org", "wrong") \
+                .startswith("NO")
+            assert imap_master_plain(dovecot, "nobody@example.org", "admin@example.org",
+                                     "master-pw").startswith("NO")
+    finally:
+        for dovecot in dovecots[1:]:
+            dovecot.stop()
 
 
 def test_authd_down_is_a_temporary_failure(stack: Stack) -> None:
