@@ -107,10 +107,12 @@ class SharedWrites:
 
 
 def shared_writes_for(reactor: Any, database: Database, written: Counter) -> SharedWrites:
-    """The daemon's writer: one thread, and one connection of its own (an in-memory SQLite
-    database, tests only, is one shared connection: the writer uses it too)."""
+    """The daemon's writer: one thread, and one connection of its own. An in-memory SQLite
+    database (tests only) is one connection that one thread at a time may use: there the writer
+    batches through the database pool."""
     config = database.config
-    in_memory = config.is_sqlite and (":memory:" in config.url or config.url == "sqlite://")
-    engine = database.engine if in_memory else make_engine(dataclasses.replace(config, pool_size=1))
+    if config.is_sqlite and (":memory:" in config.url or config.url == "sqlite://"):
+        return SharedWrites(database.run, database.engine, written)
+    engine = make_engine(dataclasses.replace(config, pool_size=1))
     pool = WorkerPool(reactor, "authd-shared-writes", 1)
     return SharedWrites(pool.run, engine, written, pool=pool)
