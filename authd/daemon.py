@@ -17,6 +17,7 @@ from authd.dict import DictBackend, DictFactory
 from authd.http import VerifyResource, VerifySite
 from authd.metrics import AuthdMetrics
 from authd.sasl import AuthClientFactory
+from authd.shared_writes import shared_writes_for
 from authd.verify import Verifier
 from mailplugins.config import AuthdConfig, Config
 from mailplugins.connections import ConnectionLimit, LimitedFactory
@@ -124,6 +125,7 @@ class AuthdPlugin:
             passwords=config.passwords,
             metrics=metrics,
             db_timeout=db.timeout,
+            shared_writes=shared_writes_for(runtime.reactor, db, metrics.shared_writes),
         )
         sasl = AuthClientFactory(
             verifier=verifier, config=section, metrics=metrics, clock=runtime.reactor

@@ -14,9 +14,10 @@ All functions here block; the verifier runs them in the database pool.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
-from sqlalchemy import Engine, case, delete, select
+from sqlalchemy import Connection, Engine, case, delete, select
 
 from mailplugins.db.auth_models import AuthFailure
 from mailplugins.db.upsert import upsert_stmt
@@ -25,22 +26,56 @@ from mailplugins.ttlcache import TTLCache
 TABLE = AuthFailure.__table__
 
 
+@dataclass(frozen=True)
+class RecordFailure:
+    """One failure to count for each key (see :func:`record_failure`)."""
+
+    keys: tuple[str, ...]
+    fingerprint: str
+    now: int
+    window: int
+
+
+@dataclass(frozen=True)
+class ClearLogin:
+    """A successful login forgives the login's own failures (see :func:`clear`)."""
+
+    key: str
+
+
+SharedWrite = RecordFailure | ClearLogin
+
+
 def record_failure(engine: Engine, keys: Iterable[str], fingerprint: str, now: int, window: int) -> None:
     """Count one failure for each key, atomically; a row older than ``window`` restarts at 1."""
-    stale = now - window
     with engine.begin() as conn:
-        for key in keys:
-            conn.execute(upsert_stmt(
-                conn, TABLE,
-                {"key": key, "failures": 1, "last_seen": now, "fingerprint": fingerprint},
-                ["key"],
-                {
-                    # First: it reads last_seen and fingerprint before they are overwritten.
-                    "failures": lambda c, new: _next_count(c, new, stale),
-                    "last_seen": lambda c, new: new.last_seen,
-                    "fingerprint": lambda c, new: new.fingerprint,
-                },
-            ))
+        _record(conn, keys, fingerprint, now, window)
+
+
+def write_batch(engine: Engine, writes: Sequence[SharedWrite]) -> None:
+    """Apply ``writes`` in order in one transaction: what authd's writer does with a backlog."""
+    with engine.begin() as conn:
+        for write in writes:
+            if isinstance(write, RecordFailure):
+                _record(conn, write.keys, write.fingerprint, write.now, write.window)
+            else:
+                conn.execute(delete(AuthFailure).where(AuthFailure.key == write.key))
+
+
+def _record(conn: Connection, keys: Iterable[str], fingerprint: str, now: int, window: int) -> None:
+    stale = now - window
+    for key in keys:
+        conn.execute(upsert_stmt(
+            conn, TABLE,
+            {"key": key, "failures": 1, "last_seen": now, "fingerprint": fingerprint},
+            ["key"],
+            {
+                # First: it reads last_seen and fingerprint before they are overwritten.
+                "failures": lambda c, new: _next_count(c, new, stale),
+                "last_seen": lambda c, new: new.last_seen,
+                "fingerprint": lambda c, new: new.fingerprint,
+            },
+        ))
 
 
 def _next_count(columns: object, new: object, stale: int) -> object:

@@ -45,6 +45,12 @@ class AuthdMetrics:
         self.penalty_seconds: Counter = metrics.counter(
             "penalty_seconds_total", "Seconds of brute-force penalty applied."
         )
+        self.shared_writes: Counter = metrics.counter(
+            "shared_writes_total",
+            "Shared failure-counter writes (penalty_shared), by result: written, failed, or "
+            "dropped because the writer's backlog was full.",
+            ["result"],
+        )
         self.protocol_errors: Counter = metrics.counter(
             "protocol_errors_total", "Connections dropped for breaking the protocol.", ["protocol"]
         )

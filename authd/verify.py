@@ -56,6 +56,7 @@ from authd.caches import Loaded, RecordCache, SuccessCache
 from authd.logins import Verdict, VerifyRequest, bad_username, printable, split_login
 from authd.metrics import AuthdMetrics
 from authd.sasl_codec import Outcome
+from authd.shared_writes import SharedWrites
 from authd.throttle import Throttle, network_key
 from mailplugins.addresses import AddressError, parse_address
 from mailplugins.clients import client_in
@@ -141,6 +142,7 @@ class Verifier:
         wallclock: Callable[[], datetime] = utcnow,
         secret: bytes | None = None,
         db_timeout: float | None = None,
+        shared_writes: SharedWrites | None = None,
     ) -> None:
         self.clock: Any = clock
         self.db_timeout = db_timeout
@@ -158,6 +160,9 @@ class Verifier:
         self._fingerprint_key = secret or os.urandom(32)
         self.shared_counts = failures.CountCache(SHARED_COUNT_TTL, config.penalty_table_size)
         self._shared_unavailable_until = 0.0
+        #: Shared-counter writes go their own way (authd/shared_writes.py), never in db_run.
+        self.shared_writes = shared_writes or SharedWrites(
+            db_run, store.engine, metrics.shared_writes)
 
     @staticmethod
     def _new_throttle(config: AuthdConfig) -> Throttle:
@@ -292,7 +297,7 @@ class Verifier:
             state.throttle.success(keys[-1])
             if shared.get(keys[-1]):  # the login had failures on record: forgive them
                 self.shared_counts.forget(keys[-1])
-                self._background(self._db_run(failures.clear, self.store.engine, keys[-1]), "clear")
+                self.shared_writes.clear(keys[-1])
         return verdict
 
     def _shared_counts(self, keys: list[str], state: VerifierState) -> Deferred[dict[str, int]]:
@@ -323,20 +328,7 @@ class Verifier:
     def _share_failure(self, keys: list[str], fingerprint: bytes, state: VerifierState) -> None:
         now = self.clock.seconds()
         self.shared_counts.bump(keys, now)
-        self._background(
-            self._db_run(failures.record_failure, self.store.engine, keys, fingerprint.hex(),
-                         int(now), int(state.config.penalty_window)),
-            "record",
-        )
-
-    def _background(self, work: Deferred[Any], what: str) -> None:
-        """Shared-counter writes never delay an answer; a failed one is only logged."""
-
-        def failed(failure: Failure) -> None:
-            log.warn("shared failure counter {what} failed: {error}", what=what,
-                     error=failure.type.__name__ if failure.type else "error")
-
-        work.addErrback(failed)
+        self.shared_writes.record(keys, fingerprint.hex(), int(now), int(state.config.penalty_window))
 
     def _load(self, user: str) -> Loaded:
         """In the DB pool: the mailbox and its app passwords."""

@@ -290,6 +290,9 @@ class LocalStack:
         # Postfix first: it creates the private/ directory the daemons' sockets live in.
         self.postfix.start()
         self.daemons.start()
+        # What mailplugins-authd-dict.socket does (root:dovecot 0660): authd made the socket with
+        # its own group, which Dovecot's mail processes (last_login) may not open.
+        shutil.chown(self.root / "dict.sock", group="dovecot")
         self.dovecot.start()
 
     def signing_key(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from mailplugins.addresses import AddressError, parse_domain
 from mailplugins.cli import (
     EXIT_USAGE,
     App,
@@ -74,6 +75,22 @@ def _refuse_world_readable_database(app: App) -> None:
                            f"keys would be too: chmod o-rwx {os.path.dirname(os.path.abspath(path))}")
 
 
+def _refuse_non_local_domain(app: App) -> None:
+    """A key for a domain the database does not know is almost always a typo (``exmaple.org``)
+    whose record would be published and never used; ``--force`` is for a domain that only sends
+    (its mail is signed here but received elsewhere)."""
+    if app.args.force:
+        return
+    try:
+        domain = parse_domain(app.args.domain)
+    except AddressError as exc:
+        raise CommandError(f"{app.args.domain}: {exc}", EXIT_USAGE) from None
+    if not app.store.is_local_domain(domain):
+        raise CommandError(f"{domain} is not a local domain: 'mailplugins domain add {domain}' "
+                           "first, or --force for a domain that only sends mail from here",
+                           EXIT_USAGE)
+
+
 def _size(key: DkimKeyRecord) -> str:
     return f"rsa {key.bits}" if key.key_type == "rsa" else key.key_type
 
@@ -82,6 +99,7 @@ def cmd_keygen(app: App) -> None:
     a = app.args
     if a.algorithm == "ed25519" and a.bits is not None:
         raise CommandError("--bits applies to RSA keys only (Ed25519 keys are 256 bits)", EXIT_USAGE)
+    _refuse_non_local_domain(app)
     _refuse_world_readable_database(app)
     key = _keys(app).generate(a.domain, selector=a.selector, key_type=a.algorithm, bits=a.bits)
     ttl = app.config.dns.ttl
@@ -185,6 +203,8 @@ def register(commands: Any) -> None:
     sub.add_argument("--selector", help="default: mp<YYYYMM> and r (rsa) or e (ed25519)")
     sub.add_argument("--algorithm", choices=KEY_TYPES, default="rsa", help="default rsa")
     sub.add_argument("--bits", type=_bits, metavar="N", help="RSA key size, 2048 (default) to 4096")
+    sub.add_argument("--force", action="store_true",
+                     help="even for a domain that is not a local domain in the database")
     sub = action("activate", cmd_activate,
                  "sign with a pending key from now on, once DNS serves its record")
     sub.add_argument("domain")

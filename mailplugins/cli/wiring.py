@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from mailplugins.releases import detect_dovecot, detect_postfix, dovecot_release, postfix_release
+from mailplugins.wiring.dict_socket import check_dict_socket
 from mailplugins.wiring.dovecot import DovecotOptions, dovecot_conf_text, dovecot_config, render_dovecot
 from mailplugins.wiring.postfix import PostfixOptions, PostfixSnippet, postfix_config, render_postfix
 from mailplugins.wiring.snippets import DEBIAN_CERT, DEBIAN_KEY, GeneratedFile
@@ -98,7 +99,9 @@ class WiringCommands(AppBase):
                 checked.append("postfix")
             if not self.args.no_dovecot:
                 dsnippet = dovecot_config(self.config, self._dovecot_options())
-                findings += doctor.check_dovecot(dsnippet, run_doveconf(self.args.dovecot_config))
+                dlive = run_doveconf(self.args.dovecot_config)
+                findings += doctor.check_dovecot(dsnippet, dlive)
+                findings += check_dict_socket(self.config, dlive)
                 findings += doctor.check_dovecot_files(dsnippet)
                 findings += doctor.check_mailbox_paths(self.config.mail.location,
                                                        self.store.iter_mailboxes())

@@ -344,8 +344,9 @@ def check_dovecot(expected: DovecotSnippet, live: DovecotLive) -> list[Finding]:
 
 
 def _same_db(expected: Mapping[str, str], live: Mapping[str, str]) -> bool:
-    """Same driver and the same value for each generated key (2.3's ``args`` both ways)."""
-    keys = (set(expected) - {"name"}) | {"driver", "args"}
+    """Same driver and the same value for each generated key (2.3's ``args`` and ``master``
+    both ways: a master passdb is not the ordinary one)."""
+    keys = (set(expected) - {"name"}) | {"driver", "args", "master"}
     return all(_normal(expected.get(key, "")) == _normal(live.get(key, "")) for key in keys)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from mailplugins.config import Config
 from mailplugins.maildir_path import dovecot24_template, split_home
 from mailplugins.releases import dovecot_release
+from mailplugins.wiring import master_passdb
 from mailplugins.wiring.endpoints import first_endpoint
 from mailplugins.wiring.snippets import DEBIAN_CERT, DEBIAN_KEY, GeneratedFile, Setting, file_header
 
@@ -128,6 +129,16 @@ def _block(kind: str, values: Mapping[str, str]) -> str:
     return f"{head} {{\n{inner}}}"
 
 
+def _separator(config: Config) -> list[Setting]:
+    """``user<sep>master`` logins, when authd.master_user_separator is set."""
+    assert config.authd is not None
+    separator = config.authd.master_user_separator
+    if not separator:
+        return []
+    return [Setting("auth_master_user_separator", separator,
+                    "user<separator>master logs a master user in (authd.master_user_separator)")]
+
+
 def _listener_blocks(config: Config, options: DovecotOptions) -> list[str]:
     """Dovecot's own auth socket for Postfix (no authd SASL) and LMTP socket (no deliver)."""
     blocks = []
@@ -190,11 +201,14 @@ def _dovecot24(config: Config, options: DovecotOptions) -> DovecotSnippet:
     script, extra = _lua_script(config, options, warnings)
     files += extra
     lua = {"name": "lua", "driver": "lua", "lua_file": script}
+    master = master_passdb.master_of(lua, "2.4")
+    settings += _separator(config)
     blocks = [
         # Without an inbox namespace 2.4 opens "INBOX" as a folder .INBOX, not the Maildir
         # root deliver writes to (Debian's 10-mail.conf has it; a bare dovecot.conf does not).
         "namespace inbox {\n  inbox = yes\n}",
-        _block("passdb", lua), _block("userdb", lua),
+        "# master users (mailplugins user master ADDRESS on): asked only for a master login",
+        _block("passdb", master), _block("passdb", lua), _block("userdb", lua),
     ]
     if config.authd.dict_listen:
         endpoint = first_endpoint(config.authd.dict_listen, "authd.dict_listen")
@@ -211,7 +225,7 @@ def _dovecot24(config: Config, options: DovecotOptions) -> DovecotSnippet:
     return DovecotSnippet(
         source=config.source,
         settings=tuple(settings),
-        passdbs=(lua,),
+        passdbs=(master, lua),
         userdbs=(lua,),
         blocks=tuple(blocks),
         files=tuple(files),
@@ -256,6 +270,17 @@ def dovecot_config(config: Config, options: DovecotOptions | None = None) -> Dov
         passdbs.append({"driver": "dict", "args": dict_args})
     else:
         raise ValueError("authd.dict_listen is not set: use --lua (HTTP verify) or add dict_listen")
+    # Master users: a master passdb before the ordinary one (wiring/master_passdb.py).
+    if options.lua:
+        passdbs.insert(0, master_passdb.master_of(passdbs[0], "2.3"))
+    else:
+        socket_path = first_endpoint(config.authd.dict_listen, "authd.dict_listen").path
+        master_path = master_passdb.dict_master_path(options.config_directory)
+        files.append(GeneratedFile(master_path, master_passdb.dict_master_text(socket_path), 0o640,
+                                   "master users' passdb: authd answers only for them",
+                                   group="dovecot"))
+        passdbs.insert(0, {"driver": "dict", "args": master_path, "master": "yes", "pass": "yes"})
+    settings += _separator(config)
     if dict_args:
         userdbs.append({"driver": "dict", "args": dict_args})
     else:

@@ -17,12 +17,15 @@ proves deliver and Dovecot agree.
 
 from __future__ import annotations
 
+import grp
 import imaplib
 import os
 import poplib
 import pwd
 import shutil
 import smtplib
+import stat
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,9 @@ from devrig.release import Release
 from devrig.release import release as find_release
 from mailplugins.hashing import hash_password
 from mailplugins.maildir_path import expand_location
+from mailplugins.wiring.dict_socket import check_dict_socket
 from mailplugins.wiring.dovecot import DovecotOptions, dovecot_conf_text, dovecot_config
+from mailplugins.wiring.live import parse_doveconf
 from tests.e2e.test_generated_config import make_cert
 from tests.rig import REPO, Daemons, Dovecot, free_port, short_tempdir, unix_socket_open, wait_until
 
@@ -281,6 +286,7 @@ class Stack:
     daemons: Daemons
     dovecot: Dovecot
     lmtp_socket: Path
+    metrics_port: int
 
     def logs(self) -> str:
         return (f"--- dovecot {self.release}\n{self.dovecot.log_text()[-4000:]}\n"
@@ -295,16 +301,21 @@ def stack(release: Release) -> Iterator[Stack]:
     vmail.mkdir()
     os.chown(vmail, NOBODY.pw_uid, NOBODY.pw_gid)
     lmtp_socket = root / "deliver.sock"
+    metrics_port = free_port()
     daemons = Daemons(
         root / "mp",
         {
             "mail": {"location": f"{vmail}/%d/%n/Maildir", "uid": NOBODY.pw_uid, "gid": NOBODY.pw_gid},
             "authd": {
                 "sasl_listen": f"unix:{root}/auth.sock:mode=666",
-                "dict_listen": f"unix:{root}/dict.sock:mode=666",
+                # As documented (the systemd socket unit): root:dovecot 0660, which the mail
+                # user (nobody here) may not open; last_login goes through Dovecot's dict.
+                "dict_listen": f"unix:{root}/dict.sock:mode=660",
                 "http_listen": f"tcp:{free_port()}:interface=127.0.0.1",
+                "metrics": f"tcp:{metrics_port}:interface=127.0.0.1",
                 "failure_delay": "0.2s",
                 "penalty_threshold": 100,
+                "master_user_separator": "*",
             },
             "deliver": {"listen": f"unix:{lmtp_socket}:mode=666", "hostname": "deliver.test"},
         },
@@ -318,6 +329,19 @@ def stack(release: Release) -> Iterator[Stack]:
     store.add_mailbox("carol@example.org", hash_password("carol-pw", passwords))
     store.set_enabled("carol@example.org", False)
     store.add_app_password("alice@example.org", "laptop", hash_password("app-pw", passwords), ["imap"])
+    # A master user, and dave with one message for it to find (the generated master passdb).
+    store.add_mailbox("admin@example.org", hash_password("master-pw", passwords))
+    store.set_master("admin@example.org", True)
+    store.add_mailbox("dave@example.org", hash_password("dave-pw", passwords))
+    dave = Path(expand_location(daemons.config.mail.location, "dave", "example.org"))
+    for sub in ("cur", "new", "tmp"):
+        (dave / sub).mkdir(parents=True)
+    (dave / "new" / "1700000000.M1P1.test").write_bytes(
+        b"From: x@example.net\r\nSubject: for dave\r\n\r\nhello dave\r\n")
+    for directory, _dirs, files in os.walk(vmail):
+        os.chown(directory, NOBODY.pw_uid, NOBODY.pw_gid)
+        for name in files:
+            os.chown(os.path.join(directory, name), NOBODY.pw_uid, NOBODY.pw_gid)
     etc = root / "etc"
     etc.mkdir()
     cert, key = make_cert(root)
@@ -335,15 +359,25 @@ def stack(release: Release) -> Iterator[Stack]:
              "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n")
     dovecot = Dovecot(root / "dc", conf=dovecot_conf_text(snippet) + plaintext + quiet,
                       lmtp_port=free_port(), protocols=("imap", "pop3", "lmtp"), release=release)
-    daemons.start()
+    start_daemons(daemons, root)
     try:
         wait_until(lambda: unix_socket_open(lmtp_socket), what="deliver socket")
         dovecot.start()
-        yield Stack(dovecot_release, root, daemons, dovecot, lmtp_socket)
+        yield Stack(dovecot_release, root, daemons, dovecot, lmtp_socket, metrics_port)
     finally:
         dovecot.stop()
         daemons.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def start_daemons(daemons: Daemons, root: Path) -> None:
+    """Start the daemons; authd's dict socket then gets the documented owner, root:dovecot
+    (what mailplugins-authd-dict.socket's SocketGroup does), at mode 0660."""
+    daemons.start()
+    dict_socket = root / "dict.sock"
+    wait_until(dict_socket.exists, what="authd's dict socket")
+    os.chown(dict_socket, 0, grp.getgrnam("dovecot").gr_gid)
+    assert stat.S_IMODE(dict_socket.stat().st_mode) == 0o660
 
 
 def pop3_login(dovecot: Dovecot, user: str, password: str) -> str:
@@ -430,18 +464,99 @@ def test_doveadm_user_fields_and_iteration(stack: Stack) -> None:
         assert fields["mail"] == f"maildir:{location}"
     listed = stack.dovecot.doveadm("user", "*")
     assert listed.returncode == 0, listed.stderr + stack.logs()
-    assert listed.stdout.split() == ["alice@example.org", "bob@example.org"]
+    assert listed.stdout.split() == ["admin@example.org", "alice@example.org", "bob@example.org",
+                                     "dave@example.org"]
     assert stack.dovecot.doveadm("user", "nobody@example.org").returncode == 67  # EX_NOUSER
 
 
 def test_last_login_recorded_through_authd(stack: Stack) -> None:
+    """The generated wiring with authd's dict socket at root:dovecot 0660: the IMAP process (the
+    mail user) writes through Dovecot's dict service, which may reach authd's socket."""
     store = stack.daemons.store
+    log_start = len(stack.dovecot.log_text())
     assert imap_login(stack.dovecot, "Alice@example.org", "alice-pw").startswith("OK")
-    mailbox = wait_until(
-        lambda: (m := store.get_mailbox("alice@example.org")) and m.last_login_at and m,
-        timeout=10, what="last_login_at to be set",
-    )
-    assert mailbox.last_login_at is not None  # type: ignore[attr-defined]
+    # The Lua passdb's verification also stamps last_login_at (at most once a minute), so wait
+    # for the dict write itself: authd counts it.
+    wait_until(lambda: _dict_sets(stack) >= 1, timeout=10,
+               what="the last_login plugin's write to reach authd\n" + stack.logs())
+    mailbox = store.get_mailbox("alice@example.org")
+    assert mailbox is not None and mailbox.last_login_at is not None
+    log = stack.dovecot.log_text()[log_start:]
+    assert "Permission denied" not in log and "last_login" not in log, stack.logs()
+
+
+def test_doctor_flags_a_dict_socket_dovecot_may_not_open(stack: Stack) -> None:
+    """The demo's socket was root:root 0660 (authd made it; nobody gave it to dovecot): every
+    last_login write failed with Permission denied. doctor names exactly that case."""
+    dict_socket = stack.root / "dict.sock"
+    live = parse_doveconf(stack.dovecot.doveconf("-a", check=True).stdout)
+    config = stack.daemons.config
+    assert check_dict_socket(config, live) == []  # root:dovecot 0660, as documented
+    os.chown(dict_socket, 0, 0)
+    try:
+        [finding] = check_dict_socket(config, live)
+        assert "is root:root 0660: Dovecot's processes (group dovecot) may not connect" \
+            in finding.problem
+        before = _dict_sets(stack)
+        assert imap_login(stack.dovecot, "alice@example.org", "alice-pw").startswith("OK")
+        wait_until(lambda: "Permission denied" in stack.dovecot.log_text(), timeout=10,
+                   what="Dovecot to log the refused last_login write")
+        assert _dict_sets(stack) == before
+    finally:
+        os.chown(dict_socket, 0, grp.getgrnam("dovecot").gr_gid)
+    assert imap_login(stack.dovecot, "alice@example.org", "alice-pw").startswith("OK")
+    wait_until(lambda: _dict_sets(stack) > before, timeout=10, what="the next write to arrive")
+
+
+def _dict_sets(stack: Stack) -> float:
+    """last_login writes authd's dict listener answered (from its metrics)."""
+    url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mailplugins_authd_dict_requests_total{")
+               and 'command="commit"' in line and 'result="ok"' in line)
+
+
+def _generated_dict_dovecot(stack: Stack) -> Dovecot:
+    """Dovecot 2.3 with dovecot-config's default (dict) wiring against the stack's authd."""
+    etc = stack.root / "etc-dict"
+    etc.mkdir()
+    cert, key = make_cert(etc)
+    snippet = dovecot_config(stack.daemons.config, DovecotOptions(
+        version="2.3", config_directory=str(etc), tls_cert=str(cert), tls_key=str(key)))
+    for generated in snippet.files:
+        Path(generated.path).write_text(generated.text)
+    plaintext = "ssl = no\ndisable_plaintext_auth = no\nauth_failure_delay = 0\n"
+    return Dovecot(stack.root / "dc-dict", conf=dovecot_conf_text(snippet) + plaintext,
+                   release=stack.dovecot.release).start()
+
+
+def test_generated_master_passdb_logs_a_master_user_in(stack: Stack) -> None:
+    """dovecot-config writes the master passdb (and auth_master_user_separator from
+    authd.master_user_separator): imapsync-style logins as dave, on 2.4 (Lua) and on 2.3 with
+    both generated routes (Lua, and the default dict route)."""
+    dovecots = [stack.dovecot]
+    if stack.release == "2.3":
+        dovecots.append(_generated_dict_dovecot(stack))
+    try:
+        for dovecot in dovecots:
+            logs = f"{dovecot.log_text()[-3000:]}\n{stack.daemons.output()[-2000:]}"
+            assert imap_login(dovecot, "dave@example.org*admin@example.org", "master-pw") \
+                == "OK b'1'", logs
+            assert imap_master_plain(dovecot, "dave@example.org", "admin@example.org",
+                                     "master-pw") == "OK b'1' b'1'", logs
+            assert imap_login(dovecot, "admin@example.org", "master-pw") == "OK b'0'", logs
+            # Not a master user; a wrong master password; a mailbox that does not exist.
+            assert imap_login(dovecot, "dave@example.org*alice@example.org", "alice-pw") \
+                .startswith("NO")
+            assert imap_login(dovecot, "dave@example.org*admin@example.org", "wrong") \
+                .startswith("NO")
+            assert imap_master_plain(dovecot, "nobody@example.org", "admin@example.org",
+                                     "master-pw").startswith("NO")
+    finally:
+        for dovecot in dovecots[1:]:
+            dovecot.stop()
 
 
 def test_authd_down_is_a_temporary_failure(stack: Stack) -> None:
@@ -453,7 +568,7 @@ def test_authd_down_is_a_temporary_failure(stack: Stack) -> None:
         assert "UNAVAILABLE" in answer or "Temporary" in answer, answer + stack.logs()
         assert "AUTHENTICATIONFAILED" not in answer
     finally:
-        stack.daemons.start()
+        start_daemons(stack.daemons, stack.root)
 
 
 # -- master users (issue #15 item 10): imapsync-style logins through real Dovecot ----------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import imaplib
 import poplib
 import smtplib
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -80,6 +81,31 @@ def test_a_user_without_mail_can_open_the_inbox(stack: LocalStack) -> None:
         imap.login(BOB, stack.passwords[BOB])
         status, data = imap.select("INBOX")
         assert status == "OK", data
+
+
+def _last_login_writes(stack: LocalStack) -> float:
+    """last_login commits authd's dict listener answered, from its metrics."""
+    url = f"http://127.0.0.1:{stack.ports.authd_metrics}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mailplugins_authd_dict_requests_total{")
+               and 'command="commit"' in line and 'result="ok"' in line)
+
+
+def test_an_imap_login_records_last_login(stack: LocalStack) -> None:
+    """Dovecot's last_login plugin (in the IMAP process, as the mail user) reaches authd's dict
+    socket, root:dovecot 0660 as the shipped socket unit makes it: no Permission denied."""
+    before = _last_login_writes(stack)
+    log_start = len(stack.dovecot.log_text()) if stack.dovecot else 0
+    with imaplib.IMAP4("127.0.0.1", stack.ports.imap, timeout=30) as imap:
+        imap.starttls(ssl_context=tls())
+        imap.login(BOB, stack.passwords[BOB])
+        imap.logout()
+    wait_until(lambda: _last_login_writes(stack) > before, timeout=10,
+               what="the last_login write to reach authd")
+    assert stack.dovecot is not None
+    assert "Permission denied" not in stack.dovecot.log_text()[log_start:]
 
 
 def test_bob_submits_to_alice_who_reads_over_imap_and_pop3(stack: LocalStack) -> None:

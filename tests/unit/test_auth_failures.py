@@ -36,6 +36,20 @@ def test_counts_window_fingerprint_clear_purge(engine: Engine) -> None:
     assert failures.purge(engine, now=1700, window=600) == 1  # bob's stale row
 
 
+def test_a_batch_applies_its_writes_in_order(engine: Engine) -> None:
+    """What the writer sends with a backlog: the same result as the writes one by one."""
+    keys = ("ip:192.0.2.1", "user:bob@example.org")
+    failures.write_batch(engine, [
+        failures.RecordFailure(keys, "aa", 1000, 600),
+        failures.RecordFailure(keys, "aa", 1001, 600),  # same password again
+        failures.RecordFailure(keys[:1], "bb", 1002, 600),
+        failures.ClearLogin("user:bob@example.org"),
+        failures.RecordFailure(keys[1:], "cc", 1003, 600),
+    ])
+    assert failures.failure_counts(engine, keys, now=1003, window=600) == {
+        "ip:192.0.2.1": 2, "user:bob@example.org": 1}
+
+
 def test_concurrent_failures_are_all_counted(engine: Engine) -> None:
     """Eight writers on one key: an exact total proves each update is one atomic statement."""
     errors: list[BaseException] = []

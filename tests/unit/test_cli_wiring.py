@@ -70,7 +70,9 @@ def test_dovecot_config_command_writes_its_files(tmp_path: Any) -> None:
     assert status == 0, err
     conf = target / "conf.d" / "99-mailplugins.conf"
     ext = target / "mailplugins-dict-auth.conf.ext"
-    assert out.splitlines() == [f"wrote {conf}", f"wrote {ext}"]
+    master = target / "mailplugins-dict-master.conf.ext"
+    assert out.splitlines() == [f"wrote {conf}", f"wrote {ext}", f"wrote {master}"]
+    assert f"args = {master}" in conf.read_text()
     assert f"args = {ext}" in conf.read_text()
     assert "uri = proxy:/run/mailplugins/dict.sock:auth" in ext.read_text()
     assert ext.stat().st_mode & 0o777 == 0o640

@@ -31,6 +31,7 @@ def cli(database_url: str, tmp_path: Path) -> Cli:
     }))
     tool = Cli(config)
     tool.ok("db", "upgrade")
+    tool.ok("domain", "add", "example.org")
     return tool
 
 
@@ -122,6 +123,19 @@ def test_keygen_usage_errors(cli: Cli, capsys: pytest.CaptureFixture[str]) -> No
     assert cli.ok("dkim", "list").count("pending") == 1
 
 
+def test_keygen_refuses_a_domain_that_is_not_local(cli: Cli) -> None:
+    """A typo (exmaple.org) would be a key and a record nobody uses: exit 2, one line, no key;
+    --force makes one for a domain that only sends from here."""
+    err = cli.fails(2, "dkim", "keygen", "Exmaple.org")
+    assert err == ("mailplugins: exmaple.org is not a local domain: 'mailplugins domain add "
+                   "exmaple.org' first, or --force for a domain that only sends mail from here\n")
+    assert cli.fails(2, "dkim", "keygen", "not a domain").count("\n") == 1
+    assert _private_keys(cli) == []
+    out = cli.ok("dkim", "keygen", "exmaple.org", "--force", "--algorithm", "ed25519")
+    assert "for exmaple.org" in out
+    assert len(_private_keys(cli)) == 1
+
+
 def test_no_dns_check_and_activate_unknown(cli: Cli) -> None:
     cli.fails(1, "dkim", "activate", "example.org", "nope", "--no-dns-check")
     cli.ok("dkim", "keygen", "example.org", "--selector", "s", "--algorithm", "ed25519")
@@ -151,7 +165,6 @@ def test_dns_records(cli: Cli, stub: StubDNS) -> None:
 
 
 def test_doctor_dns_against_a_stub_server(cli: Cli, stub: StubDNS) -> None:
-    cli.ok("domain", "add", "example.org")
     out = cli.ok("dkim", "keygen", "example.org", "--selector", "s1", "--algorithm", "ed25519")
     name, strings = _zone_record(out)
     cli.ok("dkim", "activate", "example.org", "s1", "--no-dns-check")
@@ -198,6 +211,7 @@ def test_keygen_refuses_a_world_readable_sqlite_database(tmp_path: Path) -> None
     config.write_text(yaml.safe_dump({"database": {"url": f"sqlite:///{directory}/mail.db"}}))
     cli = Cli(config)
     cli.ok("db", "upgrade")
+    cli.ok("domain", "add", "example.org")
     os.chmod(directory / "mail.db", 0o644)
     os.chmod(directory, 0o755)
     err = cli.fails(1, "dkim", "keygen", "example.org", "--algorithm", "ed25519")
@@ -215,6 +229,7 @@ def test_activate_and_doctor_ask_milterd_nameservers(tmp_path: Path, stub: StubD
     }))
     cli = Cli(config)
     cli.ok("db", "upgrade")
+    cli.ok("domain", "add", "example.org")
     name, strings = _zone_record(cli.ok("dkim", "keygen", "example.org", "--algorithm", "ed25519"))
     assert "has no TXT record" in cli.fails(1, "dkim", "activate", "example.org", name.split(".")[0])
     assert stub.queries == [(name, "TXT", "udp")]  # asked milterd's server, not the system's

@@ -33,6 +33,7 @@ def cli(database_url: str, tmp_path: Path) -> Cli:
     config.write_text(yaml.safe_dump({"database": {"url": database_url}}))
     tool = Cli(config)
     tool.ok("db", "upgrade")
+    tool.ok("domain", "add", "example.org")
     return tool
 
 

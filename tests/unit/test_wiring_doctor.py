@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -257,7 +258,9 @@ def dovecot_live(**changes: str | None) -> DovecotLive:
         else:
             settings[key] = value
     db = {"driver": "dict", "args": "/etc/dovecot/mailplugins-dict-auth.conf.ext"}
-    return DovecotLive(settings, (db,), (db,))
+    master = {"driver": "dict", "args": "/etc/dovecot/mailplugins-dict-master.conf.ext",
+              "master": "yes", "pass": "yes"}
+    return DovecotLive(settings, (master, db), (db,))
 
 
 def test_good_dovecot_has_no_findings() -> None:
@@ -298,8 +301,16 @@ def test_dovecot_extra_and_missing_passdb() -> None:
     problems = sorted(f.problem for f in check_dovecot(lua, good))
     assert problems == [
         "extra passdb { driver = dict  args = /etc/dovecot/mailplugins-dict-auth.conf.ext } is consulted too",
+        "extra passdb { driver = dict  args = /etc/dovecot/mailplugins-dict-master.conf.ext  master = yes  "
+        "pass = yes } is consulted too",
+        "no passdb { driver = lua  args = file=/s.lua blocking=yes  master = yes }",
         "no passdb { driver = lua  args = file=/s.lua blocking=yes }",
     ]
+    # Without the master passdb (an older generated config) doctor asks for it.
+    without = DovecotLive(good.settings, good.passdbs[1:], good.userdbs)
+    (finding,) = check_dovecot(dovecot_config(make_config()), without)
+    assert finding.problem == ("no passdb { driver = dict  args = "
+                               "/etc/dovecot/mailplugins-dict-master.conf.ext  master = yes  pass = yes }")
 
 
 # -- companion files and probing -------------------------------------------------------------------
@@ -309,7 +320,9 @@ def test_dovecot_files_compared_without_comments_and_spacing() -> None:
     from mailplugins.wiring.doctor import check_dovecot_files
 
     snippet = dovecot_config(make_config())
-    (generated,) = snippet.files
+    generated, master = snippet.files
+    assert master.path.endswith("mailplugins-dict-master.conf.ext")
+    snippet = dataclasses.replace(snippet, files=(generated,))
     same = "# mine\n" + generated.text.replace("  key = userdb/%u", "    key   =   userdb/%u")
     assert check_dovecot_files(snippet, lambda path: same) == []
     (missing,) = check_dovecot_files(snippet, lambda path: None)
@@ -378,6 +391,11 @@ ssl_server {
   cert_file = /etc/ssl/certs/ssl-cert-snakeoil.pem
   key_file = /etc/ssl/private/ssl-cert-snakeoil.key
 }
+passdb master {
+  driver = lua
+  lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua
+  master = yes
+}
 passdb lua {
   lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua
 }
@@ -409,8 +427,11 @@ def test_parse_doveconf_24_named_blocks_and_ssl_server() -> None:
     parsed = parse_doveconf(DOVECONF_24)
     assert parsed.release == "2.4"
     assert parsed.settings["ssl_server_cert_file"] == "/etc/ssl/certs/ssl-cert-snakeoil.pem"
-    assert parsed.passdbs == ({"name": "lua", "driver": "lua",
-                               "lua_file": "/usr/lib/x/authd/lua/mailplugins-auth.lua"},)
+    script = "/usr/lib/x/authd/lua/mailplugins-auth.lua"
+    assert parsed.passdbs == (
+        {"name": "master", "driver": "lua", "lua_file": script, "master": "yes"},
+        {"name": "lua", "driver": "lua", "lua_file": script},
+    )
     assert "socket_path" not in parsed.settings and "name" not in parsed.settings
 
 

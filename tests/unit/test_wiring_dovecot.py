@@ -20,10 +20,20 @@ def test_dovecot_dict_passdb_and_userdb() -> None:
     assert settings["ssl"] == "required"
     assert settings["auth_mechanisms"] == "plain login"
     args = "/etc/dovecot/mailplugins-dict-auth.conf.ext"
-    assert snippet.passdbs == ({"driver": "dict", "args": args},)
+    master_args = "/etc/dovecot/mailplugins-dict-master.conf.ext"
+    assert snippet.passdbs == ({"driver": "dict", "args": master_args, "master": "yes", "pass": "yes"},
+                               {"driver": "dict", "args": args})
     assert snippet.userdbs == ({"driver": "dict", "args": args},)
-    (ext,) = snippet.files
-    assert ext.path == args
+    ext, master = snippet.files
+    assert ext.path == args and master.path == master_args
+    assert (master.mode, master.group) == (0o640, "dovecot")
+    assert "uri = proxy:/run/mailplugins/dict.sock:auth" in master.text.splitlines()
+    assert "  key = master/%s/%u" in master.text.splitlines()
+    assert "idle_msecs" not in master.text.replace("No idle_msecs", "")
+    text = dovecot_conf_text(snippet)
+    assert (f"passdb {{\n  driver = dict\n  args = {master_args}\n  master = yes\n  pass = yes\n}}\n"
+            f"passdb {{\n  driver = dict\n  args = {args}\n}}") in text
+    assert "auth_master_user_separator" not in text  # authd.master_user_separator is empty
     assert "uri = proxy:/run/mailplugins/dict.sock:auth" in ext.text.splitlines()
     assert "idle_msecs" not in ext.text.replace("No idle_msecs", "")
     assert "  key = passdb/%s/%u" in ext.text.splitlines()
@@ -34,10 +44,17 @@ def test_dovecot_lua_points_at_the_installed_script_when_the_url_matches() -> No
     options = DovecotOptions(lua=True, lua_script="/usr/lib/x/authd/lua/mailplugins-auth.lua",
                              lua_script_text=LUA)
     snippet = dovecot_config(make_config(), options)
-    assert snippet.passdbs == (
-        {"driver": "lua", "args": "file=/usr/lib/x/authd/lua/mailplugins-auth.lua blocking=yes"},)
+    lua = {"driver": "lua", "args": "file=/usr/lib/x/authd/lua/mailplugins-auth.lua blocking=yes"}
+    assert snippet.passdbs == ({**lua, "master": "yes"}, lua)
     assert snippet.userdbs[0]["driver"] == "dict"
     assert [f.path for f in snippet.files] == ["/etc/dovecot/mailplugins-dict-auth.conf.ext"]
+
+
+def test_master_user_separator_is_written_for_both_releases() -> None:
+    config = make_config(authd={"master_user_separator": "*"})
+    for snippet in (dovecot_config(config), _d24(config)):
+        settings = {s.name: s.value for s in snippet.settings}
+        assert settings["auth_master_user_separator"] == "*"
 
 
 def test_dovecot_lua_copy_with_the_configured_url() -> None:
@@ -109,8 +126,11 @@ def test_dovecot24_names_named_lua_blocks_and_translated_paths() -> None:
     for gone in ("mail_location", "disable_plaintext_auth", "ssl_cert", "ssl_key"):
         assert gone not in settings
     lua = {"name": "lua", "driver": "lua", "lua_file": "/usr/lib/x/authd/lua/mailplugins-auth.lua"}
-    assert snippet.passdbs == (lua,) and snippet.userdbs == (lua,)
+    master = {**lua, "name": "master", "master": "yes"}
+    assert snippet.passdbs == (master, lua) and snippet.userdbs == (lua,)
     text = dovecot_conf_text(snippet)
+    assert ("passdb master {\n  driver = lua\n  lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua\n"
+            "  master = yes\n}\npassdb lua {") in text
     assert "passdb lua {\n  lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua\n}" in text
     assert "userdb lua {\n  lua_file = /usr/lib/x/authd/lua/mailplugins-auth.lua\n}" in text
     assert "dict_proxy_socket_path = /run/mailplugins/dict.sock" in text  # last_login
