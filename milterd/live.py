@@ -9,8 +9,10 @@
 - DNS: :class:`~milterd.resolver.TxtResolver` over :func:`mailplugins.dns.txt_records` in a
   DNS pool, with ``milterd.dns_timeout``; a timeout or failure is a temperror.
 - SPF: :func:`mailplugins.spf.spf_lookup` in the DNS pool.
-- DMARC: ``milterd.dmarc.evaluate`` in the DNS pool, its lookups through a thread-safe cache
-  (:class:`~milterd.resolver.CachedLookup`) with the same size and TTL.
+- DMARC: ``milterd.dmarc.evaluate``, its lookups through a thread-safe cache
+  (:class:`~milterd.resolver.CachedLookup`) with the same size and TTL: on the reactor when
+  every record it needs is cached (the usual case: a few pure-Python steps, where a trip
+  through the DNS pool cost more than the evaluation), else in the DNS pool.
 - Authentication-Results: ``milterd.authresults``.
 """
 
@@ -31,7 +33,12 @@ from mailplugins.threads import RunInPool
 from mailplugins.ttlcache import TTLCache
 from milterd import contract
 from milterd.checks import DkimLike, DmarcLike, Headers, SignerLike, SpfLike, VerifierLike
-from milterd.resolver import CachedLookup, Result, TxtResolver
+from milterd.resolver import CachedLookup, NotCached, Result, TxtResolver
+
+
+def _not_cached(name: str) -> bool:
+    """``exists`` for DMARC on the reactor: never known there (``np=`` goes to the pool)."""
+    raise NotCached(name)
 
 
 class StoreSenderLookups:
@@ -180,6 +187,11 @@ class LiveChecks:
 
     def dmarc(self, from_values: Sequence[str], dkim: Sequence[DkimLike], spf: SpfLike,
               spf_domain: str) -> Deferred[DmarcLike]:
+        try:
+            return succeed(contract.dmarc(from_values, dkim, spf, spf_domain,
+                                          self.dmarc_lookup.cached, _not_cached))
+        except NotCached:
+            pass
         return self._dns_run(contract.dmarc, from_values, dkim, spf, spf_domain, self.dmarc_lookup,
                              self._exists)
 
