@@ -78,14 +78,10 @@ PROTOCOL = SMFIP_NORCPT | SMFIP_NOUNKNOWN | SMFIP_HDR_LEADSPC
 #: Postfix's side (see PROTOCOL), so the protocol asks for them only where it may.
 NO_REPLY = (SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL | SMFIP_NR_DATA | SMFIP_NR_HDR
             | SMFIP_NR_BODY)
-#: End of headers without a reply (``milterd.no_reply_eoh``): one round trip per message, the
-#: end of message; what milterd decides at end of headers (reject, tempfail, accept unsigned)
-#: is then answered at end of message.
-NO_REPLY_EOH = SMFIP_NR_EOH
 #: The commands those flags cover.
 NO_REPLY_FLAGS = {
     "Connect": SMFIP_NR_CONN, "Helo": SMFIP_NR_HELO, "Mail": SMFIP_NR_MAIL, "Data": SMFIP_NR_DATA,
-    "Header": SMFIP_NR_HDR, "Body": SMFIP_NR_BODY, "EndOfHeaders": SMFIP_NR_EOH,
+    "Header": SMFIP_NR_HDR, "Body": SMFIP_NR_BODY,
 }
 
 #: Largest body chunk Postfix sends (and the most a ``B`` frame may carry).

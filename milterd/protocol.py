@@ -71,8 +71,6 @@ class MilterProtocol(Protocol):
         unix = sock is None or sock.family == socket.AF_UNIX
         if unix or self._config.no_reply_tcp:
             self.session.extra_protocol = codec.NO_REPLY
-            if self._config.no_reply_eoh:
-                self.session.extra_protocol |= codec.NO_REPLY_EOH
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -133,12 +131,7 @@ class MilterProtocol(Protocol):
                 if reply is None:
                     continue
                 if type(command).__name__ in self.session.silent:
-                    # Postfix does not wait for this one: nothing is written, but what follows
-                    # waits for it (end of headers decides whether the body is signed).
-                    if not isinstance(reply, bytes) and not reply.called:
-                        self._busy = True
-                        self._flush()
-                        reply.addCallback(self._answered_silently).addErrback(self._crashed)
+                    # Postfix does not wait for this one; it is always a plain "continue".
                     continue
                 if isinstance(reply, bytes):
                     self._out.append(reply)
@@ -167,13 +160,6 @@ class MilterProtocol(Protocol):
         if self._closed:
             return
         self._out.append(reply)
-        self._drain()
-        self._arm()
-
-    def _answered_silently(self, reply: bytes) -> None:
-        self._busy = False
-        if self._closed:
-            return
         self._drain()
         self._arm()
 

@@ -133,9 +133,6 @@ class _Message:
     spf: Deferred[SpfLike] | None = None
     #: Set once the message is decided (accepted unsigned or rejected at end of headers).
     done: bool = False
-    #: That decision, when Postfix did not wait for it (``SMFIP_NR_EOH``): the answer to end
-    #: of message instead.
-    held: bytes = b""
 
 
 class MilterSession:
@@ -289,10 +286,7 @@ class MilterSession:
     def _end_of_headers(self) -> Reply:
         message = self.message
         if message.direction == OUTGOING:
-            decided = self._guard(self._outgoing_headers(message), message, "headers")
-            if "EndOfHeaders" in self.silent:
-                return decided.addCallback(self._hold, message)
-            return decided
+            return self._guard(self._outgoing_headers(message), message, "headers")
         if not message.overflow:
             try:
                 message.verifier = self._checks.verifier(message.headers)
@@ -329,13 +323,6 @@ class MilterSession:
         message.signer = signer
         return codec.CONTINUE
 
-    @staticmethod
-    def _hold(reply: bytes, message: _Message) -> bytes:
-        """Keep an end-of-headers decision for end of message (Postfix did not wait for it)."""
-        if reply != codec.CONTINUE:
-            message.held = reply
-        return codec.CONTINUE
-
     def _accept_unsigned(self, message: _Message, outcome: str) -> bytes:
         message.done = True
         self._count(OUTGOING, outcome)
@@ -348,7 +335,7 @@ class MilterSession:
         self.message = _Message(direction=message.direction)  # the next message starts clean
         self._forget_message_macros()
         if message.done:
-            return message.held or codec.CONTINUE
+            return codec.CONTINUE
         started = self._timer()
         if message.direction == OUTGOING:
             if message.signer is None:

@@ -70,9 +70,6 @@ class MilterdConfig:
     #: Ask Postfix not to wait for our "continue" to connect, HELO, MAIL, DATA, headers and body
     #: on TCP connections too (always on unix sockets): see docs/milterd.md.
     no_reply_tcp: bool = True
-    #: Ask Postfix not to wait at end of headers either (one round trip per message); what is
-    #: decided there is answered at end of message: see docs/milterd.md.
-    no_reply_eoh: bool = False
     #: Make every signature in the CPU pool (true), or only those with RSA keys over 2048 bits
     #: (false: quick ones on the reactor, see milterd.live.LiveChecks.sign).
     sign_in_pool: bool = False
@@ -129,7 +126,6 @@ def parse_milterd(f: Fields) -> MilterdConfig:
         cache_ttl=f.duration("cache_ttl", 30.0, maximum=86400),
         key_cache_ttl=f.duration("key_cache_ttl", 10.0, maximum=3600),
         no_reply_tcp=f.boolean("no_reply_tcp", True),
-        no_reply_eoh=f.boolean("no_reply_eoh", False),
         sign_in_pool=f.boolean("sign_in_pool", False),
     )
     f.done()

@@ -162,33 +162,3 @@ def test_connection_lost_cancels_pending_spf() -> None:
     protocol.dataReceived(START + Mta.mail("<a@b.example>"))
     protocol.connectionLost()
     assert held.called  # cancelled
-
-
-def test_with_no_reply_eoh_end_of_headers_is_not_answered_but_still_awaited() -> None:
-    held: Deferred[Any] = Deferred()
-    checks = FakeChecks(keys={"example.org"}, hold={"keys": held})
-    protocol, transport, _ = connect(checks, unix=True, no_reply_eoh=True)
-    trusted = Mta.optneg() + Mta.connect("c", "192.0.2.5") + Mta.helo("c")  # in mynetworks
-    protocol.dataReceived(trusted + Mta.mail("<a@example.org>") + Mta.header("From", " a@example.org")
-                          + Mta.EOH + Mta.body(b"hello\r\n") + Mta.EOM)
-    replies, _ = codec.decode_replies(transport.value())
-    assert int.from_bytes(replies[0].payload[8:12], "big") & codec.NO_REPLY_EOH
-    assert [r.code for r in replies] == ["O"]  # nothing for end of headers, body waiting
-    held.callback(checks.signers[-1])
-    # The body was hashed by the signer end of headers made; one answer, at end of message.
-    assert [r.code for r in codec.decode_replies(transport.value())[0]] == ["O", "i", "i", "c"]
-    assert checks.signers[0].body == b"hello\r\n"
-
-
-def test_with_no_reply_eoh_a_decision_at_end_of_headers_answers_end_of_message() -> None:
-    # An authenticated login sending as a From: it does not own: rejected, at end of message.
-    protocol, transport, _ = connect(FakeChecks(keys={"example.org"}), unix=True, no_reply_eoh=True)
-    protocol.dataReceived(START + Mta.macro("M", {"{auth_authen}": "mallory@example.org"})
-                          + Mta.mail("<mallory@example.org>") + Mta.header("From", " a@example.org")
-                          + Mta.EOH + Mta.body(b"x\r\n") + Mta.EOM)
-    replies, _ = codec.decode_replies(transport.value())
-    assert [r.code for r in replies] == ["O", "y"]
-    assert replies[-1].payload.startswith(b"550 5.7.1 Sender address in From: is not owned")
-    # The next message on the connection (incoming: checked) starts clean.
-    protocol.dataReceived(Mta.ABORT + MESSAGE)
-    assert [r.code for r in codec.decode_replies(transport.value())[0]][2:] == ["i", "c"]
