@@ -25,6 +25,14 @@ from mailplugins.metrics import DaemonMetrics
 log = Logger()
 
 
+def peer_text(transport: Any) -> str:
+    """The peer of a connection for a log line: ``host:port``, or ``local`` (a unix socket,
+    or the transport already gone)."""
+    peer = transport.getPeer() if transport is not None else None
+    host = getattr(peer, "host", None)
+    return f"{host}:{getattr(peer, 'port', '')}" if host else "local"
+
+
 class CountedProtocol(ProtocolWrapper):
     """The wrapper LimitedFactory puts around each protocol: counts it open and closed."""
 

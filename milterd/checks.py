@@ -22,6 +22,10 @@ Headers = Sequence[tuple[str, str]]
 
 
 class SignerLike(Protocol):
+    @property
+    def quick(self) -> bool:
+        """Cheap enough to sign on the reactor (see milterd.dkim.MessageSigner.quick)."""
+
     def feed(self, chunk: bytes) -> None: ...
 
     def finish(self) -> list[str]: ...

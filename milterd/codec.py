@@ -25,6 +25,9 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mailplugins import codec as codec_base
+from mailplugins.codec import StickyDecoder
+
 #: Protocol version we speak (Postfix 2.6+ offers 6).
 VERSION = 6
 
@@ -90,7 +93,7 @@ _LENGTH = struct.Struct("!I")
 _OPTNEG = struct.Struct("!III")
 
 
-class CodecError(ValueError):
+class CodecError(codec_base.CodecError):
     """The peer sent something that is not milter protocol; close the connection."""
 
 
@@ -290,7 +293,7 @@ def _parse(code: int, payload: bytes, max_macros: int) -> Command:
     raise MalformedFrameError(f"unknown command byte 0x{code:02x}")
 
 
-class MilterDecoder:
+class MilterDecoder(StickyDecoder[Command]):
     """Incremental decoder: :meth:`feed` bytes as they arrive, get complete commands back.
 
     At most one incomplete frame is held, so memory is bounded by ``max_frame`` plus the bytes
@@ -298,26 +301,9 @@ class MilterDecoder:
     """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_macros: int = DEFAULT_MAX_MACROS) -> None:
+        super().__init__()
         self.max_frame = max_frame
         self.max_macros = max_macros
-        self._buffer = b""
-        self._error: CodecError | None = None
-
-    @property
-    def pending(self) -> bool:
-        """True while a frame has started but is not complete."""
-        return bool(self._buffer)
-
-    def feed(self, data: bytes) -> list[Command]:
-        """Decode ``data``; raise :class:`CodecError` on bad input (and on every later call)."""
-        if self._error is not None:
-            raise self._error
-        try:
-            return self._feed(data)
-        except CodecError as exc:
-            self._error = exc
-            self._buffer = b""
-            raise
 
     def _feed(self, data: bytes) -> list[Command]:
         buffer = self._buffer + data if self._buffer else data

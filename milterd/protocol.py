@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailplugins.config.milterd import MilterdConfig
+from mailplugins.connections import peer_text
 from mailplugins.deadline import Deadline
 from mailplugins.writethrough import write_now
 from milterd import codec
@@ -61,9 +62,7 @@ class MilterProtocol(Protocol):
         self._deadline = Deadline(self._too_slow)
 
     def _peer(self) -> str:
-        peer = self.transport.getPeer() if self.transport is not None else None
-        host = getattr(peer, "host", None)
-        return f"{host}:{getattr(peer, 'port', '')}" if host else "local"
+        return peer_text(self.transport)
 
     # -- connection ------------------------------------------------------------------------
 

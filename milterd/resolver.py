@@ -32,6 +32,10 @@ class DnsTimeout(Exception):
     """The lookup did not answer within milterd.dns_timeout."""
 
 
+class NotCached(Exception):
+    """:meth:`CachedLookup.cached` has no answer for this name yet: do the work in the pool."""
+
+
 class TxtResolver:
     def __init__(
         self,
@@ -121,6 +125,15 @@ class CachedLookup:
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
+
+    def cached(self, name: str) -> TxtAnswer:
+        """The cached answer for ``name``, or :class:`NotCached` (never asks DNS, never blocks):
+        for running the code on the reactor when every answer it needs is already here."""
+        with self._lock:
+            entry = self._cache.entry(name.lower().rstrip("."))
+        if entry is None:
+            raise NotCached(name)
+        return entry[1]
 
     def __call__(self, name: str) -> TxtAnswer:
         key = name.lower().rstrip(".")

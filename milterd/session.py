@@ -409,7 +409,8 @@ class MilterSession:
     def _guard(self, work: Any, message: _Message, stage: str) -> Deferred[bytes]:
         """Run a coroutine within the budget; a failure becomes the direction's safe answer."""
         result: Deferred[bytes] = Deferred.fromCoroutine(work)
-        result.addTimeout(self.config.budget, self._clock)
+        if not result.called:  # (answered at once from the caches: no timer to set and cancel)
+            result.addTimeout(self.config.budget, self._clock)
 
         def failed(failure: Failure) -> bytes:
             message.done = True

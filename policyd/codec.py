@@ -24,10 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from mailplugins import codec as codec_base
+from mailplugins.codec import StickyDecoder
+
 REQUEST_TYPE = "smtpd_access_policy"
 
 
-class CodecError(ValueError):
+class CodecError(codec_base.CodecError):
     """The peer sent something that is not a policy request; close without replying."""
 
 
@@ -59,7 +62,7 @@ class PolicyRequest:
         return f"<PolicyRequest {state} with {len(self.attributes)} attributes>"
 
 
-class RequestDecoder:
+class RequestDecoder(StickyDecoder[PolicyRequest]):
     """Incremental decoder: :meth:`feed` bytes as they arrive, get complete requests back.
 
     A request is parsed whole once its terminating empty line has arrived (a few C-level
@@ -69,27 +72,10 @@ class RequestDecoder:
     """
 
     def __init__(self, max_line_length: int = 8192, max_attributes: int = 128) -> None:
+        super().__init__()
         self.max_line_length = max_line_length
         self.max_attributes = max_attributes
         self._max_pending = max_attributes * (max_line_length + 1)
-        self._buffer = b""
-        self._error: CodecError | None = None
-
-    @property
-    def pending(self) -> bool:
-        """True while a request has started but is not complete."""
-        return bool(self._buffer)
-
-    def feed(self, data: bytes) -> list[PolicyRequest]:
-        """Decode ``data``; raise :class:`CodecError` on bad input (and on every later call)."""
-        if self._error is not None:
-            raise self._error
-        try:
-            return self._feed(data)
-        except CodecError as exc:
-            self._error = exc
-            self._buffer = b""
-            raise
 
     def _feed(self, data: bytes) -> list[PolicyRequest]:
         buffer = self._buffer + data if self._buffer else data

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplugins.config.policyd import PolicydConfig
+from mailplugins.connections import peer_text
 from mailplugins.deadline import Deadline
 from mailplugins.writethrough import write_now
 from policyd.codec import CodecError, PolicyRequest, RequestDecoder, encode_reply
@@ -62,9 +63,7 @@ class PolicyProtocol(Protocol):
         self._deadline = Deadline(self._too_slow)
 
     def _peer(self) -> str:
-        peer = self.transport.getPeer() if self.transport is not None else None
-        host = getattr(peer, "host", None)
-        return f"{host}:{getattr(peer, 'port', '')}" if host else "local"
+        return peer_text(self.transport)
 
     # -- timers ----------------------------------------------------------------------------
 

@@ -70,8 +70,9 @@ class MilterdConfig:
     #: Ask Postfix not to wait for our "continue" to connect, HELO, MAIL, DATA, headers and body
     #: on TCP connections too (always on unix sockets): see docs/milterd.md.
     no_reply_tcp: bool = True
-    #: Make the signatures in the CPU pool (true) or on the reactor (false).
-    sign_in_pool: bool = True
+    #: Make every signature in the CPU pool (true), or only those with RSA keys over 2048 bits
+    #: (false: quick ones on the reactor, see milterd.live.LiveChecks.sign).
+    sign_in_pool: bool = False
 
 
 def _authserv_id(value: object) -> str:
@@ -125,7 +126,7 @@ def parse_milterd(f: Fields) -> MilterdConfig:
         cache_ttl=f.duration("cache_ttl", 30.0, maximum=86400),
         key_cache_ttl=f.duration("key_cache_ttl", 10.0, maximum=3600),
         no_reply_tcp=f.boolean("no_reply_tcp", True),
-        sign_in_pool=f.boolean("sign_in_pool", True),
+        sign_in_pool=f.boolean("sign_in_pool", False),
     )
     f.done()
     return config

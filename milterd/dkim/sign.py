@@ -39,6 +39,9 @@ SIGNED_HEADERS = ("From", "Reply-To", "Sender", "To", "Cc", "Subject", "Date", "
 LISTED_HEADERS = ("List-Id", "List-Unsubscribe", "List-Unsubscribe-Post", "List-Post",
                   "List-Help", "List-Subscribe", "List-Owner", "List-Archive", "Autocrypt")
 _RSA_MIN_BITS = 1024
+#: Largest RSA key whose signature counts as quick (:attr:`MessageSigner.quick`): about 0.3 ms
+#: for 2048 bits, against 1 ms for 3072 and 2 to 3 ms for 4096.
+QUICK_RSA_BITS = 2048
 _FOLD = 72
 
 
@@ -134,6 +137,13 @@ class MessageSigner:
         self._headers = list(headers)
         self._now = int(now)
         self._body = BodyHasher("relaxed", "sha256")
+
+    @property
+    def quick(self) -> bool:
+        """True when every signature costs well under a millisecond of CPU (Ed25519, RSA up
+        to ``QUICK_RSA_BITS``): cheap enough to make on the reactor."""
+        return all(isinstance(private, Ed25519PrivateKey) or private.key_size <= QUICK_RSA_BITS
+                   for _key, private in self._keys)
 
     def feed(self, chunk: bytes) -> None:
         self._body.feed(chunk)

@@ -30,6 +30,7 @@ class FakeSigner:
     domain: str
     headers: Headers
     body: bytearray = field(default_factory=bytearray)
+    quick: bool = True
 
     def feed(self, chunk: bytes) -> None:
         self.body += chunk

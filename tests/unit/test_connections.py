@@ -7,7 +7,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from mailplugins.connections import ConnectionLimit, LimitedFactory
+from mailplugins.connections import ConnectionLimit, LimitedFactory, peer_text
 from mailplugins.metrics import DaemonMetrics
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 1)
@@ -71,3 +71,12 @@ def test_one_limit_across_listeners() -> None:
     assert connect(two)[1].value() == b""  # served: a place freed on the other listener
     limit.maximum = 10  # a reload changes the one limit for every listener
     assert one.maximum == two.maximum == 10
+
+
+def test_peer_text_names_the_client_or_says_local() -> None:
+    from twisted.internet.address import UNIXAddress
+
+    tcp = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40123))
+    assert peer_text(tcp) == "192.0.2.7:40123"
+    assert peer_text(StringTransport(peerAddress=UNIXAddress(None))) == "local"
+    assert peer_text(None) == "local"

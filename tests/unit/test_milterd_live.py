@@ -299,3 +299,59 @@ def test_dmarc_and_authentication_results_through_live_checks() -> None:
     assert "spf=fail smtp.mailfrom=ceo@bank.example" in value
     assert checks.claims_our_id(value) and checks.claims_our_id(" (x) MX.EXAMPLE.TEST; none")
     assert not checks.claims_our_id(" mx.example.test.evil; none")
+
+
+def test_dmarc_runs_on_the_reactor_once_its_records_are_cached() -> None:
+    from tests.support.milter_fakes import Spf
+
+    records = {"_dmarc.bank.example": [b"v=DMARC1; p=reject"],
+               "_dmarc.np.example": [b"v=DMARC1; p=none; np=reject"]}
+    pooled: list[str] = []
+
+    def dns_run(fn: Any, *args: Any) -> Deferred[Any]:
+        pooled.append(args[0][0])
+        return sync_run(fn, *args)
+
+    checks = LiveChecks(milterd_config(), store=make_store(), db_run=sync_run, cpu_run=sync_run,
+                        dns_run=dns_run, clock=Clock(), delimiters="+", key_store=NoKeys(),
+                        txt_lookup=lambda name: records.get(name))
+    checks._exists = lambda name: False  # type: ignore[assignment]
+    for _ in range(3):
+        verdict = result_of(checks.dmarc([" <ceo@bank.example>"], [], Spf("fail"), "bank.example"))
+        assert (verdict.result, verdict.disposition) == ("fail", "reject")
+    assert pooled == [" <ceo@bank.example>"]  # the first one filled the cache; the rest did not wait
+    # np= needs "does the domain exist?", which is never cached: always in the pool.
+    for _ in range(2):
+        verdict = result_of(checks.dmarc([" <x@gone.np.example>"], [], Spf("fail"), "np.example"))
+        assert (verdict.result, verdict.policy) == ("fail", "reject")
+    assert pooled == [" <ceo@bank.example>"] + [" <x@gone.np.example>"] * 2
+
+
+@pytest.mark.parametrize(("sign_in_pool", "bits", "in_pool"), [
+    (False, 2048, False), (False, 3072, True), (True, 2048, True)])
+def test_quick_signatures_are_made_on_the_reactor_unless_sign_in_pool(
+        sign_in_pool: bool, bits: int, in_pool: bool) -> None:
+    from mailplugins.dkim_keys import generate_key
+    from milterd.dkim import SigningKey
+
+    rsa_pem, _public, _bits = generate_key("rsa", bits)
+    ed_pem, _public, _bits = generate_key("ed25519")
+
+    class Keys:
+        def signing_keys(self, domain: str) -> list[Any]:
+            return [SigningKey(domain, "r", "rsa-sha256", rsa_pem),
+                    SigningKey(domain, "e", "ed25519-sha256", ed_pem)]
+
+    pooled: list[Any] = []
+
+    def cpu_run(fn: Any, *args: Any) -> Deferred[Any]:
+        pooled.append(fn)
+        return sync_run(fn, *args)
+
+    checks = LiveChecks(milterd_config(sign_in_pool=sign_in_pool), store=make_store(),
+                        db_run=sync_run, cpu_run=cpu_run, dns_run=sync_run, clock=Clock(),
+                        delimiters="+", key_store=Keys(), txt_lookup=lambda name: None)
+    signer = result_of(checks.signer("example.org", [("From", " a@example.org")]))
+    signer.feed(b"Hello\r\n")
+    assert len(result_of(checks.sign(signer))) == 2
+    assert len(pooled) == (1 if in_pool else 0)
