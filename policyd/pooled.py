@@ -41,12 +41,18 @@ class Pending:
         with self._lock:
             self.count += 1
 
+        done = [False]
+
         def tracked(*args: Any, **kwargs: Any) -> T:
+            # Counted down once even when run twice (a group commit runs a batch again
+            # when one of its checks failed).
             try:
                 return fn(*args, **kwargs)
             finally:
                 with self._lock:
-                    self.count -= 1
+                    if not done[0]:
+                        done[0] = True
+                        self.count -= 1
 
         return tracked
 
