@@ -200,7 +200,10 @@ def _finish(decision: Coroutine[Any, Any, str], awaited: Deferred[Any]) -> Defer
 
     result: Deferred[str] = Deferred(cancel)
 
-    def resume(outcome: object) -> None:
+    # resume is handed itself rather than naming itself: a closure that refers to itself is a
+    # reference cycle, which kept every deferred request's coroutine and Deferreds alive
+    # until the garbage collector's next full pass (and made those passes long).
+    def resume(outcome: object, again: Callable[[object, Any], None]) -> None:
         try:
             error = outcome.value if isinstance(outcome, Failure) else None
             following = decision.send(None) if error is None else decision.throw(error)
@@ -212,7 +215,7 @@ def _finish(decision: Coroutine[Any, Any, str], awaited: Deferred[Any]) -> Defer
                 result.errback(Failure())
         else:
             waiting[0] = following
-            following.addBoth(resume)
+            following.addBoth(again, again)
 
-    awaited.addBoth(resume)
+    awaited.addBoth(resume, resume)
     return result
