@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
@@ -27,6 +27,7 @@ from policyd.actions import DUNNO, state_label, verb
 from policyd.codec import PolicyRequest
 from policyd.lookups import LookupOverloadError, Lookups
 from policyd.message_checks import StatefulChecks
+from policyd.pooled import Clock, Deadlines
 from policyd.rules import RULES, Facts
 
 log = Logger(namespace="policyd.service")
@@ -71,6 +72,8 @@ class PolicyService:
         self.config = config
         self.lookups = lookups
         self._clock = clock
+        #: The budget of each request that waits (one timer for all of them).
+        self._deadlines = Deadlines(cast(Clock, clock))
         self._metrics = metrics
         self._timer = timer
         self._seen_states: set[str] = set()
@@ -105,7 +108,7 @@ class PolicyService:
         except Exception:
             return self._count(self._fallback(Failure(), request, config), state, started)
         result = _finish(decision, awaited)
-        result.addTimeout(config.budget, self._clock)
+        self._deadlines.add(result, config.budget)
         result.addErrback(self._fallback, request, config)
         result.addCallback(self._count, state, started)
         return result
