@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +128,30 @@ def test_a_check_run_again_is_counted_down_once(engine: Engine) -> None:
 
 def _broken(conn: Connection) -> None:
     raise RuntimeError("bug")
+
+
+def test_writers_of_several_processes_queue_on_the_lock_file(engine: Engine, tmp_path: Path
+                                                             ) -> None:
+    # Another process (here: another open of the lock file) is writing: a batch waits for it
+    # on the lock file, and goes as soon as it is done.
+    other = os.open(tmp_path / "state.db.writer", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    done = threading.Event()
+
+    def batch() -> None:
+        run_batch(engine, [(greylist_check, ("k", "192.0.2.1", T0, GreylistTiming()), {})])
+        done.set()
+
+    worker = threading.Thread(target=batch)
+    worker.start()
+    try:
+        assert not done.wait(0.5)
+        assert triplets(engine) == 0
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+        worker.join(30)
+    assert done.is_set() and triplets(engine) == 1
 
 
 def test_failures_reach_each_waiting_check(engine: Engine) -> None:
