@@ -14,7 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.python.failure import Failure
 
 from mailplugins.threads import RunInPool
 
@@ -143,11 +144,17 @@ class PooledCheck:
         return self.pending.count >= self.max_pending
 
     def submit(self, timeout: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-        """``fn(*args, **kwargs)`` in the pool, counted, cancelled (failing with
-        ``CancelledError``) if it has not ended ``timeout`` seconds from now."""
+        """``fn(*args, **kwargs)`` in the pool, counted, failing with ``TimeoutError`` if it
+        has not ended ``timeout`` seconds from now."""
         work = self._run(self.pending.track(fn), *args, **kwargs)
         self.deadlines.add(work, timeout)
-        return work
+        return work.addErrback(_timed_out)
+
+
+def _timed_out(failure: Failure) -> Failure:
+    """A check's work cancelled at its deadline fails as a timeout (what the logs say)."""
+    failure.trap(CancelledError)
+    raise TimeoutError("no result within the check's timeout")
 
 
 def fallback(action: str) -> str | None:

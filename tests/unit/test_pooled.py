@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import Clock
 
-from policyd.pooled import Deadlines, Pending
+from policyd.pooled import Deadlines, Pending, PooledCheck
 
 
 def outcome(work: Deferred[Any]) -> list[Any]:
@@ -96,3 +96,15 @@ def test_work_that_has_already_fired_leaves_nothing_behind() -> None:
         deadlines.add(done, 1.0)
         assert outcome(done) == ["ok"]
     assert len(deadlines) == 0 and clock.getDelayedCalls() == []
+
+
+def test_a_check_whose_work_is_late_fails_with_a_timeout() -> None:
+    clock = Clock()
+    held: Deferred[str] = Deferred()
+    check = PooledCheck(lambda fn, *args, **kwargs: held, clock, max_pending=10)
+    work = check.submit(0.5, lambda: "never")
+    seen = outcome(work)
+    clock.advance(0.5)
+    assert seen == [TimeoutError]
+    held.callback("late")  # ignored
+    assert seen == [TimeoutError]
