@@ -9,11 +9,12 @@ running wait on the reactor instead and then run together: one database thread, 
 connection, one transaction and one commit for all of them, and one wake-up of the reactor
 with all their results.
 
-Each check keeps its own semantics: it runs inside a ``SAVEPOINT`` (a check that fails is
-rolled back alone and fails alone), its statements see the checks before it in the same
-transaction, and nothing is answered before the commit succeeded (a failed commit fails every
-check of the batch, and each answers its fallback). Counting stays atomic: SQLite's write lock
-is taken at the start of the batch (:func:`policyd.sql.transactions.write_lock`) and held to its commit.
+Each check keeps its own semantics: a check that fails is rolled back alone and fails alone
+(the batch is then run again with each check inside a ``SAVEPOINT``), its statements see the
+checks before it in the same transaction, and nothing is answered before the commit succeeded
+(a failed commit fails every check of the batch, and each answers its fallback). Counting stays
+atomic: SQLite's write lock is taken at the start of the batch
+(:func:`policyd.sql.transactions.write_lock`) and held to its commit.
 
 Only SQLite batches (see :func:`batching_runner`). PostgreSQL and MariaDB run many writers at
 once, and a batch would hold the row locks of every subject in it until its commit, making
@@ -25,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -43,25 +44,49 @@ def run_batch(engine: Engine, jobs: Sequence[_Job]) -> list[tuple[bool, Any]]:
 
     Returns ``(True, result)`` or ``(False, exception)`` per job, in order; raises (and commits
     nothing) when the transaction itself fails. Runs in a database thread.
+
+    The batch first runs without savepoints (two statements fewer per check, a third of a
+    first sighting's). Should any check fail, nothing of that attempt is kept: the transaction
+    is rolled back and the whole batch runs again with a savepoint around each check. Nothing
+    was answered yet, and each check decides from the database alone, so the second attempt
+    gives the answers the first would have given but for the failing check.
     """
-    results: list[tuple[bool, Any]] = []
     with one_writer(engine), engine.connect() as conn:
-        conn.begin()
-        try:
-            write_lock(conn)
-            cursor = conn.connection.cursor()
-            for fn, args, kwargs in jobs:
-                cursor.execute("SAVEPOINT policy_check")
+        results = _attempt(conn, jobs, savepoints=False)
+        if results is None:
+            results = _attempt(conn, jobs, savepoints=True)
+        assert results is not None
+        return results
+
+
+def _attempt(conn: Connection, jobs: Sequence[_Job], *, savepoints: bool
+             ) -> list[tuple[bool, Any]] | None:
+    """One transaction over ``jobs``; None (rolled back) when a check failed without
+    savepoints."""
+    results: list[tuple[bool, Any]] = []
+    conn.begin()
+    try:
+        write_lock(conn)
+        cursor = conn.connection.cursor()
+        for fn, args, kwargs in jobs:
+            if not savepoints:
                 try:
                     results.append((True, fn(conn, *args, **kwargs)))
-                except Exception as exc:
-                    cursor.execute("ROLLBACK TO SAVEPOINT policy_check")
-                    results.append((False, exc))
-                cursor.execute("RELEASE SAVEPOINT policy_check")
-            conn.commit()
-        except BaseException:
-            conn.rollback()
-            raise
+                except Exception:
+                    conn.rollback()
+                    return None
+                continue
+            cursor.execute("SAVEPOINT policy_check")
+            try:
+                results.append((True, fn(conn, *args, **kwargs)))
+            except Exception as exc:
+                cursor.execute("ROLLBACK TO SAVEPOINT policy_check")
+                results.append((False, exc))
+            cursor.execute("RELEASE SAVEPOINT policy_check")
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
     return results
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
@@ -32,6 +32,7 @@ from policyd.actions import DUNNO, state_label, verb
 from policyd.codec import PolicyRequest
 from policyd.lookups import LookupOverloadError, Lookups
 from policyd.message_checks import CheckSet, StatefulChecks
+from policyd.pooled import Clock, Deadlines
 from policyd.rules import RULES, Facts
 
 log = Logger(namespace="policyd.service")
@@ -85,6 +86,8 @@ class PolicyService:
     ) -> None:
         self.snapshot = Snapshot(config, lookups)
         self._clock = clock
+        #: The budget of each request that waits (one timer for all of them).
+        self._deadlines = Deadlines(cast(Clock, clock))
         self._metrics = metrics
         self._timer = timer
         self._seen_states: set[str] = set()
@@ -140,7 +143,7 @@ class PolicyService:
         except Exception:
             return self._count(self._fallback(Failure(), request, config), state, started)
         result = _finish(decision, awaited)
-        result.addTimeout(config.budget, self._clock)
+        self._deadlines.add(result, config.budget)
         result.addErrback(self._fallback, request, config)
         result.addCallback(self._count, state, started)
         return result
@@ -236,7 +239,10 @@ def _finish(decision: Coroutine[Any, Any, str], awaited: Deferred[Any]) -> Defer
 
     result: Deferred[str] = Deferred(cancel)
 
-    def resume(outcome: object) -> None:
+    # resume is handed itself rather than naming itself: a closure that refers to itself is a
+    # reference cycle, which kept every deferred request's coroutine and Deferreds alive
+    # until the garbage collector's next full pass (and made those passes long).
+    def resume(outcome: object, again: Callable[[object, Any], None]) -> None:
         try:
             error = outcome.value if isinstance(outcome, Failure) else None
             following = decision.send(None) if error is None else decision.throw(error)
@@ -248,7 +254,7 @@ def _finish(decision: Coroutine[Any, Any, str], awaited: Deferred[Any]) -> Defer
                 result.errback(Failure())
         else:
             waiting[0] = following
-            following.addBoth(resume)
+            following.addBoth(again, again)
 
-    awaited.addBoth(resume)
+    awaited.addBoth(resume, resume)
     return result

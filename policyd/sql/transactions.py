@@ -5,6 +5,8 @@ core's :mod:`mailplugins.db.upsert`)."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -28,27 +30,57 @@ def transaction(engine: Engine) -> Any:
     return engine.connect()
 
 
-_SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+#: Per engine: the process's writer lock, the lock file's descriptor, and the process that
+#: opened it (a forked child opens its own: flock locks are shared by a descriptor's copies).
+_SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, tuple[threading.Lock, int | None, int]] = (
+    weakref.WeakKeyDictionary())
 _SQLITE_WRITERS_LOCK = threading.Lock()
 
 
 @contextmanager
 def one_writer(engine: Engine) -> Iterator[None]:
-    """On SQLite, one writing transaction per process at a time.
+    """On SQLite, one writing transaction at a time per process, and processes in turn.
 
-    SQLite has one writer per database anyway; threads of one process that compete for it get
-    SQLITE_BUSY and sleep in the busy handler (milliseconds each time), which wastes far more
-    than waiting on a lock. Other processes are still held off by SQLite's own locking.
+    SQLite has one writer per database anyway. A writer that finds the database locked gets
+    SQLITE_BUSY and sleeps in the busy handler (1, 2, 5, 10, ... ms, retrying between naps):
+    threads of one process queue on a lock instead, and the processes of one host (policyd's
+    workers) on an ``flock`` of ``<database>.writer`` beside the file, which wakes the next
+    writer the moment the current one is done. Without it, one process whose batches follow
+    each other kept the database while the other slept in ever longer naps (the tail latency
+    of several workers). Other programs writing the file are still held off by SQLite's own
+    locking; the lock file is only a queue.
     """
     if engine.dialect.name != "sqlite":
         yield
         return
     with _SQLITE_WRITERS_LOCK:
-        lock = _SQLITE_WRITERS.get(engine)
-        if lock is None:
-            lock = _SQLITE_WRITERS[engine] = threading.Lock()
+        found = _SQLITE_WRITERS.get(engine)
+        if found is None or found[2] != os.getpid():
+            found = _SQLITE_WRITERS[engine] = (threading.Lock(), _lock_file(engine), os.getpid())
+    lock, descriptor, _pid = found
     with lock:
-        yield
+        if descriptor is None:
+            yield
+            return
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+
+def _lock_file(engine: Engine) -> int | None:
+    """The descriptor of the database's writer lock file; None for an in-memory database or
+    when the file cannot be opened (SQLite's locking alone then)."""
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    try:
+        descriptor = os.open(f"{database}.writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    except OSError:
+        return None
+    weakref.finalize(engine, os.close, descriptor)
+    return descriptor
 
 
 def write_lock(conn: Connection) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 
 from mailplugins.clients import client_in, client_ip, client_network
 
@@ -13,6 +14,18 @@ def test_client_ip_maps_and_drops_scope() -> None:
     assert client_ip("::ffff:192.0.2.1") == ipaddress.ip_address("192.0.2.1")
     assert client_ip("fe80::1%eth0") == ipaddress.ip_address("fe80::1")
     assert client_ip("junk") is None and client_ip("") is None
+
+
+def test_client_network_is_what_ip_network_says() -> None:
+    rng = random.Random(5)
+    for _ in range(500):
+        v4 = str(ipaddress.IPv4Address(rng.getrandbits(32)))
+        v6 = str(ipaddress.IPv6Address(rng.getrandbits(128) >> rng.randrange(0, 128)))
+        prefix4, prefix6 = rng.randrange(0, 33), rng.randrange(0, 129)
+        for text, prefix in ((v4, prefix4), (v6, prefix6)):
+            client_network.cache_clear()
+            expected = str(ipaddress.ip_network(f"{text}/{prefix}", strict=False))
+            assert client_network(text, prefix4, prefix6) == expected
 
 
 def test_client_network_by_family() -> None:

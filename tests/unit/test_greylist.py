@@ -277,6 +277,26 @@ def test_flow_memory_is_bounded(engine: Engine) -> None:
     assert len(c._messages) == 3
 
 
+def test_flow_remembers_only_messages_with_something_to_remember(engine: Engine) -> None:
+    # Without SPF a deferred recipient leaves nothing for later replies: no memory is kept
+    # (one per request filled the memory with objects the garbage collector kept walking).
+    clock = Clock()
+    clock.advance(T0)
+    c = checks(engine, clock)
+    for n in range(5):
+        assert rcpt(c, request(instance=f"g.{n}", sender=f"s{n}@x.example")).startswith(
+            "DEFER_IF_PERMIT")
+    assert len(c._messages) == 0
+    clock.advance(300)
+    # A first pass sends its X-Greylist header: that is remembered, so the message's next
+    # recipient does not send it again.
+    assert rcpt(c, request(instance="p.1", sender="s1@x.example")).startswith(
+        "PREPEND X-Greylist: delayed 300 seconds")
+    assert list(c._messages) == ["p.1"]
+    clock.advance(300)
+    assert rcpt(c, request(instance="p.1", sender="s2@x.example")) is None
+
+
 def test_purge_timer_runs_in_the_pool(engine: Engine) -> None:
     clock = Clock()
     calls: list[Any] = []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,9 @@ from twisted.internet.task import Clock
 from mailplugins.config.policy_state import Window
 from mailplugins.db.policy_models import GreylistEntry
 from policyd.batch import GroupCommit, batching_runner, run_batch
+from policyd.pooled import Pending
 from policyd.sql.greylist import GreylistTiming, greylist_check
+from policyd.sql.overrides import rate_usage
 from policyd.sql.ratelimit import RateKey, rate_check
 from tests.support.sync import migrated_engine
 
@@ -90,6 +95,63 @@ def test_a_failing_check_is_rolled_back_alone(engine: Engine) -> None:
     assert [ok for ok, _ in results] == [True, False, True]
     assert isinstance(results[1][1], RuntimeError)
     assert triplets(engine) == 2  # the broken check's insert was undone, its neighbours kept
+
+
+def test_a_failing_check_counts_nothing_and_its_neighbours_count_once(engine: Engine) -> None:
+    # The batch runs first without savepoints; the failure makes it start again with them.
+    # Whatever the first attempt counted must be gone: each admitted message counts once.
+    def broken(conn: Connection) -> None:
+        rate_check(conn, [limit_key(10)], T0, messages=1)
+        raise RuntimeError("bug after counting")
+
+    results = run_batch(engine, [
+        (rate_check, ([limit_key(10)], T0), {"messages": 1}),
+        (broken, (), {}),
+        (rate_check, ([limit_key(10)], T0), {"messages": 1}),
+    ])
+    assert [ok for ok, _ in results] == [True, False, True]
+    assert [r.admitted for ok, r in results if ok] == [True, True]
+    assert rate_usage(engine, limit_key(10), T0)[0].messages == 2
+
+
+def test_a_check_run_again_is_counted_down_once(engine: Engine) -> None:
+    # The pending work of a check whose batch ran twice must not go below what is in flight.
+    pending = Pending()
+    kept = pending.track(greylist_check)
+    other = pending.track(greylist_check)
+    run_batch(engine, [(kept, ("k", "192.0.2.1", T0, GreylistTiming()), {}),
+                       (pending.track(_broken), (), {})])
+    assert pending.count == 1  # ``other`` is still in flight
+    other(engine, "k2", "192.0.2.1", T0, GreylistTiming())
+    assert pending.count == 0
+
+
+def _broken(conn: Connection) -> None:
+    raise RuntimeError("bug")
+
+
+def test_writers_of_several_processes_queue_on_the_lock_file(engine: Engine, tmp_path: Path
+                                                             ) -> None:
+    # Another process (here: another open of the lock file) is writing: a batch waits for it
+    # on the lock file, and goes as soon as it is done.
+    other = os.open(tmp_path / "state.db.writer", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    done = threading.Event()
+
+    def batch() -> None:
+        run_batch(engine, [(greylist_check, ("k", "192.0.2.1", T0, GreylistTiming()), {})])
+        done.set()
+
+    worker = threading.Thread(target=batch)
+    worker.start()
+    try:
+        assert not done.wait(0.5)
+        assert triplets(engine) == 0
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+        worker.join(30)
+    assert done.is_set() and triplets(engine) == 1
 
 
 def test_failures_reach_each_waiting_check(engine: Engine) -> None:

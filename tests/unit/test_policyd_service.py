@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
 from twisted.internet.defer import Deferred, fail
 
+from policyd.service import _finish
 from tests.support.sync import sync_run
 from tests.unit.test_policyd_fixtures import Harness
 
@@ -240,3 +243,28 @@ def test_a_request_racing_a_reload_finishes_on_its_snapshot() -> None:
     h.handle(recipient="nobody@example.org").addCallback(after.append)
     new_run.complete_all()
     assert after == ["DUNNO"]  # the new snapshot: validation off, the new lookups asked
+
+
+def test_a_deferred_decision_leaves_no_reference_cycle() -> None:
+    # A request that waited (on the database, say) must be freed as soon as it is answered,
+    # not kept by a cycle until the garbage collector's next full pass: on a stream where
+    # every request waits, those passes were what made the tail latency.
+    async def decision(waited_on: Deferred[str]) -> str:
+        return "DUNNO " + await waited_on
+
+    gc.disable()
+    try:
+        fired: Deferred[str] = Deferred()
+        coroutine = decision(fired)
+        awaited = coroutine.send(None)
+        alive = weakref.ref(coroutine)
+        result = _finish(coroutine, awaited)
+        del coroutine, awaited
+        answers: list[str] = []
+        result.addCallback(answers.append)
+        fired.callback("x")
+        assert answers == ["DUNNO x"]
+        del result, fired
+        assert alive() is None
+    finally:
+        gc.enable()
