@@ -12,7 +12,8 @@ from twisted.logger import Logger
 
 from deliver.lmtp import LMTPFactory
 from deliver.maildir import clean_stale
-from deliver.service import DeliverMetrics, DeliveryService, mail_root
+from deliver.metrics import DeliverMetrics
+from deliver.service import DeliveryService, mail_root
 from mailplugins.config import Config
 from mailplugins.connections import ConnectionLimit
 from mailplugins.daemon import Listener, Runtime, capped_listeners

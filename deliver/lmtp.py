@@ -23,6 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from deliver.envelope import Envelope, Recipient
 from deliver.lmtp_codec import (
     BODY_TYPES,
     XFORWARD_ATTRIBUTES,
@@ -35,7 +36,8 @@ from deliver.lmtp_codec import (
     parse_command,
     split_line,
 )
-from deliver.service import DeliveryService, Envelope, Recipient, Spool
+from deliver.service import DeliveryService
+from deliver.spool import Spool
 from mailplugins.deadline import Deadline
 
 log = Logger(namespace="deliver.lmtp")

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from deliver.junk import authserv_id_of, quarantined, top_fields
+from deliver.store_one import is_junk
 from tests.unit.test_deliver_service import deliver, maildir
 from tests.unit.test_deliver_service import make as make  # the fixture
 
@@ -65,5 +66,5 @@ def test_a_spooled_message_is_read_from_its_file(make: Any, tmp_path: Path) -> N
     spool = (tmp_path / "spool").open("w+b")
     spool.write(b"HEAD" + data)
     body = Body(len(data), 0, spool=spool, offset=4)
-    assert service._is_junk(service.current, body)
+    assert is_junk(service.current, body)
     body.close()

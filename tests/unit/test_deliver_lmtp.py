@@ -16,10 +16,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from deliver.envelope import Envelope, Recipient
 from deliver.lmtp import LMTPServer
 from deliver.lmtp_codec import Reply
 from deliver.maildir import Body
-from deliver.service import DeliverMetrics, Envelope, Recipient, Spool
+from deliver.metrics import DeliverMetrics
+from deliver.spool import Spool
 from mailplugins.config import parse_config
 from mailplugins.metrics import DaemonMetrics
 from tests.support.sync import SyncPool
