@@ -4,7 +4,8 @@
 All of it blocks and runs in the disk thread pool, never on the reactor. A message is written
 to ``tmp/`` (``O_EXCL``, 0600), fsynced, hard-linked into ``new/`` of every target folder under
 a Dovecot-compatible name ``<sec>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<vsize>``, the tmp name is
-unlinked and every ``new/`` directory fsynced; only then may the caller answer 250. A crash at
+unlinked and every ``new/`` directory fsynced (one fsync shared by concurrent deliveries into
+the same directory, :mod:`deliver.groupsync`); only then may the caller answer 250. A crash at
 any moment leaves either nothing in ``new/`` or the whole message (and maybe a stale tmp file,
 removed after :attr:`MaildirWriter.stale_tmp_age`).
 
@@ -24,6 +25,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
+
+from deliver.groupsync import DIRECTORY_SYNC, fsync_directory
 
 __all__ = [
     "Body",
@@ -177,12 +180,7 @@ class DeliveryError(Exception):
         self.full = full
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_directory
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -473,7 +471,8 @@ class MaildirWriter:
             unlink_quietly(tmp_path)
         for directory in list(names):
             try:
-                _fsync_dir(os.path.join(directory, "new"))
+                # Shared with concurrent deliveries into the same new/ (deliver.groupsync).
+                DIRECTORY_SYNC.sync(os.path.join(directory, "new"))
             except OSError as exc:
                 failures[directory] = exc
                 del names[directory]
