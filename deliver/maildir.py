@@ -39,6 +39,7 @@ __all__ = [
     "replace_file",
     "unlink_quietly",
     "write_all",
+    "write_both",
 ]
 
 SUBDIRS = ("tmp", "new", "cur")
@@ -190,6 +191,17 @@ def write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def write_both(fd: int, first: bytes, second: bytes) -> None:
+    """``first`` then ``second``, in one writev when the disk takes it all (one system call per
+    message instead of two)."""
+    written = os.writev(fd, [first, second])
+    if written < len(first):
+        write_all(fd, first[written:])
+        write_all(fd, second)
+    elif written < len(first) + len(second):
+        write_all(fd, second[written - len(first) :])
 
 
 def _copy_spool(source: IO[bytes], fd: int, size: int, start: int = 0) -> None:
@@ -373,11 +385,11 @@ class MaildirWriter:
         try:
             try:
                 self._own_fd(fd)
-                write_all(fd, header)
                 if body.spool is not None:
+                    write_all(fd, header)
                     _copy_spool(body.spool, fd, body.size, body.offset)
                 else:
-                    write_all(fd, body.data)
+                    write_both(fd, header, body.data)
                 os.fsync(fd)
             finally:
                 os.close(fd)

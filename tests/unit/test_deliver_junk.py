@@ -32,6 +32,10 @@ def message(*fields: str) -> bytes:
      False),
     (message(OURS.replace("mx.example.test;", "MX.Example.Test (comment);")), True),
     (b"", False),
+    # The first field's name in any case, or a stray continuation line above it.
+    (message(OURS.replace("Authentication-Results:", "AUTHENTICATION-RESULTS :")), True),
+    (b" stray\r\n" + message(OURS), True),
+    (message("X-Authentication-Results: mx.example.test; dmarc=fail (dis=quarantine)\r\n"), False),
 ])
 def test_quarantined(data: bytes, junk: bool) -> None:
     assert quarantined(data, "mx.example.test") is junk

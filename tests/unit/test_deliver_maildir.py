@@ -218,3 +218,25 @@ def test_quota_refusal_is_confirmed_by_a_recount(tmp_path: Path) -> None:
     clock[0] = 10
     # Recounted less than a minute ago: the file is believed.
     assert not tracker.check(root, 1000, 100).fits(100)
+
+
+@pytest.mark.parametrize("accepted", [0, 3, 5, 8, 100])
+def test_write_both_finishes_a_short_writev(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accepted: int
+) -> None:
+    """A writev that stops early (a disk filling up) is finished by plain writes, in order."""
+    from deliver import maildir
+
+    real = os.writev
+
+    def short(fd: int, buffers: list[bytes]) -> int:
+        return real(fd, [b"".join(buffers)[:accepted]])
+
+    monkeypatch.setattr(maildir.os, "writev", short)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        maildir.write_both(fd, b"head\n", b"body\n")
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"head\nbody\n"
