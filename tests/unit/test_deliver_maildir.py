@@ -232,7 +232,7 @@ def test_write_both_finishes_a_short_writev(
     def short(fd: int, buffers: list[bytes]) -> int:
         return real(fd, [b"".join(buffers)[:accepted]])
 
-    monkeypatch.setattr(maildir.os, "writev", short)
+    monkeypatch.setattr("deliver.maildir.os.writev", short)
     path = tmp_path / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
