@@ -249,27 +249,29 @@ class DataDecoder:
     def _decode(self, raw: bytes) -> bytes:
         """CRLF -> LF over the unstuffed runs of one :meth:`feed`, counting as it goes.
 
-        ``replace(b"\\r", b"")`` is a memchr loop, ten times faster than replacing the two-byte
-        CRLF; it is the same thing whenever every CR is part of a CRLF, which the CRLF count
-        tells. The slow path only runs for input with bare CRs.
+        ``replace(b"\\r", b"")`` is a memchr loop, ten times faster than replacing the
+        two-byte CRLF. It is the same thing whenever every CR is part of a CRLF; when moreover
+        every LF is (what Postfix sends), putting the CRs back before each LF gives ``raw``
+        again, which one more memchr-driven replace and a memcmp tell, half the instructions of
+        counting CRLFs (callgrind). Any other input takes the counting path.
         """
         if not raw:
             return raw
-        clean = True  # every CR of raw was part of a CRLF: none is left in segment
-        if b"\r" in raw:
-            pairs = raw.count(b"\r\n")
-            segment = raw.replace(b"\r", b"")
-            if len(raw) - len(segment) != pairs:
-                segment = raw.replace(b"\r\n", b"\n")
-                clean = False
+        segment = raw.replace(b"\r", b"")
+        removed = len(raw) - len(segment)
+        crlf = 0  # CRLFs left in the output (only from CR CR LF or bare CRs)
+        if not removed:
+            lines = len(segment) - len(segment.replace(b"\n", b""))  # LFs, counted by removal
+        elif raw == segment.replace(b"\n", b"\r\n"):
+            lines = removed  # every line ended by CRLF: one LF for each CR removed
         else:
-            segment = raw
-        # The LFs, counted by removing them: a memchr loop, twice as fast as bytes.count.
-        lines = len(segment) - len(segment.replace(b"\n", b""))
+            if raw.count(b"\r\n") != removed:  # a bare CR: keep it
+                segment = raw.replace(b"\r\n", b"\n")
+                crlf = segment.count(b"\r\n")
+            lines = len(segment) - len(segment.replace(b"\n", b""))
         if lines:
             # An LF right after a CR in the output (CR CR LF in the input, or a bare CR that
             # ended the previous feed) is not bare: Dovecot's W= counts it once.
-            crlf = 0 if clean else segment.count(b"\r\n")
             if self._last == 0x0D and segment[0] == 0x0A:
                 crlf += 1
             self.bare_newlines += lines - crlf
