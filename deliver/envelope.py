@@ -11,6 +11,7 @@ import base64
 import email.utils
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -57,8 +58,12 @@ class Envelope:
     snapshot: Snapshot | None = None
 
 
+#: Control characters (C0 and DEL): never copied into a header we write.
+_CONTROLS = re.compile("[\x00-\x1f\x7f]")
+
+
 def _clean_header_value(text: str) -> str:
-    return "".join(c for c in text if ord(c) >= 32 and ord(c) != 127)
+    return _CONTROLS.sub("", text)
 
 
 def received_line(envelope: Envelope, hostname: str, recipient: str | None) -> str:

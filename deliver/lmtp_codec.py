@@ -9,6 +9,7 @@ a few bytes between chunks: memory does not grow with the message.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -28,6 +29,8 @@ VERBS = frozenset(
 #: XFORWARD attributes we take (Postfix's XFORWARD_README); IDENT is Postfix's queue ID.
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
+#: Control characters refused in a command line (tab is allowed).
+_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 #: Longest address inside <> we parse (RFC 5321: 256 for a path; be generous).
 MAX_PATH_LENGTH = 1024
 
@@ -155,7 +158,7 @@ def parse_command(line: bytes) -> Command:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise _error(500, "5.5.2", "Syntax error: invalid UTF-8") from None
-    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
+    if _CONTROLS.search(text):
         raise _error(500, "5.5.2", "Syntax error: control characters")
     verb, _, rest = text.strip(" \t").partition(" ")
     verb = verb.upper()

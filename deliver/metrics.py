@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from mailplugins.metrics import DaemonMetrics
 
 SIZE_BUCKETS = (1024.0, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
@@ -37,4 +39,22 @@ class DeliverMetrics:
         self.junk = metrics.counter(
             "junk_total", "Messages filed into Junk for milterd's DMARC quarantine verdict."
         )
+        self._recipient: dict[str, Any] = {}
+        self._stage: dict[str, Any] = {}
+
+    def recipient(self, result: str) -> Any:
+        """``recipients.labels(result)``, looked up once: prometheus-client's ``labels`` takes a
+        lock and validates on every call, several times per message. The results are a fixed
+        set of words, so the dictionary stays small."""
+        child = self._recipient.get(result)
+        if child is None:
+            child = self._recipient[result] = self.recipients.labels(result)
+        return child
+
+    def stage(self, stage: str) -> Any:
+        """``duration.labels(stage)``, looked up once (resolve, data, write)."""
+        child = self._stage.get(stage)
+        if child is None:
+            child = self._stage[stage] = self.duration.labels(stage)
+        return child
 

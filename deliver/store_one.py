@@ -99,7 +99,7 @@ def store(snap: Snapshot, metrics: DeliverMetrics, envelope: Envelope, body: Bod
                     log.info("{path}: queue ID {ident} already saved in {maildir}: a redelivery "
                              "after a lost reply, not saved again", path=recipient.path,
                              ident=envelope.ident, maildir=target.maildir)
-                    metrics.recipients.labels("redelivery").inc()
+                    metrics.recipient("redelivery").inc()
                     outcome.append(None)
                     continue
                 if target.quota_bytes > 0:
@@ -155,11 +155,11 @@ def store(snap: Snapshot, metrics: DeliverMetrics, envelope: Envelope, body: Bod
                 log.warn("{path}: saved for {ok} of {total} mailboxes: {reason}",
                          path=recipient.path, ok=len(outcome) - len(bad), total=len(outcome),
                          reason=bad[0][0].text)
-            metrics.recipients.labels("delivered").inc()
+            metrics.recipient("delivered").inc()
             replies.append(Reply(250, "2.0.0", f"<{recipient.path}> {envelope.id} Saved"))
             continue
         reply, result = (temporary or bad)[0]
-        metrics.recipients.labels(result).inc()
+        metrics.recipient(result).inc()
         replies.append(reply)
     return replies
 
