@@ -12,7 +12,8 @@ from typing import IO, Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
-from deliver.maildir import Body, DeliveryError, TmpFile, unlink_quietly, write_all
+from deliver.files import DeliveryError, unlink_quietly, write_all
+from deliver.maildir import Body, TmpFile
 from mailplugins.threads import WorkerPool
 
 

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from deliver.envelope import Envelope, Recipient, build_header, received_line, redelivery_key
+from deliver.files import DeliveryError
 from deliver.junk import HEAD_LIMIT, quarantined
 from deliver.lmtp_codec import Reply
-from deliver.maildir import FULL_ERRNOS, Body, DeliveryError, folder_for_detail
+from deliver.maildir import FULL_ERRNOS, Body
+from deliver.maildir_names import folder_for_detail
 from deliver.metrics import DeliverMetrics
 from deliver.recipients import Target
 from deliver.snapshot import Snapshot
