@@ -10,9 +10,10 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
+from deliver.files import clean_stale
 from deliver.lmtp import LMTPFactory
-from deliver.maildir import clean_stale
-from deliver.service import DeliverMetrics, DeliveryService, mail_root
+from deliver.metrics import DeliverMetrics
+from deliver.service import DeliveryService, mail_root
 from mailplugins.config import Config
 from mailplugins.connections import ConnectionLimit
 from mailplugins.daemon import Listener, Runtime, capped_listeners

@@ -50,6 +50,8 @@ def authserv_id_of(value: str) -> str:
 
 def quarantined(head: bytes, authserv_id: str) -> bool:
     """True when our own Authentication-Results at the top says ``dis=quarantine``."""
+    if head[:1] not in (b" ", b"\t") and not head[:22].lower().startswith(b"authentication-results"):
+        return False  # the top field is another one (Postfix's Received:): no header parsing
     ours = authserv_id.lower()
     for name, value in top_fields(head[:HEAD_LIMIT]):
         if name.lower() != "authentication-results":

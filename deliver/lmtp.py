@@ -2,9 +2,9 @@
 """The LMTP server protocol: framing and sequencing only; decisions live in the service.
 
 One command is handled at a time. While a command waits for a Deferred (a recipient lookup, a
-spool write, the delivery), the transport is paused and further pipelined input stays unread,
-so replies always go out in command order however slow the lookups are. After the final ``.``
-every accepted recipient gets its own reply, in RCPT order.
+spool write, the delivery), further pipelined input stays unread (the transport is paused as
+soon as any arrives), so replies always go out in command order however slow the lookups are.
+After the final ``.`` every accepted recipient gets its own reply, in RCPT order.
 
 Why not ``twisted.mail.smtp.ESMTP``: it ignores ESMTP parameters, replies out of order under
 pipelining with asynchronous validation, feeds every DATA line to one message object per
@@ -23,6 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from deliver.envelope import Envelope, Recipient
 from deliver.lmtp_codec import (
     BODY_TYPES,
     XFORWARD_ATTRIBUTES,
@@ -35,8 +36,10 @@ from deliver.lmtp_codec import (
     parse_command,
     split_line,
 )
-from deliver.service import DeliveryService, Envelope, Recipient, Spool
+from deliver.service import DeliveryService
+from deliver.spool import Spool
 from mailplugins.deadline import Deadline
+from mailplugins.writethrough import write_now
 
 log = Logger(namespace="deliver.lmtp")
 
@@ -97,7 +100,9 @@ class LMTPServer(Protocol):
 
     def _send(self, *replies: Reply) -> None:
         if not self._closed and self._transport is not None:
-            self._transport.write(b"".join(r.encode() for r in replies))
+            # At once when nothing is queued (mailplugins.writethrough): the client is waiting
+            # for this reply, and Twisted's next-turn write costs two epoll_ctl calls and a turn.
+            write_now(self._transport, b"".join(r.encode() for r in replies))
 
     def _close(self) -> None:
         self._closed = True
@@ -151,6 +156,8 @@ class LMTPServer(Protocol):
                 return
         else:
             self._buffer += data
+            if self._busy:
+                self._pause()  # input while a command waits: keep the rest of it unread
         self._process()
 
     def _process(self) -> None:
@@ -216,7 +223,17 @@ class LMTPServer(Protocol):
             self._process()
 
         d.addBoth(done)
-        if self._busy and not self._paused and self._transport is not None:
+        if self._busy and self._buffer:
+            self._pause()
+
+    def _pause(self) -> None:
+        """Stop reading until the command in progress is answered.
+
+        Only once input is waiting (pipelined commands, DATA faster than the disk): a client
+        that waits for each reply, the common case, costs no pause and resume, which are two
+        ``epoll_ctl`` calls per command.
+        """
+        if not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pauseProducing()
 
@@ -437,7 +454,7 @@ class LMTPServer(Protocol):
         self._spool = None
         self._envelope = None
         self._xforward = {}  # XFORWARD holds for one transaction
-        self.service.metrics.duration.labels("data").observe(time.monotonic() - self._data_started)
+        self.service.metrics.stage("data").observe(time.monotonic() - self._data_started)
         if self._too_big:
             self._send(*self.service.too_big(envelope))
             return

@@ -9,6 +9,7 @@ a few bytes between chunks: memory does not grow with the message.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -28,6 +29,8 @@ VERBS = frozenset(
 #: XFORWARD attributes we take (Postfix's XFORWARD_README); IDENT is Postfix's queue ID.
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
+#: Control characters refused in a command line (tab is allowed).
+_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 #: Longest address inside <> we parse (RFC 5321: 256 for a path; be generous).
 MAX_PATH_LENGTH = 1024
 
@@ -155,7 +158,7 @@ def parse_command(line: bytes) -> Command:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise _error(500, "5.5.2", "Syntax error: invalid UTF-8") from None
-    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
+    if _CONTROLS.search(text):
         raise _error(500, "5.5.2", "Syntax error: control characters")
     verb, _, rest = text.strip(" \t").partition(" ")
     verb = verb.upper()
@@ -249,24 +252,29 @@ class DataDecoder:
     def _decode(self, raw: bytes) -> bytes:
         """CRLF -> LF over the unstuffed runs of one :meth:`feed`, counting as it goes.
 
-        ``replace(b"\\r", b"")`` is a memchr loop, ten times faster than replacing the two-byte
-        CRLF; it is the same thing whenever every CR is part of a CRLF, which the CRLF count
-        tells. The slow path only runs for input with bare CRs.
+        ``replace(b"\\r", b"")`` is a memchr loop, ten times faster than replacing the
+        two-byte CRLF. It is the same thing whenever every CR is part of a CRLF; when moreover
+        every LF is (what Postfix sends), putting the CRs back before each LF gives ``raw``
+        again, which one more memchr-driven replace and a memcmp tell, half the instructions of
+        counting CRLFs (callgrind). Any other input takes the counting path.
         """
         if not raw:
             return raw
-        if b"\r" in raw:
-            pairs = raw.count(b"\r\n")
-            segment = raw.replace(b"\r", b"")
-            if len(raw) - len(segment) != pairs:
-                segment = raw.replace(b"\r\n", b"\n")
+        segment = raw.replace(b"\r", b"")
+        removed = len(raw) - len(segment)
+        crlf = 0  # CRLFs left in the output (only from CR CR LF or bare CRs)
+        if not removed:
+            lines = len(segment) - len(segment.replace(b"\n", b""))  # LFs, counted by removal
+        elif raw == segment.replace(b"\n", b"\r\n"):
+            lines = removed  # every line ended by CRLF: one LF for each CR removed
         else:
-            segment = raw
-        lines = segment.count(b"\n")
+            if raw.count(b"\r\n") != removed:  # a bare CR: keep it
+                segment = raw.replace(b"\r\n", b"\n")
+                crlf = segment.count(b"\r\n")
+            lines = len(segment) - len(segment.replace(b"\n", b""))
         if lines:
             # An LF right after a CR in the output (CR CR LF in the input, or a bare CR that
             # ended the previous feed) is not bare: Dovecot's W= counts it once.
-            crlf = segment.count(b"\r\n") if b"\r" in segment else 0
             if self._last == 0x0D and segment[0] == 0x0A:
                 crlf += 1
             self.bare_newlines += lines - crlf

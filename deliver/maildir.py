@@ -4,20 +4,19 @@
 All of it blocks and runs in the disk thread pool, never on the reactor. A message is written
 to ``tmp/`` (``O_EXCL``, 0600), fsynced, hard-linked into ``new/`` of every target folder under
 a Dovecot-compatible name ``<sec>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<vsize>``, the tmp name is
-unlinked and every ``new/`` directory fsynced; only then may the caller answer 250. A crash at
+unlinked and every ``new/`` directory fsynced (one fsync shared by concurrent deliveries into
+the same directory, :mod:`deliver.groupsync`); only then may the caller answer 250. A crash at
 any moment leaves either nothing in ``new/`` or the whole message (and maybe a stale tmp file,
 removed after :attr:`MaildirWriter.stale_tmp_age`).
 
 Dovecot's own files (``dovecot-uidlist``, ``dovecot.index*``, ``dovecot-keywords``, ...) are
-never opened.
+never opened. Names live in :mod:`deliver.maildir_names`, the file primitives under the writer
+in :mod:`deliver.files`.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import errno
-import itertools
 import os
 import threading
 import time
@@ -25,17 +24,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
+from deliver.files import (
+    DeliveryError,
+    clean_stale,
+    copy_spool,
+    replace_file,
+    unlink_quietly,
+    write_all,
+    write_both,
+)
+from deliver.groupsync import DIRECTORY_SYNC, fsync_directory
+from deliver.maildir_names import NameGenerator, folder_path, maildir_name
+
 __all__ = [
+    "FULL_ERRNOS",
+    "JOURNAL",
+    "JOURNAL_LIMIT",
     "Body",
     "MaildirWriter",
-    "NameGenerator",
     "TmpFile",
-    "encode_mutf7",
-    "folder_for_detail",
-    "maildir_name",
-    "replace_file",
-    "unlink_quietly",
-    "write_all",
+    "Written",
 ]
 
 SUBDIRS = ("tmp", "new", "cur")
@@ -47,85 +55,6 @@ JOURNAL = "mailplugins-delivered"
 JOURNAL_LIMIT = 64 * 1024
 #: errno values that mean "the disk or the user's disk quota is full" (-> 452 4.2.2).
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-COPY_CHUNK = 1024 * 1024
-
-
-def encode_mutf7(name: str) -> str:
-    """IMAP modified UTF-7 (RFC 3501 5.1.3), the on-disk folder name encoding Dovecot uses."""
-    out: list[str] = []
-    pending: list[str] = []
-
-    def flush() -> None:
-        if pending:
-            raw = "".join(pending).encode("utf-16-be")
-            out.append("&" + base64.b64encode(raw).decode("ascii").rstrip("=").replace("/", ",") + "-")
-            pending.clear()
-
-    for char in name:
-        if 0x20 <= ord(char) <= 0x7E:
-            flush()
-            out.append("&-" if char == "&" else char)
-        else:
-            pending.append(char)
-    flush()
-    return "".join(out)
-
-
-def folder_for_detail(detail: str) -> str | None:
-    """The folder a ``+detail`` names, or None (INBOX) when it is not a safe folder name.
-
-    Maildir++ uses ``.`` as the hierarchy separator, so ``lists.python`` is ``lists`` ->
-    ``python``. Refused: empty names or components, ``/``, control characters, anything starting
-    with ``.`` or ``~``, ``INBOX`` in any case (that is the Maildir itself), over 200 characters.
-    """
-    if not detail or len(detail) > 200:
-        return None
-    if any(ord(c) < 32 or ord(c) == 127 or c in "/\\*%" for c in detail):
-        return None
-    if detail[0] in ".~" or detail.endswith(".") or ".." in detail:
-        return None
-    if detail.split(".", 1)[0].upper() == "INBOX":
-        return None
-    return detail
-
-
-def folder_path(maildir: str, folder: str | None) -> str:
-    """Directory of ``folder`` (None = INBOX) in the Maildir++ layout rooted at ``maildir``."""
-    if folder is None:
-        return maildir
-    return os.path.join(maildir, "." + encode_mutf7(folder))
-
-
-def _host_part(hostname: str) -> str:
-    return hostname.replace("/", "\\057").replace(":", "\\072")
-
-
-def maildir_name(base: str, size: int, vsize: int) -> str:
-    return f"{base},S={size},W={vsize}"
-
-
-class NameGenerator:
-    """Unique names ``<sec>.M<usec>P<pid>Q<n>.<host>`` (Dovecot's form plus a sequence number).
-
-    ``clock`` returns seconds since the epoch (injected for tests); the pid is read at every
-    call, not once at import, so a forked child never reuses its parent's names.
-    """
-
-    #: One sequence per process, shared by every generator (a reload makes a new one).
-    _counter = itertools.count(1)
-    _lock = threading.Lock()
-
-    def __init__(self, hostname: str, clock: Callable[[], float] = time.time) -> None:
-        self.host = _host_part(hostname)
-        self._clock = clock
-
-    def next(self) -> str:
-        now = self._clock()
-        seconds = int(now)
-        micros = min(999_999, round((now - seconds) * 1_000_000))
-        with NameGenerator._lock:
-            sequence = next(NameGenerator._counter)
-        return f"{seconds}.M{micros}P{os.getpid()}Q{sequence}.{self.host}"
 
 
 @dataclass
@@ -169,70 +98,7 @@ class Body:
             self.tmp = None
 
 
-class DeliveryError(Exception):
-    """A write that failed for one folder; ``temporary`` decides 4xx vs 5xx, ``full`` 4.2.2."""
-
-    def __init__(self, message: str, *, full: bool = False) -> None:
-        super().__init__(message)
-        self.full = full
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until all of ``data`` is written: a write may be short when the disk fills,
-    and only the next one raises ENOSPC."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _copy_spool(source: IO[bytes], fd: int, size: int, start: int = 0) -> None:
-    """Copy ``size`` bytes of the spool file from ``start`` into ``fd``, in the kernel when it
-    can (copy_file_range)."""
-    src = source.fileno()
-    offset = start
-    end = start + size
-    try:
-        while offset < end:
-            copied = os.copy_file_range(src, fd, end - offset, offset)
-            if copied == 0:
-                break
-            offset += copied
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
-    while offset < end:
-        chunk = os.pread(src, min(COPY_CHUNK, end - offset), offset)
-        if not chunk:
-            raise DeliveryError("spool file shorter than expected")
-        write_all(fd, chunk)
-        offset += len(chunk)
-
-
-def replace_file(maildir: str, name: str, data: bytes, owner: tuple[int, int] | None) -> None:
-    """Replace ``maildir/name`` atomically: a new file in the Maildir's ``tmp/``, then a rename
-    (the Maildir++ way for ``maildirsize``), owned by ``owner`` when given."""
-    tmp = os.path.join(maildir, "tmp", f"{name}.{os.getpid()}.{time.monotonic_ns()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            if owner is not None:
-                os.fchown(fd, *owner)
-            write_all(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, os.path.join(maildir, name))
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
+_fsync_dir = fsync_directory
 
 
 @dataclass(frozen=True)
@@ -375,11 +241,11 @@ class MaildirWriter:
         try:
             try:
                 self._own_fd(fd)
-                write_all(fd, header)
                 if body.spool is not None:
-                    _copy_spool(body.spool, fd, body.size, body.offset)
+                    write_all(fd, header)
+                    copy_spool(body.spool, fd, body.size, body.offset)
                 else:
-                    write_all(fd, body.data)
+                    write_both(fd, header, body.data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -473,7 +339,8 @@ class MaildirWriter:
             unlink_quietly(tmp_path)
         for directory in list(names):
             try:
-                _fsync_dir(os.path.join(directory, "new"))
+                # Shared with concurrent deliveries into the same new/ (deliver.groupsync).
+                DIRECTORY_SYNC.sync(os.path.join(directory, "new"))
             except OSError as exc:
                 failures[directory] = exc
                 del names[directory]
@@ -549,29 +416,3 @@ class MaildirWriter:
             if len(self._last_clean) > 100_000:
                 self._last_clean.clear()
         return clean_stale(os.path.join(directory, "tmp"), now - self.stale_tmp_age)
-
-
-def clean_stale(directory: str, before: float) -> int:
-    """Unlink regular files in ``directory`` last written before ``before``; returns the count.
-
-    The modification time tells: a file still being written is never old.
-    """
-    removed = 0
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return 0
-    for entry in entries:
-        try:
-            info = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if entry.is_file(follow_symlinks=False) and info.st_mtime < before:
-            unlink_quietly(entry.path)
-            removed += 1
-    return removed
-
-
-def unlink_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)

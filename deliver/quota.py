@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deliver.maildir import replace_file
+from deliver.files import replace_file
 
 __all__ = ["QuotaCheck", "add_usage", "check_quota", "count_usage", "read_usage"]
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from deliver.junk import authserv_id_of, quarantined, top_fields
+from deliver.store_one import is_junk
 from tests.unit.test_deliver_service import deliver, maildir
 from tests.unit.test_deliver_service import make as make  # the fixture
 
@@ -31,6 +32,10 @@ def message(*fields: str) -> bytes:
      False),
     (message(OURS.replace("mx.example.test;", "MX.Example.Test (comment);")), True),
     (b"", False),
+    # The first field's name in any case, or a stray continuation line above it.
+    (message(OURS.replace("Authentication-Results:", "AUTHENTICATION-RESULTS :")), True),
+    (b" stray\r\n" + message(OURS), True),
+    (message("X-Authentication-Results: mx.example.test; dmarc=fail (dis=quarantine)\r\n"), False),
 ])
 def test_quarantined(data: bytes, junk: bool) -> None:
     assert quarantined(data, "mx.example.test") is junk
@@ -65,5 +70,5 @@ def test_a_spooled_message_is_read_from_its_file(make: Any, tmp_path: Path) -> N
     spool = (tmp_path / "spool").open("w+b")
     spool.write(b"HEAD" + data)
     body = Body(len(data), 0, spool=spool, offset=4)
-    assert service._is_junk(service.current, body)
+    assert is_junk(service.current, body)
     body.close()

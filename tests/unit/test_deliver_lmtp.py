@@ -16,10 +16,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from deliver.envelope import Envelope, Recipient
 from deliver.lmtp import LMTPServer
 from deliver.lmtp_codec import Reply
 from deliver.maildir import Body
-from deliver.service import DeliverMetrics, Envelope, Recipient, Spool
+from deliver.metrics import DeliverMetrics
+from deliver.spool import Spool
 from mailplugins.config import parse_config
 from mailplugins.metrics import DaemonMetrics
 from tests.support.sync import SyncPool
@@ -468,3 +470,22 @@ def test_lhlo_without_a_name_has_no_enhanced_code_yet() -> None:
     take(transport)
     protocol.dataReceived(b"LHLO\r\nFROB\r\n")
     assert take(transport) == ["501 Syntax: LHLO hostname", "500 5.5.1 Command unrecognized"]
+
+
+def test_a_client_waiting_for_each_reply_is_never_paused_but_early_input_is_held() -> None:
+    """The transport is paused only once input arrives while a command waits: a client that
+    waits for each reply costs no pause and resume, and what it sends early stays unread."""
+    protocol, transport, service, _clock = make()
+    protocol.dataReceived(b"LHLO x\r\nMAIL FROM:<s@o.example>\r\n")
+    take(transport)
+    protocol.dataReceived(b"RCPT TO:<a@x>\r\n")
+    assert transport.producerState == "producing"  # waiting for the lookup, nothing more sent
+    protocol.dataReceived(b"RCPT TO:<b@x>\r\n")
+    assert transport.producerState == "paused"
+    assert [p for p, _ in service.lookups] == ["a@x"]
+    accept(service, 0, "a@x")
+    assert take(transport) == ["250 2.1.5 <a@x> OK"]
+    assert [p for p, _ in service.lookups] == ["a@x", "b@x"]
+    accept(service, 1, "b@x")
+    assert take(transport) == ["250 2.1.5 <b@x> OK"]
+    assert transport.producerState == "producing"

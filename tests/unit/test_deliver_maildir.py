@@ -10,15 +10,9 @@ from typing import Any
 
 import pytest
 
-from deliver.maildir import (
-    Body,
-    MaildirWriter,
-    NameGenerator,
-    clean_stale,
-    encode_mutf7,
-    folder_for_detail,
-    folder_path,
-)
+from deliver.files import clean_stale, write_both
+from deliver.maildir import Body, MaildirWriter
+from deliver.maildir_names import NameGenerator, encode_mutf7, folder_for_detail, folder_path
 from deliver.quota import QuotaTracker, add_usage, count_usage, read_usage
 
 UID, GID = os.getuid(), os.getgid()
@@ -218,3 +212,23 @@ def test_quota_refusal_is_confirmed_by_a_recount(tmp_path: Path) -> None:
     clock[0] = 10
     # Recounted less than a minute ago: the file is believed.
     assert not tracker.check(root, 1000, 100).fits(100)
+
+
+@pytest.mark.parametrize("accepted", [0, 3, 5, 8, 100])
+def test_write_both_finishes_a_short_writev(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accepted: int
+) -> None:
+    """A writev that stops early (a disk filling up) is finished by plain writes, in order."""
+    real = os.writev
+
+    def short(fd: int, buffers: list[bytes]) -> int:
+        return real(fd, [b"".join(buffers)[:accepted]])
+
+    monkeypatch.setattr("deliver.files.os.writev", short)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        write_both(fd, b"head\n", b"body\n")
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"head\nbody\n"

@@ -12,9 +12,11 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from deliver.envelope import Envelope, Recipient
 from deliver.lmtp_codec import Reply
 from deliver.maildir import Body
-from deliver.service import DeliverMetrics, DeliveryService, Envelope, Recipient, mail_root
+from deliver.metrics import DeliverMetrics
+from deliver.service import DeliveryService, mail_root
 from mailplugins.config import parse_config
 from mailplugins.database import Database
 from mailplugins.db import schema
@@ -242,7 +244,7 @@ class ManualPool:
 
 
 def test_spool_reads_on_while_the_disk_keeps_up_and_waits_when_it_falls_behind(tmp_path: Path) -> None:
-    from deliver.service import Spool
+    from deliver.spool import Spool
 
     pool = ManualPool()
     spool = Spool(str(tmp_path / "spool"), 1000, pool)

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deliver.lmtp_codec import CommandError, DataDecoder, LineTooLong, parse_command, split_line
+from tests.unit.test_deliver_codec import reference_decode, reference_vsize
 
 LINES = st.lists(st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
                  max_size=30)
@@ -39,6 +40,28 @@ def test_valid_data_decodes_the_same_however_split(
     assert decoder.leftover == after
     assert decoder.size == len(expected)
     assert decoder.vsize == len(expected) + expected.count(b"\n")
+
+
+#: Messages made of the bytes that matter to decoding: CR, LF and dot in any order.
+LINE_END_SOUP = st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b".", b"\r\n\r\n"]),
+                         max_size=60).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(LINE_END_SOUP, st.lists(st.integers(min_value=0), max_size=12))
+def test_any_mix_of_line_ends_decodes_and_counts_as_the_reference(
+    body: bytes, cuts: list[int]
+) -> None:
+    """Bare CRs, bare LFs, CR CR LF, blank lines, split anywhere: the same bytes and sizes as
+    the slow reference (the fast path for all-CRLF input must never be taken wrongly)."""
+    wire = b"\r\n" + body + b"\r\n.\r\n"
+    expected, _ = reference_decode(wire) or (b"", b"")
+    decoder = DataDecoder()
+    out = b"".join(decoder.feed(piece) for piece in splits(wire, cuts))
+    assert decoder.done
+    assert out == expected
+    assert decoder.size == len(expected)
+    assert decoder.vsize == reference_vsize(expected)
 
 
 @settings(max_examples=300, deadline=None)

@@ -236,7 +236,7 @@ def test_greylisting_or_spf_alone_adds_the_data_check_for_their_headers(check: s
 def exported_metric_names() -> set[str]:
     """Every series name the three daemons can export, from their real metric registries."""
     from authd.metrics import AuthdMetrics
-    from deliver.service import DeliverMetrics
+    from deliver.metrics import DeliverMetrics
     from mailplugins.metrics import DaemonMetrics
     from milterd.session import MilterMetrics
     from policyd.service import PolicyMetrics
