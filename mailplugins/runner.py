@@ -4,6 +4,10 @@
 Startup either brings every listener up and then tells systemd ``READY=1``, or exits non-zero
 naming the listener that failed: a daemon that silently runs without its socket is worse than
 one that does not start.
+
+When a daemon asks for several ``workers``, ``serve`` becomes their supervisor
+(:mod:`mailplugins.workers`) and each worker runs this module's :class:`Runner` on the
+listening sockets it inherited, reporting readiness to the supervisor instead of systemd.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
@@ -31,7 +35,8 @@ from mailplugins.daemon import Listener, RunningDaemon, Runtime, daemon_names, l
 from mailplugins.database import Database
 from mailplugins.db import schema
 from mailplugins.generators import parse_endpoint
-from mailplugins.metrics import DaemonMetrics, metrics_site
+from mailplugins.listening import FDS_ENV, adopt, decode_fds
+from mailplugins.metrics import DaemonMetrics, metrics_site, multiprocess
 from mailplugins.threads import WorkerPool
 
 log = Logger(namespace="mailplugins.runner")
@@ -67,7 +72,7 @@ def select_daemons(config: Config, requested: Sequence[str], known: Sequence[str
     return names
 
 
-def _remove_stale_socket(path: str) -> None:
+def remove_stale_socket(path: str) -> None:
     """A socket file left by a crashed process makes bind() fail; remove it if nobody listens."""
     try:
         mode = os.lstat(path).st_mode
@@ -103,15 +108,59 @@ def _endpoint(reactor: Any, listener: Listener) -> Any:
     try:
         endpoint = serverFromString(reactor, endpoint_string(listener.endpoint))
     except (KeyError, IndexError):
-        raise StartupError(
-            f"{listener.key}: systemd passed no socket for {listener.endpoint!r} "
-            "(check the .socket unit's FileDescriptorName)",
-            2,
-        ) from None
+        raise StartupError(systemd_missing(listener.key, listener.endpoint), 2) from None
     if isinstance(endpoint, UNIXServerEndpoint):
         # The path as our own endpoint parser reads it (the endpoint keeps it private).
-        _remove_stale_socket(parse_endpoint(listener.endpoint).path)
+        remove_stale_socket(parse_endpoint(listener.endpoint).path)
     return endpoint
+
+
+def systemd_missing(key: str, endpoint: str) -> str:
+    return (f"{key}: systemd passed no socket for {endpoint!r} "
+            "(check the .socket unit's FileDescriptorName)")
+
+
+@dataclass
+class WorkerRole:
+    """What a worker process got from its supervisor (see :mod:`mailplugins.workers`)."""
+
+    daemon: str
+    index: int
+    #: Where to write ``ready`` once every listener is adopted.
+    status_fd: int
+    #: Listener key -> inherited listening descriptor.
+    fds: dict[str, int]
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | os._Environ[str]) -> WorkerRole | None:
+        from mailplugins.workers import WORKER_ENV
+
+        text = environ.get(WORKER_ENV)
+        if not text:
+            return None
+        daemon, index, status_fd, supervisor = text.split()
+        _die_with(int(supervisor))
+        return cls(daemon, int(index), int(status_fd), decode_fds(environ.get(FDS_ENV, "")))
+
+    def report_ready(self) -> None:
+        try:
+            os.write(self.status_fd, b"ready\n")
+        except OSError as exc:
+            log.warn("cannot report readiness to the supervisor: {error}", error=exc.strerror)
+
+
+def _die_with(supervisor: int) -> None:
+    """A worker must not outlive its supervisor (which holds the sockets and restarts it):
+    Linux kills it when the supervisor goes (PR_SET_PDEATHSIG), as if killed together."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != supervisor:
+        os._exit(1)
 
 
 def _describe_failure(listener: Listener, failure: Any) -> str:
@@ -122,8 +171,13 @@ def _describe_failure(listener: Listener, failure: Any) -> str:
 
 
 class Runner:
-    def __init__(self, reactor: Any, config_path: str, config: Config, names: list[str]) -> None:
+    def __init__(
+        self, reactor: Any, config_path: str, config: Config, names: list[str],
+        role: WorkerRole | None = None,
+    ) -> None:
         self.reactor = reactor
+        self.role = role
+        self.refreshers: list[task.LoopingCall] = []
         self.config_path = config_path
         self.config = config
         self.names = names
@@ -157,7 +211,13 @@ class Runner:
             self.running.append(_Running(name, daemon, runtime))
             listeners.extend(daemon.listeners)
             section = getattr(self.config, name)
-            if section.metrics:
+            if multiprocess():
+                # Function gauges (cache sizes, queue depths) reach the supervisor's files.
+                refresher = task.LoopingCall(metrics.refresh)
+                refresher.clock = self.reactor
+                refresher.start(1.0, now=False)
+                self.refreshers.append(refresher)
+            if section.metrics and self.role is None:
                 site = cast(IProtocolFactory, metrics_site(metrics))
                 listeners.append(Listener(f"{name}.metrics", section.metrics, site))
             metrics.reload_successful.set(1)
@@ -167,6 +227,12 @@ class Runner:
     @defer.inlineCallbacks
     def start(self) -> Any:
         listeners = self.build()
+        if self.role is not None:
+            self.adopt_all(self.role, listeners)
+            self.role.report_ready()
+            log.info("{daemon} worker {index} listening (pid {pid})", daemon=self.role.daemon,
+                     index=self.role.index, pid=os.getpid())
+            return
         endpoints = [(listener, _endpoint(self.reactor, listener)) for listener in listeners]
         for listener, endpoint in endpoints:
             try:
@@ -177,6 +243,17 @@ class Runner:
             log.info("{key}: listening on {endpoint}", key=listener.key, endpoint=listener.endpoint)
         sdnotify.ready(f"serving {', '.join(self.names)}")
         log.info("mailplugins {names} ready", names=" ".join(self.names))
+
+    def adopt_all(self, role: WorkerRole, listeners: list[Listener]) -> None:
+        """A worker serves on the sockets its supervisor made (one per listener key)."""
+        for listener in listeners:
+            fd = role.fds.get(listener.key)
+            if fd is None:
+                raise StartupError(f"{listener.key}: the supervisor passed no socket for it")
+            try:
+                self.ports.append(adopt(self.reactor, fd, listener.endpoint, listener.factory))
+            except Exception:
+                raise StartupError(_describe_failure(listener, Failure())) from None
 
     def reload(self) -> None:
         """SIGHUP: validate the new file whole, then swap it in; a bad file changes nothing."""
@@ -212,6 +289,9 @@ class Runner:
     @defer.inlineCallbacks
     def shutdown(self) -> Any:
         sdnotify.stopping()
+        for refresher in self.refreshers:
+            if refresher.running:
+                refresher.stop()
         for port in self.ports:
             yield port.stopListening()
         for item in self.running:
@@ -230,8 +310,14 @@ def serve(config_path: str, config: Config, requested: Sequence[str], reactor: A
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    names = select_daemons(config, requested, daemon_names())
-    runner = Runner(reactor, config_path, config, names)
+    role = WorkerRole.from_environment(os.environ)
+    names = select_daemons(config, [role.daemon] if role else requested, daemon_names())
+    if role is None:
+        from mailplugins.workers import supervise, wants_workers
+
+        if wants_workers(config, names):
+            return supervise(config_path, config, names, reactor)
+    runner = Runner(reactor, config_path, config, names, role)
 
     def started_failed(failure: Any) -> None:
         if failure.check(StartupError):
