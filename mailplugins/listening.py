@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -61,7 +62,9 @@ class _Capture:
         self.request = ListenRequest("unix", address, backlog=backlog, mode=mode)
 
     def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: Any) -> None:  # noqa: N803
-        self.request = ListenRequest("adopt", fd=fileDescriptor, family=addressFamily)
+        # The endpoint closes systemd's descriptor once the reactor has adopted it (which
+        # takes a copy): keep a copy of our own.
+        self.request = ListenRequest("adopt", fd=os.dup(fileDescriptor), family=addressFamily)
 
 
 def listen_request(description: str) -> ListenRequest:
@@ -135,22 +138,31 @@ def adopt(reactor: Any, fd: int, description: str, factory: IProtocolFactory) ->
     """Serve ``factory`` on the inherited listening socket ``fd`` (a worker's side).
 
     TLS endpoints (``ssl:``) get the same TLS wrapper Twisted's ``listenSSL`` would put around
-    the factory, built from the endpoint string's own certificate options.
+    the factory, built from the endpoint string's own certificate options. Twisted's port
+    calls ``listen()`` and, for a unix socket, ``chmod()`` again when it starts: it is given the
+    endpoint's backlog and the file's current mode, so neither changes under the supervisor.
     """
     probe = socket.socket(fileno=os.dup(fd))
-    family = probe.family
+    family, name = probe.family, probe.getsockname()
     probe.close()
-    if description.split(":", 1)[0].lower() == "ssl":
-        from twisted.protocols.tls import TLSMemoryBIOFactory
+    request = None
+    if description.split(":", 1)[0].lower() != "systemd":
+        request = listen_request(description)
+        if request.kind == "ssl":
+            from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        context = listen_request(description).context
-        factory = cast(IProtocolFactory, TLSMemoryBIOFactory(context, False, factory))
+            factory = cast(IProtocolFactory, TLSMemoryBIOFactory(request.context, False, factory))
+    port: Any
     if family == socket.AF_UNIX:
-        shared = _SharedUnixPort._fromListeningDescriptor(reactor, fd, factory)
-        shared.startListening()
-        return cast(IListeningPort, shared)
-    port: IListeningPort = reactor.adoptStreamPort(fd, family, factory)
-    return port
+        port = _SharedUnixPort._fromListeningDescriptor(reactor, fd, factory)
+        if isinstance(name, str) and name and not name.startswith("\0"):
+            port.mode = stat.S_IMODE(os.stat(name).st_mode)
+    else:
+        port = tcp.Port._fromListeningDescriptor(reactor, fd, family, factory)
+    if request is not None:
+        port.backlog = request.backlog
+    port.startListening()
+    return cast(IListeningPort, port)
 
 
 class _SharedUnixPort(unix.Port):

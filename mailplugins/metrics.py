@@ -68,7 +68,7 @@ class DaemonMetrics:
         ProcessCollector(registry=self.registry)
         build = Gauge(
             "mailplugins_build_info", "Version of the running daemon.", ["daemon", "version"],
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="livemax",
         )
         build.labels(daemon, __version__).set(1)
         self._gauges: list[_Gauge] = []
@@ -143,8 +143,12 @@ class WorkersMetrics:
     ``mailplugins_workers`` and the supervisor's own verdict on the last reload (a file the
     supervisor rejected never reaches the workers, so their gauges cannot show it)."""
 
-    def __init__(self, daemon: str, directory: str, workers: Callable[[], int]) -> None:
+    def __init__(
+        self, daemon: str, directory: str, workers: Callable[[], int],
+        pids: Callable[[], list[int]] = list,
+    ) -> None:
         self.daemon = daemon
+        self._pids = pids
         self.reload_successful = 1.0
         self._reload_name = f"mailplugins_{daemon}_config_last_reload_successful"
         self.registry = CollectorRegistry(auto_describe=False)
@@ -159,9 +163,35 @@ class WorkersMetrics:
         flag = GaugeMetricFamily(self._reload_name, "1 if the last config (re)load succeeded.")
         flag.add_metric([], self.reload_successful)
         yield flag
+        yield from _process_totals(self._pids())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+#: How the workers' ``process_*`` samples combine: summed, except these.
+_PROCESS_COMBINE: dict[str, Callable[[Iterable[float]], float]] = {
+    "process_start_time_seconds": min,
+    "process_max_fds": min,
+}
+
+
+def _process_totals(pids: list[int]) -> Iterable[Metric]:
+    """The ``process_*`` metrics of the workers as one process: CPU, memory, open files summed."""
+    families: dict[str, Metric] = {}
+    values: dict[str, list[float]] = {}
+    for pid in pids:
+        collector = ProcessCollector(pid=lambda pid=pid: pid, registry=None)  # type: ignore[misc]
+        for family in collector.collect():
+            families.setdefault(family.name, family)
+            for sample in family.samples:
+                values.setdefault(sample.name, []).append(sample.value)
+    for family in families.values():
+        total = Metric(family.name, family.documentation, family.type, family.unit)
+        for sample_name in {sample.name for sample in family.samples}:
+            combine = _PROCESS_COMBINE.get(sample_name, sum)
+            total.add_sample(sample_name, {}, combine(values[sample_name]))
+        yield total
 
 
 class _Summed(Collector):

@@ -118,6 +118,9 @@ class DaemonGroup:
     def live(self) -> int:
         return sum(1 for worker in self.workers if worker.alive)
 
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.workers if w.alive and w.pid is not None]
+
 
 class _WorkerProtocol(ProcessProtocol):
     def __init__(self, supervisor: Supervisor, worker: Worker) -> None:
@@ -208,7 +211,7 @@ class Supervisor:
             group.metrics_dir = tempfile.mkdtemp(prefix=f"mailplugins-{group.name}-metrics-")
             section = getattr(self.config, group.name)
             if section.metrics:
-                group.metrics = WorkersMetrics(group.name, group.metrics_dir, group.live)
+                group.metrics = WorkersMetrics(group.name, group.metrics_dir, group.live, group.pids)
                 site = cast(IProtocolFactory, metrics_site(group.metrics))
                 key = f"{group.name}.metrics"
                 try:
