@@ -222,6 +222,9 @@ class Supervisor:
                     raise StartupError(f"{key}: cannot listen on {section.metrics}: {text}") from None
                 self.ports.append(port)
                 log.info("{key}: listening on {endpoint}", key=key, endpoint=section.metrics)
+        self.start_workers()
+
+    def start_workers(self) -> None:
         for group in self.groups.values():
             for worker in group.workers:
                 self._start_worker(worker)

@@ -25,7 +25,7 @@ class Echo(LineOnlyReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         if line == b"pid":  # which worker answered (mailplugins.workers)
-            self.sendLine(str(os.getpid()).encode())
+            self.sendLine(f"{os.getpid()} {self.factory.tag}".encode())
             return
         self.sendLine(b"echo " + line + b" " + self.factory.tag.encode())
 
