@@ -263,7 +263,7 @@ class Supervisor:
         if worker.ready:
             return
         worker.ready = True
-        log.info("{worker} ready (pid {pid})", worker=str(worker), pid=worker.pid)
+        log.info("{worker} serving (pid {pid})", worker=str(worker), pid=worker.pid)
         if not self.announced and all(w.ready for g in self.groups.values() for w in g.workers):
             self.announced = True
             total = sum(len(g.workers) for g in self.groups.values())

@@ -39,7 +39,7 @@ class FakeTransport:
         self.pid = pid
         self.signals: list[int] = []
 
-    def signalProcess(self, signum: int) -> None:  # noqa: N802 - Twisted's name
+    def signalProcess(self, signum: int) -> None:
         self.signals.append(signum)
 
 
