@@ -335,5 +335,9 @@ def serve(config_path: str, config: Config, requested: Sequence[str], reactor: A
     reactor.addSystemEventTrigger("before", "shutdown", runner.shutdown)
     reactor.callWhenRunning(lambda: runner.start().addErrback(started_failed))
     reactor.callWhenRunning(signal.signal, signal.SIGHUP, on_hup)
+    if role is not None:
+        # Ctrl-C reaches the whole process group: the supervisor decides, and its SIGTERM
+        # stops the workers (a second stop request would only log an error).
+        reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.run()
     return runner.exit_status
