@@ -36,7 +36,7 @@ from mailplugins.database import Database
 from mailplugins.db import schema
 from mailplugins.generators import parse_endpoint
 from mailplugins.listening import FDS_ENV, adopt, decode_fds
-from mailplugins.metrics import DaemonMetrics, metrics_site, multiprocess
+from mailplugins.metrics import MULTIPROC_ENV, DaemonMetrics, metrics_site, multiprocess
 from mailplugins.threads import WorkerPool
 
 log = Logger(namespace="mailplugins.runner")
@@ -130,6 +130,8 @@ class WorkerRole:
     status_fd: int
     #: Listener key -> inherited listening descriptor.
     fds: dict[str, int]
+    #: The daemon's private directory: metric files and the connection-count slots.
+    shared_dir: str = ""
 
     @classmethod
     def from_environment(cls, environ: dict[str, str] | os._Environ[str]) -> WorkerRole | None:
@@ -140,7 +142,8 @@ class WorkerRole:
             return None
         daemon, index, status_fd, supervisor = text.split()
         _die_with(int(supervisor))
-        return cls(daemon, int(index), int(status_fd), decode_fds(environ.get(FDS_ENV, "")))
+        return cls(daemon, int(index), int(status_fd), decode_fds(environ.get(FDS_ENV, "")),
+                   environ.get(MULTIPROC_ENV, ""))
 
     def report_ready(self) -> None:
         try:
@@ -200,6 +203,11 @@ class Runner:
             )
 
     def build(self) -> list[Listener]:
+        if self.role is not None and self.role.shared_dir:
+            from mailplugins.connections import share_between_workers
+            from mailplugins.workers import SLOTS_FILE
+
+            share_between_workers(os.path.join(self.role.shared_dir, SLOTS_FILE), self.role.index)
         self.db = Database(self.reactor, self.config.database)
         self.check_schema(self.db)
         self.cpu = WorkerPool(self.reactor, "cpu", max(2, os.cpu_count() or 2))

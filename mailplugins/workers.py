@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 
 from mailplugins import sdnotify
 from mailplugins.config import Config, ConfigError, load_config
+from mailplugins.connections import WorkerSlots
 from mailplugins.daemon import LISTEN_KEYS, configured_listeners
 from mailplugins.listening import FDS_ENV, bind, encode_fds, listen_request
 from mailplugins.metrics import MULTIPROC_ENV, WorkersMetrics, metrics_site
@@ -51,6 +52,8 @@ log = Logger(namespace="mailplugins.workers")
 
 #: A worker's environment: ``<daemon> <index> <status fd> <supervisor pid>``.
 WORKER_ENV = "MAILPLUGINS_WORKER"
+#: In the daemon's private directory (beside the metric files): its workers' connection counts.
+SLOTS_FILE = "connections.slots"
 #: The worker writes ``ready`` there once it listens.
 STATUS_FD = 3
 #: Restart delays: the first after a quick death, doubling up to the last.
@@ -208,7 +211,8 @@ class Supervisor:
 
         self.bind_all()
         for group in self.groups.values():
-            group.metrics_dir = tempfile.mkdtemp(prefix=f"mailplugins-{group.name}-metrics-")
+            group.metrics_dir = tempfile.mkdtemp(prefix=f"mailplugins-{group.name}-")
+            WorkerSlots.create(os.path.join(group.metrics_dir, SLOTS_FILE), len(group.workers))
             section = getattr(self.config, group.name)
             if section.metrics:
                 group.metrics = WorkersMetrics(group.name, group.metrics_dir, group.live, group.pids)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
@@ -71,3 +74,25 @@ def test_one_limit_across_listeners() -> None:
     assert connect(two)[1].value() == b""  # served: a place freed on the other listener
     limit.maximum = 10  # a reload changes the one limit for every listener
     assert one.maximum == two.maximum == 10
+
+
+def test_one_cap_across_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each worker publishes its count in its slot of the supervisor's file; the cap is the sum."""
+    from mailplugins import connections
+    from mailplugins.connections import ConnectionLimit, WorkerSlots
+
+    path = str(tmp_path / "slots")
+    WorkerSlots.create(path, 2)
+    monkeypatch.setattr(connections, "_slots", WorkerSlots(path, 0))
+    first = ConnectionLimit(3)
+    monkeypatch.setattr(connections, "_slots", WorkerSlots(path, 1))
+    second = ConnectionLimit(3)
+    first.add(1)
+    second.add(1)
+    second.add(1)
+    assert first.open == second.open == 3
+    second.add(-1)
+    assert first.open == 2
+    # A restarted second worker starts from nothing: its predecessor's connections died with it.
+    WorkerSlots(path, 1)
+    assert first.open == 1
