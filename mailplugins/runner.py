@@ -132,6 +132,7 @@ class WorkerRole:
     fds: dict[str, int]
     #: The daemon's private directory: metric files and the connection-count slots.
     shared_dir: str = ""
+    supervisor: int = 0
 
     @classmethod
     def from_environment(cls, environ: dict[str, str] | os._Environ[str]) -> WorkerRole | None:
@@ -142,8 +143,14 @@ class WorkerRole:
             return None
         daemon, index, status_fd, supervisor = text.split()
         _die_with(int(supervisor))
+        # A reload signalled while this worker still starts must not kill it (SIGHUP's default
+        # action); it reads the file as it starts, and the reload handler replaces this.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         return cls(daemon, int(index), int(status_fd), decode_fds(environ.get(FDS_ENV, "")),
-                   environ.get(MULTIPROC_ENV, ""))
+                   environ.get(MULTIPROC_ENV, ""), int(supervisor))
+
+    def orphaned(self) -> bool:
+        return os.getppid() != self.supervisor
 
     def report_ready(self) -> None:
         try:
@@ -154,7 +161,9 @@ class WorkerRole:
 
 def _die_with(supervisor: int) -> None:
     """A worker must not outlive its supervisor (which holds the sockets and restarts it):
-    Linux kills it when the supervisor goes (PR_SET_PDEATHSIG), as if killed together."""
+    Linux kills it when the supervisor goes (PR_SET_PDEATHSIG), as if killed together. Where
+    that is not delivered (seen in sandboxed kernels) the worker's own check, every 0.1 s,
+    does the same (:meth:`Runner.start`)."""
     try:
         import ctypes
 
@@ -236,6 +245,16 @@ class Runner:
     def start(self) -> Any:
         listeners = self.build()
         if self.role is not None:
+            role = self.role
+
+            def orphan_check() -> None:
+                if role.orphaned():
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            watch = task.LoopingCall(orphan_check)
+            watch.clock = self.reactor
+            watch.start(0.1, now=False)
+            self.refreshers.append(watch)
             self.adopt_all(self.role, listeners)
             self.role.report_ready()
             log.info("{daemon} worker {index} listening (pid {pid})", daemon=self.role.daemon,
