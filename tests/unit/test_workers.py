@@ -194,6 +194,45 @@ def test_stop_signals_all_and_waits_for_every_worker(tmp_path: Path, notified: l
     assert done == [None]
 
 
+def test_several_daemons_each_with_its_own_count(tmp_path: Path, notified: list[str]) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "database": {"url": f"sqlite:///{tmp_path}/m.db"},
+        "policyd": {"listen": "tcp:1", "workers": 3},
+        "deliver": {"listen": "tcp:2", "workers": 1},
+    }))
+    config = parse_config(yaml.safe_load(path.read_text()), str(path))
+    spawned: list[Worker] = []
+
+    def spawn(worker: Worker) -> FakeTransport:
+        spawned.append(worker)
+        return FakeTransport(100 + len(spawned))
+
+    supervisor = Supervisor(FakeReactor(), str(path), config, ["policyd", "deliver"], spawn)
+    supervisor.start_workers()
+    assert [(w.daemon, w.index) for w in spawned] == [
+        ("policyd", 0), ("policyd", 1), ("policyd", 2), ("deliver", 0)]
+    for worker in spawned[:3]:
+        supervisor.worker_ready(worker)
+    assert notified == []
+    supervisor.worker_ready(spawned[3])
+    assert notified == ["READY=1\nSTATUS=serving policyd, deliver (4 workers)"]
+
+
+def test_function_gauges_reach_the_files_in_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prometheus-client never calls a gauge's function in a worker (nobody collects the
+    worker's registry): the worker's timer writes its value instead."""
+    from mailplugins.metrics import MULTIPROC_ENV, DaemonMetrics
+
+    monkeypatch.setenv(MULTIPROC_ENV, "/nonexistent")
+    metrics = DaemonMetrics("policyd")
+    size = [3]
+    metrics.gauge("cache_entries", "Lookups held.").set_function(lambda: size[0])
+    size[0] = 7
+    metrics.refresh()
+    assert metrics.registry.get_sample_value("mailplugins_policyd_cache_entries") == 7
+
+
 # -- real processes: the echo test daemon with workers: 2 ---------------------------------
 
 
