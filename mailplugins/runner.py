@@ -36,10 +36,14 @@ from mailplugins.database import Database
 from mailplugins.db import schema
 from mailplugins.generators import parse_endpoint
 from mailplugins.listening import FDS_ENV, adopt, decode_fds
-from mailplugins.metrics import MULTIPROC_ENV, DaemonMetrics, metrics_site, multiprocess
+from mailplugins.metrics import DaemonMetrics, metrics_site, write_snapshot
 from mailplugins.threads import WorkerPool
 
 log = Logger(namespace="mailplugins.runner")
+
+
+#: Seconds between a worker's metric snapshots: how stale the supervisor's /metrics may be.
+SNAPSHOT_INTERVAL = 1.0
 
 
 class StartupError(Exception):
@@ -136,7 +140,7 @@ class WorkerRole:
 
     @classmethod
     def from_environment(cls, environ: dict[str, str] | os._Environ[str]) -> WorkerRole | None:
-        from mailplugins.workers import WORKER_ENV
+        from mailplugins.workers import WORKER_DIR_ENV, WORKER_ENV
 
         text = environ.get(WORKER_ENV)
         if not text:
@@ -146,8 +150,9 @@ class WorkerRole:
         # A reload signalled while this worker still starts must not kill it (SIGHUP's default
         # action); it reads the file as it starts, and the reload handler replaces this.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a scrape's snapshot request, likewise
         return cls(daemon, int(index), int(status_fd), decode_fds(environ.get(FDS_ENV, "")),
-                   environ.get(MULTIPROC_ENV, ""), int(supervisor))
+                   environ.get(WORKER_DIR_ENV, ""), int(supervisor))
 
     def orphaned(self) -> bool:
         return os.getppid() != self.supervisor
@@ -228,12 +233,12 @@ class Runner:
             self.running.append(_Running(name, daemon, runtime))
             listeners.extend(daemon.listeners)
             section = getattr(self.config, name)
-            if multiprocess():
-                # Function gauges (cache sizes, queue depths) reach the supervisor's files.
-                refresher = task.LoopingCall(metrics.refresh)
-                refresher.clock = self.reactor
-                refresher.start(1.0, now=False)
-                self.refreshers.append(refresher)
+            if self.role is not None and self.role.shared_dir:
+                # The supervisor serves /metrics from these snapshots (mailplugins.metrics).
+                snapshot = task.LoopingCall(self.write_snapshots)
+                snapshot.clock = self.reactor
+                snapshot.start(SNAPSHOT_INTERVAL, now=False)
+                self.refreshers.append(snapshot)
             if section.metrics and self.role is None:
                 site = cast(IProtocolFactory, metrics_site(metrics))
                 listeners.append(Listener(f"{name}.metrics", section.metrics, site))
@@ -256,6 +261,7 @@ class Runner:
             watch.start(0.1, now=False)
             self.refreshers.append(watch)
             self.adopt_all(self.role, listeners)
+            self.write_snapshots()
             self.role.report_ready()
             log.info("{daemon} worker {index} listening (pid {pid})", daemon=self.role.daemon,
                      index=self.role.index, pid=os.getpid())
@@ -270,6 +276,15 @@ class Runner:
             log.info("{key}: listening on {endpoint}", key=listener.key, endpoint=listener.endpoint)
         sdnotify.ready(f"serving {', '.join(self.names)}")
         log.info("mailplugins {names} ready", names=" ".join(self.names))
+
+    def write_snapshots(self) -> None:
+        if self.role is None or not self.role.shared_dir:
+            return
+        for item in self.running:
+            try:
+                write_snapshot(item.runtime.metrics, self.role.shared_dir)
+            except OSError as exc:
+                log.warn("cannot write the metrics snapshot: {error}", error=exc.strerror)
 
     def adopt_all(self, role: WorkerRole, listeners: list[Listener]) -> None:
         """A worker serves on the sockets its supervisor made (one per listener key)."""
@@ -325,6 +340,7 @@ class Runner:
             result = item.daemon.stop()
             if result is not None:
                 yield result
+        self.write_snapshots()  # a worker's last counts
         if self.db is not None:
             self.db.close()
         if self.cpu is not None:
@@ -363,6 +379,12 @@ def serve(config_path: str, config: Config, requested: Sequence[str], reactor: A
     reactor.callWhenRunning(lambda: runner.start().addErrback(started_failed))
     reactor.callWhenRunning(signal.signal, signal.SIGHUP, on_hup)
     if role is not None:
+
+        def on_usr1(_signum: int, _frame: Any) -> None:
+            reactor.callFromThread(runner.write_snapshots)
+
+        # The supervisor's /metrics asks for fresh snapshots (mailplugins.workers).
+        reactor.callWhenRunning(signal.signal, signal.SIGUSR1, on_usr1)
         # Ctrl-C reaches the whole process group: the supervisor decides, and its SIGTERM
         # stops the workers (a second stop request would only log an error).
         reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)

@@ -29,11 +29,12 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
-from prometheus_client.multiprocess import mark_process_dead
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
@@ -46,12 +47,14 @@ from mailplugins.config import Config, ConfigError, load_config
 from mailplugins.connections import WorkerSlots
 from mailplugins.daemon import LISTEN_KEYS, configured_listeners
 from mailplugins.listening import FDS_ENV, bind, encode_fds, listen_request
-from mailplugins.metrics import MULTIPROC_ENV, WorkersMetrics, metrics_site
+from mailplugins.metrics import WorkersMetrics, metrics_site
 
 log = Logger(namespace="mailplugins.workers")
 
 #: A worker's environment: ``<daemon> <index> <status fd> <supervisor pid>``.
 WORKER_ENV = "MAILPLUGINS_WORKER"
+#: The daemon's private directory: metric snapshots and the connection-count slots.
+WORKER_DIR_ENV = "MAILPLUGINS_WORKER_DIR"
 #: In the daemon's private directory (beside the metric files): its workers' connection counts.
 SLOTS_FILE = "connections.slots"
 #: The worker writes ``ready`` there once it listens.
@@ -61,6 +64,8 @@ RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
 #: A worker that ran this long before dying counts as a fresh failure (restarted quickly).
 STABLE_AFTER = 60.0
+#: How long a scrape of /metrics waits for the workers' fresh snapshots.
+SNAPSHOT_WAIT = 0.5
 #: How long SIGTERM waits for the workers before SIGKILL (systemd's TimeoutStopSec is shorter).
 STOP_GRACE = 60.0
 #: Environment a worker must not inherit: readiness and sockets come from the supervisor.
@@ -215,7 +220,8 @@ class Supervisor:
             WorkerSlots.create(os.path.join(group.metrics_dir, SLOTS_FILE), len(group.workers))
             section = getattr(self.config, group.name)
             if section.metrics:
-                group.metrics = WorkersMetrics(group.name, group.metrics_dir, group.live, group.pids)
+                group.metrics = WorkersMetrics(group.name, group.metrics_dir, group.live, group.pids,
+                                               partial(self.fresh_snapshots, group))
                 site = cast(IProtocolFactory, metrics_site(group.metrics))
                 key = f"{group.name}.metrics"
                 try:
@@ -244,7 +250,7 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_WORKERS}
         env[WORKER_ENV] = f"{worker.daemon} {worker.index} {STATUS_FD} {os.getpid()}"
         env[FDS_ENV] = encode_fds(fds)
-        env[MULTIPROC_ENV] = self.groups[worker.daemon].metrics_dir
+        env[WORKER_DIR_ENV] = self.groups[worker.daemon].metrics_dir
         return env
 
     def spawn_process(self, worker: Worker) -> Any:
@@ -275,12 +281,8 @@ class Supervisor:
             log.info("mailplugins {names} ready", names=" ".join(self.names))
 
     def worker_exited(self, worker: Worker, status: int | None, sig: int | None) -> None:
-        group = self.groups[worker.daemon]
         pid = worker.pid
         worker.transport = None
-        if pid is not None and group.metrics_dir:
-            # Its live gauges (open connections, ...) no longer count; its counters still do.
-            mark_process_dead(pid, group.metrics_dir)
         how = f"killed by signal {sig}" if sig else f"exited with status {status}"
         if self.stopping:
             log.info("{worker} (pid {pid}) {how}", worker=str(worker), pid=pid, how=how)
@@ -335,6 +337,33 @@ class Supervisor:
         log.info("configuration reloaded from {path} ({n} workers signalled)",
                  path=self.config_path, n=signalled)
         sdnotify.ready("reloaded")
+
+    def fresh_snapshots(self, group: DaemonGroup) -> defer.Deferred[None]:
+        """SIGUSR1 asks each live worker for a metric snapshot; fires once every one has
+        written a newer file, or after SNAPSHOT_WAIT (a worker too busy to answer in time is
+        shown as of its last periodic snapshot)."""
+        since = time.time_ns()
+        pending: dict[int, str] = {}
+        for worker in group.workers:
+            if worker.alive and worker.pid is not None:
+                with contextlib.suppress(Exception):
+                    worker.transport.signalProcess(signal.SIGUSR1)
+                    pending[worker.pid] = os.path.join(group.metrics_dir, f"{worker.pid}.json")
+        done: defer.Deferred[None] = defer.Deferred()
+        deadline = self.reactor.seconds() + SNAPSHOT_WAIT
+
+        def check() -> None:
+            for pid, path in list(pending.items()):
+                with contextlib.suppress(OSError):
+                    if os.stat(path).st_mtime_ns >= since:
+                        del pending[pid]
+            if not pending or self.reactor.seconds() >= deadline:
+                done.callback(None)
+            else:
+                self.reactor.callLater(0.005, check)
+
+        check()
+        return done
 
     def signal_all(self, signum: int) -> int:
         count = 0

@@ -219,18 +219,45 @@ def test_several_daemons_each_with_its_own_count(tmp_path: Path, notified: list[
     assert notified == ["READY=1\nSTATUS=serving policyd, deliver (4 workers)"]
 
 
-def test_function_gauges_reach_the_files_in_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    """prometheus-client never calls a gauge's function in a worker (nobody collects the
-    worker's registry): the worker's timer writes its value instead."""
-    from mailplugins.metrics import MULTIPROC_ENV, DaemonMetrics
+def test_metrics_combine_the_workers_snapshots(tmp_path: Path) -> None:
+    """Counters and histograms: summed over every worker that ever ran; gauges: over the live
+    ones, by their mode; the reload flag is the supervisor's own."""
+    import json
 
-    monkeypatch.setenv(MULTIPROC_ENV, "/nonexistent")
-    metrics = DaemonMetrics("policyd")
-    size = [3]
-    metrics.gauge("cache_entries", "Lookups held.").set_function(lambda: size[0])
-    size[0] = 7
-    metrics.refresh()
-    assert metrics.registry.get_sample_value("mailplugins_policyd_cache_entries") == 7
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mailplugins.metrics import DaemonMetrics, WorkersMetrics
+
+    def worker(pid: int, requests: int, held: int, stamp: float, cached: int) -> None:
+        metrics = DaemonMetrics("policyd")
+        metrics.counter("requests_total", "Requests.", ["action"]).labels("DUNNO").inc(requests)
+        metrics.histogram("request_duration_seconds", "Time.").observe(0.002 * requests)
+        metrics.open_connections.labels("policyd.listen").set(held)
+        metrics.reload_timestamp.set(stamp)
+        metrics.reload_successful.set(1)
+        metrics.gauge("cache_entries", "Held.").set_function(lambda: cached)
+        (tmp_path / f"{pid}.json").write_text(json.dumps(metrics.snapshot()))
+
+    worker(101, 3, 2, 10.0, 5)
+    worker(102, 4, 1, 20.0, 6)
+    worker(103, 10, 7, 30.0, 9)  # dead: its counts stay, its gauges do not
+    combined = WorkersMetrics("policyd", str(tmp_path), lambda: 2, lambda: [101, 102])
+    combined.reload_successful = 0
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(combined.render().decode())
+        for s in family.samples
+    }
+    assert samples[("mailplugins_policyd_requests_total", (("action", "DUNNO"),))] == 17
+    assert samples[("mailplugins_policyd_request_duration_seconds_count", ())] == 3
+    assert samples[("mailplugins_policyd_request_duration_seconds_bucket", (("le", "0.01"),))] == 2
+    assert samples[("mailplugins_policyd_open_connections", (("listener", "policyd.listen"),))] == 3
+    assert samples[("mailplugins_policyd_cache_entries", ())] == 11
+    assert samples[("mailplugins_policyd_config_last_reload_success_timestamp_seconds", ())] == 20
+    assert samples[("mailplugins_policyd_config_last_reload_successful", ())] == 0
+    assert samples[("mailplugins_workers", (("daemon", "policyd"),))] == 2
+    build = [k for k in samples if k[0] == "mailplugins_build_info"]
+    assert len(build) == 1 and samples[build[0]] == 1
 
 
 # -- real processes: the echo test daemon with workers: 2 ---------------------------------
