@@ -243,7 +243,15 @@ class Supervisor:
         worker.restart = None
         worker.ready = False
         worker.started_at = self.reactor.seconds()
-        worker.transport = self.spawn(worker)
+        try:
+            worker.transport = self.spawn(worker)
+        except Exception as exc:  # fork or exec refused (EAGAIN, ENOMEM): try again later
+            worker.failures += 1
+            delay = restart_delay(worker.failures)
+            log.error("{worker} cannot be started ({error}); trying again in {delay}s",
+                      worker=str(worker), error=exc, delay=f"{delay:g}")
+            worker.restart = self.reactor.callLater(delay, self._start_worker, worker)
+            return
         worker.pid = getattr(worker.transport, "pid", None)
 
     def worker_environment(self, worker: Worker, fds: dict[str, int]) -> dict[str, str]:

@@ -151,6 +151,22 @@ def test_a_dead_worker_is_restarted_with_backoff(tmp_path: Path, notified: list[
     assert h.workers[1].alive and h.spawned[1][0] is h.workers[1]
 
 
+def test_a_refused_spawn_is_tried_again_later(tmp_path: Path, notified: list[str]) -> None:
+    h = Harness(tmp_path, workers=1)
+    refusals = [OSError(11, "Resource temporarily unavailable")]
+
+    def spawn(worker: Worker) -> FakeTransport:
+        if refusals:
+            raise refusals.pop()
+        return h.spawn(worker)
+
+    h.supervisor.spawn = spawn
+    h.supervisor.start_workers()
+    assert not h.workers[0].alive
+    h.reactor.advance(restart_delay(1))
+    assert h.workers[0].alive and len(h.spawned) == 1
+
+
 def test_a_worker_that_cannot_start_stops_the_service(tmp_path: Path, notified: list[str]) -> None:
     h = Harness(tmp_path)
     h.supervisor.start_workers()
