@@ -410,3 +410,42 @@ def test_a_worker_startup_error_stops_the_supervisor(workdir: Path) -> None:
     assert "mailplugins: database schema is not up to date: run 'mailplugins db upgrade'\n" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (workdir / "d.sock").exists()
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(workdir: Path) -> None:
+    """SIGKILL to the supervisor (a crash, or systemd's final kill of the main process): its
+    workers go too, so a restart never finds them still holding the socket."""
+    sock_path = workdir / "echo.sock"
+    data = {"database": {"url": f"sqlite:///{workdir}/m.db"},
+            "deliver": {"listen": f"unix:{sock_path}", "workers": 2}}
+    config = workdir / "c.yaml"
+    config.write_text(yaml.safe_dump(data))
+    engine = make_engine(parse_config(data).database)
+    schema.upgrade(engine)
+    engine.dispose()
+    log = workdir / "log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.echo_daemon", "--config", str(config), "serve"],
+        cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(lambda: "mailplugins deliver ready" in log.read_text(), timeout=60,
+                   what="two echo workers")
+        workers = children(process.pid)
+        assert len(workers) == 2
+        process.kill()
+        process.wait(timeout=10)
+
+        def gone(pid: int) -> bool:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    return any(line.startswith("State:\tZ") for line in f)  # dead, not reaped
+            except FileNotFoundError:
+                return True
+
+        wait_until(lambda: all(gone(pid) for pid in workers), timeout=10,
+                   what="the orphaned workers to die")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
