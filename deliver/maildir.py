@@ -17,6 +17,7 @@ in :mod:`deliver.files`.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
 import time
@@ -99,6 +100,26 @@ class Body:
 
 
 _fsync_dir = fsync_directory
+
+
+def _locked_journal(path: str) -> int:
+    """The journal opened for appending under an exclusive ``flock``.
+
+    A trim replaces the file by a rename: whoever opened the old file and then waited for the
+    lock finds it no longer at ``path`` and opens the new one.
+    """
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -387,21 +408,22 @@ class MaildirWriter:
         line = f"{key} {name} {folder}\n".encode("utf-8", "surrogateescape")
         path = os.path.join(maildir, JOURNAL)
         with self._journal_lock:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Other processes (deliver's workers, another host on shared storage) append and
+            # trim too: the file lock makes "append, maybe trim" one step, so a trim never
+            # drops a line appended between its read and its rename.
+            fd = _locked_journal(path)
             try:
                 self._own_fd(fd)
                 write_all(fd, line)
-                too_long = os.fstat(fd).st_size > JOURNAL_LIMIT
+                if os.fstat(fd).st_size > JOURNAL_LIMIT:
+                    # Keep the newer half.
+                    with open(path, "rb") as journal:
+                        data = journal.read()
+                    keep = data[len(data) // 2 :]
+                    owner = (self.uid, self.gid) if self._chown else None
+                    replace_file(maildir, JOURNAL, keep[keep.find(b"\n") + 1 :], owner)
             finally:
-                os.close(fd)
-            if too_long:
-                # Keep the newer half (two processes trimming at once each write their own
-                # tmp/ file; the later rename wins).
-                with open(path, "rb") as journal:
-                    data = journal.read()
-                keep = data[len(data) // 2 :]
-                owner = (self.uid, self.gid) if self._chown else None
-                replace_file(maildir, JOURNAL, keep[keep.find(b"\n") + 1 :], owner)
+                os.close(fd)  # releases the lock
 
     # -- stale tmp files ---------------------------------------------------------------
 

@@ -427,6 +427,18 @@ class ServeProcess:
         except FileNotFoundError:
             return ""
 
+    def pids(self) -> list[int]:
+        """The serving processes: ``mailplugins serve`` and, with ``workers`` above 1, its
+        workers (the processes that hold the connections)."""
+        if self.process is None:
+            return []
+        pid = self.process.pid
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                return [pid, *(int(child) for child in f.read().split())]
+        except OSError:
+            return [pid]
+
     def reload(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGHUP)

@@ -7,10 +7,19 @@ listener gets its own :class:`LimitedFactory` (its own metrics label) over one s
 :class:`ConnectionLimit`. Over the cap a new connection is closed at once (after an optional
 protocol-specific refusal, e.g. LMTP's ``421``), so thousands of idle clients cannot exhaust
 descriptors or memory.
+
+With several worker processes (:mod:`mailplugins.workers`) the cap stays one cap for the daemon:
+each worker publishes its open count in its own slot of a small file the supervisor made
+(:func:`share_between_workers`) and a new connection is refused when the slots add up to the
+cap. Workers accepting at the same instant may each see the other's count a moment late, so the
+cap can be passed by at most one connection per worker.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import struct
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IProtocolFactory
@@ -70,12 +79,60 @@ class _Refuse(Protocol):
         transport.loseConnection()
 
 
+class WorkerSlots:
+    """Open-connection counts of a daemon's workers: one 8-byte slot each in a shared file."""
+
+    def __init__(self, path: str, index: int) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._map = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        self._count = len(self._map) // 8
+        self._offset = index * 8
+        self.set(0)  # a restarted worker's predecessor's connections died with it
+
+    @staticmethod
+    def create(path: str, workers: int) -> None:
+        """The supervisor's side: a zeroed slot per worker."""
+        with open(path, "wb") as f:
+            f.write(bytes(8 * workers))
+
+    def set(self, value: int) -> None:
+        struct.pack_into("<q", self._map, self._offset, value)
+
+    def total(self) -> int:
+        return sum(struct.unpack_from(f"<{self._count}q", self._map))
+
+
+#: Set in a worker process: the daemon's limit counts across all its workers.
+_slots: WorkerSlots | None = None
+
+
+def share_between_workers(path: str, index: int) -> None:
+    """Called once in a worker before its daemon is built (see :mod:`mailplugins.runner`)."""
+    global _slots
+    _slots = WorkerSlots(path, index)
+
+
 class ConnectionLimit:
-    """One daemon's ``max_connections``: open connections across all its listeners."""
+    """One daemon's ``max_connections``: open connections across all its listeners (and, in a
+    worker, across all the daemon's workers)."""
 
     def __init__(self, maximum: int) -> None:
         self.maximum = maximum
-        self.open = 0
+        self._own = 0
+        self._slots = _slots
+
+    @property
+    def open(self) -> int:
+        """Open connections of the whole daemon."""
+        return self._own if self._slots is None else self._slots.total()
+
+    def add(self, delta: int) -> None:
+        self._own += delta
+        if self._slots is not None:
+            self._slots.set(self._own)
 
 
 class LimitedFactory(WrappingFactory):
@@ -129,11 +186,11 @@ class LimitedFactory(WrappingFactory):
 
     def opened(self, _protocol: ProtocolWrapper) -> None:
         self._open += 1
-        self.limit.open += 1
+        self.limit.add(1)
         self._metrics.connections.labels(self.listener).inc()
         self._gauge.set(self._open)
 
     def closed(self, _protocol: ProtocolWrapper) -> None:
         self._open -= 1
-        self.limit.open -= 1
+        self.limit.add(-1)
         self._gauge.set(self._open)

@@ -23,6 +23,10 @@ from mailplugins.threads import WorkerPool
 
 ENTRY_POINT_GROUP = "mailplugins.daemons"
 
+#: The keys of a daemon section that name listeners; each daemon names its listeners
+#: ``<daemon>.<key>`` (``[i]`` when the key lists several), see :func:`listeners_for`.
+LISTEN_KEYS = ("listen", "sasl_listen", "dict_listen", "http_listen")
+
 
 @dataclass
 class Listener:
@@ -97,6 +101,22 @@ def capped_listeners(
 
 def listeners_for(key_prefix: str, endpoints: tuple[str, ...], factory: IProtocolFactory) -> list[Listener]:
     """One Listener per endpoint string of a ``listen`` key (a string or a list)."""
+    return [Listener(key, e, factory) for key, e in listener_keys(key_prefix, endpoints)]
+
+
+def listener_keys(key_prefix: str, endpoints: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(key, endpoint)`` for each endpoint of one key: ``policyd.listen`` or ``...listen[i]``."""
     if len(endpoints) == 1:
-        return [Listener(key_prefix, endpoints[0], factory)]
-    return [Listener(f"{key_prefix}[{i}]", e, factory) for i, e in enumerate(endpoints)]
+        return [(key_prefix, endpoints[0])]
+    return [(f"{key_prefix}[{i}]", e) for i, e in enumerate(endpoints)]
+
+
+def configured_listeners(name: str, section: Any) -> list[tuple[str, str]]:
+    """Every ``(key, endpoint)`` the daemon ``name`` will listen on, read from its section
+    without building it (the worker supervisor binds them before any worker runs; the metrics
+    endpoint is not among them)."""
+    found: list[tuple[str, str]] = []
+    for key in LISTEN_KEYS:
+        endpoints = getattr(section, key, None) or ()
+        found.extend(listener_keys(f"{name}.{key}", tuple(endpoints)))
+    return found

@@ -4,6 +4,10 @@
 Startup either brings every listener up and then tells systemd ``READY=1``, or exits non-zero
 naming the listener that failed: a daemon that silently runs without its socket is worse than
 one that does not start.
+
+When a daemon asks for several ``workers``, ``serve`` becomes their supervisor
+(:mod:`mailplugins.workers`) and each worker runs this module's :class:`Runner` on the
+listening sockets it inherited, reporting readiness to the supervisor instead of systemd.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
@@ -30,11 +34,16 @@ from mailplugins.config import Config, ConfigError, load_config
 from mailplugins.daemon import Listener, RunningDaemon, Runtime, daemon_names, load_daemon
 from mailplugins.database import Database
 from mailplugins.db import schema
-from mailplugins.metrics import DaemonMetrics, metrics_site
+from mailplugins.listening import FDS_ENV, adopt, decode_fds
+from mailplugins.metrics import DaemonMetrics, metrics_site, write_snapshot
 from mailplugins.threads import WorkerPool
 from mailplugins.wiring.endpoints import parse_endpoint
 
 log = Logger(namespace="mailplugins.runner")
+
+
+#: Seconds between a worker's metric snapshots: how stale the supervisor's /metrics may be.
+SNAPSHOT_INTERVAL = 1.0
 
 
 class StartupError(Exception):
@@ -67,7 +76,7 @@ def select_daemons(config: Config, requested: Sequence[str], known: Sequence[str
     return names
 
 
-def _remove_stale_socket(path: str) -> None:
+def remove_stale_socket(path: str) -> None:
     """A socket file left by a crashed process makes bind() fail; remove it if nobody listens."""
     try:
         mode = os.lstat(path).st_mode
@@ -103,15 +112,72 @@ def _endpoint(reactor: Any, listener: Listener) -> Any:
     try:
         endpoint = serverFromString(reactor, endpoint_string(listener.endpoint))
     except (KeyError, IndexError):
-        raise StartupError(
-            f"{listener.key}: systemd passed no socket for {listener.endpoint!r} "
-            "(check the .socket unit's FileDescriptorName)",
-            2,
-        ) from None
+        raise StartupError(systemd_missing(listener.key, listener.endpoint), 2) from None
     if isinstance(endpoint, UNIXServerEndpoint):
         # The path as our own endpoint parser reads it (the endpoint keeps it private).
-        _remove_stale_socket(parse_endpoint(listener.endpoint).path)
+        remove_stale_socket(parse_endpoint(listener.endpoint).path)
     return endpoint
+
+
+def systemd_missing(key: str, endpoint: str) -> str:
+    return (f"{key}: systemd passed no socket for {endpoint!r} "
+            "(check the .socket unit's FileDescriptorName)")
+
+
+@dataclass
+class WorkerRole:
+    """What a worker process got from its supervisor (see :mod:`mailplugins.workers`)."""
+
+    daemon: str
+    index: int
+    #: Where to write ``ready`` once every listener is adopted.
+    status_fd: int
+    #: Listener key -> inherited listening descriptor.
+    fds: dict[str, int]
+    #: The daemon's private directory: metric files and the connection-count slots.
+    shared_dir: str = ""
+    supervisor: int = 0
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | os._Environ[str]) -> WorkerRole | None:
+        from mailplugins.workers import WORKER_DIR_ENV, WORKER_ENV
+
+        text = environ.get(WORKER_ENV)
+        if not text:
+            return None
+        daemon, index, status_fd, supervisor = text.split()
+        _die_with(int(supervisor))
+        # A reload signalled while this worker still starts must not kill it (SIGHUP's default
+        # action); it reads the file as it starts, and the reload handler replaces this.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a scrape's snapshot request, likewise
+        return cls(daemon, int(index), int(status_fd), decode_fds(environ.get(FDS_ENV, "")),
+                   environ.get(WORKER_DIR_ENV, ""), int(supervisor))
+
+    def orphaned(self) -> bool:
+        return os.getppid() != self.supervisor
+
+    def report_ready(self) -> None:
+        try:
+            os.write(self.status_fd, b"ready\n")
+        except OSError as exc:
+            log.warn("cannot report readiness to the supervisor: {error}", error=exc.strerror)
+
+
+def _die_with(supervisor: int) -> None:
+    """A worker must not outlive its supervisor (which holds the sockets and restarts it):
+    Linux kills it when the supervisor goes (PR_SET_PDEATHSIG), as if killed together. Where
+    that is not delivered (seen in sandboxed kernels) the worker's own check, every 0.1 s,
+    does the same (:meth:`Runner.start`)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != supervisor:
+        os._exit(1)
 
 
 def _describe_failure(listener: Listener, failure: Any) -> str:
@@ -122,8 +188,13 @@ def _describe_failure(listener: Listener, failure: Any) -> str:
 
 
 class Runner:
-    def __init__(self, reactor: Any, config_path: str, config: Config, names: list[str]) -> None:
+    def __init__(
+        self, reactor: Any, config_path: str, config: Config, names: list[str],
+        role: WorkerRole | None = None,
+    ) -> None:
         self.reactor = reactor
+        self.role = role
+        self.refreshers: list[task.LoopingCall] = []
         self.config_path = config_path
         self.config = config
         self.names = names
@@ -146,6 +217,11 @@ class Runner:
             )
 
     def build(self) -> list[Listener]:
+        if self.role is not None and self.role.shared_dir:
+            from mailplugins.connections import share_between_workers
+            from mailplugins.workers import SLOTS_FILE
+
+            share_between_workers(os.path.join(self.role.shared_dir, SLOTS_FILE), self.role.index)
         self.db = Database(self.reactor, self.config.database)
         self.check_schema(self.db)
         self.cpu = WorkerPool(self.reactor, "cpu", max(2, os.cpu_count() or 2))
@@ -157,7 +233,13 @@ class Runner:
             self.running.append(_Running(name, daemon, runtime))
             listeners.extend(daemon.listeners)
             section = getattr(self.config, name)
-            if section.metrics:
+            if self.role is not None and self.role.shared_dir:
+                # The supervisor serves /metrics from these snapshots (mailplugins.metrics).
+                snapshot = task.LoopingCall(self.write_snapshots)
+                snapshot.clock = self.reactor
+                snapshot.start(SNAPSHOT_INTERVAL, now=False)
+                self.refreshers.append(snapshot)
+            if section.metrics and self.role is None:
                 site = cast(IProtocolFactory, metrics_site(metrics))
                 listeners.append(Listener(f"{name}.metrics", section.metrics, site))
             metrics.reload_successful.set(1)
@@ -167,6 +249,23 @@ class Runner:
     @defer.inlineCallbacks
     def start(self) -> Any:
         listeners = self.build()
+        if self.role is not None:
+            role = self.role
+
+            def orphan_check() -> None:
+                if role.orphaned():
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            watch = task.LoopingCall(orphan_check)
+            watch.clock = self.reactor
+            watch.start(0.1, now=False)
+            self.refreshers.append(watch)
+            self.adopt_all(self.role, listeners)
+            self.write_snapshots()
+            self.role.report_ready()
+            log.info("{daemon} worker {index} listening (pid {pid})", daemon=self.role.daemon,
+                     index=self.role.index, pid=os.getpid())
+            return
         endpoints = [(listener, _endpoint(self.reactor, listener)) for listener in listeners]
         for listener, endpoint in endpoints:
             try:
@@ -177,6 +276,26 @@ class Runner:
             log.info("{key}: listening on {endpoint}", key=listener.key, endpoint=listener.endpoint)
         sdnotify.ready(f"serving {', '.join(self.names)}")
         log.info("mailplugins {names} ready", names=" ".join(self.names))
+
+    def write_snapshots(self) -> None:
+        if self.role is None or not self.role.shared_dir:
+            return
+        for item in self.running:
+            try:
+                write_snapshot(item.runtime.metrics, self.role.shared_dir)
+            except OSError as exc:
+                log.warn("cannot write the metrics snapshot: {error}", error=exc.strerror)
+
+    def adopt_all(self, role: WorkerRole, listeners: list[Listener]) -> None:
+        """A worker serves on the sockets its supervisor made (one per listener key)."""
+        for listener in listeners:
+            fd = role.fds.get(listener.key)
+            if fd is None:
+                raise StartupError(f"{listener.key}: the supervisor passed no socket for it")
+            try:
+                self.ports.append(adopt(self.reactor, fd, listener.endpoint, listener.factory))
+            except Exception:
+                raise StartupError(_describe_failure(listener, Failure())) from None
 
     def reload(self) -> None:
         """SIGHUP: validate the new file whole, then swap it in; a bad file changes nothing."""
@@ -212,12 +331,16 @@ class Runner:
     @defer.inlineCallbacks
     def shutdown(self) -> Any:
         sdnotify.stopping()
+        for refresher in self.refreshers:
+            if refresher.running:
+                refresher.stop()
         for port in self.ports:
             yield port.stopListening()
         for item in self.running:
             result = item.daemon.stop()
             if result is not None:
                 yield result
+        self.write_snapshots()  # a worker's last counts
         if self.db is not None:
             self.db.close()
         if self.cpu is not None:
@@ -230,8 +353,14 @@ def serve(config_path: str, config: Config, requested: Sequence[str], reactor: A
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    names = select_daemons(config, requested, daemon_names())
-    runner = Runner(reactor, config_path, config, names)
+    role = WorkerRole.from_environment(os.environ)
+    names = select_daemons(config, [role.daemon] if role else requested, daemon_names())
+    if role is None:
+        from mailplugins.workers import supervise, wants_workers
+
+        if wants_workers(config, names):
+            return supervise(config_path, config, names, reactor)
+    runner = Runner(reactor, config_path, config, names, role)
 
     def started_failed(failure: Any) -> None:
         if failure.check(StartupError):
@@ -249,5 +378,15 @@ def serve(config_path: str, config: Config, requested: Sequence[str], reactor: A
     reactor.addSystemEventTrigger("before", "shutdown", runner.shutdown)
     reactor.callWhenRunning(lambda: runner.start().addErrback(started_failed))
     reactor.callWhenRunning(signal.signal, signal.SIGHUP, on_hup)
+    if role is not None:
+
+        def on_usr1(_signum: int, _frame: Any) -> None:
+            reactor.callFromThread(runner.write_snapshots)
+
+        # The supervisor's /metrics asks for fresh snapshots (mailplugins.workers).
+        reactor.callWhenRunning(signal.signal, signal.SIGUSR1, on_usr1)
+        # Ctrl-C reaches the whole process group: the supervisor decides, and its SIGTERM
+        # stops the workers (a second stop request would only log an error).
+        reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.run()
     return runner.exit_status

@@ -78,6 +78,9 @@ class AuthdConfig:
     master_user_separator: str
     #: Whether master users may log in on SMTP (submission) too; off: IMAP, POP3, sieve, ...
     master_user_smtp: bool
+    #: Processes serving authd; 1 by default (see docs/workers.md): hashing already uses
+    #: every core through the CPU pool, and the local penalty counters are per process.
+    workers: int = 1
 
 
 def parse_authd(f: Fields) -> AuthdConfig:
@@ -110,6 +113,7 @@ def parse_authd(f: Fields) -> AuthdConfig:
         username_chars=f.string("username_chars", DOVECOT_USERNAME_CHARS),
         master_user_separator=f.string("master_user_separator", ""),
         master_user_smtp=f.boolean("master_user_smtp", False),
+        workers=f.workers(1),
     )
     if not (config.sasl_listen or config.dict_listen or config.http_listen):
         raise f.error("sasl_listen", "authd needs at least one of sasl_listen, dict_listen, http_listen")
@@ -126,6 +130,12 @@ def parse_authd(f: Fields) -> AuthdConfig:
         raise f.error("master_user_separator", "must be one printable character other than @")
     if separator and separator in config.username_chars:
         raise f.error("master_user_separator", "must not be one of username_chars")
+    if config.workers > 1 and not config.penalty_shared:
+        raise f.error(
+            "workers",
+            "more than one worker needs penalty_shared: true (otherwise each worker counts "
+            "failures on its own and an attacker gets workers x penalty_threshold tries)",
+        )
     if config.failure_delay >= config.request_timeout:
         raise f.error("failure_delay", "must be shorter than request_timeout")
     f.done()

@@ -78,6 +78,8 @@ class DeliverConfig:
     #: Whose Authentication-Results to trust for that; None: ``milterd.authserv_id`` when
     #: milterd is configured in the same file, else this host's FQDN (milterd's default).
     authserv_id: str | None = None
+    #: Processes serving deliver (mailplugins.workers); 1 = today's single process.
+    workers: int = 1
 
 
 def _hostname(value: object) -> str:
@@ -115,6 +117,7 @@ def parse_deliver(f: Fields) -> DeliverConfig:
         listen=f.endpoints("listen"),
         metrics=f.endpoint("metrics", None),
         max_connections=f.integer("max_connections", 1000, minimum=1),
+        workers=f.workers(),
         max_message_size=f.size("max_message_size", 50 * 1024 * 1024, minimum=1024),
         hostname=f.convert("hostname", socket.gethostname(), _hostname),
         spool_directory=f.path("spool_directory", None) or None,

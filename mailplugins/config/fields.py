@@ -16,6 +16,9 @@ from typing import Final, TypeVar
 
 T = TypeVar("T")
 
+#: Most worker processes one daemon may run (a typo like 1000 should not fork-bomb the host).
+MAX_WORKERS: Final = 64
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -188,6 +191,10 @@ class Fields:
             return text
 
         return self.convert(key, default, conv)
+
+    def workers(self, default: int | None = None) -> int:
+        """The ``workers`` key: processes serving this daemon (default: one per CPU)."""
+        return self.integer("workers", default or os.cpu_count() or 1, minimum=1, maximum=MAX_WORKERS)
 
     def integer(
         self,

@@ -73,6 +73,8 @@ class MilterdConfig:
     #: Make every signature in the CPU pool (true), or only those with RSA keys over 2048 bits
     #: (false: quick ones on the reactor, see milterd.live.LiveChecks.sign).
     sign_in_pool: bool = False
+    #: Processes serving milterd (mailplugins.workers); 1 = today's single process.
+    workers: int = 1
 
 
 def _authserv_id(value: object) -> str:
@@ -116,6 +118,7 @@ def parse_milterd(f: Fields) -> MilterdConfig:
         dmarc=parse_dmarc(f.section("dmarc")),
         unowned_from=f.string("unowned_from", "reject", choices=UNOWNED_FROM_ACTIONS),
         max_connections=f.integer("max_connections", 1000, minimum=1),
+        workers=f.workers(),
         idle_timeout=f.duration("idle_timeout", 1100.0, minimum=1),
         frame_timeout=f.duration("frame_timeout", 30.0, minimum=0.1, maximum=600),
         budget=f.duration("budget", 20.0, minimum=0.1, maximum=290),

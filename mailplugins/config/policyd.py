@@ -69,6 +69,8 @@ class PolicydConfig:
     ratelimit: RateLimitConfig | None = None
     greylist: GreylistConfig | None = None
     spf: SPFConfig | None = None
+    #: Processes serving policyd (mailplugins.workers); 1 = today's single process.
+    workers: int = 1
 
     def checks_for(self, context: str) -> tuple[str, ...]:
         rules = self.contexts.get(context) if context else None
@@ -118,6 +120,7 @@ def parse_policyd(f: Fields) -> PolicydConfig:
         ratelimit=parse_ratelimit(f.section("ratelimit")),
         greylist=parse_greylist(f.section("greylist")),
         spf=parse_spf(f.section("spf")),
+        workers=f.workers(),
     )
     f.done()
     return config

@@ -10,12 +10,13 @@ from __future__ import annotations
 import shutil
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.rig import Daemons, short_tempdir, wait_until
+from tests.rig import Daemons, free_port, short_tempdir, wait_until
 
 pytestmark = pytest.mark.e2e
 LIMIT = 500
@@ -25,10 +26,14 @@ EXTRA = 700  # 1,200 connections per daemon in all
 @pytest.fixture(scope="module")
 def daemons() -> Iterator[Daemons]:
     root = short_tempdir()
+    local = "interface=127.0.0.1"
     running = Daemons(root, {
-        "policyd": {"listen": f"unix:{root}/policy.sock:mode=600", "max_connections": LIMIT},
-        "authd": {"sasl_listen": f"unix:{root}/auth.sock:mode=600", "max_connections": LIMIT},
-        "deliver": {"listen": f"unix:{root}/lmtp.sock:mode=600", "max_connections": LIMIT},
+        "policyd": {"listen": f"unix:{root}/policy.sock:mode=600", "max_connections": LIMIT,
+                    "metrics": f"tcp:{free_port()}:{local}"},
+        "authd": {"sasl_listen": f"unix:{root}/auth.sock:mode=600", "max_connections": LIMIT,
+                  "metrics": f"tcp:{free_port()}:{local}"},
+        "deliver": {"listen": f"unix:{root}/lmtp.sock:mode=600", "max_connections": LIMIT,
+                    "metrics": f"tcp:{free_port()}:{local}"},
     })
     running.store.add_domain("example.org")
     try:
@@ -52,6 +57,15 @@ def connect(path: Path) -> socket.socket:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def open_connections(daemons: Daemons, name: str) -> float:
+    """The daemon's open connections as its /metrics counts them (over all its workers)."""
+    port = getattr(daemons.config, name).metrics.split(":")[1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        lines = reply.read().decode().splitlines()
+    prefix = f"mailplugins_{name}_open_connections{{"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
 
 
 def closed_after(sock: socket.socket) -> bytes:
@@ -105,6 +119,11 @@ def test_idle_connections_up_to_the_limit_then_clean_refusals(
     try:
         for _ in range(LIMIT):
             held.append(connect(path))
+        # Every held connection accepted and counted before the extra ones arrive: with
+        # several workers the kernel's queue is drained by all of them at once, so an extra
+        # connection could otherwise be counted before the last held one.
+        wait_until(lambda: open_connections(daemons, name) == LIMIT, timeout=30,
+                   what=f"{name} to count {LIMIT} open connections")
         refused = 0
         for _ in range(EXTRA):
             extra = connect(path)

@@ -237,20 +237,23 @@ def test_alias_expansion_hardlinks_one_file(rig: Rig) -> None:
 
 
 def test_kill_during_data_then_retry_leaves_exactly_one_copy(rig: Rig) -> None:
-    pid = rig.daemons.process.pid
     body = (b"y" * 76 + b"\r\n") * 200_000  # ~15 MB: DATA takes a while
     message = b"Subject: crash\r\n\r\n" + body
 
-    def spooling() -> bool:
-        try:
-            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:
-            return False
-        # A large message spools straight into the first destination's Maildir tmp/.
-        return any("/carol/Maildir/tmp/" in link for link in links)
+    def spooling() -> int | None:
+        """The deliver process (the worker, with several) writing into carol's tmp/."""
+        for pid in rig.daemons.pids():
+            try:
+                links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            except OSError:
+                continue
+            # A large message spools straight into the first destination's Maildir tmp/.
+            if any("/carol/Maildir/tmp/" in link for link in links):
+                return pid
+        return None
 
     rig.send("sender@example.org", ["carol@example.org"], message)
-    wait_until(spooling, timeout=30, interval=0.002, what="deliver to spool DATA")
+    pid = wait_until(spooling, timeout=30, interval=0.002, what="deliver to spool DATA")
     rig.daemons.kill()
     wait_until(lambda: "lost connection" in rig.postfix.log_text()
                or rig.status("carol@example.org") == "deferred", timeout=30, what="postfix to notice")

@@ -96,6 +96,9 @@ def test_verify_is_not_a_rubber_stamp(unit_copies: Path) -> None:
 def test_service_settings(daemon: str) -> None:
     unit = UNITS / f"mailplugins-{daemon}.service"
     assert one(unit, "Service", "Type") == "notify"
+    # Only the worker supervisor notifies, and it stops its workers itself (docs/workers.md).
+    assert one(unit, "Service", "NotifyAccess") == "main"
+    assert one(unit, "Service", "KillMode") == "mixed"
     assert one(unit, "Service", "Restart") == "on-failure"
     assert one(unit, "Service", "ExecStart").endswith(f"serve {daemon}")
     assert one(unit, "Service", "ExecStartPre").endswith("check-config")

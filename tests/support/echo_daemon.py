@@ -7,6 +7,7 @@ shutdown are tested without depending on any real daemon.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -23,6 +24,9 @@ class Echo(LineOnlyReceiver):
     delimiter = b"\n"
 
     def lineReceived(self, line: bytes) -> None:
+        if line == b"pid":  # which worker answered (mailplugins.workers)
+            self.sendLine(f"{os.getpid()} {self.factory.tag}".encode())
+            return
         self.sendLine(b"echo " + line + b" " + self.factory.tag.encode())
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
@@ -80,3 +83,25 @@ def test_peer_text_names_the_client_or_says_local() -> None:
     assert peer_text(tcp) == "192.0.2.7:40123"
     assert peer_text(StringTransport(peerAddress=UNIXAddress(None))) == "local"
     assert peer_text(None) == "local"
+
+
+def test_one_cap_across_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each worker publishes its count in its slot of the supervisor's file; the cap is the sum."""
+    from mailplugins import connections
+    from mailplugins.connections import ConnectionLimit, WorkerSlots
+
+    path = str(tmp_path / "slots")
+    WorkerSlots.create(path, 2)
+    monkeypatch.setattr(connections, "_slots", WorkerSlots(path, 0))
+    first = ConnectionLimit(3)
+    monkeypatch.setattr(connections, "_slots", WorkerSlots(path, 1))
+    second = ConnectionLimit(3)
+    first.add(1)
+    second.add(1)
+    second.add(1)
+    assert first.open == second.open == 3
+    second.add(-1)
+    assert first.open == 2
+    # A restarted second worker starts from nothing: its predecessor's connections died with it.
+    WorkerSlots(path, 1)
+    assert first.open == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -232,3 +233,42 @@ def test_write_both_finishes_a_short_writev(
     finally:
         os.close(fd)
     assert path.read_bytes() == b"head\nbody\n"
+
+
+def test_a_journal_line_waits_for_another_process_trim_and_lands_in_the_new_file(
+    tmp_path: Path,
+) -> None:
+    """Workers (processes) share a Maildir's redelivery journal: an append that waited for
+    another process's lock while that process trimmed (replaced the file) must go to the new
+    file, not to the one the trim renamed away."""
+    import fcntl
+    import threading
+
+    from deliver.maildir import JOURNAL
+    from tests.rig import wait_until
+
+    box = tmp_path / "Maildir"
+    (box / "tmp").mkdir(parents=True)
+    journal = box / JOURNAL
+    journal.write_bytes(b"old-key old-name .\n")
+    other = os.open(journal, os.O_WRONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)  # "another worker" is trimming
+
+    def open_on_journal() -> bool:
+        mine = {other}
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if int(fd) not in mine and os.readlink(f"/proc/self/fd/{fd}") == str(journal):
+                    return True
+        return False
+
+    appending = threading.Thread(
+        target=writer().record_delivery, args=(str(box), "new-key", str(box), "new-name")
+    )
+    appending.start()
+    wait_until(open_on_journal, timeout=10, what="the append to open the journal")
+    (box / "tmp" / "j").write_bytes(b"kept-key kept-name .\n")
+    os.replace(box / "tmp" / "j", journal)
+    os.close(other)
+    appending.join(timeout=10)
+    assert journal.read_bytes() == b"kept-key kept-name .\nnew-key new-name .\n"
