@@ -33,7 +33,7 @@ from mailplugins import sdnotify
 from mailplugins.config import Config, ConfigError, load_config
 from mailplugins.daemon import Listener, RunningDaemon, Runtime, daemon_names, load_daemon
 from mailplugins.database import Database
-from mailplugins.db import schema
+from mailplugins.db import revision
 from mailplugins.listening import FDS_ENV, adopt, decode_fds
 from mailplugins.metrics import DaemonMetrics, metrics_site, write_snapshot
 from mailplugins.threads import WorkerPool
@@ -206,12 +206,12 @@ class Runner:
 
     def check_schema(self, db: Database) -> None:
         try:
-            current = schema.current_revision(db.engine)
+            current = revision.current_revision(db.engine)
         except Exception as exc:
             log.warn("database not reachable at startup ({error}); answering fallbacks until it is",
                      error=type(exc).__name__)
             return
-        if current != schema.head_revision():
+        if current != revision.HEAD:
             raise StartupError(
                 "database schema is not up to date: run 'mailplugins db upgrade'", 2
             )
