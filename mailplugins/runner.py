@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
@@ -361,23 +361,6 @@ def serve(config_path: str, config: Config, requested: Sequence[str], reactor: A
         if wants_workers(config, names):
             return supervise(config_path, config, names, reactor)
     runner = Runner(reactor, config_path, config, names, role)
-
-    def started_failed(failure: Any) -> None:
-        if failure.check(StartupError):
-            sys.stderr.write(f"mailplugins: {failure.value}\n")
-            runner.exit_status = failure.value.status
-        else:
-            log.failure("startup failed", failure)
-            runner.exit_status = 1
-        if reactor.running:
-            reactor.stop()
-
-    def on_hup(_signum: int, _frame: Any) -> None:
-        reactor.callFromThread(runner.reload)
-
-    reactor.addSystemEventTrigger("before", "shutdown", runner.shutdown)
-    reactor.callWhenRunning(lambda: runner.start().addErrback(started_failed))
-    reactor.callWhenRunning(signal.signal, signal.SIGHUP, on_hup)
     if role is not None:
 
         def on_usr1(_signum: int, _frame: Any) -> None:
@@ -388,5 +371,41 @@ def serve(config_path: str, config: Config, requested: Sequence[str], reactor: A
         # Ctrl-C reaches the whole process group: the supervisor decides, and its SIGTERM
         # stops the workers (a second stop request would only log an error).
         reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    return run_reactor(reactor, runner)
+
+
+class Served(Protocol):
+    """What :func:`run_reactor` runs: a :class:`Runner`, or a worker supervisor."""
+
+    exit_status: int
+
+    def start(self) -> Any: ...
+
+    def reload(self) -> None: ...
+
+    def shutdown(self) -> Any: ...
+
+
+def run_reactor(reactor: Any, served: Served) -> int:
+    """Start ``served`` once the reactor runs, reload it on SIGHUP, shut it down before the
+    reactor stops; returns its exit status. A :class:`StartupError` ends the run with its
+    one-line message and status, anything else with a logged failure and status 1."""
+
+    def started_failed(failure: Any) -> None:
+        if failure.check(StartupError):
+            sys.stderr.write(f"mailplugins: {failure.value}\n")
+            served.exit_status = failure.value.status
+        else:
+            log.failure("startup failed", failure)
+            served.exit_status = 1
+        if reactor.running:
+            reactor.stop()
+
+    def on_hup(_signum: int, _frame: Any) -> None:
+        reactor.callFromThread(served.reload)
+
+    reactor.addSystemEventTrigger("before", "shutdown", served.shutdown)
+    reactor.callWhenRunning(lambda: served.start().addErrback(started_failed))
+    reactor.callWhenRunning(signal.signal, signal.SIGHUP, on_hup)
     reactor.run()
-    return runner.exit_status
+    return served.exit_status

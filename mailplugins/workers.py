@@ -431,28 +431,10 @@ class Supervisor:
 
 def supervise(config_path: str, config: Config, names: list[str], reactor: Any) -> int:
     """Run the workers until SIGTERM/SIGINT; returns the process exit status."""
-    from mailplugins.runner import StartupError
+    from mailplugins.runner import run_reactor
 
     supervisor = Supervisor(reactor, config_path, config, names)
-
-    def started_failed(failure: Failure) -> None:
-        if failure.check(StartupError):
-            sys.stderr.write(f"mailplugins: {failure.value}\n")
-            supervisor.exit_status = cast(StartupError, failure.value).status
-        else:
-            log.failure("startup failed", failure)
-            supervisor.exit_status = 1
-        if reactor.running:
-            reactor.stop()
-
-    def on_hup(_signum: int, _frame: Any) -> None:
-        reactor.callFromThread(supervisor.reload)
-
-    reactor.addSystemEventTrigger("before", "shutdown", supervisor.shutdown)
-    reactor.callWhenRunning(lambda: supervisor.start().addErrback(started_failed))
-    reactor.callWhenRunning(signal.signal, signal.SIGHUP, on_hup)
     try:
-        reactor.run()
+        return run_reactor(reactor, supervisor)
     finally:
         supervisor.close_sockets()
-    return supervisor.exit_status
