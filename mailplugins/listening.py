@@ -159,8 +159,9 @@ def adopt(reactor: Any, fd: int, description: str, factory: IProtocolFactory) ->
             port.mode = stat.S_IMODE(os.stat(name).st_mode)
     else:
         port = tcp.Port._fromListeningDescriptor(reactor, fd, family, factory)
-    if request is not None:
-        port.backlog = request.backlog
+    # Twisted's port calls listen() again: keep the endpoint's backlog, and for a socket
+    # systemd made, systemd's default (SOMAXCONN) rather than Twisted's 50.
+    port.backlog = request.backlog if request is not None else socket.SOMAXCONN
     port.startListening()
     return cast(IListeningPort, port)
 

@@ -34,7 +34,7 @@ from mailplugins.config import Config, ConfigError, load_config
 from mailplugins.daemon import Listener, RunningDaemon, Runtime, daemon_names, load_daemon
 from mailplugins.database import Database
 from mailplugins.db import revision
-from mailplugins.listening import FDS_ENV, adopt, decode_fds
+from mailplugins.listening import FDS_ENV, ListenRequest, adopt, decode_fds, listen_request
 from mailplugins.metrics import DaemonMetrics, metrics_site, write_snapshot
 from mailplugins.threads import WorkerPool
 from mailplugins.wiring.endpoints import parse_endpoint
@@ -108,8 +108,28 @@ def endpoint_string(description: str) -> str:
     return description
 
 
+@dataclass
+class _Activated:
+    """A socket systemd passed, served as the workers serve theirs (:func:`adopt`).
+
+    Twisted's own ``systemd:`` endpoint would, for a unix socket, ``chmod`` the socket file
+    to ``0666`` when it starts listening (overriding the ``.socket`` unit's ``SocketMode``)
+    and unlink it when it stops, leaving systemd listening on a socket nobody can reach.
+    """
+
+    request: ListenRequest
+
+    def listen(self, reactor: Any, listener: Listener) -> Any:
+        try:
+            return adopt(reactor, self.request.fd, listener.endpoint, listener.factory)
+        finally:
+            os.close(self.request.fd)  # adopt() serves on a copy of it
+
+
 def _endpoint(reactor: Any, listener: Listener) -> Any:
     try:
+        if listener.endpoint.split(":", 1)[0].lower() == "systemd":
+            return _Activated(listen_request(listener.endpoint))
         endpoint = serverFromString(reactor, endpoint_string(listener.endpoint))
     except (KeyError, IndexError):
         raise StartupError(systemd_missing(listener.key, listener.endpoint), 2) from None
@@ -269,7 +289,10 @@ class Runner:
         endpoints = [(listener, _endpoint(self.reactor, listener)) for listener in listeners]
         for listener, endpoint in endpoints:
             try:
-                port = yield endpoint.listen(listener.factory)
+                if isinstance(endpoint, _Activated):
+                    port = endpoint.listen(self.reactor, listener)
+                else:
+                    port = yield endpoint.listen(listener.factory)
             except Exception:
                 raise StartupError(_describe_failure(listener, Failure())) from None
             self.ports.append(port)

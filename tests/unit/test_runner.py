@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -169,10 +170,14 @@ def test_ready_reload_metrics_and_stop(workdir: Path) -> None:
         notify.close()
 
 
-def test_systemd_socket_activation(workdir: Path) -> None:
-    """A socket passed by systemd (LISTEN_FDS/LISTEN_FDNAMES) is adopted by name."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_systemd_socket_activation(workdir: Path, workers: int) -> None:
+    """A socket passed by systemd (LISTEN_FDS/LISTEN_FDNAMES) is adopted by name, and the
+    socket file stays systemd's: its mode (the unit's ``SocketMode``) is kept, not widened to
+    Twisted's 0666, and it is still there when the daemon stops, for the next activation.
+    One process adopts it itself; with workers the supervisor passes it on."""
     sock_path = workdir / "activated.sock"
-    config = write(workdir, "systemd:domain=UNIX:name=deliver")
+    config = write(workdir, "systemd:domain=UNIX:name=deliver", workers=workers)
     activate = subprocess.Popen(
         ["systemd-socket-activate", "-l", str(sock_path), "--fdname=deliver",
          sys.executable, "-m", "tests.support.echo_daemon", "--config", str(config), "serve"],
@@ -180,12 +185,16 @@ def test_systemd_socket_activation(workdir: Path) -> None:
     )
     try:
         wait_until(sock_path.exists, timeout=10, what="systemd-socket-activate to listen")
+        os.chmod(sock_path, 0o660)
         # The first connection starts the daemon, which takes over the listening socket.
         assert talk(sock_path, b"activated", timeout=30) == b"echo activated v1\n"
         assert talk(sock_path, b"twice") == b"echo twice v1\n"
+        assert stat.S_IMODE(sock_path.stat().st_mode) == 0o660
     finally:
         activate.send_signal(signal.SIGTERM)
         activate.communicate(timeout=30)
+    assert activate.returncode == 0
+    assert stat.S_ISSOCK(sock_path.stat().st_mode)
 
 
 def test_systemd_socket_with_wrong_name_is_a_clear_error(workdir: Path) -> None:
