@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import threading
 import time
@@ -241,9 +242,14 @@ class MaildirWriter:
     def _remake(self, directory: str) -> bool:
         """After ENOENT in ``directory``: if it is a Maildir trusted from memory (removed since
         it was last looked at), look again and create what is missing, as on a first delivery.
-        True if the caller should retry."""
-        if self._maildirs.pop(directory, None) is None:
+        True if the caller should retry.
+
+        Concurrent deliveries all meet the ENOENT: each one looks again (creating is
+        idempotent), none gives up because another one is already at it.
+        """
+        if directory not in self._maildirs:
             return False
+        self._maildirs[directory] = -math.inf  # whoever asks next looks again
         self.ensure_maildir(directory)
         return True
 

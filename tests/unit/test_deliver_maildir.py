@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,29 @@ def test_a_known_maildir_removed_since_is_made_again_and_delivered_to(
     assert (root / "new" / written.names[str(root)]).read_bytes() == b"2\n"
     assert (root / ".Sent" / "cur").is_dir()  # made as on a first delivery
     assert list((root / "tmp").iterdir()) == []
+
+
+def test_concurrent_deliveries_into_a_known_maildir_removed_since_all_succeed(tmp_path: Path) -> None:
+    w = writer()
+    root = tmp_path / "m"
+    for _round in range(5):
+        w.ensure_maildir(str(root))
+        shutil.rmtree(root)
+        start = threading.Barrier(8)
+        outcomes: list[dict[str, Any]] = []
+
+        def deliver(start: threading.Barrier = start, outcomes: list[Any] = outcomes) -> None:
+            start.wait()
+            _written, failures = w.write(b"", Body(size=3, bare_newlines=1, data=b"1\n"), [str(root)])
+            outcomes.append(failures)
+
+        threads = [threading.Thread(target=deliver) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert outcomes == [{}] * 8
+        assert len(list((root / "new").iterdir())) == 8
 
 
 def test_a_large_message_spools_into_a_known_maildir_removed_since(tmp_path: Path) -> None:
