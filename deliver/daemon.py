@@ -17,7 +17,7 @@ from deliver.service import DeliveryService, mail_root
 from mailplugins.config import Config
 from mailplugins.connections import ConnectionLimit
 from mailplugins.daemon import Listener, Runtime, capped_listeners
-from mailplugins.threads import QueuePool
+from mailplugins.threads import WorkerPool
 
 log = Logger(namespace="deliver")
 
@@ -30,8 +30,7 @@ class RunningDeliver:
         config = runtime.config
         assert config.deliver is not None
         self.runtime = runtime
-        # One call per message: the pool with the cheapest hand-off (see QueuePool).
-        self.disk = QueuePool(runtime.reactor, "disk", config.deliver.disk_threads)
+        self.disk = WorkerPool(runtime.reactor, "disk", config.deliver.disk_threads)
         self.service = DeliveryService(
             runtime.reactor, config, runtime.db, self.disk, DeliverMetrics(runtime.metrics)
         )

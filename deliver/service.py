@@ -33,7 +33,7 @@ from deliver.spool import Spool
 from deliver.store_one import directory_for, header_for, quota_reply, reply_for_error, store
 from mailplugins.config import Config, DeliverConfig
 from mailplugins.database import Database
-from mailplugins.threads import QueuePool, WorkerPool
+from mailplugins.threads import WorkerPool
 
 __all__ = ["DeliveryService", "mail_root"]
 
@@ -48,7 +48,7 @@ class DeliveryService:
         reactor: Any,
         config: Config,
         db: Database,
-        disk: WorkerPool | QueuePool,
+        disk: WorkerPool,
         metrics: DeliverMetrics,
         *,
         clock: Callable[[], float] = time.time,

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 
 from deliver.files import DeliveryError, unlink_quietly, write_all
 from deliver.maildir import Body, TmpFile
-from mailplugins.threads import QueuePool, WorkerPool
+from mailplugins.threads import WorkerPool
 
 
 class Spool:
@@ -34,7 +34,7 @@ class Spool:
         self,
         directory: str,
         memory_limit: int,
-        disk: WorkerPool | QueuePool,
+        disk: WorkerPool,
         destination: Callable[[], tuple[TmpFile, IO[bytes]]] | None = None,
     ) -> None:
         self._directory = directory

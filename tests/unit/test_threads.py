@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.python.failure import Failure
 
-from mailplugins.threads import QueuePool, WorkerPool
+from mailplugins.threads import WorkerPool
 
 
 class DirectReactor:
@@ -88,65 +88,3 @@ def test_the_sync_fake_fails_as_the_pool_does() -> None:
         assert isinstance(real, Failure) and real.check(KeyError)
     finally:
         pool.stop()
-
-
-def test_queue_pool_runs_off_the_calling_thread_with_arguments() -> None:
-    reactor = DirectReactor()
-    pool = QueuePool(reactor, "test", 2)
-    try:
-        def double(x: int, y: int = 0) -> tuple[int, int]:
-            return x * 2 + y, threading.get_ident()
-
-        value, thread = wait_for(pool.run(double, 20, y=2))
-        assert value == 42
-        assert thread != threading.get_ident()
-        assert reactor.triggers == [("during", "shutdown")]
-    finally:
-        pool.stop()
-
-
-def test_queue_pool_reports_its_backlog_and_runs_calls_in_parallel() -> None:
-    pool = QueuePool(DirectReactor(), "test", 2)
-    gate = threading.Event()
-    try:
-        first = pool.run(gate.wait, 10)
-        second = pool.run(gate.wait, 10)
-        third = pool.run(lambda: "done")
-        # Both threads are held by the gate: the third call waits in the queue.
-        for _ in range(1000):
-            if pool.queued == 1:
-                break
-            threading.Event().wait(0.01)
-        assert pool.queued == 1
-        gate.set()
-        assert wait_for(third) == "done"
-        assert wait_for(first) is True and wait_for(second) is True
-        assert pool.queued == 0
-    finally:
-        gate.set()
-        pool.stop()
-
-
-def test_queue_pool_errors_arrive_as_failures() -> None:
-    pool = QueuePool(DirectReactor(), "test", 1)
-    try:
-        result = wait_for(pool.run(lambda: 1 / 0))
-        assert isinstance(result, Failure)
-        assert result.check(ZeroDivisionError)
-        assert wait_for(pool.run(lambda: "still serving")) == "still serving"
-    finally:
-        pool.stop()
-
-
-def test_queue_pool_stop_finishes_the_queued_work_first() -> None:
-    pool = QueuePool(DirectReactor(), "test", 1)
-    gate = threading.Event()
-    done: list[int] = []
-    first = pool.run(gate.wait, 10)
-    queued = [pool.run(done.append, n) for n in range(5)]
-    gate.set()
-    pool.stop()
-    assert done == [0, 1, 2, 3, 4]
-    assert wait_for(first) is True
-    assert all(wait_for(d) is None for d in queued)
-    assert not any(t.name.startswith("mailplugins-test") for t in threading.enumerate())
