@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import threading
 import time
@@ -56,6 +57,10 @@ JOURNAL = "mailplugins-delivered"
 JOURNAL_LIMIT = 64 * 1024
 #: errno values that mean "the disk or the user's disk quota is full" (-> 452 4.2.2).
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: Seconds a Maildir found complete (tmp/, new/, cur/) is trusted without looking again.
+MAILDIR_RECHECK = 60.0
+#: Past this many remembered Maildirs the memory starts afresh.
+MAILDIR_MEMORY = 100_000
 
 
 @dataclass
@@ -158,6 +163,10 @@ class MaildirWriter:
         self._clean_lock = threading.Lock()
         # Shared by the writers a reload replaces, so two never append to a journal at once.
         self._journal_lock = journal_lock if journal_lock is not None else threading.Lock()
+        #: Maildirs found complete, and when: a delivery to a known one skips three stat()
+        #: calls (each one releases and retakes the GIL the reactor is using). One that was
+        #: removed since is found at the first create or link (ENOENT), remade and retried.
+        self._maildirs: dict[str, float] = {}
 
     # -- ownership and directories -------------------------------------------------------
 
@@ -208,14 +217,40 @@ class MaildirWriter:
         return all(os.path.isdir(os.path.join(path, sub)) for sub in SUBDIRS)
 
     def ensure_maildir(self, maildir: str) -> bool:
-        """Create the Maildir and its default folders on first delivery; True if created."""
-        if self.is_folder(maildir):
+        """Create the Maildir and its default folders on first delivery; True if created.
+
+        A Maildir found complete in the last :data:`MAILDIR_RECHECK` seconds is not looked at
+        again (see :meth:`_remake`, which covers one removed in between).
+        """
+        now = self._clock()
+        seen = self._maildirs.get(maildir)
+        if seen is not None and 0 <= now - seen < MAILDIR_RECHECK:
             return False
-        self._make_folder_dirs(maildir, subfolder=False)
-        for folder in self.default_folders:
-            path = folder_path(maildir, folder)
-            if not self.is_folder(path):
-                self._make_folder_dirs(path, subfolder=True)
+        created = False
+        if not self.is_folder(maildir):
+            self._make_folder_dirs(maildir, subfolder=False)
+            for folder in self.default_folders:
+                path = folder_path(maildir, folder)
+                if not self.is_folder(path):
+                    self._make_folder_dirs(path, subfolder=True)
+            created = True
+        if len(self._maildirs) >= MAILDIR_MEMORY:
+            self._maildirs.clear()
+        self._maildirs[maildir] = now
+        return created
+
+    def _remake(self, directory: str) -> bool:
+        """After ENOENT in ``directory``: if it is a Maildir trusted from memory (removed since
+        it was last looked at), look again and create what is missing, as on a first delivery.
+        True if the caller should retry.
+
+        Concurrent deliveries all meet the ENOENT: each one looks again (creating is
+        idempotent), none gives up because another one is already at it.
+        """
+        if directory not in self._maildirs:
+            return False
+        self._maildirs[directory] = -math.inf  # whoever asks next looks again
+        self.ensure_maildir(directory)
         return True
 
     def folder_dir(self, maildir: str, folder: str | None, *, create: bool) -> str:
@@ -245,7 +280,12 @@ class MaildirWriter:
     def open_tmp(self, directory: str, header: bytes) -> tuple[TmpFile, IO[bytes]]:
         """A new ``directory/tmp`` file (O_EXCL, 0600, mail user) holding ``header``, open for
         the body to be appended (unbuffered)."""
-        base, path, fd = self._create_tmp(directory, os.O_RDWR)  # read back for other copies
+        try:
+            base, path, fd = self._create_tmp(directory, os.O_RDWR)  # read back for other copies
+        except FileNotFoundError:
+            if not self._remake(directory):
+                raise
+            base, path, fd = self._create_tmp(directory, os.O_RDWR)
         try:
             self._own_fd(fd)
             write_all(fd, header)
@@ -336,14 +376,29 @@ class MaildirWriter:
         names: dict[str, str] = {}
         directories = list(directories)
         adopted = self._adopt(body, header, directories)
-        base, tmp_path = adopted or self._write_file(directories[0], header, body)
+        if adopted is not None:
+            base, tmp_path = adopted
+        else:
+            try:
+                base, tmp_path = self._write_file(directories[0], header, body)
+            except FileNotFoundError:
+                if not self._remake(directories[0]):
+                    raise
+                base, tmp_path = self._write_file(directories[0], header, body)
         tmp_dir = directories[0]
         try:
             for directory in directories:
                 try:
                     try:
-                        names[directory] = self._link_new(tmp_path, directory, base, size, vsize,
-                                                          before_link)
+                        try:
+                            names[directory] = self._link_new(tmp_path, directory, base, size,
+                                                              vsize, before_link)
+                        except FileNotFoundError:
+                            # new/ gone since this Maildir was last looked at: remade, once.
+                            if not os.path.exists(tmp_path) or not self._remake(directory):
+                                raise
+                            names[directory] = self._link_new(tmp_path, directory, base, size,
+                                                              vsize, before_link)
                     except OSError as exc:
                         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                             raise

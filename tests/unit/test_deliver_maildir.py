@@ -6,13 +6,15 @@ import contextlib
 import errno
 import os
 import re
+import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from deliver.files import clean_stale, write_both
-from deliver.maildir import Body, MaildirWriter
+from deliver.maildir import MAILDIR_RECHECK, Body, MaildirWriter
 from deliver.maildir_names import NameGenerator, encode_mutf7, folder_for_detail, folder_path
 from deliver.quota import QuotaTracker, add_usage, count_usage, read_usage
 
@@ -66,6 +68,91 @@ def test_first_delivery_creates_maildir_and_default_folders(tmp_path: Path) -> N
             assert (directory / sub).stat().st_mode & 0o777 == 0o700
         assert (directory / "maildirfolder").is_file() == bool(folder)
     assert (tmp_path / "example.org").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_maildir_found_complete_is_not_looked_at_again_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    w = writer(clock=lambda: now[0])
+    root = str(tmp_path / "m")
+    assert w.ensure_maildir(root)
+    looked: list[str] = []
+    real_isdir = os.path.isdir
+
+    def isdir(path: Any) -> bool:
+        looked.append(str(path))
+        return real_isdir(path)
+
+    monkeypatch.setattr("deliver.maildir.os.path.isdir", isdir)
+    now[0] += MAILDIR_RECHECK - 1
+    assert not w.ensure_maildir(root)
+    assert looked == []  # no stat() per delivery
+    now[0] += 1
+    assert not w.ensure_maildir(root)
+    assert sorted(looked) == sorted(os.path.join(root, sub) for sub in ("tmp", "new", "cur"))
+
+
+@pytest.mark.parametrize("removed", ["Maildir", "new", "tmp"])
+def test_a_known_maildir_removed_since_is_made_again_and_delivered_to(
+    tmp_path: Path, removed: str
+) -> None:
+    w = writer()
+    root = tmp_path / "m"
+    w.ensure_maildir(str(root))
+    w.write(b"", Body(size=3, bare_newlines=1, data=b"1\n"), [str(root)])
+    shutil.rmtree(root if removed == "Maildir" else root / removed)
+    assert not w.ensure_maildir(str(root))  # remembered: not looked at
+    written, failures = w.write(b"", Body(size=3, bare_newlines=1, data=b"2\n"), [str(root)])
+    assert failures == {}
+    assert (root / "new" / written.names[str(root)]).read_bytes() == b"2\n"
+    assert (root / ".Sent" / "cur").is_dir()  # made as on a first delivery
+    assert list((root / "tmp").iterdir()) == []
+
+
+def test_concurrent_deliveries_into_a_known_maildir_removed_since_all_succeed(tmp_path: Path) -> None:
+    w = writer()
+    root = tmp_path / "m"
+    for _round in range(5):
+        w.ensure_maildir(str(root))
+        shutil.rmtree(root)
+        start = threading.Barrier(8)
+        outcomes: list[dict[str, Any]] = []
+
+        def deliver(start: threading.Barrier = start, outcomes: list[Any] = outcomes) -> None:
+            start.wait()
+            _written, failures = w.write(b"", Body(size=3, bare_newlines=1, data=b"1\n"), [str(root)])
+            outcomes.append(failures)
+
+        threads = [threading.Thread(target=deliver) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert outcomes == [{}] * 8
+        assert len(list((root / "new").iterdir())) == 8
+
+
+def test_a_large_message_spools_into_a_known_maildir_removed_since(tmp_path: Path) -> None:
+    w = writer()
+    root = tmp_path / "m"
+    w.ensure_maildir(str(root))
+    shutil.rmtree(root)
+    tmp, file = w.open_tmp(str(root), b"H: 1\n")
+    with file:
+        file.write(b"body\n")
+        body = Body(size=5, bare_newlines=1, spool=file, offset=5, tmp=tmp)
+        written, failures = w.write(b"H: 1\n", body, [str(root)])
+    assert failures == {}
+    assert (root / "new" / written.names[str(root)]).read_bytes() == b"H: 1\nbody\n"
+
+
+def test_an_unknown_directory_missing_is_an_error_not_created(tmp_path: Path) -> None:
+    w = writer()
+    folder = tmp_path / "m" / ".Lists"
+    with pytest.raises(FileNotFoundError):
+        w.write(b"", Body(size=3, bare_newlines=1, data=b"1\n"), [str(folder)])
+    assert not folder.exists()
 
 
 def test_write_is_exact_private_and_leaves_no_tmp(tmp_path: Path) -> None:
