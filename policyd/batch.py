@@ -24,6 +24,7 @@ other hosts wait on subjects they do not share; there each check stays one short
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -31,6 +32,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mailplugins.threads import RunInPool
+from policyd.sql.greylist import Sighting, StaleConnection, greylist_check, greylist_many
 from policyd.sql.transactions import one_writer, write_lock
 
 #: Most checks in one transaction: bounds how long the write lock is held.
@@ -102,6 +104,8 @@ class GroupCommit:
     def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH) -> None:
         self._engine = engine
         self._run = run
+        #: What runs a batch in the pool: ``batch(engine, jobs)``, one ``(ok, value)`` a job.
+        self._batch: Callable[[Engine, Sequence[_Job]], list[tuple[bool, Any]]] = run_batch
         self.max_batch = max_batch
         self._queue: list[tuple[_Job, Deferred[Any]]] = []
         self._busy = False
@@ -133,7 +137,7 @@ class GroupCommit:
                 self.batches += 1
                 self.checks += len(taken)
                 try:
-                    work = self._run(run_batch, self._engine, [job for job, _ in taken])
+                    work = self._run(self._batch, self._engine, [job for job, _ in taken])
                 except Exception:
                     work = Deferred()
                     work.errback(Failure())
@@ -158,8 +162,88 @@ class GroupCommit:
         self._start()
 
 
+class GreylistBatches(GroupCommit):
+    """PostgreSQL: the greylisting checks that arrive while a batch runs go together, in a few
+    multi-row statements (:func:`policyd.sql.greylist.greylist_many`), each committing on its
+    own; other checks (rate limits) go to the pool one by one, as before.
+
+    A check on PostgreSQL used to pay, besides its two statements, a pool checkout with its
+    pre-ping (a third round trip), the switch to autocommit and back, and two thread hand-offs:
+    about 760 µs of policyd CPU per request. A batch instead runs on one connection kept
+    checked out between batches, in autocommit, without a pre-ping: a connection found dead by
+    the batch's first statement (which writes nothing) is replaced and the batch run once
+    more; one lost later fails the batch (every check answers its fallback, as on a timeout)
+    and is replaced for the next. Unlike a transaction over the batch, no row lock outlives
+    its statement, so other hosts never wait on a batch's subjects.
+    """
+
+    def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH) -> None:
+        super().__init__(engine, run, max_batch)
+        self._batch = self._greylist_batch
+        self._conn: Connection | None = None
+        #: Connections replaced after they were found dead (for tests and the curious).
+        self.reconnects = 0
+
+    def run(self, fn: Callable[..., Any], engine: Engine, *args: Any, **kwargs: Any
+            ) -> Deferred[Any]:
+        if getattr(fn, "fn", fn) is not greylist_check or kwargs:
+            return self._run(fn, engine, *args, **kwargs)
+        return super().run(fn, engine, *args)
+
+    def _greylist_batch(self, engine: Engine, jobs: Sequence[_Job]) -> list[tuple[bool, Any]]:
+        """Runs in a database thread (one batch at a time: the connection is this batch's)."""
+        sightings: list[Sighting] = [args for _fn, args, _kwargs in jobs]
+        try:
+            for attempt in (1, 2):
+                conn = self._connection(engine)
+                try:
+                    return greylist_many(conn, sightings)
+                except StaleConnection:
+                    self._drop()
+                    if attempt == 2:
+                        raise
+                except BaseException:
+                    self._drop()
+                    raise
+            raise AssertionError("unreachable")
+        finally:
+            for fn, _args, _kwargs in jobs:
+                release = getattr(fn, "release", None)
+                if release is not None:
+                    release()
+
+    def _connection(self, engine: Engine) -> Connection:
+        if self._conn is None:
+            conn = engine.connect()
+            dbapi: Any = conn.connection.dbapi_connection
+            dbapi.autocommit = True
+            self._conn = conn
+        return self._conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self.reconnects += 1
+            with suppress(Exception):  # already gone: nothing to give back
+                conn.invalidate()
+                conn.close()
+
+    def close(self) -> None:
+        """Give the held connection back (in the database thread or once no batch runs)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            dbapi: Any = conn.connection.dbapi_connection
+            if dbapi is not None:
+                dbapi.autocommit = False
+            conn.close()
+
+
 def batching_runner(engine: Engine, run: RunInPool) -> RunInPool:
-    """The runner for the state checks: group commit on SQLite, ``run`` itself elsewhere."""
+    """The runner for the state checks: group commit on SQLite, greylisting batches on
+    PostgreSQL, ``run`` itself on MariaDB (whose upsert returns no row: its greylisting is one
+    transaction per check, see :mod:`policyd.sql.greylist`)."""
     if engine.dialect.name == "sqlite":
         return GroupCommit(engine, run).run
+    if engine.dialect.name == "postgresql":
+        return GreylistBatches(engine, run).run
     return run

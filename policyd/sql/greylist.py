@@ -16,6 +16,7 @@ whose upsert returns no row, keeps one transaction with the triplet read ``FOR U
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -300,3 +301,179 @@ def _cas_statements(conn: Connection) -> dict[str, Any]:
         statements["pass_and_count"] = select(func.count()).select_from(passing) \
             .add_cte(counting.cte("counting"))
     return statements
+
+
+# -- PostgreSQL: many sightings in a few multi-row statements ----------------------------------
+
+#: One sighting of a batch: ``(key, client, now, timing)``, greylist_check's arguments.
+Sighting = tuple[str, str, float, GreylistTiming]
+
+# The batch statements name the tables and AWL_INTERVAL as written here.
+assert GreylistEntry.__tablename__ == "policy_greylist"
+assert GreylistClient.__tablename__ == "policy_greylist_clients"
+assert AWL_INTERVAL == 3600
+
+#: Each batch statement takes its rows as arrays (``unnest``), so its text is the same
+#: whatever the batch's size and psycopg prepares it once per connection.
+_MANY_LOOKUP = """
+SELECT c.passes, c.last_seen, e.first_seen, e.passed
+FROM unnest(%(addresses)s::text[], %(keys)s::text[]) WITH ORDINALITY AS v(address, key, i)
+LEFT JOIN policy_greylist_clients c ON c.address = v.address
+LEFT JOIN policy_greylist e ON e.key = v.key
+ORDER BY v.i"""
+
+#: New triplets, inserted in key order (hosts inserting overlapping batches take the index
+#: entries' locks in one order: no deadlock); a row another host inserted meanwhile is only
+#: touched and returned as it is stored.
+_MANY_INSERT = """
+INSERT INTO policy_greylist (key, first_seen, last_seen, passed)
+SELECT v.key, v.now, v.now, false
+FROM unnest(%(keys)s::text[], %(nows)s::bigint[]) AS v(key, now) ORDER BY v.key
+ON CONFLICT (key) DO UPDATE SET last_seen = excluded.last_seen
+RETURNING key, first_seen, passed"""
+
+#: First passes: each triplet row still unpassed with the first-seen time read is marked
+#: passed (compare-and-set), rows locked first in key order (``locked``), then the passing
+#: clients counted in address order, at most one pass per client and hour; returns the keys
+#: that passed. Every statement locks triplets before clients, each set in order: no deadlock
+#: between hosts. ``%(awl)s`` false leaves the auto-whitelist alone.
+_MANY_FIRST_PASSES = """
+WITH v AS (
+  SELECT * FROM unnest(%(keys)s::text[], %(firsts)s::bigint[], %(nows)s::bigint[],
+                       %(addresses)s::text[]) AS v(key, first, now, address)
+), locked AS MATERIALIZED (
+  SELECT e.key FROM policy_greylist e JOIN v ON e.key = v.key ORDER BY e.key FOR UPDATE OF e
+), passing AS (
+  UPDATE policy_greylist e SET passed = true, last_seen = v.now FROM v
+  WHERE e.key = v.key AND e.key IN (SELECT key FROM locked)
+    AND e.first_seen = v.first AND NOT e.passed
+  RETURNING e.key, v.address, v.now
+), counting AS (
+  INSERT INTO policy_greylist_clients AS c (address, passes, last_counted, last_seen)
+  SELECT address, 1, now, now FROM passing WHERE %(awl)s ORDER BY address
+  ON CONFLICT (address) DO UPDATE SET
+    passes = CASE WHEN c.last_counted <= excluded.last_counted - 3600
+                  THEN c.passes + 1 ELSE c.passes END,
+    last_counted = CASE WHEN c.last_counted <= excluded.last_counted - 3600
+                        THEN excluded.last_counted ELSE c.last_counted END,
+    last_seen = excluded.last_seen
+)
+SELECT key FROM passing"""
+
+
+class StaleConnection(Exception):
+    """The batch's first statement (a read) found its connection dead: nothing was written,
+    the batch may run again on another connection."""
+
+
+def greylist_many(conn: Connection, sightings: Sequence[Sighting]) -> list[tuple[bool, Any]]:
+    """:func:`greylist_check` for many sightings at once on PostgreSQL, in autocommit.
+
+    Returns ``(True, GreylistResult)`` or ``(False, exception)`` per sighting, in order. The
+    common cases take three statements for the whole batch, whatever its size: one read of
+    every triplet and client, one insert of the new triplets, one compare-and-set of the first
+    passes (with their auto-whitelist count). Each commits on its own and holds its row locks
+    only while it runs. Everything else (a triplet or client seen twice in the batch, a
+    whitelisted client, a triplet inside its delay or already passed, a late retry, a row
+    another host changed between the read and the write, a statement that failed) is decided
+    afterwards one sighting at a time by :func:`_greylist_cas`, in the batch's order, so later
+    sightings of a triplet see what the earlier ones wrote: every answer is one the checks
+    would have got run one by one, in some order, against other hosts' concurrent checks.
+    A connection that fails raises (the caller fails the whole batch).
+    """
+    results: list[tuple[bool, Any] | None] = [None] * len(sightings)
+    later: list[int] = []  # decided one by one afterwards
+    batch: list[int] = []
+    keys: set[str] = set()
+    clients: set[str] = set()
+    timing = sightings[0][3] if sightings else GreylistTiming()
+    for n, (key, client, _now, t) in enumerate(sightings):
+        if key in keys or client in clients or t != timing:
+            later.append(n)
+        else:
+            keys.add(key)
+            clients.add(client)
+            batch.append(n)
+    seconds = [int(s[2]) for s in sightings]
+    dbapi: Any = conn.connection
+    new: list[int] = []
+    passing: list[tuple[int, int]] = []  # (sighting, first_seen read)
+    if batch:
+        cursor = dbapi.cursor()
+        try:
+            cursor.execute(_MANY_LOOKUP, {"addresses": [sightings[n][1] for n in batch],
+                                          "keys": [sightings[n][0] for n in batch]})
+            rows = cursor.fetchall()
+        except Exception as exc:
+            if _connection_lost(conn):
+                raise StaleConnection("the connection was lost before the batch wrote") from exc
+            rows = None
+            later.extend(batch)
+        if rows is not None:
+            awl = timing.awl_passes
+            for n, (passes, client_seen, first, passed) in zip(batch, rows, strict=True):
+                second = seconds[n]
+                if (awl and passes is not None and passes >= awl
+                        and second - client_seen <= timing.expiry):
+                    later.append(n)  # whitelisted: rare, decided alone
+                elif first is None:
+                    new.append(n)
+                elif (not passed and timing.delay <= second - first <= timing.retry_window):
+                    passing.append((n, int(first)))
+                else:
+                    later.append(n)
+    if new:
+        cursor = dbapi.cursor()
+        try:
+            cursor.execute(_MANY_INSERT, {"keys": [sightings[n][0] for n in new],
+                                          "nows": [seconds[n] for n in new]})
+            stored = {key: (int(first), bool(passed))
+                      for key, first, passed in cursor.fetchall()}
+        except Exception:
+            if _connection_lost(conn):
+                raise
+            stored = {}
+        for n in new:
+            row = stored.get(sightings[n][0])
+            if row is not None and row == (seconds[n], False):
+                results[n] = (True, GreylistResult("greylisted", timing.delay))
+            else:
+                later.append(n)  # inserted elsewhere meanwhile (or failed): decide alone
+    if passing:
+        cursor = dbapi.cursor()
+        try:
+            cursor.execute(_MANY_FIRST_PASSES, {
+                "keys": [sightings[n][0] for n, _ in passing],
+                "firsts": [first for _, first in passing],
+                "nows": [seconds[n] for n, _ in passing],
+                "addresses": [sightings[n][1] for n, _ in passing],
+                "awl": bool(timing.awl_passes),
+            })
+            passed_keys = {row[0] for row in cursor.fetchall()}
+        except Exception:
+            if _connection_lost(conn):
+                raise
+            passed_keys = set()
+        for n, first in passing:
+            if sightings[n][0] in passed_keys:
+                results[n] = (True, GreylistResult("passed", seconds[n] - first,
+                                                   first_pass=True))
+            else:
+                later.append(n)  # changed by another host meanwhile (or failed)
+    for n in sorted(later):
+        key, client, _now, t = sightings[n]
+        try:
+            results[n] = (True, _greylist_cas(conn, key, client, seconds[n], t))
+        except Exception as exc:
+            if _connection_lost(conn):
+                raise
+            results[n] = (False, exc)
+    return [r for r in results if r is not None]
+
+
+def _connection_lost(conn: Connection) -> bool:
+    """The DBAPI connection is closed or broken (the server went away): the batch cannot go
+    on, and the caller drops the connection."""
+    dbapi: Any = conn.connection.dbapi_connection
+    return dbapi is None or bool(getattr(dbapi, "closed", False)) or bool(
+        getattr(dbapi, "broken", False))
