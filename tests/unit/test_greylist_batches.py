@@ -42,11 +42,11 @@ def pg2(request: pytest.FixtureRequest) -> Iterator[Engine]:
 def many(engine: Engine, sightings: list[tuple[str, str, float, GreylistTiming]]
          ) -> list[tuple[bool, Any]]:
     with engine.connect() as conn:
-        conn.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+        conn.connection.dbapi_connection.autocommit = True
         try:
             return greylist_many(conn, sightings)
         finally:
-            conn.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
+            conn.connection.dbapi_connection.autocommit = False
 
 
 def rows(engine: Engine) -> tuple[list[Any], list[Any]]:
@@ -100,7 +100,7 @@ def test_every_branch_is_reached(pg: Engine, pg2: Engine) -> None:
         [("d", "c1", T0 + 4301), ("x", "c9", T0 + 4301)],              # 2nd pass: whitelisted
         [("z", "c1", T0 + 4302)],                                      # whitelisted client
     ]
-    answers = []
+    answers: list[tuple[str, int, bool]] = []
     for batch in script:
         sightings = [(k, c, float(t), TIMING) for k, c, t in batch]
         got = many(pg, sightings)
