@@ -23,7 +23,7 @@ other hosts wait on subjects they do not share; there each check stays one short
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -64,32 +64,62 @@ def run_batch(engine: Engine, jobs: Sequence[_Job]) -> list[tuple[bool, Any]]:
 def _attempt(conn: Connection, jobs: Sequence[_Job], *, savepoints: bool
              ) -> list[tuple[bool, Any]] | None:
     """One transaction over ``jobs``; None (rolled back) when a check failed without
-    savepoints."""
-    results: list[tuple[bool, Any]] = []
+    savepoints.
+
+    Without savepoints the batch's greylisting checks are decided together first, in a few
+    multi-row statements (:func:`policyd.sql.greylist.greylist_many`, which gives the answers
+    the checks one by one would), then the other checks one by one; the two kinds touch
+    different tables, so their order does not matter. With savepoints every check runs alone.
+    """
+    results: list[tuple[bool, Any] | None] = [None] * len(jobs)
     conn.begin()
     try:
         write_lock(conn)
         cursor = conn.connection.cursor()
-        for fn, args, kwargs in jobs:
+        if not savepoints:
+            grey = [n for n, (fn, _args, kwargs) in enumerate(jobs)
+                    if getattr(fn, "fn", fn) is greylist_check and not kwargs]
+            if grey:
+                try:
+                    decided = greylist_many(conn, [jobs[n][1] for n in grey], fail_fast=True)
+                except Exception:
+                    conn.rollback()
+                    return None
+                finally:
+                    _release(jobs[n][0] for n in grey)
+                for n, result in zip(grey, decided, strict=True):
+                    results[n] = result
+        for n, (fn, args, kwargs) in enumerate(jobs):
+            if results[n] is not None:
+                continue
             if not savepoints:
                 try:
-                    results.append((True, fn(conn, *args, **kwargs)))
+                    results[n] = (True, fn(conn, *args, **kwargs))
                 except Exception:
                     conn.rollback()
                     return None
                 continue
             cursor.execute("SAVEPOINT policy_check")
             try:
-                results.append((True, fn(conn, *args, **kwargs)))
+                results[n] = (True, fn(conn, *args, **kwargs))
             except Exception as exc:
                 cursor.execute("ROLLBACK TO SAVEPOINT policy_check")
-                results.append((False, exc))
+                results[n] = (False, exc)
             cursor.execute("RELEASE SAVEPOINT policy_check")
         conn.commit()
     except BaseException:
         conn.rollback()
         raise
-    return results
+    return [result for result in results if result is not None]
+
+
+def _release(fns: Iterable[Callable[..., Any]]) -> None:
+    """Count down the pending work of checks decided without calling them (see
+    :class:`policyd.pooled.Tracked`)."""
+    for fn in fns:
+        release = getattr(fn, "release", None)
+        if release is not None:
+            release()
 
 
 class GroupCommit:
@@ -207,10 +237,7 @@ class GreylistBatches(GroupCommit):
                     raise
             raise AssertionError("unreachable")
         finally:
-            for fn, _args, _kwargs in jobs:
-                release = getattr(fn, "release", None)
-                if release is not None:
-                    release()
+            _release(fn for fn, _args, _kwargs in jobs)
 
     def _connection(self, engine: Engine) -> Connection:
         if self._conn is None:

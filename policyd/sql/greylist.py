@@ -16,6 +16,7 @@ whose upsert returns no row, keeps one transaction with the triplet read ``FOR U
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -366,20 +367,25 @@ class StaleConnection(Exception):
     the batch may run again on another connection."""
 
 
-def greylist_many(conn: Connection, sightings: Sequence[Sighting]) -> list[tuple[bool, Any]]:
-    """:func:`greylist_check` for many sightings at once on PostgreSQL, in autocommit.
+def greylist_many(conn: Connection, sightings: Sequence[Sighting], *, fail_fast: bool = False
+                  ) -> list[tuple[bool, Any]]:
+    """:func:`greylist_check` for many sightings at once: on PostgreSQL in autocommit, on
+    SQLite inside the group commit's transaction (which holds the write lock).
 
     Returns ``(True, GreylistResult)`` or ``(False, exception)`` per sighting, in order. The
     common cases take three statements for the whole batch, whatever its size: one read of
     every triplet and client, one insert of the new triplets, one compare-and-set of the first
-    passes (with their auto-whitelist count). Each commits on its own and holds its row locks
-    only while it runs. Everything else (a triplet or client seen twice in the batch, a
-    whitelisted client, a triplet inside its delay or already passed, a late retry, a row
-    another host changed between the read and the write, a statement that failed) is decided
-    afterwards one sighting at a time by :func:`_greylist_cas`, in the batch's order, so later
-    sightings of a triplet see what the earlier ones wrote: every answer is one the checks
-    would have got run one by one, in some order, against other hosts' concurrent checks.
-    A connection that fails raises (the caller fails the whole batch).
+    passes (with their auto-whitelist count; a fourth statement on SQLite). On PostgreSQL each
+    commits on its own and holds its row locks only while it runs. Everything else (a triplet
+    or client seen twice in the batch, a whitelisted client, a triplet inside its delay or
+    already passed, a late retry, a row another host changed between the read and the write,
+    a statement that failed) is decided afterwards one sighting at a time by
+    :func:`_greylist_cas`, in the batch's order, so later sightings of a triplet see what the
+    earlier ones wrote: every answer is one the checks would have got run one by one, in some
+    order, against other hosts' concurrent checks.
+    A connection that fails raises (the caller fails the whole batch), and so does any failure
+    with ``fail_fast`` (the group commit then runs the batch again, each check alone under a
+    savepoint: in a transaction some errors end the transaction itself).
     """
     results: list[tuple[bool, Any] | None] = [None] * len(sightings)
     later: list[int] = []  # decided one by one afterwards
@@ -395,16 +401,18 @@ def greylist_many(conn: Connection, sightings: Sequence[Sighting]) -> list[tuple
             clients.add(client)
             batch.append(n)
     seconds = [int(s[2]) for s in sightings]
+    many = _MANY[conn.dialect.name]
     dbapi: Any = conn.connection
     new: list[int] = []
     passing: list[tuple[int, int]] = []  # (sighting, first_seen read)
     if batch:
         cursor = dbapi.cursor()
         try:
-            cursor.execute(_MANY_LOOKUP, {"addresses": [sightings[n][1] for n in batch],
-                                          "keys": [sightings[n][0] for n in batch]})
-            rows = cursor.fetchall()
+            rows = many.lookup(cursor, [sightings[n][1] for n in batch],
+                               [sightings[n][0] for n in batch])
         except Exception as exc:
+            if fail_fast:
+                raise
             if _connection_lost(conn):
                 raise StaleConnection("the connection was lost before the batch wrote") from exc
             rows = None
@@ -425,12 +433,10 @@ def greylist_many(conn: Connection, sightings: Sequence[Sighting]) -> list[tuple
     if new:
         cursor = dbapi.cursor()
         try:
-            cursor.execute(_MANY_INSERT, {"keys": [sightings[n][0] for n in new],
-                                          "nows": [seconds[n] for n in new]})
-            stored = {key: (int(first), bool(passed))
-                      for key, first, passed in cursor.fetchall()}
+            stored = many.insert(cursor, [sightings[n][0] for n in new],
+                                 [seconds[n] for n in new])
         except Exception:
-            if _connection_lost(conn):
+            if fail_fast or _connection_lost(conn):
                 raise
             stored = {}
         for n in new:
@@ -442,16 +448,12 @@ def greylist_many(conn: Connection, sightings: Sequence[Sighting]) -> list[tuple
     if passing:
         cursor = dbapi.cursor()
         try:
-            cursor.execute(_MANY_FIRST_PASSES, {
-                "keys": [sightings[n][0] for n, _ in passing],
-                "firsts": [first for _, first in passing],
-                "nows": [seconds[n] for n, _ in passing],
-                "addresses": [sightings[n][1] for n, _ in passing],
-                "awl": bool(timing.awl_passes),
-            })
-            passed_keys = {row[0] for row in cursor.fetchall()}
+            passed_keys = many.first_passes(
+                cursor, [sightings[n][0] for n, _ in passing], [first for _, first in passing],
+                [seconds[n] for n, _ in passing], [sightings[n][1] for n, _ in passing],
+                bool(timing.awl_passes))
         except Exception:
-            if _connection_lost(conn):
+            if fail_fast or _connection_lost(conn):
                 raise
             passed_keys = set()
         for n, first in passing:
@@ -465,10 +467,88 @@ def greylist_many(conn: Connection, sightings: Sequence[Sighting]) -> list[tuple
         try:
             results[n] = (True, _greylist_cas(conn, key, client, seconds[n], t))
         except Exception as exc:
-            if _connection_lost(conn):
+            if fail_fast or _connection_lost(conn):
                 raise
             results[n] = (False, exc)
     return [r for r in results if r is not None]
+
+
+# SQLite (3.35 or later: RETURNING, UPDATE ... FROM): the rows as JSON arrays, joined on
+# their index; run inside the group commit's transaction (policyd.batch), which holds the
+# database's write lock, so no other writer can come between them.
+_SQLITE_LOOKUP = """
+SELECT c.passes, c.last_seen, e.first_seen, e.passed
+FROM json_each(:addresses) AS a JOIN json_each(:keys) AS k ON k.key = a.key
+LEFT JOIN policy_greylist_clients c ON c.address = a.value
+LEFT JOIN policy_greylist e ON e.key = k.value
+ORDER BY a.key"""
+
+_SQLITE_INSERT = """
+INSERT INTO policy_greylist (key, first_seen, last_seen, passed)
+SELECT k.value, n.value, n.value, 0
+FROM json_each(:keys) AS k JOIN json_each(:nows) AS n ON n.key = k.key WHERE true
+ON CONFLICT (key) DO UPDATE SET last_seen = excluded.last_seen
+RETURNING key, first_seen, passed"""
+
+_SQLITE_FIRST_PASSES = """
+UPDATE policy_greylist SET passed = 1, last_seen = v.now
+FROM (SELECT k.value AS key, f.value AS first, n.value AS now FROM json_each(:keys) AS k
+      JOIN json_each(:firsts) AS f ON f.key = k.key JOIN json_each(:nows) AS n ON n.key = k.key
+     ) AS v
+WHERE policy_greylist.key = v.key AND policy_greylist.first_seen = v.first
+  AND NOT policy_greylist.passed
+RETURNING policy_greylist.key"""
+
+_SQLITE_COUNT = """
+INSERT INTO policy_greylist_clients AS c (address, passes, last_counted, last_seen)
+SELECT a.value, 1, n.value, n.value
+FROM json_each(:addresses) AS a JOIN json_each(:nows) AS n ON n.key = a.key WHERE true
+ON CONFLICT (address) DO UPDATE SET
+  passes = CASE WHEN c.last_counted <= excluded.last_counted - 3600
+                THEN c.passes + 1 ELSE c.passes END,
+  last_counted = CASE WHEN c.last_counted <= excluded.last_counted - 3600
+                      THEN excluded.last_counted ELSE c.last_counted END,
+  last_seen = excluded.last_seen"""
+
+
+class _ManyStatements:
+    """The three steps of :func:`greylist_many` in one dialect's SQL."""
+
+    def __init__(self, sqlite: bool) -> None:
+        self.sqlite = sqlite
+
+    def _rows(self, values: list[Any]) -> Any:
+        return json.dumps(values) if self.sqlite else values
+
+    def lookup(self, cursor: Any, addresses: list[str], keys: list[str]) -> list[Any]:
+        cursor.execute(_SQLITE_LOOKUP if self.sqlite else _MANY_LOOKUP,
+                       {"addresses": self._rows(addresses), "keys": self._rows(keys)})
+        return list(cursor.fetchall())
+
+    def insert(self, cursor: Any, keys: list[str], nows: list[int]
+               ) -> dict[str, tuple[int, bool]]:
+        cursor.execute(_SQLITE_INSERT if self.sqlite else _MANY_INSERT,
+                       {"keys": self._rows(keys), "nows": self._rows(nows)})
+        return {key: (int(first), bool(passed)) for key, first, passed in cursor.fetchall()}
+
+    def first_passes(self, cursor: Any, keys: list[str], firsts: list[int], nows: list[int],
+                     addresses: list[str], awl: bool) -> set[str]:
+        if not self.sqlite:
+            cursor.execute(_MANY_FIRST_PASSES, {"keys": keys, "firsts": firsts, "nows": nows,
+                                                "addresses": addresses, "awl": awl})
+            return {row[0] for row in cursor.fetchall()}
+        cursor.execute(_SQLITE_FIRST_PASSES, {"keys": json.dumps(keys), "firsts": json.dumps(firsts),
+                                      "nows": json.dumps(nows)})
+        passed = {row[0] for row in cursor.fetchall()}
+        if awl and passed:
+            counted = [n for n, key in enumerate(keys) if key in passed]
+            cursor.execute(_SQLITE_COUNT, {
+                "addresses": json.dumps([addresses[n] for n in counted]),
+                "nows": json.dumps([nows[n] for n in counted])})
+        return passed
+
+
+_MANY = {"sqlite": _ManyStatements(sqlite=True), "postgresql": _ManyStatements(sqlite=False)}
 
 
 def _connection_lost(conn: Connection) -> bool:

@@ -1,10 +1,13 @@
-"""Greylisting batches on PostgreSQL (policyd.batch.GreylistBatches, greylist_many): the
-multi-row statements give the answers and leave the rows that checks run one by one would."""
+"""Greylisting batches (policyd.sql.greylist.greylist_many): on PostgreSQL in
+policyd.batch.GreylistBatches, on SQLite inside the group commit (policyd.batch.run_batch).
+The multi-row statements give the answers and leave the rows that checks run one by one
+would."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +15,7 @@ from sqlalchemy import Engine, create_engine, select, text
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from mailplugins.db.policy_models import GreylistClient, GreylistEntry
-from policyd.batch import GreylistBatches, batching_runner
+from policyd.batch import GreylistBatches, batching_runner, run_batch
 from policyd.pooled import Pending
 from policyd.sql import greylist as greylist_module
 from policyd.sql.greylist import GreylistResult, GreylistTiming, greylist_check, greylist_many
@@ -39,8 +42,24 @@ def pg2(request: pytest.FixtureRequest) -> Iterator[Engine]:
     yield from _pg(request)
 
 
+@pytest.fixture(params=["postgresql", "sqlite"])
+def two(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Engine, Engine]]:
+    """Two empty databases of one kind: one for batches, one for checks one by one."""
+    if request.param == "sqlite":
+        for a in migrated_engine(f"sqlite:///{tmp_path}/a.db", pool_size=2):
+            for b in migrated_engine(f"sqlite:///{tmp_path}/b.db", pool_size=2):
+                yield a, b
+        return
+    for a in _pg(request):
+        for b in _pg(request):
+            yield a, b
+
+
 def many(engine: Engine, sightings: list[tuple[str, str, float, GreylistTiming]]
          ) -> list[tuple[bool, Any]]:
+    """The batch as policyd runs it: on SQLite the group commit's transaction."""
+    if engine.dialect.name == "sqlite":
+        return run_batch(engine, [(greylist_check, sighting, {}) for sighting in sightings])
     with engine.connect() as conn:
         conn.connection.dbapi_connection.autocommit = True
         try:
@@ -64,11 +83,12 @@ def label(result: GreylistResult) -> tuple[str, int, bool]:
     return result.status, result.seconds, result.first_pass
 
 
-def test_batches_answer_and_write_as_checks_one_by_one(pg: Engine, pg2: Engine) -> None:
+def test_batches_answer_and_write_as_checks_one_by_one(two: tuple[Engine, Engine]) -> None:
     """Random batches over few triplets and clients (duplicates within a batch, first
     sightings, waits inside the delay, first passes, passed triplets, late retries that start
     over, auto-whitelisted clients): batched on one database, one by one on the other, the
     same answers in the same order and the same rows."""
+    pg, pg2 = two
     rng = random.Random(7)
     keys = [f"k{n}" for n in range(40)]
     clients = [f"192.0.2.{n}" for n in range(12)]
@@ -88,8 +108,9 @@ def test_batches_answer_and_write_as_checks_one_by_one(pg: Engine, pg2: Engine) 
     assert batches == 60 and statuses  # the rounds ran
 
 
-def test_every_branch_is_reached(pg: Engine, pg2: Engine) -> None:
+def test_every_branch_is_reached(two: tuple[Engine, Engine]) -> None:
     """The branches the equivalence above must cover, in one scripted sequence."""
+    pg, pg2 = two
     script = [
         [("a", "c1", T0), ("b", "c2", T0), ("a", "c1", T0)],           # new, new, duplicate
         [("a", "c1", T0 + 100), ("c", "c3", T0 + 100)],                # inside the delay
@@ -121,9 +142,10 @@ def test_every_branch_is_reached(pg: Engine, pg2: Engine) -> None:
 
 
 def test_common_sightings_take_three_statements_for_the_batch(
-        pg: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        two: tuple[Engine, Engine], monkeypatch: pytest.MonkeyPatch) -> None:
     """New triplets and first passes of distinct triplets and clients never fall back to the
     one-by-one path: one read, one insert, one compare-and-set for the whole batch."""
+    pg, _other = two
     alone: list[str] = []
     real = greylist_module._greylist_cas
 
@@ -140,11 +162,14 @@ def test_common_sightings_take_three_statements_for_the_batch(
     assert rows(pg)[1] == [(f"c{n}", 1, T0 + 310, T0 + 310) for n in sorted(range(50), key=str)]
 
 
-def test_a_failing_sighting_fails_alone(pg: Engine) -> None:
-    """A key the column cannot hold makes the multi-row insert fail: the batch's sightings
-    are then decided one by one and only that one fails."""
-    sightings = [("good1", "c1", float(T0), TIMING), ("x" * 100, "c2", float(T0), TIMING),
-                 ("good2", "c3", float(T0), TIMING)]
+def test_a_failing_sighting_fails_alone(two: tuple[Engine, Engine]) -> None:
+    """A client the driver cannot send makes the multi-row read fail: the batch's sightings
+    are then decided one by one (on SQLite, the group commit's transaction is rolled back and
+    run again with each check under a savepoint) and only that one fails."""
+    pg, _other = two
+    sightings: list[tuple[str, Any, float, GreylistTiming]] = [
+        ("good1", "c1", float(T0), TIMING), ("bad", object(), float(T0), TIMING),
+        ("good2", "c3", float(T0), TIMING)]
     got = many(pg, sightings)
     assert [ok for ok, _ in got] == [True, False, True]
     assert [label(r) for ok, r in got if ok] == [("greylisted", 300, False)] * 2
