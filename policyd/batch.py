@@ -23,6 +23,7 @@ other hosts wait on subjects they do not share; there each check stays one short
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from typing import Any
@@ -131,14 +132,17 @@ class GroupCommit:
     meanwhile form the next one.
     """
 
-    def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH,
+                 max_running: int = 1) -> None:
         self._engine = engine
         self._run = run
+        #: Batches in the pool at once (SQLite: one, it has one writer anyway).
+        self.max_running = max_running
         #: What runs a batch in the pool: ``batch(engine, jobs)``, one ``(ok, value)`` a job.
         self._batch: Callable[[Engine, Sequence[_Job]], list[tuple[bool, Any]]] = run_batch
         self.max_batch = max_batch
         self._queue: list[tuple[_Job, Deferred[Any]]] = []
-        self._busy = False
+        self._running = 0
         self._starting = False
         #: Batches run and checks in them (for tests and the curious).
         self.batches = 0
@@ -160,10 +164,10 @@ class GroupCommit:
             return
         self._starting = True
         try:
-            while self._queue and not self._busy:
+            while self._queue and self._running < self.max_running:
                 taken = self._queue[:self.max_batch]
                 del self._queue[:self.max_batch]
-                self._busy = True
+                self._running += 1
                 self.batches += 1
                 self.checks += len(taken)
                 try:
@@ -176,7 +180,7 @@ class GroupCommit:
             self._starting = False
 
     def _finished(self, outcome: Any, waiting: list[Deferred[Any]]) -> None:
-        self._busy = False
+        self._running -= 1
         if isinstance(outcome, Failure):
             for result in waiting:
                 if not result.called:
@@ -193,24 +197,28 @@ class GroupCommit:
 
 
 class GreylistBatches(GroupCommit):
-    """PostgreSQL: the greylisting checks that arrive while a batch runs go together, in a few
+    """PostgreSQL: the greylisting checks that arrive while batches run go together, in a few
     multi-row statements (:func:`policyd.sql.greylist.greylist_many`), each committing on its
     own; other checks (rate limits) go to the pool one by one, as before.
 
     A check on PostgreSQL used to pay, besides its two statements, a pool checkout with its
     pre-ping (a third round trip), the switch to autocommit and back, and two thread hand-offs:
-    about 760 µs of policyd CPU per request. A batch instead runs on one connection kept
-    checked out between batches, in autocommit, without a pre-ping: a connection found dead by
-    the batch's first statement (which writes nothing) is replaced and the batch run once
-    more; one lost later fails the batch (every check answers its fallback, as on a timeout)
-    and is replaced for the next. Unlike a transaction over the batch, no row lock outlives
-    its statement, so other hosts never wait on a batch's subjects.
+    about 760 µs of policyd CPU per request. A batch instead runs on a connection kept checked
+    out between batches, in autocommit, without a pre-ping: a connection found dead by the
+    batch's first statement (which writes nothing) is replaced and the batch run once more;
+    one lost later fails the batch (every check answers its fallback, as on a timeout) and is
+    replaced for the next. Unlike a transaction over the batch, no row lock outlives its
+    statement, so other hosts never wait on a batch's subjects. Two batches may run at once
+    (each on its own connection), so that the round trips of one overlap the other's and a
+    slow statement does not hold every check up; they are to each other what two hosts are.
     """
 
-    def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH) -> None:
-        super().__init__(engine, run, max_batch)
+    def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH,
+                 max_running: int = 2) -> None:
+        super().__init__(engine, run, max_batch, max_running)
         self._batch = self._greylist_batch
-        self._conn: Connection | None = None
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
         #: Connections replaced after they were found dead (for tests and the curious).
         self.reconnects = 0
 
@@ -221,44 +229,48 @@ class GreylistBatches(GroupCommit):
         return super().run(fn, engine, *args)
 
     def _greylist_batch(self, engine: Engine, jobs: Sequence[_Job]) -> list[tuple[bool, Any]]:
-        """Runs in a database thread (one batch at a time: the connection is this batch's)."""
+        """Runs in a database thread, on a connection no other batch uses meanwhile."""
         sightings: list[Sighting] = [args for _fn, args, _kwargs in jobs]
         try:
             for attempt in (1, 2):
                 conn = self._connection(engine)
                 try:
-                    return greylist_many(conn, sightings)
+                    results = greylist_many(conn, sightings)
                 except StaleConnection:
-                    self._drop()
+                    self._drop(conn)
                     if attempt == 2:
                         raise
+                    continue
                 except BaseException:
-                    self._drop()
+                    self._drop(conn)
                     raise
+                with self._lock:
+                    self._idle.append(conn)
+                return results
             raise AssertionError("unreachable")
         finally:
             _release(fn for fn, _args, _kwargs in jobs)
 
     def _connection(self, engine: Engine) -> Connection:
-        if self._conn is None:
-            conn = engine.connect()
-            dbapi: Any = conn.connection.dbapi_connection
-            dbapi.autocommit = True
-            self._conn = conn
-        return self._conn
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        conn = engine.connect()
+        dbapi: Any = conn.connection.dbapi_connection
+        dbapi.autocommit = True
+        return conn
 
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self.reconnects += 1
-            with suppress(Exception):  # already gone: nothing to give back
-                conn.invalidate()
-                conn.close()
+    def _drop(self, conn: Connection) -> None:
+        self.reconnects += 1
+        with suppress(Exception):  # already gone: nothing to give back
+            conn.invalidate()
+            conn.close()
 
     def close(self) -> None:
-        """Give the held connection back (in the database thread or once no batch runs)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        """Give the held connections back (once no batch runs)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
             dbapi: Any = conn.connection.dbapi_connection
             if dbapi is not None:
                 dbapi.autocommit = False

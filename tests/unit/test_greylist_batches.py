@@ -192,10 +192,10 @@ class HeldPool:
         maybeDeferred(fn, *args).chainDeferred(result)
 
 
-def test_checks_wait_for_one_batch_and_see_it_committed(pg: Engine) -> None:
-    """Checks that arrive while a batch runs go together in the next; no answer comes before
-    the batch's statements committed (another connection sees the rows when it comes), and
-    the pending counts are released once each."""
+def test_checks_wait_for_a_batch_and_see_it_committed(pg: Engine) -> None:
+    """At most two batches run at once; checks that arrive meanwhile go together in the next.
+    No answer comes before its batch's statements committed (another connection sees the rows
+    when it comes), and the pending counts are released once each."""
     pool = HeldPool()
     batches = GreylistBatches(pg, pool.run)
     pending = Pending()
@@ -207,18 +207,22 @@ def test_checks_wait_for_one_batch_and_see_it_committed(pg: Engine) -> None:
                             .scalar_one()))
         return result
 
-    first = batches.run(pending.track(greylist_check), pg, "k0", "c0", float(T0), TIMING)
-    first.addCallback(committed)
+    first, second = [
+        batches.run(pending.track(greylist_check), pg, f"k{n}", f"c{n}", float(T0), TIMING)
+        .addCallback(committed) for n in range(2)]
     rest = [batches.run(pending.track(greylist_check), pg, f"k{n}", f"c{n}", float(T0), TIMING)
-            .addCallback(committed) for n in range(1, 6)]
-    assert len(pool.waiting) == 1 and pending.count == 6
+            .addCallback(committed) for n in range(2, 6)]
+    assert len(pool.waiting) == 2 and pending.count == 6
     assert not first.called and seen == []
     pool.finish_one()
-    assert first.called and seen == [1] and not any(d.called for d in rest)
-    assert len(pool.waiting) == 1
+    assert first.called and seen == [1] and not second.called
+    assert not any(d.called for d in rest)
+    assert len(pool.waiting) == 2  # the four waiting went to the pool as one batch
     pool.finish_one()
-    assert all(d.called for d in rest) and seen == [1, 6, 6, 6, 6, 6]
-    assert (batches.batches, batches.checks, pending.count) == (2, 6, 0)
+    assert second.called and seen == [1, 2]
+    pool.finish_one()
+    assert all(d.called for d in rest) and seen == [1, 2, 6, 6, 6, 6]
+    assert (batches.batches, batches.checks, pending.count) == (3, 6, 0)
     batches.close()
 
 
