@@ -208,13 +208,15 @@ class GreylistBatches(GroupCommit):
     batch's first statement (which writes nothing) is replaced and the batch run once more;
     one lost later fails the batch (every check answers its fallback, as on a timeout) and is
     replaced for the next. Unlike a transaction over the batch, no row lock outlives its
-    statement, so other hosts never wait on a batch's subjects. Two batches may run at once
-    (each on its own connection), so that the round trips of one overlap the other's and a
-    slow statement does not hold every check up; they are to each other what two hosts are.
+    statement, so other hosts never wait on a batch's subjects. ``max_running`` batches may
+    run at once, each on its own connection (they are to each other what two hosts are); one,
+    the default, gave the larger batches and the least CPU per check, in policyd and in
+    PostgreSQL, on the benchmark's two cores (two at once: about 50 % more PostgreSQL CPU per
+    request and lower throughput).
     """
 
     def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH,
-                 max_running: int = 2) -> None:
+                 max_running: int = 1) -> None:
         super().__init__(engine, run, max_batch, max_running)
         self._batch = self._greylist_batch
         self._idle: list[Connection] = []

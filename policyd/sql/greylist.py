@@ -334,20 +334,19 @@ ON CONFLICT (key) DO UPDATE SET last_seen = excluded.last_seen
 RETURNING key, first_seen, passed"""
 
 #: First passes: each triplet row still unpassed with the first-seen time read is marked
-#: passed (compare-and-set), rows locked first in key order (``locked``), then the passing
-#: clients counted in address order, at most one pass per client and hour; returns the keys
-#: that passed. Every statement locks triplets before clients, each set in order: no deadlock
-#: between hosts. ``%(awl)s`` false leaves the auto-whitelist alone.
+#: passed (compare-and-set), then the passing clients are counted in address order, at most one
+#: pass per client and hour; returns the keys that passed. The rows come sorted by key, so the
+#: nested loop that updates a batch's few rows takes their locks in key order; should two
+#: hosts' statements still deadlock, PostgreSQL fails one of them and its sightings are
+#: decided one by one (an explicit ``FOR UPDATE`` in key order first cost a second write of
+#: every row). ``%(awl)s`` false leaves the auto-whitelist alone.
 _MANY_FIRST_PASSES = """
 WITH v AS (
   SELECT * FROM unnest(%(keys)s::text[], %(firsts)s::bigint[], %(nows)s::bigint[],
-                       %(addresses)s::text[]) AS v(key, first, now, address)
-), locked AS MATERIALIZED (
-  SELECT e.key FROM policy_greylist e JOIN v ON e.key = v.key ORDER BY e.key FOR UPDATE OF e
+                       %(addresses)s::text[]) AS v(key, first, now, address) ORDER BY key
 ), passing AS (
   UPDATE policy_greylist e SET passed = true, last_seen = v.now FROM v
-  WHERE e.key = v.key AND e.key IN (SELECT key FROM locked)
-    AND e.first_seen = v.first AND NOT e.passed
+  WHERE e.key = v.key AND e.first_seen = v.first AND NOT e.passed
   RETURNING e.key, v.address, v.now
 ), counting AS (
   INSERT INTO policy_greylist_clients AS c (address, passes, last_counted, last_seen)

@@ -193,11 +193,12 @@ class HeldPool:
 
 
 def test_checks_wait_for_a_batch_and_see_it_committed(pg: Engine) -> None:
-    """At most two batches run at once; checks that arrive meanwhile go together in the next.
+    """At most ``max_running`` batches run at once (two here, each on its own connection);
+    checks that arrive meanwhile go together in the next.
     No answer comes before its batch's statements committed (another connection sees the rows
     when it comes), and the pending counts are released once each."""
     pool = HeldPool()
-    batches = GreylistBatches(pg, pool.run)
+    batches = GreylistBatches(pg, pool.run, max_running=2)
     pending = Pending()
     seen: list[int] = []
 
