@@ -23,7 +23,6 @@ other hosts wait on subjects they do not share; there each check stays one short
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from typing import Any
@@ -197,31 +196,30 @@ class GroupCommit:
 
 
 class GreylistBatches(GroupCommit):
-    """PostgreSQL: the greylisting checks that arrive while batches run go together, in a few
+    """PostgreSQL: the greylisting checks that arrive while a batch runs go together, in a few
     multi-row statements (:func:`policyd.sql.greylist.greylist_many`), each committing on its
     own; other checks (rate limits) go to the pool one by one, as before.
 
     A check on PostgreSQL used to pay, besides its two statements, a pool checkout with its
     pre-ping (a third round trip), the switch to autocommit and back, and two thread hand-offs:
-    about 760 µs of policyd CPU per request. A batch instead runs on a connection kept checked
-    out between batches, in autocommit, without a pre-ping: a connection found dead by the
-    batch's first statement (which writes nothing) is replaced and the batch run once more;
-    one lost later fails the batch (every check answers its fallback, as on a timeout) and is
-    replaced for the next. Unlike a transaction over the batch, no row lock outlives its
-    statement, so other hosts never wait on a batch's subjects. ``max_running`` batches may
-    run at once, each on its own connection (they are to each other what two hosts are); one,
-    the default, gave the larger batches and the least CPU per check, in policyd and in
-    PostgreSQL, on the benchmark's two cores (two at once: about 50 % more PostgreSQL CPU per
-    request and lower throughput).
+    about 760 µs of policyd CPU per request. A batch pays them once for all its checks. The
+    connection goes back to the pool after each batch (a connection kept out of it would
+    starve the other users of a one-connection pool); should it die between the pool's
+    pre-ping and the batch's first statement (a read, which writes nothing), the batch runs
+    once more on another; one lost later fails the batch (every check answers its fallback,
+    as on a timeout). Unlike a transaction over the batch, no row lock outlives its statement,
+    so other hosts never wait on a batch's triplets. ``max_running`` batches may run at once,
+    each on its own connection (they are to each other what two hosts are); one, the default,
+    gave the larger batches and the least CPU per check, in policyd and in PostgreSQL, on the
+    benchmark's two cores (two at once: about 50 % more PostgreSQL CPU per request and lower
+    throughput).
     """
 
     def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH,
                  max_running: int = 1) -> None:
         super().__init__(engine, run, max_batch, max_running)
         self._batch = self._greylist_batch
-        self._idle: list[Connection] = []
-        self._lock = threading.Lock()
-        #: Connections replaced after they were found dead (for tests and the curious).
+        #: Connections found dead by a batch and replaced (for tests and the curious).
         self.reconnects = 0
 
     def run(self, fn: Callable[..., Any], engine: Engine, *args: Any, **kwargs: Any
@@ -231,52 +229,30 @@ class GreylistBatches(GroupCommit):
         return super().run(fn, engine, *args)
 
     def _greylist_batch(self, engine: Engine, jobs: Sequence[_Job]) -> list[tuple[bool, Any]]:
-        """Runs in a database thread, on a connection no other batch uses meanwhile."""
+        """Runs in a database thread."""
         sightings: list[Sighting] = [args for _fn, args, _kwargs in jobs]
         try:
             for attempt in (1, 2):
-                conn = self._connection(engine)
-                try:
-                    results = greylist_many(conn, sightings)
-                except StaleConnection:
-                    self._drop(conn)
-                    if attempt == 2:
+                with engine.connect() as conn:
+                    dbapi: Any = conn.connection.dbapi_connection
+                    dbapi.autocommit = True  # each statement is its own transaction
+                    try:
+                        results = greylist_many(conn, sightings)
+                    except StaleConnection:
+                        self.reconnects += 1
+                        conn.invalidate()
+                        if attempt == 2:
+                            raise
+                        continue
+                    except BaseException:
+                        with suppress(Exception):  # already gone: nothing to give back
+                            conn.invalidate()
                         raise
-                    continue
-                except BaseException:
-                    self._drop(conn)
-                    raise
-                with self._lock:
-                    self._idle.append(conn)
-                return results
+                    dbapi.autocommit = False
+                    return results
             raise AssertionError("unreachable")
         finally:
             _release(fn for fn, _args, _kwargs in jobs)
-
-    def _connection(self, engine: Engine) -> Connection:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        conn = engine.connect()
-        dbapi: Any = conn.connection.dbapi_connection
-        dbapi.autocommit = True
-        return conn
-
-    def _drop(self, conn: Connection) -> None:
-        self.reconnects += 1
-        with suppress(Exception):  # already gone: nothing to give back
-            conn.invalidate()
-            conn.close()
-
-    def close(self) -> None:
-        """Give the held connections back (once no batch runs)."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            dbapi: Any = conn.connection.dbapi_connection
-            if dbapi is not None:
-                dbapi.autocommit = False
-            conn.close()
 
 
 def batching_runner(engine: Engine, run: RunInPool) -> RunInPool:

@@ -405,8 +405,8 @@ def greylist_many(conn: Connection, sightings: Sequence[Sighting], *, fail_fast:
     new: list[int] = []
     passing: list[tuple[int, int]] = []  # (sighting, first_seen read)
     if batch:
-        cursor = dbapi.cursor()
         try:
+            cursor = dbapi.cursor()
             rows = many.lookup(cursor, [sightings[n][1] for n in batch],
                                [sightings[n][0] for n in batch])
         except Exception as exc:

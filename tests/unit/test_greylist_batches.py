@@ -15,6 +15,7 @@ from sqlalchemy import Engine, create_engine, select, text
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from mailplugins.db.policy_models import GreylistClient, GreylistEntry
+from policyd import batch as batch_module
 from policyd.batch import GreylistBatches, batching_runner, run_batch
 from policyd.pooled import Pending
 from policyd.sql import greylist as greylist_module
@@ -224,26 +225,39 @@ def test_checks_wait_for_a_batch_and_see_it_committed(pg: Engine) -> None:
     pool.finish_one()
     assert all(d.called for d in rest) and seen == [1, 2, 6, 6, 6, 6]
     assert (batches.batches, batches.checks, pending.count) == (3, 6, 0)
-    batches.close()
 
 
-def test_a_dead_connection_is_replaced_and_the_batch_run_again(pg: Engine) -> None:
-    """No pre-ping: the held connection, killed by the server between batches, fails the
-    next batch's first statement (a read), and the batch runs again on a new connection."""
+def test_a_dead_connection_is_replaced_and_the_batch_run_again(
+        pg: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that dies between the pool's pre-ping and the batch's first statement
+    (a read: nothing written) is dropped and the batch runs once more on another; the pool
+    replaces one killed between batches by itself."""
     pool = HeldPool()
     batches = GreylistBatches(pg, pool.run)
     results: list[Any] = []
     batches.run(greylist_check, pg, "k1", "c1", float(T0), TIMING).addBoth(results.append)
     pool.finish_one()
-    with pg.connect() as conn:
+    with pg.connect() as conn:  # every other connection of this database killed
         conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                           "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
         conn.commit()
+    real = greylist_many
+    lost = [True]
+
+    def dies_once(conn: Any, sightings: Any, **kwargs: Any) -> Any:
+        if lost.pop() if lost else False:
+            conn.connection.dbapi_connection.close()  # as if the server had gone
+            return real(conn, sightings, **kwargs)
+        return real(conn, sightings, **kwargs)
+
+    monkeypatch.setattr(batch_module, "greylist_many", dies_once)
     batches.run(greylist_check, pg, "k2", "c2", float(T0), TIMING).addBoth(results.append)
     pool.finish_one()
-    assert [label(r) for r in results] == [("greylisted", 300, False)] * 2
+    batches.run(greylist_check, pg, "k3", "c3", float(T0), TIMING).addBoth(results.append)
+    pool.finish_one()
+    assert [label(r) for r in results] == [("greylisted", 300, False)] * 3
     assert batches.reconnects == 1
-    batches.close()
+    assert set(key for key, *_ in rows(pg)[0]) == {"k1", "k2", "k3"}
 
 
 def test_only_greylisting_batches_on_postgresql(pg: Engine) -> None:
