@@ -127,8 +127,8 @@ class GroupCommit:
 
     ``run(fn, engine, *args, **kwargs)`` runs ``fn(connection, *args, **kwargs)``: ``fn`` is a
     :mod:`policyd.sql` check, which takes an Engine or a Connection in its transaction. At
-    most one batch is in the pool at a time (SQLite has one writer anyway); checks submitted
-    meanwhile form the next one.
+    most ``max_running`` batches are in the pool at a time (one by default: SQLite has one
+    writer anyway); checks submitted meanwhile form the next one.
     """
 
     def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH,
