@@ -23,7 +23,8 @@ other hosts wait on subjects they do not share; there each check stays one short
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -31,6 +32,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mailplugins.threads import RunInPool
+from policyd.sql.greylist import Sighting, StaleConnection, greylist_check, greylist_many
 from policyd.sql.transactions import one_writer, write_lock
 
 #: Most checks in one transaction: bounds how long the write lock is held.
@@ -62,32 +64,62 @@ def run_batch(engine: Engine, jobs: Sequence[_Job]) -> list[tuple[bool, Any]]:
 def _attempt(conn: Connection, jobs: Sequence[_Job], *, savepoints: bool
              ) -> list[tuple[bool, Any]] | None:
     """One transaction over ``jobs``; None (rolled back) when a check failed without
-    savepoints."""
-    results: list[tuple[bool, Any]] = []
+    savepoints.
+
+    Without savepoints the batch's greylisting checks are decided together first, in a few
+    multi-row statements (:func:`policyd.sql.greylist.greylist_many`, which gives the answers
+    the checks one by one would), then the other checks one by one; the two kinds touch
+    different tables, so their order does not matter. With savepoints every check runs alone.
+    """
+    results: list[tuple[bool, Any] | None] = [None] * len(jobs)
     conn.begin()
     try:
         write_lock(conn)
         cursor = conn.connection.cursor()
-        for fn, args, kwargs in jobs:
+        if not savepoints:
+            grey = [n for n, (fn, _args, kwargs) in enumerate(jobs)
+                    if getattr(fn, "fn", fn) is greylist_check and not kwargs]
+            if grey:
+                try:
+                    decided = greylist_many(conn, [jobs[n][1] for n in grey], fail_fast=True)
+                except Exception:
+                    conn.rollback()
+                    return None
+                finally:
+                    _release(jobs[n][0] for n in grey)
+                for n, result in zip(grey, decided, strict=True):
+                    results[n] = result
+        for n, (fn, args, kwargs) in enumerate(jobs):
+            if results[n] is not None:
+                continue
             if not savepoints:
                 try:
-                    results.append((True, fn(conn, *args, **kwargs)))
+                    results[n] = (True, fn(conn, *args, **kwargs))
                 except Exception:
                     conn.rollback()
                     return None
                 continue
             cursor.execute("SAVEPOINT policy_check")
             try:
-                results.append((True, fn(conn, *args, **kwargs)))
+                results[n] = (True, fn(conn, *args, **kwargs))
             except Exception as exc:
                 cursor.execute("ROLLBACK TO SAVEPOINT policy_check")
-                results.append((False, exc))
+                results[n] = (False, exc)
             cursor.execute("RELEASE SAVEPOINT policy_check")
         conn.commit()
     except BaseException:
         conn.rollback()
         raise
-    return results
+    return [result for result in results if result is not None]
+
+
+def _release(fns: Iterable[Callable[..., Any]]) -> None:
+    """Count down the pending work of checks decided without calling them (see
+    :class:`policyd.pooled.Tracked`)."""
+    for fn in fns:
+        release = getattr(fn, "release", None)
+        if release is not None:
+            release()
 
 
 class GroupCommit:
@@ -95,16 +127,21 @@ class GroupCommit:
 
     ``run(fn, engine, *args, **kwargs)`` runs ``fn(connection, *args, **kwargs)``: ``fn`` is a
     :mod:`policyd.sql` check, which takes an Engine or a Connection in its transaction. At
-    most one batch is in the pool at a time (SQLite has one writer anyway); checks submitted
-    meanwhile form the next one.
+    most ``max_running`` batches are in the pool at a time (one by default: SQLite has one
+    writer anyway); checks submitted meanwhile form the next one.
     """
 
-    def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH,
+                 max_running: int = 1) -> None:
         self._engine = engine
         self._run = run
+        #: Batches in the pool at once (SQLite: one, it has one writer anyway).
+        self.max_running = max_running
+        #: What runs a batch in the pool: ``batch(engine, jobs)``, one ``(ok, value)`` a job.
+        self._batch: Callable[[Engine, Sequence[_Job]], list[tuple[bool, Any]]] = run_batch
         self.max_batch = max_batch
         self._queue: list[tuple[_Job, Deferred[Any]]] = []
-        self._busy = False
+        self._running = 0
         self._starting = False
         #: Batches run and checks in them (for tests and the curious).
         self.batches = 0
@@ -126,14 +163,14 @@ class GroupCommit:
             return
         self._starting = True
         try:
-            while self._queue and not self._busy:
+            while self._queue and self._running < self.max_running:
                 taken = self._queue[:self.max_batch]
                 del self._queue[:self.max_batch]
-                self._busy = True
+                self._running += 1
                 self.batches += 1
                 self.checks += len(taken)
                 try:
-                    work = self._run(run_batch, self._engine, [job for job, _ in taken])
+                    work = self._run(self._batch, self._engine, [job for job, _ in taken])
                 except Exception:
                     work = Deferred()
                     work.errback(Failure())
@@ -142,7 +179,7 @@ class GroupCommit:
             self._starting = False
 
     def _finished(self, outcome: Any, waiting: list[Deferred[Any]]) -> None:
-        self._busy = False
+        self._running -= 1
         if isinstance(outcome, Failure):
             for result in waiting:
                 if not result.called:
@@ -158,8 +195,72 @@ class GroupCommit:
         self._start()
 
 
+class GreylistBatches(GroupCommit):
+    """PostgreSQL: the greylisting checks that arrive while a batch runs go together, in a few
+    multi-row statements (:func:`policyd.sql.greylist.greylist_many`), each committing on its
+    own; other checks (rate limits) go to the pool one by one, as before.
+
+    A check on PostgreSQL used to pay, besides its two statements, a pool checkout with its
+    pre-ping (a third round trip), the switch to autocommit and back, and two thread hand-offs:
+    about 760 µs of policyd CPU per request. A batch pays them once for all its checks. The
+    connection goes back to the pool after each batch (a connection kept out of it would
+    starve the other users of a one-connection pool); should it die between the pool's
+    pre-ping and the batch's first statement (a read, which writes nothing), the batch runs
+    once more on another; one lost later fails the batch (every check answers its fallback,
+    as on a timeout). Unlike a transaction over the batch, no row lock outlives its statement,
+    so other hosts never wait on a batch's triplets. ``max_running`` batches may run at once,
+    each on its own connection (they are to each other what two hosts are); one, the default,
+    gave the larger batches and the least CPU per check, in policyd and in PostgreSQL, on the
+    benchmark's two cores (two at once: about 50 % more PostgreSQL CPU per request and lower
+    throughput).
+    """
+
+    def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH,
+                 max_running: int = 1) -> None:
+        super().__init__(engine, run, max_batch, max_running)
+        self._batch = self._greylist_batch
+        #: Connections found dead by a batch and replaced (for tests and the curious).
+        self.reconnects = 0
+
+    def run(self, fn: Callable[..., Any], engine: Engine, *args: Any, **kwargs: Any
+            ) -> Deferred[Any]:
+        if getattr(fn, "fn", fn) is not greylist_check or kwargs:
+            return self._run(fn, engine, *args, **kwargs)
+        return super().run(fn, engine, *args)
+
+    def _greylist_batch(self, engine: Engine, jobs: Sequence[_Job]) -> list[tuple[bool, Any]]:
+        """Runs in a database thread."""
+        sightings: list[Sighting] = [args for _fn, args, _kwargs in jobs]
+        try:
+            for attempt in (1, 2):
+                with engine.connect() as conn:
+                    dbapi: Any = conn.connection.dbapi_connection
+                    dbapi.autocommit = True  # each statement is its own transaction
+                    try:
+                        results = greylist_many(conn, sightings)
+                    except StaleConnection:
+                        self.reconnects += 1
+                        conn.invalidate()
+                        if attempt == 2:
+                            raise
+                        continue
+                    except BaseException:
+                        with suppress(Exception):  # already gone: nothing to give back
+                            conn.invalidate()
+                        raise
+                    dbapi.autocommit = False
+                    return results
+            raise AssertionError("unreachable")
+        finally:
+            _release(fn for fn, _args, _kwargs in jobs)
+
+
 def batching_runner(engine: Engine, run: RunInPool) -> RunInPool:
-    """The runner for the state checks: group commit on SQLite, ``run`` itself elsewhere."""
+    """The runner for the state checks: group commit on SQLite, greylisting batches on
+    PostgreSQL, ``run`` itself on MariaDB (whose upsert returns no row: its greylisting is one
+    transaction per check, see :mod:`policyd.sql.greylist`)."""
     if engine.dialect.name == "sqlite":
         return GroupCommit(engine, run).run
+    if engine.dialect.name == "postgresql":
+        return GreylistBatches(engine, run).run
     return run

@@ -12,7 +12,7 @@ import heapq
 import itertools
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.python.failure import Failure
@@ -108,24 +108,40 @@ class Pending:
         self._lock = threading.Lock()
         self.count = 0
 
-    def track(self, fn: Callable[..., T]) -> Callable[..., T]:
+    def track(self, fn: Callable[..., T]) -> Tracked[T]:
         with self._lock:
             self.count += 1
+        return Tracked(fn, self)
 
-        done = [False]
+    def _release(self) -> None:
+        with self._lock:
+            self.count -= 1
 
-        def tracked(*args: Any, **kwargs: Any) -> T:
-            # Counted down once even when run twice (a group commit runs a batch again
-            # when one of its checks failed).
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                with self._lock:
-                    if not done[0]:
-                        done[0] = True
-                        self.count -= 1
 
-        return tracked
+class Tracked(Generic[T]):
+    """``fn`` counted in its :class:`Pending` until it has run, or until :meth:`release` (a
+    batch that decides many checks in one go, without calling each, releases them itself).
+    ``fn`` is the check's function, which a batching runner looks at to pick its path."""
+
+    __slots__ = ("_done", "_pending", "fn")
+
+    def __init__(self, fn: Callable[..., T], pending: Pending) -> None:
+        self.fn = fn
+        self._pending = pending
+        self._done = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> T:
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Count down once, even when run twice (a group commit runs a batch again when one
+        of its checks failed)."""
+        if not self._done:
+            self._done = True
+            self._pending._release()
 
 
 class PooledCheck:

@@ -16,6 +16,8 @@ whose upsert returns no row, keeps one transaction with the triplet read ``FOR U
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -300,3 +302,257 @@ def _cas_statements(conn: Connection) -> dict[str, Any]:
         statements["pass_and_count"] = select(func.count()).select_from(passing) \
             .add_cte(counting.cte("counting"))
     return statements
+
+
+# -- PostgreSQL: many sightings in a few multi-row statements ----------------------------------
+
+#: One sighting of a batch: ``(key, client, now, timing)``, greylist_check's arguments.
+Sighting = tuple[str, str, float, GreylistTiming]
+
+# The batch statements name the tables and AWL_INTERVAL as written here.
+assert GreylistEntry.__tablename__ == "policy_greylist"
+assert GreylistClient.__tablename__ == "policy_greylist_clients"
+assert AWL_INTERVAL == 3600
+
+#: Each batch statement takes its rows as arrays (``unnest``), so its text is the same
+#: whatever the batch's size and psycopg prepares it once per connection.
+_MANY_LOOKUP = """
+SELECT c.passes, c.last_seen, e.first_seen, e.passed
+FROM unnest(%(addresses)s::text[], %(keys)s::text[]) WITH ORDINALITY AS v(address, key, i)
+LEFT JOIN policy_greylist_clients c ON c.address = v.address
+LEFT JOIN policy_greylist e ON e.key = v.key
+ORDER BY v.i"""
+
+#: New triplets, inserted in key order (hosts inserting overlapping batches take the index
+#: entries' locks in one order: no deadlock); a row another host inserted meanwhile is only
+#: touched and returned as it is stored.
+_MANY_INSERT = """
+INSERT INTO policy_greylist (key, first_seen, last_seen, passed)
+SELECT v.key, v.now, v.now, false
+FROM unnest(%(keys)s::text[], %(nows)s::bigint[]) AS v(key, now) ORDER BY v.key
+ON CONFLICT (key) DO UPDATE SET last_seen = excluded.last_seen
+RETURNING key, first_seen, passed"""
+
+#: First passes: each triplet row still unpassed with the first-seen time read is marked
+#: passed (compare-and-set), then the passing clients are counted in address order, at most one
+#: pass per client and hour; returns the keys that passed. The rows come sorted by key, so the
+#: nested loop that updates a batch's few rows takes their locks in key order; should two
+#: hosts' statements still deadlock, PostgreSQL fails one of them and its sightings are
+#: decided one by one (an explicit ``FOR UPDATE`` in key order first cost a second write of
+#: every row). ``%(awl)s`` false leaves the auto-whitelist alone.
+_MANY_FIRST_PASSES = """
+WITH v AS (
+  SELECT * FROM unnest(%(keys)s::text[], %(firsts)s::bigint[], %(nows)s::bigint[],
+                       %(addresses)s::text[]) AS v(key, first, now, address) ORDER BY key
+), passing AS (
+  UPDATE policy_greylist e SET passed = true, last_seen = v.now FROM v
+  WHERE e.key = v.key AND e.first_seen = v.first AND NOT e.passed
+  RETURNING e.key, v.address, v.now
+), counting AS (
+  INSERT INTO policy_greylist_clients AS c (address, passes, last_counted, last_seen)
+  SELECT address, 1, now, now FROM passing WHERE %(awl)s ORDER BY address
+  ON CONFLICT (address) DO UPDATE SET
+    passes = CASE WHEN c.last_counted <= excluded.last_counted - 3600
+                  THEN c.passes + 1 ELSE c.passes END,
+    last_counted = CASE WHEN c.last_counted <= excluded.last_counted - 3600
+                        THEN excluded.last_counted ELSE c.last_counted END,
+    last_seen = excluded.last_seen
+)
+SELECT key FROM passing"""
+
+
+class StaleConnection(Exception):
+    """The batch's first statement (a read) found its connection dead: nothing was written,
+    the batch may run again on another connection."""
+
+
+def greylist_many(conn: Connection, sightings: Sequence[Sighting], *, fail_fast: bool = False
+                  ) -> list[tuple[bool, Any]]:
+    """:func:`greylist_check` for many sightings at once: on PostgreSQL in autocommit, on
+    SQLite inside the group commit's transaction (which holds the write lock).
+
+    Returns ``(True, GreylistResult)`` or ``(False, exception)`` per sighting, in order. The
+    common cases take three statements for the whole batch, whatever its size: one read of
+    every triplet and client, one insert of the new triplets, one compare-and-set of the first
+    passes (with their auto-whitelist count; a fourth statement on SQLite). On PostgreSQL each
+    commits on its own and holds its row locks only while it runs. Everything else (a triplet
+    or client seen twice in the batch, a whitelisted client, a triplet inside its delay or
+    already passed, a late retry, a row another host changed between the read and the write,
+    a statement that failed) is decided afterwards one sighting at a time by
+    :func:`_greylist_cas`, in the batch's order, so later sightings of a triplet see what the
+    earlier ones wrote: every answer is one the checks would have got run one by one, in some
+    order, against other hosts' concurrent checks.
+    A connection that fails raises (the caller fails the whole batch), and so does any failure
+    with ``fail_fast`` (the group commit then runs the batch again, each check alone under a
+    savepoint: in a transaction some errors end the transaction itself).
+    """
+    results: list[tuple[bool, Any] | None] = [None] * len(sightings)
+    later: list[int] = []  # decided one by one afterwards
+    batch: list[int] = []
+    keys: set[str] = set()
+    clients: set[str] = set()
+    timing = sightings[0][3] if sightings else GreylistTiming()
+    for n, (key, client, _now, t) in enumerate(sightings):
+        if key in keys or client in clients or t != timing:
+            later.append(n)
+        else:
+            keys.add(key)
+            clients.add(client)
+            batch.append(n)
+    seconds = [int(s[2]) for s in sightings]
+    many = _MANY[conn.dialect.name]
+    dbapi: Any = conn.connection
+    new: list[int] = []
+    passing: list[tuple[int, int]] = []  # (sighting, first_seen read)
+    if batch:
+        try:
+            cursor = dbapi.cursor()
+            rows = many.lookup(cursor, [sightings[n][1] for n in batch],
+                               [sightings[n][0] for n in batch])
+        except Exception as exc:
+            if fail_fast:
+                raise
+            if _connection_lost(conn):
+                raise StaleConnection("the connection was lost before the batch wrote") from exc
+            rows = None
+            later.extend(batch)
+        if rows is not None:
+            awl = timing.awl_passes
+            for n, (passes, client_seen, first, passed) in zip(batch, rows, strict=True):
+                second = seconds[n]
+                if (awl and passes is not None and passes >= awl
+                        and second - client_seen <= timing.expiry):
+                    later.append(n)  # whitelisted: rare, decided alone
+                elif first is None:
+                    new.append(n)
+                elif (not passed and timing.delay <= second - first <= timing.retry_window):
+                    passing.append((n, int(first)))
+                else:
+                    later.append(n)
+    if new:
+        cursor = dbapi.cursor()
+        try:
+            stored = many.insert(cursor, [sightings[n][0] for n in new],
+                                 [seconds[n] for n in new])
+        except Exception:
+            if fail_fast or _connection_lost(conn):
+                raise
+            stored = {}
+        for n in new:
+            row = stored.get(sightings[n][0])
+            if row is not None and row == (seconds[n], False):
+                results[n] = (True, GreylistResult("greylisted", timing.delay))
+            else:
+                later.append(n)  # inserted elsewhere meanwhile (or failed): decide alone
+    if passing:
+        cursor = dbapi.cursor()
+        try:
+            passed_keys = many.first_passes(
+                cursor, [sightings[n][0] for n, _ in passing], [first for _, first in passing],
+                [seconds[n] for n, _ in passing], [sightings[n][1] for n, _ in passing],
+                bool(timing.awl_passes))
+        except Exception:
+            if fail_fast or _connection_lost(conn):
+                raise
+            passed_keys = set()
+        for n, first in passing:
+            if sightings[n][0] in passed_keys:
+                results[n] = (True, GreylistResult("passed", seconds[n] - first,
+                                                   first_pass=True))
+            else:
+                later.append(n)  # changed by another host meanwhile (or failed)
+    for n in sorted(later):
+        key, client, _now, t = sightings[n]
+        try:
+            results[n] = (True, _greylist_cas(conn, key, client, seconds[n], t))
+        except Exception as exc:
+            if fail_fast or _connection_lost(conn):
+                raise
+            results[n] = (False, exc)
+    return [r for r in results if r is not None]
+
+
+# SQLite (3.35 or later: RETURNING, UPDATE ... FROM): the rows as JSON arrays, joined on
+# their index; run inside the group commit's transaction (policyd.batch), which holds the
+# database's write lock, so no other writer can come between them.
+_SQLITE_LOOKUP = """
+SELECT c.passes, c.last_seen, e.first_seen, e.passed
+FROM json_each(:addresses) AS a JOIN json_each(:keys) AS k ON k.key = a.key
+LEFT JOIN policy_greylist_clients c ON c.address = a.value
+LEFT JOIN policy_greylist e ON e.key = k.value
+ORDER BY a.key"""
+
+_SQLITE_INSERT = """
+INSERT INTO policy_greylist (key, first_seen, last_seen, passed)
+SELECT k.value, n.value, n.value, 0
+FROM json_each(:keys) AS k JOIN json_each(:nows) AS n ON n.key = k.key WHERE true
+ON CONFLICT (key) DO UPDATE SET last_seen = excluded.last_seen
+RETURNING key, first_seen, passed"""
+
+_SQLITE_FIRST_PASSES = """
+UPDATE policy_greylist SET passed = 1, last_seen = v.now
+FROM (SELECT k.value AS key, f.value AS first, n.value AS now FROM json_each(:keys) AS k
+      JOIN json_each(:firsts) AS f ON f.key = k.key JOIN json_each(:nows) AS n ON n.key = k.key
+     ) AS v
+WHERE policy_greylist.key = v.key AND policy_greylist.first_seen = v.first
+  AND NOT policy_greylist.passed
+RETURNING policy_greylist.key"""
+
+_SQLITE_COUNT = """
+INSERT INTO policy_greylist_clients AS c (address, passes, last_counted, last_seen)
+SELECT a.value, 1, n.value, n.value
+FROM json_each(:addresses) AS a JOIN json_each(:nows) AS n ON n.key = a.key WHERE true
+ON CONFLICT (address) DO UPDATE SET
+  passes = CASE WHEN c.last_counted <= excluded.last_counted - 3600
+                THEN c.passes + 1 ELSE c.passes END,
+  last_counted = CASE WHEN c.last_counted <= excluded.last_counted - 3600
+                      THEN excluded.last_counted ELSE c.last_counted END,
+  last_seen = excluded.last_seen"""
+
+
+class _ManyStatements:
+    """The three steps of :func:`greylist_many` in one dialect's SQL."""
+
+    def __init__(self, sqlite: bool) -> None:
+        self.sqlite = sqlite
+
+    def _rows(self, values: list[Any]) -> Any:
+        return json.dumps(values) if self.sqlite else values
+
+    def lookup(self, cursor: Any, addresses: list[str], keys: list[str]) -> list[Any]:
+        cursor.execute(_SQLITE_LOOKUP if self.sqlite else _MANY_LOOKUP,
+                       {"addresses": self._rows(addresses), "keys": self._rows(keys)})
+        return list(cursor.fetchall())
+
+    def insert(self, cursor: Any, keys: list[str], nows: list[int]
+               ) -> dict[str, tuple[int, bool]]:
+        cursor.execute(_SQLITE_INSERT if self.sqlite else _MANY_INSERT,
+                       {"keys": self._rows(keys), "nows": self._rows(nows)})
+        return {key: (int(first), bool(passed)) for key, first, passed in cursor.fetchall()}
+
+    def first_passes(self, cursor: Any, keys: list[str], firsts: list[int], nows: list[int],
+                     addresses: list[str], awl: bool) -> set[str]:
+        if not self.sqlite:
+            cursor.execute(_MANY_FIRST_PASSES, {"keys": keys, "firsts": firsts, "nows": nows,
+                                                "addresses": addresses, "awl": awl})
+            return {row[0] for row in cursor.fetchall()}
+        cursor.execute(_SQLITE_FIRST_PASSES, {"keys": json.dumps(keys), "firsts": json.dumps(firsts),
+                                      "nows": json.dumps(nows)})
+        passed = {row[0] for row in cursor.fetchall()}
+        if awl and passed:
+            counted = [n for n, key in enumerate(keys) if key in passed]
+            cursor.execute(_SQLITE_COUNT, {
+                "addresses": json.dumps([addresses[n] for n in counted]),
+                "nows": json.dumps([nows[n] for n in counted])})
+        return passed
+
+
+_MANY = {"sqlite": _ManyStatements(sqlite=True), "postgresql": _ManyStatements(sqlite=False)}
+
+
+def _connection_lost(conn: Connection) -> bool:
+    """The DBAPI connection is closed or broken (the server went away): the batch cannot go
+    on, and the caller drops the connection."""
+    dbapi: Any = conn.connection.dbapi_connection
+    return dbapi is None or bool(getattr(dbapi, "closed", False)) or bool(
+        getattr(dbapi, "broken", False))

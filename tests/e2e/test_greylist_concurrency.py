@@ -76,12 +76,12 @@ print(json.dumps({"outcomes": outcomes, "errors": errors[:3], "began": began, "e
 """
 
 
-def hammer(database_url: str, at: int) -> dict[str, int]:
+def hammer(database_url: str, at: int, script: str = HAMMER) -> dict[str, int]:
     """Every process and thread checks every triplet at ``at``; the outcomes summed."""
     start = time.time() + 5.0
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", HAMMER, database_url, str(start), str(at), str(KEYS),
+            [sys.executable, "-c", script, database_url, str(start), str(at), str(KEYS),
              str(THREADS)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
         )
@@ -127,4 +127,77 @@ def test_processes_agree_on_first_sightings_restarts_and_first_passes(database_u
     # The client passed all the triplets in one hour, from several processes: one pass counted.
     with engine.connect() as conn:
         assert conn.execute(select(GreylistClient.passes)).scalars().all() == [1]
+    engine.dispose()
+
+
+BATCHED = r"""
+import json, sys, threading, time
+from mailplugins.config.core import DatabaseConfig
+from mailplugins.db.engine import make_engine
+from policyd.sql.greylist import GreylistTiming, greylist_many
+
+url, start, at, keys, threads = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), \
+    int(sys.argv[4]), int(sys.argv[5])
+engine = make_engine(DatabaseConfig(url, pool_size=threads, timeout=30))
+timing = GreylistTiming(delay=300, retry_window=2 * 86400, awl_passes=5)
+outcomes = {}
+errors = []
+lock = threading.Lock()
+def work(offset):
+    # Every thread checks every triplet, each thread in its own order, 25 to a batch (as
+    # policyd's GreylistBatches hands them over), on its own connection in autocommit.
+    order = [(n + offset * 7) % keys for n in range(keys)]
+    with engine.connect() as conn:
+        conn.connection.dbapi_connection.autocommit = True
+        for first in range(0, keys, 25):
+            sightings = [(f"triplet-{n}", f"198.51.100.{n}", at, timing)
+                         for n in order[first:first + 25]]
+            for ok, r in greylist_many(conn, sightings):
+                if not ok:
+                    errors.append(repr(r))
+                    continue
+                label = f"{r.status} {r.seconds} {'first' if r.first_pass else ''}".strip()
+                with lock:
+                    outcomes[label] = outcomes.get(label, 0) + 1
+        conn.connection.dbapi_connection.autocommit = False
+workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+for c in [engine.connect() for _ in range(threads)]:  # open the pool before the start line
+    c.close()
+while time.time() < start:
+    time.sleep(0.001)
+began = time.time()
+for w in workers: w.start()
+for w in workers: w.join()
+print(json.dumps({"outcomes": outcomes, "errors": errors[:3], "began": began, "ended": time.time()}))
+"""
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_processes_batching_on_postgresql_agree_as_checks_one_by_one(database_url: str) -> None:
+    """policyd's PostgreSQL batches (:func:`policyd.sql.greylist.greylist_many`: one read,
+    one multi-row insert, one multi-row compare-and-set of first passes), from several
+    processes and threads with overlapping batches in different orders: the same outcome as
+    checks one by one. First-seen times are the instants of the first sightings and of the
+    restart, exactly one check per triplet sees its first pass, each client's pass counts
+    once, and no batch statement deadlocks or fails."""
+    engine = make_engine(DatabaseConfig(database_url, pool_size=1, timeout=10))
+    schema.upgrade(engine)
+    checks = PROCESSES * THREADS * KEYS
+
+    def triplets() -> set[tuple[int, bool]]:
+        with engine.connect() as conn:
+            rows = conn.execute(select(GreylistEntry.first_seen, GreylistEntry.passed)).all()
+        assert len(rows) == KEYS
+        return {(int(first), bool(passed)) for first, passed in rows}
+
+    assert hammer(database_url, T0, BATCHED) == {f"greylisted {DELAY}": checks}
+    assert triplets() == {(T0, False)}
+    assert hammer(database_url, LATE, BATCHED) == {f"greylisted {DELAY}": checks}
+    assert triplets() == {(LATE, False)}
+    assert hammer(database_url, PASS, BATCHED) == {
+        f"passed {PASS - LATE} first": KEYS, f"passed {PASS - LATE}": checks - KEYS}
+    assert triplets() == {(LATE, True)}
+    with engine.connect() as conn:
+        passes = conn.execute(select(GreylistClient.passes)).scalars().all()
+    assert passes == [1] * KEYS
     engine.dispose()

@@ -40,3 +40,20 @@ def test_client_in() -> None:
     assert client_in("2001:db8::5", NETWORKS)
     assert not client_in("198.51.100.1", NETWORKS)
     assert not client_in(None, NETWORKS) and not client_in("unknown", NETWORKS)
+
+
+def test_client_ip_refuses_what_ip_address_refuses() -> None:
+    """Dotted quads go through inet_pton first: it must accept and refuse exactly what
+    ipaddress does (leading zeros, short forms, spaces, NUL bytes)."""
+    texts = ["1.2.3.4", "0.0.0.0", "255.255.255.255", "256.1.1.1", "01.2.3.4", "1.2.3.04",
+             "1.2.3", "1.2.3.4.5", " 1.2.3.4", "1.2.3.4 ", "1.2.3.4\x00", "0x1.2.3.4", "",
+             "1.2.3.4%eth0", "::ffff:1.2.3.4", "::1", "unknown"]
+    for text in texts:
+        client_ip.cache_clear()
+        try:
+            expected: object = ipaddress.ip_address(text.split("%", 1)[0])
+        except ValueError:
+            expected = None
+        if isinstance(expected, ipaddress.IPv6Address) and expected.ipv4_mapped is not None:
+            expected = expected.ipv4_mapped
+        assert client_ip(text) == expected, text

@@ -194,12 +194,14 @@ def test_synchronous_runner_runs_every_batch(engine: Engine) -> None:
     assert group.batches == 5  # each ran at once: nothing was waiting to join it
 
 
-def test_only_sqlite_batches(engine: Engine) -> None:
+def test_only_sqlite_batches_every_check(engine: Engine) -> None:
+    """SQLite batches rate limits and greylisting; PostgreSQL only greylisting
+    (tests/unit/test_greylist_batches.py); MariaDB nothing."""
     def run(fn: Any, *args: Any) -> Deferred[Any]:
         return maybeDeferred(fn, *args)
 
     assert batching_runner(engine, run) != run
-    server = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    server = create_engine("mysql+pymysql://nobody@127.0.0.1:1/none")
     assert batching_runner(server, run) is run
     with pytest.raises(ValueError, match="own engine"):
         GroupCommit(engine, run).run(rate_check, server, [limit_key(1)], T0)
