@@ -34,7 +34,6 @@ mail: forged headers are still deleted and the message is accepted.
 
 from __future__ import annotations
 
-import email.utils
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from twisted.python.failure import Failure
 from mailplugins.clients import client_in
 from mailplugins.config.milterd import MilterdConfig
 from mailplugins.metrics import DaemonMetrics
-from milterd import codec
+from milterd import codec, fromheader
 from milterd.checks import Checks, DkimLike, DmarcLike, SignerLike, SpfLike, VerifierLike
 
 log = Logger(namespace="milterd.session")
@@ -108,7 +107,7 @@ def from_domains(headers: Sequence[tuple[str, str]]) -> tuple[int, list[str], li
     values = [value for name, value in headers if name.lower() == "from"]
     if not values:
         return 0, [], []
-    pairs = email.utils.getaddresses([values[0].replace("\r\n", "")])
+    pairs = fromheader.addresses(values[0])
     addresses = [address for _name, address in pairs if address]
     domains = []
     for address in addresses:
