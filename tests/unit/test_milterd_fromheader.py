@@ -37,7 +37,7 @@ def test_plain_forms_take_the_shortcut(value: str, monkeypatch: pytest.MonkeyPat
     def refuse(values: object) -> None:
         raise AssertionError("getaddresses called for a plain From:")
 
-    monkeypatch.setattr(fromheader.email.utils, "getaddresses", refuse)
+    monkeypatch.setattr(email.utils, "getaddresses", refuse)
     assert fromheader.addresses(value)[0][1].count("@") == 1
 
 
