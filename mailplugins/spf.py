@@ -68,9 +68,15 @@ def clean(text: str) -> str:
 _custom_resolver = False
 
 
-def use_nameservers(servers: Sequence[Nameserver]) -> None:
+def use_nameservers(servers: Sequence[Nameserver], *, cache_size: int = 0) -> None:
     """Point dnspython's default resolver, which pyspf asks, at ``servers`` (the config's
-    ``nameservers``: strings or (address, port); empty: back to resolv.conf). Process-wide."""
+    ``nameservers``: strings or (address, port); empty: back to resolv.conf). Process-wide.
+
+    ``cache_size`` above 0 keeps up to that many DNS answers for their TTL (dnspython's
+    thread-safe LRU cache): pyspf has no cache of its own and asks the same TXT and A records
+    message after message (milterd checks SPF for every incoming message, a round trip through
+    the resolver for each name a record mentions). 0: no cache (policyd's choice).
+    """
     global _custom_resolver
     if servers:
         dns.resolver.default_resolver = resolver_for(servers)
@@ -78,3 +84,7 @@ def use_nameservers(servers: Sequence[Nameserver]) -> None:
     elif _custom_resolver:
         dns.resolver.reset_default_resolver()
         _custom_resolver = False
+    if cache_size > 0:
+        dns.resolver.get_default_resolver().cache = dns.resolver.LRUCache(cache_size)
+    elif dns.resolver.default_resolver is not None:
+        dns.resolver.default_resolver.cache = None

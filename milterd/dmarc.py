@@ -31,12 +31,13 @@ domain are evaluated once.
 
 from __future__ import annotations
 
-import email.utils
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mailplugins.addresses import AddressError, normalise_domain
 from mailplugins.dns import DnsTempError
+from milterd import fromheader
 from milterd.dkim import DkimResult
 
 __all__ = ["DmarcRecord", "DmarcResult", "evaluate", "from_domains", "organizational_domain",
@@ -76,6 +77,13 @@ class DmarcResult:
 
 def parse_record(text: bytes | str) -> DmarcRecord | None:
     """A DMARC record, or None when it is not one (does not start with ``v=DMARC1``)."""
+    return _parse_record(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_record(text: bytes | str) -> DmarcRecord | None:
+    """parse_record, once per record text: the same few records (the senders' domains and
+    their parents, mostly absent) come back message after message, and a record is immutable."""
     if isinstance(text, bytes):
         try:
             text = text.decode("ascii")
@@ -164,8 +172,7 @@ def from_domains(values: Sequence[str]) -> tuple[list[str], str]:
     if len(values) > 1:
         return [], "several From headers"
     domains: list[str] = []
-    addresses = email.utils.getaddresses([values[0].replace("\r\n", "").replace("\n", "")])
-    for _display, address in addresses:
+    for _display, address in fromheader.addresses(values[0]):
         domain = _domain(address)
         if not domain:
             return [], "From has no usable domain"

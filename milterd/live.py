@@ -10,7 +10,9 @@
   arrive, a 64 KiB SHA-256 step at a time.
 - DNS: :class:`~milterd.resolver.TxtResolver` over :func:`mailplugins.dns.txt_records` in a
   DNS pool, with ``milterd.dns_timeout``; a timeout or failure is a temperror.
-- SPF: :func:`mailplugins.spf.spf_lookup` in the DNS pool.
+- SPF: :func:`mailplugins.spf.spf_lookup` in the DNS pool, its DNS answers cached for their
+  TTL (``dns_cache_size`` of them), its results for ``dns_cache_ttl`` per client, sender and
+  HELO name.
 - DMARC: ``milterd.dmarc.evaluate``, its lookups through a thread-safe cache
   (:class:`~milterd.resolver.CachedLookup`) with the same size and TTL: on the reactor when
   every record it needs is cached (the usual case: a few pure-Python steps, where a trip
@@ -136,7 +138,7 @@ class LiveChecks:
         self._spf: TTLCache[tuple[str, str, str], SpfLike] = TTLCache(
             config.dns_cache_size, config.dns_cache_ttl, self._clock.seconds)
         if self._txt_lookup is None:  # pyspf asks dnspython's process-wide resolver
-            core_spf.use_nameservers(config.nameservers)
+            core_spf.use_nameservers(config.nameservers, cache_size=config.dns_cache_size)
 
     @property
     def authserv_id(self) -> str:

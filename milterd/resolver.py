@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError, gatherResults
+from twisted.internet.defer import Deferred, TimeoutError, gatherResults, succeed
 from twisted.python.failure import Failure
 
 from mailplugins.threads import RunInPool
@@ -101,6 +101,14 @@ class TxtResolver:
     def many(self, names: Sequence[str]) -> Deferred[dict[str, Result]]:
         """Answers for several names, looked up in parallel."""
         unique = list(dict.fromkeys(names))
+        answers: dict[str, Result] = {}
+        for name in unique:  # all cached (the usual case): one Deferred, already fired
+            entry = self._cache.entry(name.lower().rstrip("."))
+            if entry is None:
+                break
+            answers[name] = entry[1]
+        else:
+            return succeed(answers)
         gathered = gatherResults([self.txt(name) for name in unique])
         return gathered.addCallback(lambda answers: dict(zip(unique, answers, strict=True)))
 

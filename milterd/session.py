@@ -34,7 +34,6 @@ mail: forged headers are still deleted and the message is accepted.
 
 from __future__ import annotations
 
-import email.utils
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from twisted.python.failure import Failure
 from mailplugins.clients import client_in
 from mailplugins.config.milterd import MilterdConfig
 from mailplugins.metrics import DaemonMetrics
-from milterd import codec
+from milterd import codec, fromheader
 from milterd.checks import Checks, DkimLike, DmarcLike, SignerLike, SpfLike, VerifierLike
 
 log = Logger(namespace="milterd.session")
@@ -91,9 +90,22 @@ class MilterMetrics:
         self.failures = metrics.counter(
             "failures_total", "Checks that failed or ran out of time, by stage.", ["stage"]
         )
+        #: (metric, label values) -> its child: ``labels()`` checks the values and takes a lock
+        #: each time (about 3 µs, five times per incoming message); the label values come from
+        #: small fixed sets (directions, outcomes, results), and a child lives as long as its
+        #: metric.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def outcome(self, direction: str, outcome: str) -> None:
-        self.messages.labels(direction, outcome).inc()
+        self.child(self.messages, direction, outcome).inc()
 
 
 def normalise_value(value: str) -> str:
@@ -108,7 +120,7 @@ def from_domains(headers: Sequence[tuple[str, str]]) -> tuple[int, list[str], li
     values = [value for name, value in headers if name.lower() == "from"]
     if not values:
         return 0, [], []
-    pairs = email.utils.getaddresses([values[0].replace("\r\n", "")])
+    pairs = fromheader.addresses(values[0])
     addresses = [address for _name, address in pairs if address]
     domains = []
     for address in addresses:
@@ -346,7 +358,8 @@ class MilterSession:
 
         def timed(reply: bytes) -> bytes:
             if self._metrics is not None:
-                self._metrics.duration.labels(message.direction).observe(self._timer() - started)
+                self._metrics.child(self._metrics.duration, message.direction).observe(
+                    self._timer() - started)
             return reply
 
         return result.addCallback(timed)
@@ -433,7 +446,7 @@ class MilterSession:
 
     def _fail(self, stage: str) -> None:
         if self._metrics is not None:
-            self._metrics.failures.labels(stage).inc()
+            self._metrics.child(self._metrics.failures, stage).inc()
 
     def _count(self, direction: str, outcome: str) -> None:
         if self._metrics is not None:
@@ -445,6 +458,6 @@ class MilterSession:
         if metrics is None:
             return
         for result in dkim:
-            metrics.dkim.labels(result.result).inc()
-        metrics.spf.labels(spf.result).inc()
-        metrics.dmarc.labels(verdict.result, disposition).inc()
+            metrics.child(metrics.dkim, result.result).inc()
+        metrics.child(metrics.spf, spf.result).inc()
+        metrics.child(metrics.dmarc, verdict.result, disposition).inc()

@@ -133,14 +133,17 @@ class _TCP(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 
 @contextmanager
-def stub_dns(records: Records | None = None) -> Iterator[StubDNS]:
-    """Run a :class:`StubDNS` on 127.0.0.1 (one free port, UDP and TCP) for the ``with`` block."""
-    stub = StubDNS(records)
+def stub_dns(records: Records | None = None, *, host: str = "127.0.0.1", port: int = 0,
+             stub: StubDNS | None = None) -> Iterator[StubDNS]:
+    """Run a :class:`StubDNS` on ``host`` (one free port, UDP and TCP, or ``port``: 53 for
+    programs that only read resolv.conf) for the ``with`` block; ``stub``: serve that one's
+    records (a second address for the same answers)."""
+    stub = stub or StubDNS(records)
     for _attempt in range(20):
-        udp = _UDP(("127.0.0.1", 0), _UDPHandler)
-        port = udp.server_address[1]
+        udp = _UDP((host, port), _UDPHandler)
+        bound = udp.server_address[1]
         try:
-            tcp = _TCP(("127.0.0.1", port), _TCPHandler)
+            tcp = _TCP((host, bound), _TCPHandler)
         except OSError:
             udp.server_close()
             continue
@@ -148,7 +151,7 @@ def stub_dns(records: Records | None = None) -> Iterator[StubDNS]:
     else:  # pragma: no cover
         raise RuntimeError("no free port for the stub DNS server")
     udp.stub = tcp.stub = stub  # type: ignore[attr-defined]
-    stub.port = port
+    stub.port = stub.port or bound
     threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
                for s in (udp, tcp)]
     for thread in threads:

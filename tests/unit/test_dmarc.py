@@ -178,3 +178,13 @@ def test_record_parsing() -> None:
     assert parse_record(b"v=dmarc1; p=reject") is None
     assert parse_record(b"v=DMARC1 p=reject") is None
     assert parse_record(b"\xff") is None
+
+
+def test_parse_record_is_reused_per_text() -> None:
+    """Parsed once per record text (immutable, so shared between messages), bytes or str."""
+    first = parse_record(b"v=DMARC1; p=reject; sp=none")
+    assert first is parse_record(b"v=DMARC1; p=reject; sp=none")
+    assert first is not None and (first.p, first.sp) == ("reject", "none")
+    assert parse_record("v=DMARC1; p=quarantine") == parse_record(b"v=DMARC1; p=quarantine")
+    assert parse_record(b"v=DMARC1; p=none") != parse_record(b"v=DMARC1; p=reject")
+    assert parse_record(b"v=spf1 -all") is None

@@ -99,6 +99,16 @@ def test_resolver_caches_shares_and_times_out() -> None:
     assert resolver.queries == 5
     many = result_of(resolver.many(["a.example", "b.example", "a.example"]))
     assert many == {"a.example": [b"v=DKIM1; p=x"], "b.example": None}
+    assert resolver.queries == 6  # b.example had expired: looked up again, a.example cached
+    # Everything cached: answered at once under the names as asked, no lookup.
+    cached = resolver.many(["A.example.", "b.example"])
+    assert cached.called and result_of(cached) == {"A.example.": [b"v=DKIM1; p=x"], "b.example": None}
+    assert resolver.queries == 6
+    # One name missing: looked up, the cached one not again.
+    answers["c.example"] = [b"v=DKIM1; p=y"]
+    mixed = result_of(resolver.many(["a.example", "c.example"]))
+    assert mixed == {"a.example": [b"v=DKIM1; p=x"], "c.example": [b"v=DKIM1; p=y"]}
+    assert resolver.queries == 7
 
 
 def config(**milterd: Any) -> Config:

@@ -41,6 +41,20 @@ def test_results_over_dns(stub: StubDNS, client: str, sender: str, result: str) 
     assert ("sender.example", "TXT") in {q[:2] for q in stub.queries} or sender != "a@sender.example"
 
 
+def test_answers_cached_when_asked(stub: StubDNS) -> None:
+    """With ``cache_size`` (milterd), a second check asks DNS nothing; without (policyd), the
+    same check asks again."""
+    use_nameservers([f"127.0.0.1:{stub.port}"], cache_size=100)
+    first = spf_lookup("192.0.2.7", "a@sender.example", "helo.example", "mx.example.org", 2.0)
+    asked = len(stub.queries)
+    assert first.result == "pass" and asked >= 1
+    again = spf_lookup("192.0.2.8", "b@sender.example", "helo.example", "mx.example.org", 2.0)
+    assert again.result == "pass" and len(stub.queries) == asked
+    use_nameservers([f"127.0.0.1:{stub.port}"])
+    spf_lookup("192.0.2.7", "a@sender.example", "helo.example", "mx.example.org", 2.0)
+    assert len(stub.queries) > asked
+
+
 def test_clean_bounds_and_flattens() -> None:
     assert clean("a\r\nb\x00") == "a??b?"
     assert len(clean("x" * 5000)) == 900
