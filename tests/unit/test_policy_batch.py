@@ -236,7 +236,7 @@ def test_the_log_is_checkpointed_beside_the_batches_not_under_the_write_lock(
     with engine.connect() as conn:  # the batches' connection: SQLite checkpoints only late
         cursor = conn.connection.cursor()
         cursor.execute("PRAGMA wal_autocheckpoint")
-        assert cursor.fetchone()[0] == batch_module.AUTOCHECKPOINT_PAGES
+        assert cursor.fetchone() == (batch_module.AUTOCHECKPOINT_PAGES,)
     restarts = wal_restarts(engine)
     pool.finish_one()  # the checkpoint copies the whole log: the next batch starts it over
     # Until the next one is due, batches go alone.
