@@ -366,8 +366,52 @@ class StaleConnection(Exception):
     the batch may run again on another connection."""
 
 
-def greylist_many(conn: Connection, sightings: Sequence[Sighting], *, fail_fast: bool = False
-                  ) -> list[tuple[bool, Any]]:
+@dataclass
+class Lookup:
+    """The first step of :func:`greylist_many`, which may run ahead of the others (on SQLite
+    outside the write lock: see :func:`policyd.batch.run_batch`).
+
+    ``batch`` holds the sightings decided together (one per triplet and per client, all with
+    one timing), ``later`` the others, and ``rows`` the client and triplet columns read for
+    each of ``batch`` (None: not read yet, or the read failed).
+    """
+
+    batch: list[int]
+    later: list[int]
+    rows: list[Any] | None = None
+
+
+def lookup_many(conn: Connection, sightings: Sequence[Sighting], *, read: bool = True
+                ) -> Lookup:
+    """Which sightings :func:`greylist_many` decides together, and (``read``) their rows.
+
+    The rows are only a guess at what the writes will find: every write that depends on them
+    is compare-and-set, so rows read before another process (or host) wrote lead to the
+    decision being taken again on the stored row, never to a wrong answer. Raises when the
+    read fails.
+    """
+    later: list[int] = []
+    batch: list[int] = []
+    keys: set[str] = set()
+    clients: set[str] = set()
+    timing = sightings[0][3] if sightings else GreylistTiming()
+    for n, (key, client, _now, t) in enumerate(sightings):
+        if key in keys or client in clients or t != timing:
+            later.append(n)
+        else:
+            keys.add(key)
+            clients.add(client)
+            batch.append(n)
+    found = Lookup(batch, later)
+    if read and batch:
+        found.rows = _MANY[conn.dialect.name].lookup(
+            conn.connection.cursor(), [sightings[n][1] for n in batch],
+            [sightings[n][0] for n in batch])
+    return found
+
+
+def greylist_many(conn: Connection, sightings: Sequence[Sighting], *, fail_fast: bool = False,
+                  looked_up: Lookup | None = None) -> list[tuple[bool, Any]]:
     """:func:`greylist_check` for many sightings at once: on PostgreSQL in autocommit, on
     SQLite inside the group commit's transaction (which holds the write lock).
 
@@ -385,20 +429,14 @@ def greylist_many(conn: Connection, sightings: Sequence[Sighting], *, fail_fast:
     A connection that fails raises (the caller fails the whole batch), and so does any failure
     with ``fail_fast`` (the group commit then runs the batch again, each check alone under a
     savepoint: in a transaction some errors end the transaction itself).
+    ``looked_up`` is the first step already taken (:func:`lookup_many`, same ``sightings``);
+    its rows, read earlier, are used as any row read before another host's write is.
     """
     results: list[tuple[bool, Any] | None] = [None] * len(sightings)
-    later: list[int] = []  # decided one by one afterwards
-    batch: list[int] = []
-    keys: set[str] = set()
-    clients: set[str] = set()
+    step = looked_up if looked_up is not None else lookup_many(conn, sightings, read=False)
+    later = list(step.later)  # decided one by one afterwards
+    batch = step.batch
     timing = sightings[0][3] if sightings else GreylistTiming()
-    for n, (key, client, _now, t) in enumerate(sightings):
-        if key in keys or client in clients or t != timing:
-            later.append(n)
-        else:
-            keys.add(key)
-            clients.add(client)
-            batch.append(n)
     seconds = [int(s[2]) for s in sightings]
     many = _MANY[conn.dialect.name]
     dbapi: Any = conn.connection
@@ -406,9 +444,10 @@ def greylist_many(conn: Connection, sightings: Sequence[Sighting], *, fail_fast:
     passing: list[tuple[int, int]] = []  # (sighting, first_seen read)
     if batch:
         try:
-            cursor = dbapi.cursor()
-            rows = many.lookup(cursor, [sightings[n][1] for n in batch],
-                               [sightings[n][0] for n in batch])
+            rows = step.rows
+            if rows is None:
+                rows = many.lookup(dbapi.cursor(), [sightings[n][1] for n in batch],
+                                   [sightings[n][0] for n in batch])
         except Exception as exc:
             if fail_fast:
                 raise

@@ -269,3 +269,36 @@ def test_only_greylisting_batches_on_postgresql(pg: Engine) -> None:
     assert pool.waiting[0][0] is rate_check
     engine = create_engine("mysql+pymysql://u@127.0.0.1/x")
     assert batching_runner(engine, pool.run) == pool.run
+
+
+def test_rows_read_ahead_of_the_lock_and_changed_meanwhile_are_decided_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On SQLite a batch reads its triplets before taking the write lock: another worker's
+    writes in between (a first sighting of a triplet read as new, the first pass of one read
+    as waiting) make the compare-and-set writes miss, and those sightings are decided again
+    under the lock, with the answers they get after the other worker's checks."""
+    url = f"sqlite:///{tmp_path}/state.db"
+    for ours in migrated_engine(url, pool_size=2):
+        for other in migrated_engine(url, pool_size=2):
+            greylist_check(other, "waiting", "192.0.2.2", T0 - 400, TIMING)
+            real = batch_module._read_ahead
+            read: list[Any] = []
+
+            def read_then_other_worker_writes(conn: Any, sightings: Any, real: Any = real,
+                                              read: Any = read, other: Engine = other) -> Any:
+                looked_up = real(conn, sightings)
+                read.append(looked_up)
+                greylist_check(other, "new", "192.0.2.1", T0 - 400, TIMING)
+                assert label(greylist_check(other, "waiting", "192.0.2.2", T0 - 10,
+                                            TIMING)) == ("passed", 390, True)
+                return looked_up
+
+            monkeypatch.setattr(batch_module, "_read_ahead", read_then_other_worker_writes)
+            results = many(ours, [("new", "192.0.2.1", float(T0), TIMING),
+                                  ("waiting", "192.0.2.2", float(T0), TIMING)])
+            assert read and read[0].rows is not None  # the rows were read before the writes
+            assert [(ok, label(r)) for ok, r in results] == [
+                (True, ("passed", 400, True)), (True, ("passed", 400, False))]
+            entries, clients = rows(ours)
+            assert entries == [("new", T0 - 400, T0, True), ("waiting", T0 - 400, T0, True)]
+            assert [c[:2] for c in clients] == [("192.0.2.1", 1), ("192.0.2.2", 1)]

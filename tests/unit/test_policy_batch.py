@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 
 from mailplugins.config.policy_state import Window
 from mailplugins.db.policy_models import GreylistEntry
+from policyd import batch as batch_module
 from policyd.batch import GroupCommit, batching_runner, run_batch
 from policyd.pooled import Pending
 from policyd.sql.greylist import GreylistTiming, greylist_check
@@ -205,3 +206,47 @@ def test_only_sqlite_batches_every_check(engine: Engine) -> None:
     assert batching_runner(server, run) is run
     with pytest.raises(ValueError, match="own engine"):
         GroupCommit(engine, run).run(rate_check, server, [limit_key(1)], T0)
+
+
+
+def wal_restarts(engine: Engine) -> int:
+    """The write-ahead log's checkpoint sequence number (its header's fourth word), which
+    grows each time a writer starts the log over after a checkpoint copied all of it."""
+    with open(f"{engine.url.database}-wal", "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
+def test_the_log_is_checkpointed_beside_the_batches_not_under_the_write_lock(
+        engine: Engine) -> None:
+    # A file database: every CHECKPOINT_EVERY batches a checkpoint goes to the pool on its
+    # own, and SQLite's own checkpoints (inside a commit, under the write lock) only come
+    # past a backstop the batches never reach here.
+    pool = HeldPool()
+    runner = batching_runner(engine, pool.run)
+    group = runner.__self__  # type: ignore[attr-defined]
+    assert group.checkpoint_every == batch_module.CHECKPOINT_EVERY
+    for n in range(batch_module.CHECKPOINT_EVERY):
+        runner(greylist_check, engine, f"k{n}", "192.0.2.1", T0, GreylistTiming())
+        fn, _args, _result = pool.waiting[0]
+        assert fn is run_batch
+        pool.finish_one()
+    assert group.checkpoints == 1
+    fn, args, _result = pool.waiting[0]
+    assert fn is batch_module.checkpoint and args == (engine,)
+    with engine.connect() as conn:  # the batches' connection: SQLite checkpoints only late
+        cursor = conn.connection.cursor()
+        cursor.execute("PRAGMA wal_autocheckpoint")
+        assert cursor.fetchone() == (batch_module.AUTOCHECKPOINT_PAGES,)
+    restarts = wal_restarts(engine)
+    pool.finish_one()  # the checkpoint copies the whole log: the next batch starts it over
+    # Until the next one is due, batches go alone.
+    runner(greylist_check, engine, "more", "192.0.2.1", T0, GreylistTiming())
+    pool.finish_one()
+    assert group.checkpoints == 1 and not pool.waiting
+    assert wal_restarts(engine) == restarts + 1
+
+
+def test_no_checkpoints_of_a_memory_database(tmp_path: Path) -> None:
+    memory = create_engine("sqlite://")
+    group = batching_runner(memory, HeldPool().run).__self__  # type: ignore[attr-defined]
+    assert group.checkpoint_every is None
