@@ -20,7 +20,7 @@ import sys
 import time
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from mailplugins.config.core import DatabaseConfig
 from mailplugins.db import schema
@@ -39,11 +39,12 @@ WINDOW = 2 * 86400
 LATE = T0 + WINDOW + 100            # first retry too late: the triplets start over
 PASS = LATE + DELAY + 5             # the retry after the (new) delay
 
-HAMMER = r"""
+#: The start of both hammering scripts: arguments, engine, and the outcome tally.
+SCRIPT_HEAD = r"""
 import json, sys, threading, time
 from mailplugins.config.core import DatabaseConfig
 from mailplugins.db.engine import make_engine
-from policyd.sql.greylist import GreylistTiming, greylist_check
+from policyd.sql.greylist import GreylistTiming, greylist_check, greylist_many
 
 url, start, at, keys, threads = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), \
     int(sys.argv[4]), int(sys.argv[5])
@@ -52,18 +53,14 @@ timing = GreylistTiming(delay=300, retry_window=2 * 86400, awl_passes=5)
 outcomes = {}
 errors = []
 lock = threading.Lock()
-def work(offset):
-    # Every thread checks every triplet, each thread in its own order.
-    for n in range(keys):
-        key = f"triplet-{(n + offset * 7) % keys}"
-        try:
-            r = greylist_check(engine, key, "192.0.2.7", at, timing)
-        except Exception as exc:
-            errors.append(repr(exc))
-            continue
-        label = f"{r.status} {r.seconds} {'first' if r.first_pass else ''}".strip()
-        with lock:
-            outcomes[label] = outcomes.get(label, 0) + 1
+def count(r):
+    label = f"{r.status} {r.seconds} {'first' if r.first_pass else ''}".strip()
+    with lock:
+        outcomes[label] = outcomes.get(label, 0) + 1
+"""
+
+#: The end of both: every thread's ``work`` started together, the tally printed.
+SCRIPT_TAIL = r"""
 workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
 for c in [engine.connect() for _ in range(threads)]:  # open the pool before the start line
     c.close()
@@ -74,6 +71,19 @@ for w in workers: w.start()
 for w in workers: w.join()
 print(json.dumps({"outcomes": outcomes, "errors": errors[:3], "began": began, "ended": time.time()}))
 """
+
+HAMMER = SCRIPT_HEAD + r"""
+def work(offset):
+    # Every thread checks every triplet, each thread in its own order.
+    for n in range(keys):
+        key = f"triplet-{(n + offset * 7) % keys}"
+        try:
+            r = greylist_check(engine, key, "192.0.2.7", at, timing)
+        except Exception as exc:
+            errors.append(repr(exc))
+            continue
+        count(r)
+""" + SCRIPT_TAIL
 
 
 def hammer(database_url: str, at: int, script: str = HAMMER) -> dict[str, int]:
@@ -102,47 +112,37 @@ def hammer(database_url: str, at: int, script: str = HAMMER) -> dict[str, int]:
     return totals
 
 
+def triplets(engine: Engine) -> set[tuple[int, bool]]:
+    """(first seen, passed) over every triplet, of which there must be ``KEYS``."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(GreylistEntry.first_seen, GreylistEntry.passed)).all()
+    assert len(rows) == KEYS
+    return {(int(first), bool(passed)) for first, passed in rows}
+
+
 def test_processes_agree_on_first_sightings_restarts_and_first_passes(database_url: str) -> None:
     engine = make_engine(DatabaseConfig(database_url, pool_size=1, timeout=10))
     schema.upgrade(engine)
     checks = PROCESSES * THREADS * KEYS
 
-    def triplets() -> set[tuple[int, bool]]:
-        with engine.connect() as conn:
-            rows = conn.execute(select(GreylistEntry.first_seen, GreylistEntry.passed)).all()
-        assert len(rows) == KEYS
-        return {(int(first), bool(passed)) for first, passed in rows}
-
     # First sightings, all at once: everyone greylists for the whole delay.
     assert hammer(database_url, T0) == {f"greylisted {DELAY}": checks}
-    assert triplets() == {(T0, False)}
+    assert triplets(engine) == {(T0, False)}
     # The first retry comes after the retry window: every triplet starts over once, and every
     # check (the one that restarted it and those that saw it restarted) waits the whole delay.
     assert hammer(database_url, LATE) == {f"greylisted {DELAY}": checks}
-    assert triplets() == {(LATE, False)}
+    assert triplets(engine) == {(LATE, False)}
     # The retry after the delay: all pass, and exactly one check per triplet is its first pass.
     assert hammer(database_url, PASS) == {
         f"passed {PASS - LATE} first": KEYS, f"passed {PASS - LATE}": checks - KEYS}
-    assert triplets() == {(LATE, True)}
+    assert triplets(engine) == {(LATE, True)}
     # The client passed all the triplets in one hour, from several processes: one pass counted.
     with engine.connect() as conn:
         assert conn.execute(select(GreylistClient.passes)).scalars().all() == [1]
     engine.dispose()
 
 
-BATCHED = r"""
-import json, sys, threading, time
-from mailplugins.config.core import DatabaseConfig
-from mailplugins.db.engine import make_engine
-from policyd.sql.greylist import GreylistTiming, greylist_many
-
-url, start, at, keys, threads = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), \
-    int(sys.argv[4]), int(sys.argv[5])
-engine = make_engine(DatabaseConfig(url, pool_size=threads, timeout=30))
-timing = GreylistTiming(delay=300, retry_window=2 * 86400, awl_passes=5)
-outcomes = {}
-errors = []
-lock = threading.Lock()
+BATCHED = SCRIPT_HEAD + r"""
 def work(offset):
     # Every thread checks every triplet, each thread in its own order, 25 to a batch (as
     # policyd's GreylistBatches hands them over), on its own connection in autocommit.
@@ -156,20 +156,9 @@ def work(offset):
                 if not ok:
                     errors.append(repr(r))
                     continue
-                label = f"{r.status} {r.seconds} {'first' if r.first_pass else ''}".strip()
-                with lock:
-                    outcomes[label] = outcomes.get(label, 0) + 1
+                count(r)
         conn.connection.dbapi_connection.autocommit = False
-workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-for c in [engine.connect() for _ in range(threads)]:  # open the pool before the start line
-    c.close()
-while time.time() < start:
-    time.sleep(0.001)
-began = time.time()
-for w in workers: w.start()
-for w in workers: w.join()
-print(json.dumps({"outcomes": outcomes, "errors": errors[:3], "began": began, "ended": time.time()}))
-"""
+""" + SCRIPT_TAIL
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -184,19 +173,13 @@ def test_processes_batching_on_postgresql_agree_as_checks_one_by_one(database_ur
     schema.upgrade(engine)
     checks = PROCESSES * THREADS * KEYS
 
-    def triplets() -> set[tuple[int, bool]]:
-        with engine.connect() as conn:
-            rows = conn.execute(select(GreylistEntry.first_seen, GreylistEntry.passed)).all()
-        assert len(rows) == KEYS
-        return {(int(first), bool(passed)) for first, passed in rows}
-
     assert hammer(database_url, T0, BATCHED) == {f"greylisted {DELAY}": checks}
-    assert triplets() == {(T0, False)}
+    assert triplets(engine) == {(T0, False)}
     assert hammer(database_url, LATE, BATCHED) == {f"greylisted {DELAY}": checks}
-    assert triplets() == {(LATE, False)}
+    assert triplets(engine) == {(LATE, False)}
     assert hammer(database_url, PASS, BATCHED) == {
         f"passed {PASS - LATE} first": KEYS, f"passed {PASS - LATE}": checks - KEYS}
-    assert triplets() == {(LATE, True)}
+    assert triplets(engine) == {(LATE, True)}
     with engine.connect() as conn:
         passes = conn.execute(select(GreylistClient.passes)).scalars().all()
     assert passes == [1] * KEYS

@@ -6,13 +6,12 @@ would."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, select, text
-from twisted.internet.defer import Deferred, maybeDeferred
 
 from mailplugins.db.policy_models import GreylistClient, GreylistEntry
 from policyd import batch as batch_module
@@ -22,6 +21,7 @@ from policyd.sql import greylist as greylist_module
 from policyd.sql.greylist import GreylistResult, GreylistTiming, greylist_check, greylist_many
 from policyd.sql.ratelimit import rate_check
 from tests.conftest import PG_ADMIN_URL, _server_database
+from tests.support.pools import HeldPool
 from tests.support.sync import migrated_engine
 
 T0 = 1_800_000_000
@@ -175,22 +175,6 @@ def test_a_failing_sighting_fails_alone(two: tuple[Engine, Engine]) -> None:
     assert [ok for ok, _ in got] == [True, False, True]
     assert [label(r) for ok, r in got if ok] == [("greylisted", 300, False)] * 2
     assert [key for key, *_ in rows(pg)[0]] == ["good1", "good2"]
-
-
-class HeldPool:
-    """A database pool whose work runs only when the test says so (in this thread)."""
-
-    def __init__(self) -> None:
-        self.waiting: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
-
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-        result: Deferred[Any] = Deferred()
-        self.waiting.append((fn, args, result))
-        return result
-
-    def finish_one(self) -> None:
-        fn, args, result = self.waiting.pop(0)
-        maybeDeferred(fn, *args).chainDeferred(result)
 
 
 def test_checks_wait_for_a_batch_and_see_it_committed(pg: Engine) -> None:

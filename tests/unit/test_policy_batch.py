@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from policyd.pooled import Pending
 from policyd.sql.greylist import GreylistTiming, greylist_check
 from policyd.sql.overrides import rate_usage
 from policyd.sql.ratelimit import RateKey, rate_check
+from tests.support.pools import HeldPool
 from tests.support.sync import migrated_engine
 
 T0 = 1_800_000_000.0
@@ -30,22 +31,6 @@ T0 = 1_800_000_000.0
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
     yield from migrated_engine(f"sqlite:///{tmp_path}/state.db", pool_size=2)
-
-
-class HeldPool:
-    """A database pool whose work runs only when the test says so (one batch in flight)."""
-
-    def __init__(self) -> None:
-        self.waiting: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        result: Deferred[Any] = Deferred()
-        self.waiting.append((fn, args, result))
-        return result
-
-    def finish_one(self) -> None:
-        fn, args, result = self.waiting.pop(0)
-        maybeDeferred(fn, *args).chainDeferred(result)
 
 
 def outcomes(ds: list[Deferred[Any]]) -> list[Any]:
@@ -227,11 +212,11 @@ def test_the_log_is_checkpointed_beside_the_batches_not_under_the_write_lock(
     assert group.checkpoint_every == batch_module.CHECKPOINT_EVERY
     for n in range(batch_module.CHECKPOINT_EVERY):
         runner(greylist_check, engine, f"k{n}", "192.0.2.1", T0, GreylistTiming())
-        fn, _args, _result = pool.waiting[0]
+        fn, _args, _kwargs, _result = pool.waiting[0]
         assert fn is run_batch
         pool.finish_one()
     assert group.checkpoints == 1
-    fn, args, _result = pool.waiting[0]
+    fn, args, _kwargs, _result = pool.waiting[0]
     assert fn is batch_module.checkpoint and args == (engine,)
     with engine.connect() as conn:  # the batches' connection: SQLite checkpoints only late
         cursor = conn.connection.cursor()
