@@ -404,10 +404,15 @@ def lookup_many(conn: Connection, sightings: Sequence[Sighting], *, read: bool =
             batch.append(n)
     found = Lookup(batch, later)
     if read and batch:
-        found.rows = _MANY[conn.dialect.name].lookup(
-            conn.connection.cursor(), [sightings[n][1] for n in batch],
-            [sightings[n][0] for n in batch])
+        found.rows = _read_rows(conn, sightings, batch)
     return found
+
+
+def _read_rows(conn: Connection, sightings: Sequence[Sighting], batch: list[int]) -> list[Any]:
+    """The client and triplet columns of each of ``batch``, in one statement."""
+    return _MANY[conn.dialect.name].lookup(
+        conn.connection.cursor(), [sightings[n][1] for n in batch],
+        [sightings[n][0] for n in batch])
 
 
 def greylist_many(conn: Connection, sightings: Sequence[Sighting], *, fail_fast: bool = False,
@@ -444,10 +449,7 @@ def greylist_many(conn: Connection, sightings: Sequence[Sighting], *, fail_fast:
     passing: list[tuple[int, int]] = []  # (sighting, first_seen read)
     if batch:
         try:
-            rows = step.rows
-            if rows is None:
-                rows = many.lookup(dbapi.cursor(), [sightings[n][1] for n in batch],
-                                   [sightings[n][0] for n in batch])
+            rows = step.rows if step.rows is not None else _read_rows(conn, sightings, batch)
         except Exception as exc:
             if fail_fast:
                 raise
@@ -575,14 +577,15 @@ class _ManyStatements:
             cursor.execute(_MANY_FIRST_PASSES, {"keys": keys, "firsts": firsts, "nows": nows,
                                                 "addresses": addresses, "awl": awl})
             return {row[0] for row in cursor.fetchall()}
-        cursor.execute(_SQLITE_FIRST_PASSES, {"keys": json.dumps(keys), "firsts": json.dumps(firsts),
-                                      "nows": json.dumps(nows)})
+        cursor.execute(_SQLITE_FIRST_PASSES, {"keys": self._rows(keys),
+                                              "firsts": self._rows(firsts),
+                                              "nows": self._rows(nows)})
         passed = {row[0] for row in cursor.fetchall()}
         if awl and passed:
             counted = [n for n, key in enumerate(keys) if key in passed]
             cursor.execute(_SQLITE_COUNT, {
-                "addresses": json.dumps([addresses[n] for n in counted]),
-                "nows": json.dumps([nows[n] for n in counted])})
+                "addresses": self._rows([addresses[n] for n in counted]),
+                "nows": self._rows([nows[n] for n in counted])})
         return passed
 
 
