@@ -79,8 +79,7 @@ def run_batch(engine: Engine, jobs: Sequence[_Job]) -> list[tuple[bool, Any]]:
         if engine.dialect.name == "sqlite" and "policyd_autocheckpoint" not in info:
             conn.connection.cursor().execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
             info["policyd_autocheckpoint"] = AUTOCHECKPOINT_PAGES
-        grey = [n for n, (fn, _args, kwargs) in enumerate(jobs)
-                if getattr(fn, "fn", fn) is greylist_check and not kwargs]
+        grey = [n for n, (fn, _args, kwargs) in enumerate(jobs) if _greylisting(fn, kwargs)]
         looked_up = _read_ahead(conn, [jobs[n][1] for n in grey]) if grey else None
         with one_writer(engine):
             results = _attempt(conn, jobs, grey, looked_up, savepoints=False)
@@ -88,6 +87,12 @@ def run_batch(engine: Engine, jobs: Sequence[_Job]) -> list[tuple[bool, Any]]:
                 results = _attempt(conn, jobs, grey, None, savepoints=True)
         assert results is not None
         return results
+
+
+def _greylisting(fn: Callable[..., Any], kwargs: dict[str, Any]) -> bool:
+    """A plain greylisting check (``fn`` possibly wrapped by :class:`policyd.pooled.Tracked`,
+    which keeps it as ``.fn``), which batches decide together."""
+    return getattr(fn, "fn", fn) is greylist_check and not kwargs
 
 
 def _read_ahead(conn: Connection, sightings: list[Sighting]) -> Lookup | None:
@@ -315,7 +320,7 @@ class GreylistBatches(GroupCommit):
 
     def run(self, fn: Callable[..., Any], engine: Engine, *args: Any, **kwargs: Any
             ) -> Deferred[Any]:
-        if getattr(fn, "fn", fn) is not greylist_check or kwargs:
+        if not _greylisting(fn, kwargs):
             return self._run(fn, engine, *args, **kwargs)
         return super().run(fn, engine, *args)
 
