@@ -64,7 +64,7 @@ class TxtResolver:
 
     def txt(self, name: str) -> Deferred[Result]:
         """The answer for ``name``; never fails (errors come back as the exception)."""
-        key = name.lower().rstrip(".")
+        key = _cache_key(name)
         entry = self._cache.entry(key)
         if entry is not None:
             result: Deferred[Result] = Deferred()
@@ -103,7 +103,7 @@ class TxtResolver:
         unique = list(dict.fromkeys(names))
         answers: dict[str, Result] = {}
         for name in unique:  # all cached (the usual case): one Deferred, already fired
-            entry = self._cache.entry(name.lower().rstrip("."))
+            entry = self._cache.entry(_cache_key(name))
             if entry is None:
                 break
             answers[name] = entry[1]
@@ -138,13 +138,13 @@ class CachedLookup:
         """The cached answer for ``name``, or :class:`NotCached` (never asks DNS, never blocks):
         for running the code on the reactor when every answer it needs is already here."""
         with self._lock:
-            entry = self._cache.entry(name.lower().rstrip("."))
+            entry = self._cache.entry(_cache_key(name))
         if entry is None:
             raise NotCached(name)
         return entry[1]
 
     def __call__(self, name: str) -> TxtAnswer:
-        key = name.lower().rstrip(".")
+        key = _cache_key(name)
         with self._lock:  # TTLCache is not thread-safe; several pool threads call this
             entry = self._cache.entry(key)
         if entry is not None:
@@ -153,3 +153,9 @@ class CachedLookup:
         with self._lock:
             self._cache.put(key, answer)
         return answer
+
+
+def _cache_key(name: str) -> str:
+    """The name as the caches hold it: DNS names compare case-insensitively, with or
+    without the root's dot."""
+    return name.lower().rstrip(".")
