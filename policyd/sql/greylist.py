@@ -324,25 +324,28 @@ LEFT JOIN policy_greylist_clients c ON c.address = v.address
 LEFT JOIN policy_greylist e ON e.key = v.key
 ORDER BY v.i"""
 
-#: New triplets, inserted in key order (hosts inserting overlapping batches take the index
-#: entries' locks in one order: no deadlock); a row another host inserted meanwhile is only
-#: touched and returned as it is stored.
-_MANY_INSERT = """
-INSERT INTO policy_greylist (key, first_seen, last_seen, passed)
-SELECT v.key, v.now, v.now, false
-FROM unnest(%(keys)s::text[], %(nows)s::bigint[]) AS v(key, now) ORDER BY v.key
-ON CONFLICT (key) DO UPDATE SET last_seen = excluded.last_seen
-RETURNING key, first_seen, passed"""
-
-#: First passes: each triplet row still unpassed with the first-seen time read is marked
-#: passed (compare-and-set), then the passing clients are counted in address order, at most one
-#: pass per client and hour; returns the keys that passed. The rows come sorted by key, so the
-#: nested loop that updates a batch's few rows takes their locks in key order; should two
-#: hosts' statements still deadlock, PostgreSQL fails one of them and its sightings are
-#: decided one by one (an explicit ``FOR UPDATE`` in key order first cost a second write of
-#: every row). ``%(awl)s`` false leaves the auto-whitelist alone.
-_MANY_FIRST_PASSES = """
-WITH v AS (
+#: The batch's writes in one statement, so one commit: the new triplets inserted in key order
+#: (a row another host inserted meanwhile is only touched and returned as it is stored), then
+#: the first passes, each triplet row still unpassed with the first-seen time read marked
+#: passed (compare-and-set), then the passing clients counted in address order, at most one
+#: pass per client and hour. Returns ``('n', key, first_seen, passed)`` per inserted or
+#: touched triplet and ``('p', key, NULL, NULL)`` per first pass. The new and the passing
+#: triplets are distinct (a batch holds each triplet once, and a new one had no row), and the
+#: sub-statements run in the order written (the ``UNION ALL`` reads ``inserted`` to its end
+#: before ``passing``; ``counting`` runs last), each over rows sorted by key or address, so
+#: hosts running it on overlapping batches take their row locks in one order; should two
+#: still deadlock, PostgreSQL fails one statement and its sightings are decided one by one.
+#: ``%(awl)s`` false leaves the auto-whitelist alone.
+_MANY_WRITE = """
+WITH n AS (
+  SELECT * FROM unnest(%(new_keys)s::text[], %(new_nows)s::bigint[]) AS n(key, now)
+  ORDER BY key
+), inserted AS (
+  INSERT INTO policy_greylist (key, first_seen, last_seen, passed)
+  SELECT n.key, n.now, n.now, false FROM n ORDER BY n.key
+  ON CONFLICT (key) DO UPDATE SET last_seen = excluded.last_seen
+  RETURNING key, first_seen, passed
+), v AS (
   SELECT * FROM unnest(%(keys)s::text[], %(firsts)s::bigint[], %(nows)s::bigint[],
                        %(addresses)s::text[]) AS v(key, first, now, address) ORDER BY key
 ), passing AS (
@@ -359,7 +362,8 @@ WITH v AS (
                         THEN excluded.last_counted ELSE c.last_counted END,
     last_seen = excluded.last_seen
 )
-SELECT key FROM passing"""
+SELECT 'n', key, first_seen, passed FROM inserted
+UNION ALL SELECT 'p', key, NULL, NULL FROM passing"""
 
 
 class StaleConnection(Exception):
@@ -422,10 +426,11 @@ def greylist_many(conn: Connection, sightings: Sequence[Sighting], *, fail_fast:
     SQLite inside the group commit's transaction (which holds the write lock).
 
     Returns ``(True, GreylistResult)`` or ``(False, exception)`` per sighting, in order. The
-    common cases take three statements for the whole batch, whatever its size: one read of
-    every triplet and client, one insert of the new triplets, one compare-and-set of the first
-    passes (with their auto-whitelist count; a fourth statement on SQLite). On PostgreSQL each
-    commits on its own and holds its row locks only while it runs. Everything else (a triplet
+    common cases take two statements for the whole batch on PostgreSQL, whatever its size: one
+    read of every triplet and client, then one write (:data:`_MANY_WRITE`: the insert of the
+    new triplets, the compare-and-set of the first passes and their auto-whitelist count),
+    each committing on its own and holding its row locks only while it runs. SQLite, inside
+    the group commit's transaction, takes the read and up to three writes. Everything else (a triplet
     or client seen twice in the batch, a whitelisted client, a triplet inside its delay or
     already passed, a late retry, a row another host changed between the read and the write,
     a statement that failed) is decided afterwards one sighting at a time by
@@ -471,32 +476,23 @@ def greylist_many(conn: Connection, sightings: Sequence[Sighting], *, fail_fast:
                     passing.append((n, int(first)))
                 else:
                     later.append(n)
-    if new:
-        cursor = dbapi.cursor()
+    if new or passing:
         try:
-            stored = many.insert(cursor, [sightings[n][0] for n in new],
-                                 [seconds[n] for n in new])
+            stored, passed_keys = many.write(
+                dbapi.cursor(), [sightings[n][0] for n in new], [seconds[n] for n in new],
+                [sightings[n][0] for n, _ in passing], [first for _, first in passing],
+                [seconds[n] for n, _ in passing], [sightings[n][1] for n, _ in passing],
+                bool(timing.awl_passes))
         except Exception:
             if fail_fast or _connection_lost(conn):
                 raise
-            stored = {}
+            stored, passed_keys = {}, set()
         for n in new:
             row = stored.get(sightings[n][0])
             if row is not None and row == (seconds[n], False):
                 results[n] = (True, GreylistResult("greylisted", timing.delay))
             else:
                 later.append(n)  # inserted elsewhere meanwhile (or failed): decide alone
-    if passing:
-        cursor = dbapi.cursor()
-        try:
-            passed_keys = many.first_passes(
-                cursor, [sightings[n][0] for n, _ in passing], [first for _, first in passing],
-                [seconds[n] for n, _ in passing], [sightings[n][1] for n, _ in passing],
-                bool(timing.awl_passes))
-        except Exception:
-            if fail_fast or _connection_lost(conn):
-                raise
-            passed_keys = set()
         for n, first in passing:
             if sightings[n][0] in passed_keys:
                 results[n] = (True, GreylistResult("passed", seconds[n] - first,
@@ -553,7 +549,7 @@ ON CONFLICT (address) DO UPDATE SET
 
 
 class _ManyStatements:
-    """The three steps of :func:`greylist_many` in one dialect's SQL."""
+    """The read and the writes of :func:`greylist_many` in one dialect's SQL."""
 
     def __init__(self, sqlite: bool) -> None:
         self.sqlite = sqlite
@@ -582,28 +578,44 @@ class _ManyStatements:
                        {"addresses": self._rows(addresses), "keys": self._rows(keys)})
         return list(cursor.fetchall())
 
-    def insert(self, cursor: Any, keys: list[str], nows: list[int]
-               ) -> dict[str, tuple[int, bool]]:
-        self._execute(cursor, _SQLITE_INSERT if self.sqlite else _MANY_INSERT,
-                       {"keys": self._rows(keys), "nows": self._rows(nows)})
-        return {key: (int(first), bool(passed)) for key, first, passed in cursor.fetchall()}
-
-    def first_passes(self, cursor: Any, keys: list[str], firsts: list[int], nows: list[int],
-                     addresses: list[str], awl: bool) -> set[str]:
+    def write(self, cursor: Any, new_keys: list[str], new_nows: list[int], keys: list[str],
+              firsts: list[int], nows: list[int], addresses: list[str], awl: bool
+              ) -> tuple[dict[str, tuple[int, bool]], set[str]]:
+        """Insert the new triplets and mark the first passes: ``(stored, passed)``, the stored
+        ``(first_seen, passed)`` of each new triplet and the keys that passed. On PostgreSQL one
+        statement (one commit, see :data:`_MANY_WRITE`); on SQLite two to three, inside the
+        group commit's transaction."""
         if not self.sqlite:
-            self._execute(cursor, _MANY_FIRST_PASSES, {"keys": keys, "firsts": firsts, "nows": nows,
-                                                "addresses": addresses, "awl": awl})
-            return {row[0] for row in cursor.fetchall()}
-        cursor.execute(_SQLITE_FIRST_PASSES, {"keys": self._rows(keys),
-                                              "firsts": self._rows(firsts),
-                                              "nows": self._rows(nows)})
+            self._execute(cursor, _MANY_WRITE, {
+                "new_keys": new_keys, "new_nows": new_nows, "keys": keys, "firsts": firsts,
+                "nows": nows, "addresses": addresses, "awl": awl})
+            stored: dict[str, tuple[int, bool]] = {}
+            passed: set[str] = set()
+            for kind, key, first, was_passed in cursor.fetchall():
+                if kind == "n":
+                    stored[key] = (int(first), bool(was_passed))
+                else:
+                    passed.add(key)
+            return stored, passed
+        if new_keys:
+            self._execute(cursor, _SQLITE_INSERT,
+                          {"keys": self._rows(new_keys), "nows": self._rows(new_nows)})
+            stored = {key: (int(first), bool(was_passed))
+                      for key, first, was_passed in cursor.fetchall()}
+        else:
+            stored = {}
+        if not keys:
+            return stored, set()
+        self._execute(cursor, _SQLITE_FIRST_PASSES, {"keys": self._rows(keys),
+                                                     "firsts": self._rows(firsts),
+                                                     "nows": self._rows(nows)})
         passed = {row[0] for row in cursor.fetchall()}
         if awl and passed:
             counted = [n for n, key in enumerate(keys) if key in passed]
-            cursor.execute(_SQLITE_COUNT, {
+            self._execute(cursor, _SQLITE_COUNT, {
                 "addresses": self._rows([addresses[n] for n in counted]),
                 "nows": self._rows([nows[n] for n in counted])})
-        return passed
+        return stored, passed
 
 
 _MANY = {"sqlite": _ManyStatements(sqlite=True), "postgresql": _ManyStatements(sqlite=False)}
