@@ -454,7 +454,7 @@ class LMTPServer(Protocol):
         self._spool = None
         self._envelope = None
         self._xforward = {}  # XFORWARD holds for one transaction
-        self.service.metrics.stage("data").observe(time.monotonic() - self._data_started)
+        self.service.metrics.duration["data"].observe(time.monotonic() - self._data_started)
         if self._too_big:
             self._send(*self.service.too_big(envelope))
             return

@@ -151,14 +151,14 @@ class DeliveryService:
             d.addCallback(self._remember, snap, path)
 
         def resolved(result: tuple[Target, ...] | Rejection) -> Any:
-            self.metrics.stage("resolve").observe(time.monotonic() - started)
+            self.metrics.duration["resolve"].observe(time.monotonic() - started)
             if isinstance(result, Rejection):
-                self.metrics.recipient(result.result).inc()
+                self.metrics.recipients[result.result].inc()
                 return result.reply
             recipient = Recipient(path, original, result)
             limited = [t for t in result if t.quota_bytes > 0]
             if declared_size is None or not limited:
-                self.metrics.recipient("accepted").inc()
+                self.metrics.recipients["accepted"].inc()
                 return recipient
             return self.disk.run(self._rcpt_quota, snap, recipient, limited, declared_size)
 
@@ -167,7 +167,7 @@ class DeliveryService:
                 log.warn("recipient lookup timed out after {timeout}s", timeout=self.db.timeout)
             else:
                 log.failure("recipient lookup failed", failure)
-            self.metrics.recipient("temp_error").inc()
+            self.metrics.recipients["temp_error"].inc()
             return Reply(451, "4.3.0", f"<{path}> Temporary lookup failure, try again later")
 
         d.addCallback(resolved)
@@ -194,10 +194,10 @@ class DeliveryService:
             except OSError:
                 continue  # decide after DATA
             if not check.fits(size):
-                self.metrics.quota_rejections.labels("rcpt").inc()
-                self.metrics.recipient("over_quota").inc()
+                self.metrics.quota_rejections["rcpt"].inc()
+                self.metrics.recipients["over_quota"].inc()
                 return quota_reply(snap, recipient.path)
-        self.metrics.recipient("accepted").inc()
+        self.metrics.recipients["accepted"].inc()
         return recipient
 
 
@@ -212,12 +212,12 @@ class DeliveryService:
         d = self.disk.run(self._deliver_then_close, snap, envelope, body)
 
         def done(replies: list[Reply]) -> list[Reply]:
-            self.metrics.stage("write").observe(time.monotonic() - started)
+            self.metrics.duration["write"].observe(time.monotonic() - started)
             return replies
 
         def failed(failure: Failure) -> list[Reply]:
             log.failure("delivery failed", failure)
-            self.metrics.recipient("io_error").inc(len(envelope.recipients))
+            self.metrics.recipients["io_error"].inc(len(envelope.recipients))
             error: BaseException = failure.value or Exception()
             return [reply_for_error(error, r.path)[0] for r in envelope.recipients]
 
@@ -239,14 +239,14 @@ class DeliveryService:
             body.close()
 
     def too_big(self, envelope: Envelope) -> list[Reply]:
-        self.metrics.recipient("too_big").inc(len(envelope.recipients))
+        self.metrics.recipients["too_big"].inc(len(envelope.recipients))
         return [Reply(552, "5.3.4", f"<{r.path}> Message too big") for r in envelope.recipients]
 
     def spool_failed(self, envelope: Envelope, error: BaseException) -> list[Reply]:
         log.error("cannot spool message: {error}", error=str(error))
         results = [reply_for_error(error, r.path) for r in envelope.recipients]
         for _reply, result in results:
-            self.metrics.recipient(result).inc()
+            self.metrics.recipients[result].inc()
         return [reply for reply, _ in results]
 
 

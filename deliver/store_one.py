@@ -101,13 +101,13 @@ def store(snap: Snapshot, metrics: DeliverMetrics, envelope: Envelope, body: Bod
                     log.info("{path}: queue ID {ident} already saved in {maildir}: a redelivery "
                              "after a lost reply, not saved again", path=recipient.path,
                              ident=envelope.ident, maildir=target.maildir)
-                    metrics.recipient("redelivery").inc()
+                    metrics.recipients["redelivery"].inc()
                     outcome.append(None)
                     continue
                 if target.quota_bytes > 0:
                     check = snap.quota.check(target.maildir, target.quota_bytes, size)
                     if not check.fits(size):
-                        metrics.quota_rejections.labels("data").inc()
+                        metrics.quota_rejections["data"].inc()
                         outcome.append((quota_reply(snap, recipient.path), "over_quota"))
                         continue
             except OSError as exc:
@@ -157,11 +157,11 @@ def store(snap: Snapshot, metrics: DeliverMetrics, envelope: Envelope, body: Bod
                 log.warn("{path}: saved for {ok} of {total} mailboxes: {reason}",
                          path=recipient.path, ok=len(outcome) - len(bad), total=len(outcome),
                          reason=bad[0][0].text)
-            metrics.recipient("delivered").inc()
+            metrics.recipients["delivered"].inc()
             replies.append(Reply(250, "2.0.0", f"<{recipient.path}> {envelope.id} Saved"))
             continue
         reply, result = (temporary or bad)[0]
-        metrics.recipient(result).inc()
+        metrics.recipients[result].inc()
         replies.append(reply)
     return replies
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_runner -*-
+# -*- test-case-name: tests.unit.test_metrics, tests.unit.test_runner -*-
 """Prometheus metrics: one registry per daemon, served at ``/metrics`` on its own endpoint.
 
 With several workers (:mod:`mailplugins.workers`) each worker keeps its own registry, as a
@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,6 +27,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
@@ -42,6 +43,34 @@ GAUGE_MODES: dict[str, Callable[[Iterable[float]], float]] = {"sum": sum, "min":
 
 #: Families a worker does not export: the supervisor reports the workers' process totals itself.
 _LOCAL_ONLY = ("process_", "python_")
+
+#: A labelled metric's class (Counter, Gauge, Histogram, ...): its children are of the same class.
+_M = TypeVar("_M", bound=MetricWrapperBase)
+
+
+class LabelCache(dict[str | tuple[str, ...], _M]):
+    """A labelled metric's children, each asked of ``labels()`` once: ``cache[value].inc()``.
+
+    prometheus-client's ``labels()`` validates the values and takes a lock on every call (about
+    1 µs), and the daemons update labelled metrics several times per request or message. Here a
+    hit is one dictionary lookup done in C, with no Python frame; a miss (``__missing__``) calls
+    ``labels()`` and keeps the child, which lives as long as its metric. The key is the value
+    for a metric with one label (``cache["accepted"]``), the tuple of values for several
+    (``cache["incoming", "pass"]``). Every key is kept, so only for label values from small
+    fixed sets (results, stages, directions), never addresses or domains. ``metric`` is the
+    metric itself.
+    """
+
+    __slots__ = ("metric",)
+
+    def __init__(self, metric: _M) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def __missing__(self, key: str | tuple[str, ...]) -> _M:
+        child = self.metric.labels(key) if isinstance(key, str) else self.metric.labels(*key)
+        self[key] = child
+        return child
 
 
 class DaemonMetrics:

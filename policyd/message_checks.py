@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from prometheus_client import Counter
 from sqlalchemy import Engine
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -39,7 +40,7 @@ from twisted.logger import Logger
 from mailplugins.config import Config
 from mailplugins.config.policy_state import GreylistConfig, RateLimitConfig, SPFConfig
 from mailplugins.daemon import Runtime
-from mailplugins.metrics import DaemonMetrics
+from mailplugins.metrics import DaemonMetrics, LabelCache
 from mailplugins.threads import RunInPool, WorkerPool
 from mailplugins.timers import Periodic
 from policyd.batch import batching_runner
@@ -342,14 +343,10 @@ def _metrics(checks: StatefulChecks, metrics: DaemonMetrics) -> None:
         ("greylist", "greylist_decisions_total", "Greylisting decisions.", "outcome"),
         ("spf", "spf_results_total", "SPF results.", "result"),
     ):
-        counter = metrics.counter(name, doc, [label])
-        children: dict[str, Any] = {}
+        children = LabelCache(metrics.counter(name, doc, [label]))
 
-        def observe(outcome: str, counter: Any = counter, children: dict[str, Any] = children) -> None:
-            child = children.get(outcome)
-            if child is None:
-                child = children[outcome] = counter.labels(outcome)
-            child.inc()
+        def observe(outcome: str, children: LabelCache[Counter] = children) -> None:
+            children[outcome].inc()
 
         checks.observe(check, observe)
 

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailplugins.config.policyd import PolicydConfig
-from mailplugins.metrics import DaemonMetrics
+from mailplugins.metrics import DaemonMetrics, LabelCache
 from mailplugins.records import StoreError
 from policyd.actions import DUNNO, state_label, verb
 from policyd.codec import PolicyRequest
@@ -42,27 +42,22 @@ class PolicyMetrics:
     """The service's own metrics; label children are cached (this is the hot path)."""
 
     def __init__(self, metrics: DaemonMetrics) -> None:
-        self.requests = metrics.counter(
+        self.requests = LabelCache(metrics.counter(
             "requests_total", "Policy requests answered.", ["protocol_state", "action"]
-        )
+        ))
         self.duration = metrics.histogram(
             "request_duration_seconds", "Time from a complete request to its answer."
         )
-        self.fallbacks = metrics.counter(
+        self.fallbacks = LabelCache(metrics.counter(
             "fallback_total", "Requests answered with the fallback action.", ["reason"]
-        )
-        self._children: dict[tuple[str, str], Any] = {}
+        ))
 
     def answered(self, state: str, action: str, seconds: float) -> None:
-        key = (state_label(state), verb(action))
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.requests.labels(*key)
-        child.inc()
+        self.requests[state_label(state), verb(action)].inc()
         self.duration.observe(seconds)
 
     def fallback(self, reason: str) -> None:
-        self.fallbacks.labels(reason).inc()
+        self.fallbacks[reason].inc()
 
 
 @dataclass(frozen=True)

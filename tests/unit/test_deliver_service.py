@@ -210,8 +210,8 @@ def test_metrics_count_results(make: Any) -> None:
     service, _ = make()
     deliver(service, ["alice@example.org"], b"m\n")
     rcpt(service, "nobody@example.org")
-    assert service.metrics.recipients.labels("delivered")._value.get() == 1
-    assert service.metrics.recipients.labels("unknown")._value.get() == 1
+    assert service.metrics.recipients["delivered"]._value.get() == 1
+    assert service.metrics.recipients["unknown"]._value.get() == 1
     assert service.metrics.bytes_written._value.get() > 0
 
 
@@ -371,7 +371,7 @@ def test_a_retry_of_a_saved_queue_id_is_answered_250_and_not_saved_twice(make: A
     # Postfix lost the 250 (deliver was killed, or its data_done timeout hit) and retries.
     assert [r.code for r in deliver_with_ident(service, ["team@example.org"], b"m\n", "4Abc")] == [250]
     assert len(saved(tmp_path, "alice")) == len(saved(tmp_path, "bob")) == 1
-    assert service.metrics.recipients.labels("redelivery")._value.get() == 2
+    assert service.metrics.recipients["redelivery"]._value.get() == 2
     # Dovecot moved it to cur/ with flags: still recognised.
     (only,) = saved(tmp_path, "alice")
     only.rename(maildir(tmp_path, "alice") / "cur" / (only.name + ":2,S"))
