@@ -222,6 +222,20 @@ def test_a_failing_sighting_fails_alone(two: tuple[Engine, Engine]) -> None:
     assert [key for key, *_ in rows(pg)[0]] == ["good1", "good2"]
 
 
+def test_a_value_holding_a_comma_cannot_shift_the_rows(pg: Engine) -> None:
+    """PostgreSQL's batch statements take each column as one comma-separated text: a client
+    holding a comma (never one policyd sends) would split in two and shift every row after
+    it, so the batch refuses it, and the sightings are decided one by one, right."""
+    sightings = [("k1", "c1", float(T0), TIMING), ("k2", "c,2", float(T0), TIMING),
+                 ("k3", "c3", float(T0), TIMING)]
+    got = many(pg, sightings)
+    assert [label(r) for _, r in got] == [("greylisted", 300, False)] * 3
+    retries = [(key, client, now + 301, t) for key, client, now, t in sightings]
+    assert [label(r) for _, r in many(pg, retries)] == [("passed", 301, True)] * 3
+    assert [(address, passes) for address, passes, *_ in rows(pg)[1]] == [
+        ("c,2", 1), ("c1", 1), ("c3", 1)]
+
+
 def test_checks_wait_for_a_batch_and_see_it_committed(pg: Engine) -> None:
     """At most ``max_running`` batches run at once (two here, each on its own connection);
     checks that arrive meanwhile go together in the next.
