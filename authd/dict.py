@@ -284,7 +284,7 @@ class DictProtocol(Protocol):
             ok = changes is not None
             if changes:
                 self._apply(changes)
-            self.factory.metrics.dict_requests.labels("commit", "ok" if ok else "error").inc()
+            self.factory.metrics.dict_requests["commit", "ok" if ok else "error"].inc()
             slot.data = codec.commit_reply(command.tid, ok, "" if ok else "unknown transaction")
             self._flush()
 
@@ -325,13 +325,13 @@ class DictProtocol(Protocol):
             else:
                 slot.data = codec.iterate_rows(value)
                 result = "ok"
-            self.factory.metrics.dict_requests.labels(command, result).inc()
+            self.factory.metrics.dict_requests[command, result].inc()
             self._flush()
 
         def failed(failure: Failure) -> None:
             log.error("dict {command} failed: {error}", command=command,
                       error=failure.getErrorMessage())
-            self.factory.metrics.dict_requests.labels(command, "error").inc()
+            self.factory.metrics.dict_requests[command, "error"].inc()
             slot.data = codec.failed("mailplugins database unavailable")
             self._flush()
 
@@ -362,7 +362,7 @@ class DictProtocol(Protocol):
             self.transport.loseConnection()
 
     def _drop(self, reason: str) -> None:
-        self.factory.metrics.protocol_errors.labels("dict").inc()
+        self.factory.metrics.protocol_errors["dict"].inc()
         log.warn("dropping dict connection: {reason}", reason=reason)
         self._closed = True
         self._deadline.stop()

@@ -83,7 +83,7 @@ class AuthClientProtocol(Protocol):
     def _too_slow(self) -> None:
         if self._closed:
             return
-        self.factory.metrics.protocol_errors.labels("sasl").inc()
+        self.factory.metrics.protocol_errors["sasl"].inc()
         log.warn("dropping auth-client connection from {peer}: line not complete {seconds}s "
                  "after its first byte", peer=self.transport.getPeer(),
                  seconds=self.factory.config.line_timeout)
@@ -128,7 +128,7 @@ class AuthClientProtocol(Protocol):
             log.warn("closing auth-client connection from {peer}: {reason}",
                      peer=peer, reason=drop.reason)
         else:
-            self.factory.metrics.protocol_errors.labels("sasl").inc()
+            self.factory.metrics.protocol_errors["sasl"].inc()
             log.warn("dropping auth-client connection from {peer}: {reason}",
                      peer=peer, reason=drop.reason)
         self._closed = True

@@ -33,6 +33,7 @@ from authd import failures
 from authd.failures import ClearLogin, RecordFailure, SharedWrite
 from mailplugins.database import Database
 from mailplugins.db.engine import make_engine
+from mailplugins.metrics import LabelCache
 from mailplugins.threads import WorkerPool
 
 log = Logger()
@@ -48,7 +49,7 @@ class SharedWrites:
         self,
         run: Callable[..., Deferred[Any]],
         engine: Engine,
-        written: Counter,
+        written: LabelCache[Counter],
         limit: int = BACKLOG_LIMIT,
         pool: WorkerPool | None = None,
     ) -> None:
@@ -78,7 +79,7 @@ class SharedWrites:
 
     def _add(self, write: SharedWrite) -> None:
         if len(self._backlog) >= self.limit:
-            self._counter.labels("dropped").inc()
+            self._counter["dropped"].inc()
             return
         self._backlog.append(write)
         if self._in_flight is None:
@@ -90,10 +91,10 @@ class SharedWrites:
         self._in_flight = work
 
         def written(_: object) -> None:
-            self._counter.labels("written").inc(len(batch))
+            self._counter["written"].inc(len(batch))
 
         def failed(failure: Failure) -> None:
-            self._counter.labels("failed").inc(len(batch))
+            self._counter["failed"].inc(len(batch))
             log.warn("shared failure counter writes failed ({count}): {error}", count=len(batch),
                      error=failure.type.__name__ if failure.type else "error")
 
@@ -106,7 +107,9 @@ class SharedWrites:
         work.addBoth(next_batch)
 
 
-def shared_writes_for(reactor: Any, database: Database, written: Counter) -> SharedWrites:
+def shared_writes_for(
+    reactor: Any, database: Database, written: LabelCache[Counter]
+) -> SharedWrites:
     """The daemon's writer: one thread, and one connection of its own. An in-memory SQLite
     database (tests only) is one connection that one thread at a time may use: there the writer
     batches through the database pool."""

@@ -223,9 +223,9 @@ class Verifier:
             label = {Outcome.OK: "success", Outcome.TEMPFAIL: "tempfail"}.get(
                 verdict.outcome, "failure"
             )
-            self.metrics.auth_requests.labels(request.mechanism, label).inc()
+            self.metrics.auth_requests[request.mechanism, label].inc()
             elapsed = self.clock.seconds() - start - delayed[0]
-            self.metrics.auth_duration.labels(request.mechanism, label).observe(max(elapsed, 0.0))
+            self.metrics.auth_duration[request.mechanism, label].observe(max(elapsed, 0.0))
             result.callback(verdict)
 
         def too_slow() -> None:
@@ -405,10 +405,10 @@ class Verifier:
         cache_key = state.cache.key(mailbox, request.password)
         entry = state.cache.get(cache_key, now)
         if entry is not None and self._still_valid(entry.app_password_id, apps, request.service):
-            self.metrics.cache.labels("hit").inc()
+            self.metrics.cache["hit"].inc()
             match: _Match | None = _Match(entry.app_password_id)
         else:
-            self.metrics.cache.labels("miss").inc()
+            self.metrics.cache["miss"].inc()
             try:
                 match = yield self._cpu_run(self._hash_work, request, mailbox, apps,
                                            state.config.hash_niceness, state.passwords)
@@ -485,7 +485,7 @@ class Verifier:
         except HashError as exc:
             log.warn("unusable stored hash ({error})", error=str(exc))
             ok = False
-        self.metrics.verify_duration.labels(scheme).observe(time.perf_counter() - started)
+        self.metrics.verify_duration[scheme].observe(time.perf_counter() - started)
         return ok, scheme
 
     def _hash_work(
@@ -499,7 +499,7 @@ class Verifier:
             scheme = split_scheme(mailbox.password)[0]
             started = time.perf_counter()
             verification = verify_password(request.password, mailbox.password, passwords)
-            self.metrics.verify_duration.labels(scheme).observe(time.perf_counter() - started)
+            self.metrics.verify_duration[scheme].observe(time.perf_counter() - started)
             if verification.ok:
                 return _Match(None, verification.new_hash, verification.scheme)
         except HashError as exc:
@@ -536,7 +536,7 @@ class Verifier:
 
         def done(replaced: bool) -> None:
             if replaced:
-                self.metrics.rehashes.labels(match.scheme).inc()
+                self.metrics.rehashes[match.scheme].inc()
 
         def failed(failure: Failure) -> None:
             log.warn("recording the login failed: {error}", error=failure.getErrorMessage())

@@ -41,10 +41,11 @@ class Rig:
         self.pending: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
         self.hold = False
         self.clock = Clock()
+        self.metrics = DaemonMetrics("authd")
         assert self.config.authd is not None
         self.factory = DictFactory(
             backend=self.backend, db_run=self.db_run, timeout=2.0, clock=self.clock,
-            config=self.config.authd, metrics=AuthdMetrics(DaemonMetrics("authd")),
+            config=self.config.authd, metrics=AuthdMetrics(self.metrics),
         )
         self.protocol = self.factory.buildProtocol(None)
         self.transport = StringTransport()
@@ -56,6 +57,10 @@ class Rig:
         d: Deferred[Any] = Deferred()
         self.pending.append((d, fn, args))
         return d
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(f"mailplugins_authd_{name}", labels)
+        return value or 0.0
 
     def send(self, data: bytes) -> bytes:
         self.transport.clear()
@@ -132,6 +137,9 @@ def test_replies_stay_in_order() -> None:
     assert lines[0] == b"N"
     assert lines[1].startswith(b'O{"password"')
     assert lines[2] == b"O1"
+    assert rig.metric("dict_requests_total", command="lookup", result="not_found") == 1
+    assert rig.metric("dict_requests_total", command="lookup", result="found") == 1
+    assert rig.metric("dict_requests_total", command="commit", result="ok") == 1
 
 
 def test_iterate_lists_enabled_users() -> None:
@@ -144,6 +152,7 @@ def test_iterate_lists_enabled_users() -> None:
     assert lines[-2:] == [b"", b""]
     reply = rig.send(b"I8\t1\tshared/userdb/\t*\n")
     assert reply == b"Oshared/userdb/alice@example.org\t\n\n"
+    assert rig.metric("dict_requests_total", command="iterate", result="ok") == 2
 
 
 def test_database_failure_answers_f() -> None:
@@ -155,6 +164,7 @@ def test_database_failure_answers_f() -> None:
     rig.factory.backend.lookup = broken  # type: ignore[method-assign,assignment]
     assert rig.send(HELLO + b"Lshared/passdb/alice@example.org\tx\n").startswith(b"F")
     assert not rig.transport.disconnecting
+    assert rig.metric("dict_requests_total", command="lookup", result="error") == 1
 
 
 def test_slow_database_answers_f_after_timeout() -> None:
@@ -170,6 +180,8 @@ def test_transactions() -> None:
     reply = rig.send(HELLO + b"B1\talice@example.org\nS1\tshared/last-login/a\t1\nU1\tk\nC1\n"
                      b"B2\tx\nR2\nC9\n")
     assert reply == b"O1\nF9\tunknown transaction\n"
+    assert rig.metric("dict_requests_total", command="commit", result="ok") == 1
+    assert rig.metric("dict_requests_total", command="commit", result="error") == 1
 
 
 def test_last_login_plugin_transactions_record_the_login() -> None:
@@ -188,9 +200,11 @@ def test_protocol_errors_drop() -> None:
     rig = Rig()
     rig.send(b"Lshared/passdb/alice@example.org\n")
     assert rig.transport.disconnecting
+    assert rig.metric("protocol_errors_total", protocol="dict") == 1
     rig = Rig()
     rig.send(HELLO + b"S5\tkey\tvalue\n")
     assert rig.transport.disconnecting
+    assert rig.metric("protocol_errors_total", protocol="dict") == 1
 
 
 def test_split_key() -> None:

@@ -97,6 +97,7 @@ def test_good_password(rig: Rig) -> None:
     assert verdict == Verdict(Outcome.OK, "alice@example.org")
     assert took < 0.5
     assert rig.metric("auth_requests_total", mechanism="plain", result="success") == 1
+    assert rig.metric("auth_duration_seconds_count", mechanism="plain", result="success") == 1
 
 
 def test_login_is_case_insensitive_and_canonical(rig: Rig) -> None:
