@@ -98,8 +98,17 @@ class WorkerSlots:
         with open(path, "wb") as f:
             f.write(bytes(8 * workers))
 
+    @property
+    def workers(self) -> int:
+        return self._count
+
     def set(self, value: int) -> None:
         struct.pack_into("<q", self._map, self._offset, value)
+
+    def own(self) -> int:
+        """This worker's open count, as published."""
+        value: int = struct.unpack_from("<q", self._map, self._offset)[0]
+        return value
 
     def total(self) -> int:
         return sum(struct.unpack_from(f"<{self._count}q", self._map))
@@ -109,10 +118,12 @@ class WorkerSlots:
 _slots: WorkerSlots | None = None
 
 
-def share_between_workers(path: str, index: int) -> None:
-    """Called once in a worker before its daemon is built (see :mod:`mailplugins.runner`)."""
+def share_between_workers(path: str, index: int) -> WorkerSlots:
+    """Called once in a worker before its daemon is built (see :mod:`mailplugins.runner`); the
+    slots also tell the worker's listening ports its share (:mod:`mailplugins.balance`)."""
     global _slots
     _slots = WorkerSlots(path, index)
+    return _slots
 
 
 class ConnectionLimit:

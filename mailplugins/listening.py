@@ -3,7 +3,8 @@
 
 With ``workers: N`` the supervisor (:mod:`mailplugins.workers`) binds every listener itself
 and passes the descriptors on; each worker adopts them (``reactor.adoptStreamPort``), so the
-kernel hands each new connection to one of the workers. Endpoint strings are read by Twisted's
+kernel hands each new connection to one of the workers (a burst split between them by
+:mod:`mailplugins.balance`). Endpoint strings are read by Twisted's
 own parsers, exactly as in a single process: a :class:`_Capture` stands in for the reactor and
 records what ``listen()`` asked for (``listenTCP``/``listenSSL``/``listenUNIX``, or
 ``adoptStreamPort`` for ``systemd:`` descriptors), and we make the socket from that record.
@@ -21,6 +22,8 @@ from twisted.internet import tcp, unix
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+
+from mailplugins.balance import Balance
 
 #: Environment of a worker: ``<listener key>=<fd>`` pairs, comma-separated.
 FDS_ENV = "MAILPLUGINS_WORKER_FDS"
@@ -134,8 +137,14 @@ def decode_fds(text: str) -> dict[str, int]:
     return fds
 
 
-def adopt(reactor: Any, fd: int, description: str, factory: IProtocolFactory) -> IListeningPort:
+def adopt(
+    reactor: Any, fd: int, description: str, factory: IProtocolFactory, balance: Balance | None = None
+) -> IListeningPort:
     """Serve ``factory`` on the inherited listening socket ``fd`` (a worker's side).
+
+    With ``balance`` (a worker of a daemon with several) the port accepts one connection at a
+    time and leaves the socket to the other workers while this one holds more than its share
+    (:mod:`mailplugins.balance`).
 
     TLS endpoints (``ssl:``) get the same TLS wrapper Twisted's ``listenSSL`` would put around
     the factory, built from the endpoint string's own certificate options. Twisted's port
@@ -158,7 +167,8 @@ def adopt(reactor: Any, fd: int, description: str, factory: IProtocolFactory) ->
         if isinstance(name, str) and name and not name.startswith("\0"):
             port.mode = stat.S_IMODE(os.stat(name).st_mode)
     else:
-        port = tcp.Port._fromListeningDescriptor(reactor, fd, family, factory)
+        port = _AdoptedPort._fromListeningDescriptor(reactor, fd, family, factory)
+    port.balance = balance
     # Twisted's port calls listen() again: keep the endpoint's backlog, and for a socket
     # systemd made, systemd's default (SOMAXCONN) rather than Twisted's 50.
     port.backlog = request.backlog if request is not None else socket.SOMAXCONN
@@ -166,7 +176,22 @@ def adopt(reactor: Any, fd: int, description: str, factory: IProtocolFactory) ->
     return cast(IListeningPort, port)
 
 
-class _SharedUnixPort(unix.Port):
+class _AdoptedPort(tcp.Port):
+    """An adopted socket, shared with the daemon's other workers when ``balance`` is set."""
+
+    balance: Balance | None = None
+
+    def doRead(self) -> Any:
+        if self.balance is None:
+            return super().doRead()
+        # Twisted raises numberAccepts after each read that accepted as many as it allowed.
+        self.numberAccepts = self.balance.accepts_per_read
+        result = super().doRead()
+        self.balance.after_read(self)
+        return result
+
+
+class _SharedUnixPort(unix.Port, _AdoptedPort):
     """An adopted unix socket whose path belongs to the supervisor.
 
     Twisted's unix port unlinks its path when it stops listening, adopted or not; a worker

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailplugins import sdnotify
+from mailplugins.balance import Balance
 from mailplugins.config import Config, ConfigError, load_config
 from mailplugins.daemon import Listener, RunningDaemon, Runtime, daemon_names, load_daemon
 from mailplugins.database import Database
@@ -222,6 +223,8 @@ class Runner:
         self.ports: list[Any] = []
         self.db: Database | None = None
         self.cpu: WorkerPool | None = None
+        #: A worker of a daemon with several: its share of a burst of connections.
+        self.balance: Balance | None = None
         self.exit_status = 0
 
     def check_schema(self, db: Database) -> None:
@@ -241,7 +244,9 @@ class Runner:
             from mailplugins.connections import share_between_workers
             from mailplugins.workers import SLOTS_FILE
 
-            share_between_workers(os.path.join(self.role.shared_dir, SLOTS_FILE), self.role.index)
+            slots = share_between_workers(os.path.join(self.role.shared_dir, SLOTS_FILE), self.role.index)
+            if slots.workers > 1:
+                self.balance = Balance(self.reactor, slots)
         self.db = Database(self.reactor, self.config.database)
         self.check_schema(self.db)
         self.cpu = WorkerPool(self.reactor, "cpu", max(2, os.cpu_count() or 2))
@@ -310,13 +315,16 @@ class Runner:
                 log.warn("cannot write the metrics snapshot: {error}", error=exc.strerror)
 
     def adopt_all(self, role: WorkerRole, listeners: list[Listener]) -> None:
-        """A worker serves on the sockets its supervisor made (one per listener key)."""
+        """A worker serves on the sockets its supervisor made (one per listener key), taking
+        its share of each burst of connections when the daemon has other workers."""
         for listener in listeners:
             fd = role.fds.get(listener.key)
             if fd is None:
                 raise StartupError(f"{listener.key}: the supervisor passed no socket for it")
             try:
-                self.ports.append(adopt(self.reactor, fd, listener.endpoint, listener.factory))
+                self.ports.append(
+                    adopt(self.reactor, fd, listener.endpoint, listener.factory, self.balance)
+                )
             except Exception:
                 raise StartupError(_describe_failure(listener, Failure())) from None
 
