@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 
-from mailplugins.balance import PAUSE, Balance
+from mailplugins.balance import PAUSE, TICK, Balance
 from mailplugins.connections import WorkerSlots
 from mailplugins.listening import adopt, bind, listen_request
 from tests.rig import Daemons, free_port, short_tempdir, wait_until
@@ -64,6 +64,36 @@ def test_a_worker_over_its_share_pauses_then_reads_again(tmp_path: Path) -> None
     assert not port.reading
     clock.advance(0.001)
     assert port.reading and not clock.getDelayedCalls()
+
+
+def test_a_worker_back_within_its_share_reads_again_before_the_pause_ends(
+        tmp_path: Path) -> None:
+    """Short connections swing the counts past the share all the time: a paused worker
+    listens again a tick after its own connections closed or the others took new ones, not
+    a whole pause later (with the full pause each, the workers took turns not accepting and
+    the churn of connections fell to a third)."""
+    clock = Clock()
+    mine, other = worker_slots(tmp_path, 2)
+    balance = Balance(clock, mine)
+    port = FakePort()
+    mine.set(12)
+    other.set(8)
+    balance.after_read(port)
+    assert not port.reading
+    clock.advance(TICK)
+    assert not port.reading  # still over its share: looks again a tick later
+    mine.set(10)  # two of its connections closed
+    clock.advance(TICK)
+    assert port.reading and not clock.getDelayedCalls()
+    assert clock.seconds() < PAUSE
+    balance.after_read(port)  # 10 of 18: within its share
+    mine.set(12)
+    other.set(0)  # over its share once more; then the other worker takes new ones
+    balance.after_read(port)
+    assert not port.reading
+    other.set(12)
+    clock.advance(TICK)
+    assert port.reading
 
 
 def test_the_pause_ends_even_if_no_other_worker_takes_anything(tmp_path: Path) -> None:
