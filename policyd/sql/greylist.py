@@ -315,9 +315,8 @@ assert GreylistClient.__tablename__ == "policy_greylist_clients"
 assert AWL_INTERVAL == 3600
 
 #: Each batch statement takes its rows as arrays (``unnest`` of ``string_to_array``: see
-#: :meth:`_ManyStatements._rows`), so its text is the same
-#: whatever the batch's size; it is planned anew for each batch all the same
-#: (:meth:`_ManyStatements._execute`).
+#: :meth:`_ManyStatements._rows`), so its text is the same whatever the batch's size; it is
+#: planned anew for each batch all the same (:meth:`_ManyStatements._execute`).
 _MANY_LOOKUP = """
 SELECT c.passes, c.last_seen, e.first_seen, e.passed
 FROM unnest(string_to_array(%(addresses)s, ','), string_to_array(%(keys)s, ','))
@@ -342,7 +341,6 @@ _MANY_WRITE = """
 WITH n AS (
   SELECT * FROM unnest(string_to_array(%(new_keys)s, ','),
                        string_to_array(%(new_nows)s, ',')::bigint[]) AS n(key, now)
-  ORDER BY key
 ), inserted AS (
   INSERT INTO policy_greylist (key, first_seen, last_seen, passed)
   SELECT n.key, n.now, n.now, false FROM n ORDER BY n.key
