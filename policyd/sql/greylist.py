@@ -314,59 +314,19 @@ assert GreylistEntry.__tablename__ == "policy_greylist"
 assert GreylistClient.__tablename__ == "policy_greylist_clients"
 assert AWL_INTERVAL == 3600
 
-#: PostgreSQL decides a batch in one statement, so one round trip and one commit: each
-#: sighting's client and triplet rows are read and classified as :func:`greylist_many` does
-#: (``seen``: NULL for a whitelisted client or any case decided one by one), then the new
-#: triplets are inserted in key order (a row another host inserted meanwhile is only touched
-#: and returned as it is stored), then the first passes marked in key order, each only on a
-#: row still unpassed with the first-seen time read (compare-and-set: PostgreSQL checks the
-#: condition again on a row another host changed since the statement's snapshot), then the
-#: passing clients counted in address order, at most one pass per client and hour.
-#: Returns ``('n', key, first_seen, passed)`` per inserted or touched triplet and
-#: ``('p', key, first_seen, NULL)`` per first pass. The new and the passing triplets are
-#: distinct (a batch holds each triplet once), and the sub-statements run in the order
-#: written (the ``UNION ALL`` reads ``inserted`` to its end before ``passing``; ``counting``
-#: runs last), so hosts running it on overlapping batches take their row locks in one order;
-#: should two still deadlock, PostgreSQL fails the statement and its sightings are decided one
-#: by one. The rows come as one text per column (``string_to_array``: see
-#: :meth:`_PostgresqlMany._rows`), so the text is the same whatever the batch's size; it is
-#: planned anew for each batch all the same (:meth:`_PostgresqlMany.decide`).
+#: PostgreSQL decides a batch in one statement, so one round trip and one commit: the
+#: function (made by migration 0006, where its SQL and its reasons are) reads the batch's
+#: client and triplet rows, sorts each sighting as :func:`greylist_many` does on SQLite,
+#: inserts the new triplets, marks the first passes (compare-and-set) and counts them for the
+#: auto-whitelist, taking row locks in key and then address order. Returns
+#: ``('n', key, first_seen, passed)`` per inserted or touched triplet and
+#: ``('p', key, first_seen, NULL)`` per first pass. The rows come as one text per column
+#: (:meth:`_PostgresqlMany._rows`), so the statement's text and types are the same whatever the
+#: batch's size, and psycopg prepares it: PostgreSQL parses and plans it once per connection.
 _MANY_DECIDE = """
-WITH v AS (
-  SELECT * FROM unnest(string_to_array(%(keys)s, ','), string_to_array(%(addresses)s, ','),
-                       string_to_array(%(nows)s, ',')::bigint[]) AS v(key, address, now)
-), seen AS (
-  SELECT v.key, v.address, v.now, e.first_seen,
-         CASE WHEN %(awl)s > 0 AND c.passes >= %(awl)s AND v.now - c.last_seen <= %(expiry)s
-              THEN NULL
-              WHEN e.key IS NULL THEN 'n'
-              WHEN NOT e.passed AND v.now - e.first_seen BETWEEN %(delay)s AND %(window)s
-              THEN 'p'
-         END AS step
-  FROM v LEFT JOIN policy_greylist_clients c ON c.address = v.address
-         LEFT JOIN policy_greylist e ON e.key = v.key
-), inserted AS (
-  INSERT INTO policy_greylist (key, first_seen, last_seen, passed)
-  SELECT key, now, now, false FROM seen WHERE step = 'n' ORDER BY key
-  ON CONFLICT (key) DO UPDATE SET last_seen = excluded.last_seen
-  RETURNING key, first_seen, passed
-), passing AS (
-  UPDATE policy_greylist e SET passed = true, last_seen = p.now
-  FROM (SELECT * FROM seen WHERE step = 'p' ORDER BY key) AS p
-  WHERE e.key = p.key AND e.first_seen = p.first_seen AND NOT e.passed
-  RETURNING e.key, e.first_seen, p.address, p.now
-), counting AS (
-  INSERT INTO policy_greylist_clients AS c (address, passes, last_counted, last_seen)
-  SELECT address, 1, now, now FROM passing WHERE %(awl)s > 0 ORDER BY address
-  ON CONFLICT (address) DO UPDATE SET
-    passes = CASE WHEN c.last_counted <= excluded.last_counted - 3600
-                  THEN c.passes + 1 ELSE c.passes END,
-    last_counted = CASE WHEN c.last_counted <= excluded.last_counted - 3600
-                        THEN excluded.last_counted ELSE c.last_counted END,
-    last_seen = excluded.last_seen
-)
-SELECT 'n', key, first_seen, passed FROM inserted
-UNION ALL SELECT 'p', key, first_seen, NULL FROM passing"""
+SELECT kind, key, first_seen, passed FROM policy_greylist_decide(
+  %(keys)s::text, %(addresses)s::text, %(nows)s::text, %(awl)s::integer,
+  %(expiry)s::bigint, %(delay)s::bigint, %(window)s::bigint)"""
 
 
 class StaleConnection(Exception):
@@ -623,21 +583,12 @@ class _PostgresqlMany:
                timing: GreylistTiming) -> tuple[dict[str, tuple[int, bool]], dict[str, int]]:
         """``(stored, passed)``: the stored ``(first_seen, passed)`` of each triplet inserted
         (or found inserted by another host), and the first-seen time of each triplet that
-        passed for the first time; the batch's other sightings were left alone.
-
-        Never run as a prepared statement: psycopg prepares a query run five times on a
-        connection, and PostgreSQL then keeps a generic plan for it. Made while the tables
-        were small (a new installation), that plan joins the batch's rows to a whole-table
-        scan, and keeps doing so as the tables grow, until an ANALYZE invalidates it: on the
-        benchmark's fresh database that was most of PostgreSQL's CPU and held policyd to 3,300
-        requests/s instead of 5,600. Planned with each batch's values, the joins go through
-        the primary keys once the tables are large enough; planning a batch costs far less
-        than its commit."""
+        passed for the first time; the batch's other sightings were left alone."""
         rows = self._rows
         cursor.execute(_MANY_DECIDE, {
             "keys": rows(keys), "addresses": rows(addresses), "nows": rows(nows),
             "awl": timing.awl_passes, "expiry": timing.expiry, "delay": timing.delay,
-            "window": timing.retry_window}, prepare=False)
+            "window": timing.retry_window}, prepare=True)
         stored: dict[str, tuple[int, bool]] = {}
         passed: dict[str, int] = {}
         for kind, key, first, was_passed in cursor.fetchall():
