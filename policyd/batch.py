@@ -292,23 +292,24 @@ class GroupCommit:
 
 
 class GreylistBatches(GroupCommit):
-    """PostgreSQL: the greylisting checks that arrive while a batch runs go together, in a few
-    multi-row statements (:func:`policyd.sql.greylist.greylist_many`), each committing on its
-    own; other checks (rate limits) go to the pool one by one, as before.
+    """PostgreSQL: the greylisting checks that arrive while a batch runs go together, in one
+    multi-row statement that commits on its own (:func:`policyd.sql.greylist.greylist_many`);
+    other checks (rate limits) go to the pool one by one, as before.
 
     A check on PostgreSQL used to pay, besides its two statements, a pool checkout with its
     pre-ping (a third round trip), the switch to autocommit and back, and two thread hand-offs:
     about 760 µs of policyd CPU per request. A batch pays them once for all its checks. The
     connection goes back to the pool after each batch (a connection kept out of it would
-    starve the other users of a one-connection pool); should it die between the pool's
-    pre-ping and the batch's first statement (a read, which writes nothing), the batch runs
-    once more on another; one lost later fails the batch (every check answers its fallback,
-    as on a timeout). Unlike a transaction over the batch, no row lock outlives its statement,
-    so other hosts never wait on a batch's triplets. ``max_running`` batches may run at once,
-    each on its own connection (they are to each other what two hosts are); one, the default,
-    gave the larger batches and the least CPU per check, in policyd and in PostgreSQL, on the
-    benchmark's two cores (two at once: about 50 % more PostgreSQL CPU per request and lower
-    throughput).
+    starve the other users of a one-connection pool). Should it be found dead by the batch's
+    statement (it died after the pool's pre-ping, or before the statement's answer came back),
+    the batch runs once more on another (see :func:`policyd.sql.greylist.greylist_many` for
+    why that gives the same answers); one lost later, in the sightings decided one by one,
+    fails the batch (every check answers its fallback, as on a timeout). Unlike a transaction
+    over the batch, no row lock outlives its statement, so other hosts never wait on a batch's
+    triplets. ``max_running`` batches may run at once, each on its own connection (they are to
+    each other what two hosts are); one, the default, gave the larger batches and the least
+    CPU per check, in policyd and in PostgreSQL, on the benchmark's two cores (two at once:
+    about 50 % more PostgreSQL CPU per request and lower throughput).
     """
 
     def __init__(self, engine: Engine, run: RunInPool, max_batch: int = MAX_BATCH,

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 #: The newest migration in mailplugins/db/migrations/versions.
-HEAD = "0005"
+HEAD = "0006"
 
 
 def current_revision(engine: Engine) -> str | None:
