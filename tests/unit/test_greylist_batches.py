@@ -12,8 +12,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from alembic import command
 from sqlalchemy import Engine, create_engine, select, text
 
+from mailplugins.db import schema
 from mailplugins.db.policy_models import GreylistClient, GreylistEntry
 from policyd import batch as batch_module
 from policyd.batch import GreylistBatches, batching_runner, run_batch
@@ -351,6 +353,30 @@ def test_an_answer_lost_after_the_commit_gives_the_same_answers_again(
         greylist_check(pg2, *sighting)
     assert rows(pg) == rows(pg2)
     assert rows(pg)[1] == [("c1", 1, T0 + 301, T0 + 301)]
+
+
+def test_migration_0006_adds_and_removes_the_batch_function(pg: Engine) -> None:
+    """Downgraded to 0005 the function is gone, and a batch then fails as a statement: its
+    sightings are decided one by one, with the same answers; upgraded again it is back."""
+    def functions() -> int:
+        with pg.connect() as conn:
+            return int(conn.execute(text(
+                "SELECT count(*) FROM pg_proc WHERE proname = 'policy_greylist_decide'")
+            ).scalar_one())
+
+    assert functions() == 1
+    config = schema._alembic_config()
+    with pg.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0005")
+    pg.dispose()  # no connection keeps a plan of the dropped function
+    assert functions() == 0
+    got = many(pg, [("k1", "c1", float(T0), TIMING), ("k2", "c2", float(T0), TIMING)])
+    assert [label(r) for _, r in got] == [("greylisted", 300, False)] * 2
+    schema.upgrade(pg)
+    assert functions() == 1
+    got = many(pg, [("k1", "c1", float(T0 + 301), TIMING), ("k2", "c2", float(T0 + 301), TIMING)])
+    assert [label(r) for _, r in got] == [("passed", 301, True)] * 2
 
 
 def test_only_greylisting_batches_on_postgresql(pg: Engine) -> None:
