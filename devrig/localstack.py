@@ -323,10 +323,18 @@ class LocalStack:
             leftover.stop()
 
     def stop(self) -> None:
-        if self.dovecot is not None:
-            self.dovecot.stop()
-        self.postfix.stop()
-        self.daemons.stop()
+        """Stop every part, each even when one before it would not stop; raises
+        RuntimeError naming what would not."""
+        failed: list[str] = []
+        for part in (self.dovecot, self.postfix, self.daemons):
+            if part is None:
+                continue
+            try:
+                part.stop()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                failed.append(str(exc))
+        if failed:
+            raise RuntimeError("; ".join(failed))
 
     def banner(self) -> str:
         bob, alice = (f"{user}@{DEMO_DOMAIN}" for user in DEMO_USERS)
@@ -399,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         print("stopping...", flush=True)
-        stack.stop()
+        try:
+            stack.stop()
+        except RuntimeError as exc:
+            print(f"mailplugins: the local stack did not stop cleanly: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

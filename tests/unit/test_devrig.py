@@ -7,11 +7,13 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from devrig.instances import Dovecot, dovecot_mail_location, dovecot_static_auth, short_tempdir
 from devrig.leftovers import mark_owner, stop_dead_runs
+from devrig.localstack import LocalStack
 from devrig.release import Release, bind_paths, host_debian, shown
 from devrig.rootfs import align, apt_mirror, renumber
 
@@ -160,3 +162,22 @@ def test_demo_passwords_never_look_like_an_option() -> None:
     passwords = {demo_password() for _ in range(500)}
     assert len(passwords) == 500
     assert all(len(p) == 16 and p.isalnum() for p in passwords)
+
+
+def test_the_local_stack_stops_every_part_even_after_one_fails() -> None:
+    stopped: list[str] = []
+
+    class Part:
+        def __init__(self, name: str, fails: bool = False) -> None:
+            self.name, self.fails = name, fails
+
+        def stop(self) -> None:
+            stopped.append(self.name)
+            if self.fails:
+                raise TimeoutError(f"timed out waiting for {self.name} to exit")
+
+    stack = SimpleNamespace(dovecot=Part("dovecot", fails=True), postfix=Part("postfix"),
+                            daemons=Part("daemons"))
+    with pytest.raises(RuntimeError, match="dovecot to exit"):
+        LocalStack.stop(stack)
+    assert stopped == ["dovecot", "postfix", "daemons"]
