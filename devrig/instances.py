@@ -216,12 +216,14 @@ class Postfix:
     def flush(self) -> None:
         self._postfix("flush", check=False)
 
+    #: Seconds ``postfix stop`` gets before the master is killed.
+    stop_timeout = 15.0
+
     def stop(self) -> None:
         if (self.etc / "main.cf").exists():
             self._postfix("stop", check=False)
-            pid_file = self.queue_dir / "pid" / "master.pid"
-            wait_until(lambda: not pid_file.exists() or not _pid_alive(pid_file), timeout=15,
-                       what="postfix master to exit")
+            _wait_for_exit(self.queue_dir / "pid" / "master.pid", "postfix master",
+                           self.stop_timeout)
 
     def log_text(self) -> str:
         try:
@@ -243,6 +245,22 @@ def _pid_alive(pid_file: Path) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def _wait_for_exit(pid_file: Path, what: str, timeout: float) -> None:
+    """Wait for the master named in ``pid_file`` to exit after its own stop command, and kill
+    it if it has not within ``timeout`` rather than leave it and its ports behind (once,
+    scripts/run's Ctrl-C left Dovecot's master running after ``doveadm stop``, its log
+    showing no shutdown)."""
+    def gone() -> bool:
+        return not pid_file.exists() or not _pid_alive(pid_file)
+
+    try:
+        wait_until(gone, timeout=timeout, what=f"{what} to exit")
+    except TimeoutError:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+        wait_until(gone, timeout=5, what=f"{what} to exit after SIGKILL")
 
 
 class Dovecot:
@@ -368,16 +386,7 @@ service pop3-login {{
     def stop(self) -> None:
         if self.config_path.exists():
             self.doveadm("stop")
-            pid_file = self.base_dir / "master.pid"
-            gone = lambda: not pid_file.exists() or not _pid_alive(pid_file)  # noqa: E731
-            try:
-                wait_until(gone, timeout=self.stop_timeout, what="dovecot to exit")
-            except TimeoutError:
-                # Once, scripts/run's Ctrl-C left the master running after `doveadm stop`
-                # (its log showed no shutdown): signal it directly rather than leave it.
-                with contextlib.suppress(OSError, ValueError):
-                    os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
-                wait_until(gone, timeout=5, what="dovecot to exit after SIGKILL")
+            _wait_for_exit(self.base_dir / "master.pid", "dovecot", self.stop_timeout)
 
     def log_text(self) -> str:
         try:

@@ -1,13 +1,15 @@
-"""The rig stops a stock Dovecot even when ``doveadm stop`` does not take."""
+"""The rig stops a stock Postfix or Dovecot even when its own stop command does not take."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from devrig.instances import Dovecot, dovecot_static_auth
+from devrig.instances import Dovecot, Postfix, dovecot_static_auth, short_tempdir
 from devrig.release import host
 
 
@@ -26,3 +28,25 @@ def test_a_dovecot_left_running_by_doveadm_stop_is_killed(
     dovecot.stop()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_postfix_left_running_by_postfix_stop_is_killed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for Postfix's master, which shares the rig's way of stopping."""
+    root = short_tempdir("mp-stop-")  # Postfix's socket paths must be short
+    try:
+        postfix = Postfix(root, release=host())
+        postfix.start()
+        pid = int((postfix.queue_dir / "pid" / "master.pid").read_text())
+        real = postfix._postfix
+
+        def stop_does_not_take(*args: str, **kwargs: Any) -> Any:
+            return None if args == ("stop",) else real(*args, **kwargs)
+
+        monkeypatch.setattr(postfix, "_postfix", stop_does_not_take)
+        monkeypatch.setattr(postfix, "stop_timeout", 0.5)
+        postfix.stop()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
